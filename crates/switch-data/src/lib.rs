@@ -1,0 +1,252 @@
+//! `switch-data`: the text every experiment trains on, tokenized, split and span-corrupted.
+//!
+//! A [`Dataset`] is built once per config from a corpus (the embedded default or a user path): each
+//! source is cut into chunks of about [`CHUNK_CHARS`] characters at line ends, an evenly spaced
+//! `held_out_fraction` of every source's chunks forms the held-out split, and the rest the
+//! training stream. Training batches are a pure function of `(seed, step)`, so a resumed run
+//! reads exactly the batches it would have read, and the data position is just the step.
+pub mod corpus;
+pub mod span;
+pub mod tokenizer;
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use span::SpanCorruption;
+use std::path::{Path, PathBuf};
+pub use tokenizer::{TokenizerKind, Vocab};
+
+/// Target size of a chunk, the unit of the train / held-out split.
+pub const CHUNK_CHARS: usize = 4096;
+
+/// A data problem: what (a path, a key), what is wrong, and what to do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{what} {problem}: {fix}")]
+pub struct DataError {
+    pub what: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl DataError {
+    pub fn new(what: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self { what: what.to_string(), problem: problem.into(), fix: fix.into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `default` for the embedded corpus, or a path to a text / `.jsonl` file or a folder of them.
+    pub corpus: String,
+    pub tokenizer: TokenizerKind,
+    /// Total vocabulary including the special and sentinel tokens (ignored by the byte tokenizer).
+    pub vocab_size: usize,
+    pub num_sentinels: usize,
+    /// Encoder (input) length; the decoder length follows from the span-corruption arithmetic.
+    pub encoder_len: usize,
+    pub noise_density: f64,
+    pub mean_noise_span_len: f64,
+    pub held_out_fraction: f64,
+    /// Held-out examples used by each evaluation.
+    pub eval_examples: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            corpus: "default".into(),
+            tokenizer: TokenizerKind::Bpe,
+            vocab_size: 4096,
+            num_sentinels: 100,
+            encoder_len: 128,
+            noise_density: 0.15,
+            mean_noise_span_len: 3.0,
+            held_out_fraction: 0.02,
+            eval_examples: 256,
+        }
+    }
+}
+
+impl DataConfig {
+    /// Vocabulary size the model must have.
+    pub fn model_vocab_size(&self) -> usize {
+        match self.tokenizer {
+            TokenizerKind::Bpe => self.vocab_size,
+            TokenizerKind::Byte => tokenizer::byte_vocab_size(self.num_sentinels),
+        }
+    }
+
+    pub fn span_corruption(&self) -> Result<SpanCorruption, DataError> {
+        if !(self.noise_density > 0.0 && self.noise_density < 1.0) {
+            return Err(DataError::new("data.noise_density", format!("= {} is out of range", self.noise_density), "use a value in (0, 1), T5's is 0.15"));
+        }
+        if !(self.mean_noise_span_len >= 1.0) {
+            return Err(DataError::new("data.mean_noise_span_len", format!("= {} is out of range", self.mean_noise_span_len), "use a value ≥ 1, T5's is 3"));
+        }
+        let sc = SpanCorruption::for_encoder_len(self.encoder_len, self.noise_density, self.mean_noise_span_len)
+            .map_err(|e| DataError::new("data.encoder_len", e, "choose one of the nearest lengths"))?;
+        if sc.num_spans > self.num_sentinels {
+            return Err(DataError::new(
+                "data.num_sentinels",
+                format!("= {} is fewer than the {} spans per example", self.num_sentinels, sc.num_spans),
+                format!("set it to at least {}", sc.num_spans),
+            ));
+        }
+        Ok(sc)
+    }
+
+    pub fn validate(&self) -> Result<(), DataError> {
+        self.span_corruption()?;
+        if self.tokenizer == TokenizerKind::Bpe && self.vocab_size < tokenizer::byte_vocab_size(self.num_sentinels) {
+            return Err(DataError::new(
+                "data.vocab_size",
+                format!("= {} is smaller than the 256 byte symbols plus {} special tokens", self.vocab_size, self.num_sentinels + 2),
+                format!("use at least {}", tokenizer::byte_vocab_size(self.num_sentinels)),
+            ));
+        }
+        if !(self.held_out_fraction > 0.0 && self.held_out_fraction < 0.5) {
+            return Err(DataError::new("data.held_out_fraction", format!("= {}", self.held_out_fraction), "use a value in (0, 0.5)"));
+        }
+        if self.eval_examples == 0 {
+            return Err(DataError::new("data.eval_examples", "= 0", "use at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Cuts text into chunks of about `CHUNK_CHARS` characters, ending at line ends.
+fn chunks(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + CHUNK_CHARS).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        if end < text.len() {
+            if let Some(nl) = text[end..].find('\n') {
+                end += nl + 1;
+            } else {
+                end = text.len();
+            }
+        }
+        out.push(&text[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// Whether chunk `i` is held out: evenly spaced, about `fraction` of each source, the first
+/// one in the middle of its stride.
+pub fn is_held_out(i: usize, fraction: f64) -> bool {
+    let f = |x: f64| (x * fraction + 0.5).floor();
+    f((i + 1) as f64) > f(i as f64)
+}
+
+/// FNV-1a, 64 bit: a stable hash for cache keys and run ids (the same on every machine).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Tokenized training stream and held-out examples, ready for batching.
+pub struct Dataset {
+    pub vocab: Vocab,
+    pub spans: SpanCorruption,
+    pub train_tokens: Vec<u32>,
+    pub held_out_tokens: Vec<u32>,
+    /// (source name, chunks, of which held out): for reports and tests.
+    pub split_summary: Vec<(String, usize, usize)>,
+    eval_examples: usize,
+}
+
+impl Dataset {
+    /// Loads, tokenizes (training or loading a cached tokenizer in `cache_dir`) and splits.
+    pub fn build(cfg: &DataConfig, cache_dir: &Path) -> Result<Self, DataError> {
+        cfg.validate()?;
+        let spans = cfg.span_corruption()?;
+        let sources = if cfg.corpus == "default" { corpus::embedded() } else { corpus::load(Path::new(&cfg.corpus))? };
+
+        let mut train_text: Vec<&str> = Vec::new();
+        let mut held_text: Vec<&str> = Vec::new();
+        let mut split_summary = Vec::new();
+        for s in &sources {
+            let cs = chunks(&s.text);
+            let held = (0..cs.len()).filter(|&i| is_held_out(i, cfg.held_out_fraction)).count();
+            split_summary.push((s.name.clone(), cs.len(), held));
+            for (i, c) in cs.into_iter().enumerate() {
+                if is_held_out(i, cfg.held_out_fraction) { held_text.push(c) } else { train_text.push(c) }
+            }
+        }
+        let corpus_hash = sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
+        let key = format!("{:016x}", fnv1a(format!("{corpus_hash}-{:?}-{}-{}-{}-{}", cfg.tokenizer, cfg.vocab_size, cfg.num_sentinels, CHUNK_CHARS, cfg.held_out_fraction).as_bytes()));
+        let dir: PathBuf = cache_dir.join(format!("data-{key}"));
+        let vocab = Vocab::load_or_train(cfg, &dir, &train_text)?;
+        let train_tokens = tokenizer::cached_ids(&dir.join("train.u32"), || vocab.encode_chunks(&train_text))?;
+        let held_out_tokens = tokenizer::cached_ids(&dir.join("held_out.u32"), || vocab.encode_chunks(&held_text))?;
+
+        let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
+        if train_tokens.len() < spans.raw_len * 8 {
+            return Err(DataError::new(&what, format!("has {} training tokens, too few for batches of {}-token windows", train_tokens.len(), spans.raw_len), "add text or lower data.encoder_len"));
+        }
+        let needed = cfg.eval_examples * spans.raw_len;
+        if held_out_tokens.len() < needed {
+            return Err(DataError::new(
+                &what,
+                format!("gives a held-out split of {} tokens; {} examples of {} raw tokens need {needed}", held_out_tokens.len(), cfg.eval_examples, spans.raw_len),
+                "add text, raise data.held_out_fraction or lower data.eval_examples",
+            ));
+        }
+        Ok(Self { vocab, spans, train_tokens, held_out_tokens, split_summary, eval_examples: cfg.eval_examples })
+    }
+
+    fn example(&self, raw: &[u32], rng: &mut StdRng) -> (Vec<u32>, Vec<u32>) {
+        self.spans.corrupt(raw, &self.vocab.sentinels(), Vocab::EOS, rng)
+    }
+
+    /// Training batch number `step` of a run with `seed`: random windows of the training stream.
+    pub fn train_batch(&self, seed: u64, step: u64, batch_size: usize) -> Example {
+        let mut rng = StdRng::seed_from_u64(fnv1a(format!("train-{seed}-{step}").as_bytes()));
+        let raw = self.spans.raw_len;
+        let examples = (0..batch_size)
+            .map(|_| {
+                let start = rng.gen_range(0..=self.train_tokens.len() - raw);
+                self.example(&self.train_tokens[start..start + raw], &mut rng)
+            })
+            .collect();
+        Example::stack(examples)
+    }
+
+    /// The held-out examples: evenly spaced, non-overlapping windows with fixed noise masks,
+    /// the same for every run and seed of a sweep; split into batches of `batch_size`.
+    pub fn eval_batches(&self, batch_size: usize) -> Vec<Example> {
+        let raw = self.spans.raw_len;
+        let n = self.eval_examples;
+        let stride = (self.held_out_tokens.len() - raw) / n.max(2).saturating_sub(1).max(1);
+        let mut rng = StdRng::seed_from_u64(fnv1a(b"held-out"));
+        let examples: Vec<_> = (0..n).map(|j| { let s = (j * stride).min(self.held_out_tokens.len() - raw); self.example(&self.held_out_tokens[s..s + raw], &mut rng) }).collect();
+        examples.chunks(batch_size).map(|c| Example::stack(c.to_vec())).collect()
+    }
+}
+
+/// A batch of examples as flat row-major id vectors (no padding: all examples have equal lengths).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub batch_size: usize,
+    pub encoder_ids: Vec<usize>,
+    /// Targets shifted right behind the start token [`Vocab::PAD`].
+    pub decoder_input_ids: Vec<usize>,
+    pub targets: Vec<usize>,
+}
+
+impl Example {
+    fn stack(examples: Vec<(Vec<u32>, Vec<u32>)>) -> Self {
+        let mut out = Example { batch_size: examples.len(), encoder_ids: vec![], decoder_input_ids: vec![], targets: vec![] };
+        for (inputs, targets) in examples {
+            out.encoder_ids.extend(inputs.iter().map(|&t| t as usize));
+            out.decoder_input_ids.push(Vocab::PAD as usize);
+            out.decoder_input_ids.extend(targets[..targets.len() - 1].iter().map(|&t| t as usize));
+            out.targets.extend(targets.iter().map(|&t| t as usize));
+        }
+        out
+    }
+}

@@ -1,0 +1,181 @@
+//! Model configuration: every size is a runtime value read from YAML, checked by [`ModelConfig::validate`].
+use serde::{Deserialize, Serialize};
+
+/// Feed-forward non-linearity: T5 v1.0 ReLU (`relu`) or the gated GELU of T5 v1.1 (`geglu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Relu,
+    Geglu,
+}
+
+/// Which tokens win when an expert is over capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingPriority {
+    /// Earlier tokens in the group first (Mesh TF, the paper's code).
+    Position,
+    /// Highest router probability first (V-MoE's batch-prioritized routing).
+    BatchPrioritized,
+}
+
+/// How the per-layer router losses are combined across Switch layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossReduction {
+    /// Added for each layer, as in the paper and Mesh TF.
+    Sum,
+    /// Averaged over layers, as in T5X.
+    Mean,
+}
+
+/// A T5-style encoder-decoder whose every `expert_every`-th feed-forward layer is sparse
+/// when `num_experts > 1` (Switch with `top_k = 1`, the paper's MoE with `top_k = 2`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub num_heads: usize,
+    pub d_kv: usize,
+    pub num_encoder_layers: usize,
+    pub num_decoder_layers: usize,
+    pub activation: Activation,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    /// 1 = dense T5 baseline.
+    pub num_experts: usize,
+    /// Experts chosen per token: 1 = Switch, 2 = the paper's MoE rows.
+    pub top_k: usize,
+    /// Every `expert_every`-th feed-forward layer is sparse (2 = every other layer, as in the paper).
+    pub expert_every: usize,
+    pub capacity_factor: f64,
+    pub eval_capacity_factor: f64,
+    pub min_expert_capacity: usize,
+    pub routing_priority: RoutingPriority,
+    /// α of the load-balancing loss α·N·Σ fᵢPᵢ.
+    pub balance_loss_coef: f64,
+    pub z_loss_coef: f64,
+    pub router_loss_reduction: LossReduction,
+    /// ε of the multiplicative router-input jitter U(1−ε, 1+ε); 0 disables it.
+    pub jitter_eps: f64,
+    /// s in σ = √(s / fan_in) of the truncated-normal init; the paper's reduced scale is 0.1.
+    pub init_scale: f64,
+    pub dropout: f64,
+    pub expert_dropout: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 4096,
+            d_model: 128,
+            d_ff: 512,
+            num_heads: 4,
+            d_kv: 32,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+            activation: Activation::Relu,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            num_experts: 1,
+            top_k: 1,
+            expert_every: 2,
+            capacity_factor: 1.25,
+            eval_capacity_factor: 2.0,
+            min_expert_capacity: 4,
+            routing_priority: RoutingPriority::Position,
+            balance_loss_coef: 0.01,
+            z_loss_coef: 0.0,
+            router_loss_reduction: LossReduction::Sum,
+            jitter_eps: 0.01,
+            init_scale: 0.1,
+            dropout: 0.0,
+            expert_dropout: 0.0,
+        }
+    }
+}
+
+/// A config value outside its allowed range: names the field, the value and what is allowed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("model.{field} = {value}: {allowed}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub value: String,
+    pub allowed: String,
+}
+
+fn check(ok: bool, field: &'static str, value: impl ToString, allowed: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError { field, value: value.to_string(), allowed: allowed.to_string() })
+    }
+}
+
+impl ModelConfig {
+    /// Layer `i` of a stack is sparse when `(i + 1) % expert_every == 0`: with 2, layers 1, 3, 5, …
+    pub fn is_sparse_layer(&self, i: usize) -> bool {
+        self.num_experts > 1 && (i + 1) % self.expert_every == 0
+    }
+
+    /// Number of sparse feed-forward layers in the encoder and decoder together.
+    pub fn num_sparse_layers(&self) -> usize {
+        (0..self.num_encoder_layers).filter(|&i| self.is_sparse_layer(i)).count()
+            + (0..self.num_decoder_layers).filter(|&i| self.is_sparse_layer(i)).count()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(self.vocab_size >= 2, "vocab_size", self.vocab_size, "at least 2")?;
+        check(self.d_model > 0, "d_model", self.d_model, "a positive integer")?;
+        check(self.d_ff > 0, "d_ff", self.d_ff, "a positive integer")?;
+        check(self.num_heads > 0, "num_heads", self.num_heads, "a positive integer")?;
+        check(
+            self.d_model % self.num_heads == 0,
+            "num_heads",
+            self.num_heads,
+            &format!("a divisor of d_model = {}", self.d_model),
+        )?;
+        check(self.d_kv > 0, "d_kv", self.d_kv, "a positive integer")?;
+        check(self.num_encoder_layers > 0, "num_encoder_layers", self.num_encoder_layers, "at least 1")?;
+        check(self.num_decoder_layers > 0, "num_decoder_layers", self.num_decoder_layers, "at least 1")?;
+        check(
+            self.relative_attention_num_buckets >= 4,
+            "relative_attention_num_buckets",
+            self.relative_attention_num_buckets,
+            "at least 4",
+        )?;
+        check(
+            self.relative_attention_max_distance > self.relative_attention_num_buckets / 2,
+            "relative_attention_max_distance",
+            self.relative_attention_max_distance,
+            "larger than half the number of buckets",
+        )?;
+        check(self.num_experts >= 1, "num_experts", self.num_experts, "at least 1 (1 = dense)")?;
+        check(
+            self.top_k >= 1 && self.top_k <= self.num_experts.max(1),
+            "top_k",
+            self.top_k,
+            &format!("between 1 and num_experts = {}", self.num_experts),
+        )?;
+        check(self.expert_every >= 1, "expert_every", self.expert_every, "at least 1 (1 = every layer)")?;
+        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+        check(finite_pos(self.capacity_factor), "capacity_factor", self.capacity_factor, "a number > 0")?;
+        check(
+            finite_pos(self.eval_capacity_factor),
+            "eval_capacity_factor",
+            self.eval_capacity_factor,
+            "a number > 0",
+        )?;
+        check(self.min_expert_capacity >= 1, "min_expert_capacity", self.min_expert_capacity, "at least 1")?;
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        check(finite_nonneg(self.balance_loss_coef), "balance_loss_coef", self.balance_loss_coef, "a number ≥ 0")?;
+        check(finite_nonneg(self.z_loss_coef), "z_loss_coef", self.z_loss_coef, "a number ≥ 0")?;
+        check((0.0..1.0).contains(&self.jitter_eps), "jitter_eps", self.jitter_eps, "0 ≤ ε < 1")?;
+        check(finite_pos(self.init_scale), "init_scale", self.init_scale, "a number > 0")?;
+        check((0.0..1.0).contains(&self.dropout), "dropout", self.dropout, "0 ≤ rate < 1")?;
+        check((0.0..1.0).contains(&self.expert_dropout), "expert_dropout", self.expert_dropout, "0 ≤ rate < 1")?;
+        Ok(())
+    }
+}

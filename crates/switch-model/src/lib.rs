@@ -1,0 +1,18 @@
+//! `switch-model`: a T5-style encoder-decoder with dense, Switch (top-1) and top-k MoE
+//! feed-forward layers on dfdx, with exact parameter and FLOPs accounting.
+//!
+//! - [`config`]: the runtime-sized [`ModelConfig`] and its validation;
+//! - [`nn`]: parameters, init, linear, RMSNorm, dropout, stacked experts;
+//! - [`moe`]: routing, capacity, dispatch/combine, balance and z-losses;
+//! - [`t5`]: the encoder-decoder and its loss;
+//! - [`accounting`]: parameter counts and FLOPs per token.
+pub mod accounting;
+pub mod config;
+pub mod moe;
+pub mod nn;
+pub mod t5;
+
+pub use accounting::Accounting;
+pub use config::{Activation, ConfigError, LossReduction, ModelConfig, RoutingPriority};
+pub use moe::{RoutingStats, MoeLayer};
+pub use t5::{Batch, LossOutput, SwitchTransformer};

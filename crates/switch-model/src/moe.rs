@@ -1,0 +1,222 @@
+//! Switch (top-1) and top-k MoE feed-forward layers: router, capacity, dispatch, combine, losses.
+//!
+//! The routing decision (which expert, which slot, which tokens are dropped) is made on the host
+//! from the router probabilities by [`route`], a plain function tested by hand. Dispatch and
+//! combine are then two row gathers, O(tokens × d_model), whose backward passes are scatter-adds.
+//!
+//! ```
+//! use switch_model::moe::{route, expert_capacity};
+//! use switch_model::RoutingPriority;
+//! // 4 tokens, 2 experts, capacity 1: tokens 0 and 1 both prefer expert 0, so token 1 is dropped.
+//! let probs = [0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.4, 0.6];
+//! assert_eq!(expert_capacity(0.5, 4, 2, 1), 1);
+//! let r = route(&probs, 2, 1, 1, RoutingPriority::Position);
+//! assert_eq!(r.slot_of, vec![Some(0), None, Some(1), None]);
+//! assert_eq!(r.first_choice_counts, vec![2, 2]);
+//! ```
+use crate::config::{ModelConfig, RoutingPriority};
+use crate::nn::{Act, Ctx, ExpertFfn, Linear, Param, Tp};
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, Rng};
+
+/// Expert capacity = ⌈capacity_factor · tokens_in_group / num_experts⌉, at least `min_capacity`,
+/// at most the group (an expert never holds one token twice).
+pub fn expert_capacity(capacity_factor: f64, tokens_in_group: usize, num_experts: usize, min_capacity: usize) -> usize {
+    let c = (capacity_factor * tokens_in_group as f64 / num_experts as f64).ceil() as usize;
+    c.max(min_capacity).min(tokens_in_group).max(1)
+}
+
+/// The routing of one group of tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    pub num_experts: usize,
+    pub capacity: usize,
+    /// `choices[t * k + j]`: the j-th choice of token t, by decreasing probability.
+    pub choices: Vec<usize>,
+    /// Slot (`expert * capacity + position`) of each choice, `None` when dropped.
+    pub slot_of: Vec<Option<usize>>,
+    /// For each of the `num_experts * capacity` slots, the token it holds (0 for empty slots:
+    /// their output is never gathered back, so their gradient is zero).
+    pub slot_token: Vec<usize>,
+    /// Tokens whose first choice is each expert, before capacity truncation (the fᵢ of the loss).
+    pub first_choice_counts: Vec<usize>,
+}
+
+/// Routes `n = probs.len() / num_experts` tokens: each picks its `top_k` most probable experts;
+/// first choices fill expert buffers before second choices; within a round, tokens queue by
+/// position or, with batch-prioritized routing, by their top probability.
+pub fn route(probs: &[f32], num_experts: usize, top_k: usize, capacity: usize, priority: RoutingPriority) -> Routing {
+    let e = num_experts;
+    let n = probs.len() / e;
+    let mut choices = Vec::with_capacity(n * top_k);
+    for t in 0..n {
+        let row = &probs[t * e..(t + 1) * e];
+        let mut order: Vec<usize> = (0..e).collect();
+        // stable: ties go to the lower expert index, like argmax
+        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+        choices.extend_from_slice(&order[..top_k]);
+    }
+    let mut queue: Vec<usize> = (0..n).collect();
+    if priority == RoutingPriority::BatchPrioritized {
+        let top = |t: usize| probs[t * e + choices[t * top_k]];
+        queue.sort_by(|&a, &b| top(b).partial_cmp(&top(a)).unwrap_or(std::cmp::Ordering::Equal));
+    }
+    let mut fill = vec![0usize; e];
+    let mut slot_of = vec![None; n * top_k];
+    let mut slot_token = vec![0usize; e * capacity];
+    for j in 0..top_k {
+        for &t in &queue {
+            let ex = choices[t * top_k + j];
+            if fill[ex] < capacity {
+                let slot = ex * capacity + fill[ex];
+                slot_of[t * top_k + j] = Some(slot);
+                slot_token[slot] = t;
+                fill[ex] += 1;
+            }
+        }
+    }
+    let mut first_choice_counts = vec![0usize; e];
+    for t in 0..n {
+        first_choice_counts[choices[t * top_k]] += 1;
+    }
+    Routing { num_experts: e, capacity, choices, slot_of, slot_token, first_choice_counts }
+}
+
+/// What one sparse layer did in one forward pass, for logging.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingStats {
+    /// Fraction of the group's tokens whose first choice is each expert (before truncation).
+    pub load_fraction: Vec<f32>,
+    /// Fraction of (token, choice) assignments dropped for lack of capacity.
+    pub drop_fraction: f32,
+    /// Mean over tokens of the router distribution's entropy (nats).
+    pub router_entropy: f32,
+}
+
+/// A sparse feed-forward layer: router + `num_experts` experts, `top_k` per token.
+pub struct MoeLayer<D: Device<f32>> {
+    pub router: Linear<D>,
+    pub experts: ExpertFfn<D>,
+    pub top_k: usize,
+    pub capacity_factor: f64,
+    pub eval_capacity_factor: f64,
+    pub min_expert_capacity: usize,
+    pub priority: RoutingPriority,
+    pub balance_loss_coef: f64,
+    pub z_loss_coef: f64,
+    pub jitter_eps: f64,
+    pub expert_dropout: f64,
+}
+
+/// Output of a sparse layer: the layer output (zero for dropped tokens) and its two losses,
+/// already multiplied by their coefficients.
+pub struct MoeOutput<D: Device<f32>, T> {
+    pub output: Act<D, T>,
+    pub balance_loss: Tensor<(), f32, D, T>,
+    pub z_loss: Tensor<(), f32, D, T>,
+}
+
+impl<D: Device<f32>> MoeLayer<D> {
+    pub fn new(dev: &D, rng: &mut StdRng, cfg: &ModelConfig) -> Self {
+        Self {
+            router: Linear::new(dev, rng, cfg.d_model, cfg.num_experts, cfg.init_scale),
+            experts: ExpertFfn::new(dev, rng, cfg, cfg.num_experts),
+            top_k: cfg.top_k,
+            capacity_factor: cfg.capacity_factor,
+            eval_capacity_factor: cfg.eval_capacity_factor,
+            min_expert_capacity: cfg.min_expert_capacity,
+            priority: cfg.routing_priority,
+            balance_loss_coef: cfg.balance_loss_coef,
+            z_loss_coef: cfg.z_loss_coef,
+            jitter_eps: cfg.jitter_eps,
+            expert_dropout: cfg.expert_dropout,
+        }
+    }
+
+    /// `x`: `[tokens, d_model]`; the whole batch is one routing group.
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>, ctx: &mut Ctx) -> MoeOutput<D, T> {
+        let (n, d) = *x.shape();
+        let (e, k) = (self.experts.num_experts, self.top_k);
+        let dev = x.device().clone();
+        let (x, x_tape) = x.split_tape();
+
+        // Router, in f32, on its own (jittered) copy of the input so the noise never reaches the experts.
+        let router_in = x.clone().put_tape(x_tape);
+        let router_in = if ctx.train && self.jitter_eps > 0.0 {
+            let eps = self.jitter_eps as f32;
+            let noise: Vec<f32> = (0..n * d).map(|_| ctx.rng.gen_range(1.0 - eps..=1.0 + eps)).collect();
+            router_in * dev.tensor_from_vec(noise, (n, d))
+        } else {
+            router_in
+        };
+        let (logits, logits_tape) = self.router.forward(router_in).split_tape();
+        let z_loss = logits.clone().put_tape(logits_tape).logsumexp::<(usize,), Axis<1>>().square().mean() * self.z_loss_coef as f32;
+        let probs = logits.retaped::<T>().softmax::<Axis<1>>();
+        let (probs, probs_tape) = probs.split_tape();
+        let probs_host = probs.as_vec();
+
+        let cf = if ctx.train { self.capacity_factor } else { self.eval_capacity_factor };
+        let capacity = expert_capacity(cf, n, e, self.min_expert_capacity);
+        let routing = route(&probs_host, e, k, capacity, self.priority);
+
+        // Load-balancing loss α·N·Σ fᵢ·Pᵢ: f from first choices before truncation, P differentiable.
+        let f: Vec<f32> = routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect();
+        let mean_prob = probs.clone().put_tape(probs_tape).mean::<(usize,), Axis<0>>();
+        let balance_loss = (mean_prob * dev.tensor_from_vec(f, (e,))).sum() * (self.balance_loss_coef * e as f64) as f32;
+
+        // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
+        let slot_token = dev.tensor_from_vec(routing.slot_token.clone(), (e * capacity,));
+        let expert_in = x.retaped::<T>().gather(slot_token).reshape_like(&(e, capacity, d));
+        let expert_out = self.experts.forward(expert_in, self.expert_dropout, ctx).reshape_like(&(e * capacity, d));
+        let (expert_out, out_tape) = expert_out.split_tape();
+        let mut out_tape = Some(out_tape);
+
+        // Combine: each choice gathers its slot back, times its gate; dropped choices get gate 0.
+        let choice = |j: usize| dev.tensor_from_vec((0..n).map(|t| routing.choices[t * k + j]).collect(), (n,));
+        let select_prob = |j: usize| probs.clone().retaped::<T>().select(choice(j));
+        let mut output: Option<Act<D, T>> = None;
+        for j in 0..k {
+            let gate = if k == 1 {
+                select_prob(0) // Switch: the raw probability, which is what trains the router
+            } else {
+                let mut denom = select_prob(0);
+                for i in 1..k {
+                    denom = denom + select_prob(i);
+                }
+                select_prob(j) / denom
+            };
+            let kept: Vec<f32> = (0..n).map(|t| routing.slot_of[t * k + j].map_or(0.0, |_| 1.0)).collect();
+            let slots: Vec<usize> = (0..n).map(|t| routing.slot_of[t * k + j].unwrap_or(0)).collect();
+            let gate = (gate * dev.tensor_from_vec(kept, (n,))).broadcast_like::<_, Axis<1>>(&(n, d));
+            let gathered_from = match out_tape.take() {
+                Some(tape) => expert_out.clone().put_tape(tape),
+                None => expert_out.clone().retaped::<T>(),
+            };
+            let y = gathered_from.gather(dev.tensor_from_vec(slots, (n,))) * gate;
+            output = Some(match output {
+                None => y,
+                Some(acc) => acc + y,
+            });
+        }
+
+        let dropped = routing.slot_of.iter().filter(|s| s.is_none()).count();
+        let entropy: f32 = probs_host.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32;
+        ctx.routing.push(RoutingStats {
+            load_fraction: routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect(),
+            drop_fraction: dropped as f32 / (n * k) as f32,
+            router_entropy: entropy,
+        });
+        MoeOutput { output: output.expect("top_k >= 1"), balance_loss, z_loss }
+    }
+
+    pub fn params(&self) -> Vec<(&'static str, &Param<D>)> {
+        let mut v = vec![("router", &self.router.weight)];
+        v.extend(self.experts.params());
+        v
+    }
+    pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {
+        let mut v = vec![("router", &mut self.router.weight)];
+        v.extend(self.experts.params_mut());
+        v
+    }
+}

@@ -1,0 +1,159 @@
+//! The few runtime-sized building blocks the model needs: parameters, init, linear, RMSNorm,
+//! dropout and the (stacked) expert feed-forward network.
+//!
+//! Every parameter is a flat `Tensor<(usize,), f32, D>`: modules reshape it at use, which in dfdx
+//! keeps the tensor's id, so gradients land on the flat parameter and one optimizer, one
+//! checkpoint format and one clipping rule serve every layer.
+//!
+//! ```
+//! use switch_model::nn::{Ctx, Linear};
+//! use dfdx::prelude::*;
+//! let dev: Cpu = Default::default();
+//! let lin = Linear::from_rows(&dev, 2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+//! let x = dev.tensor_from_vec(vec![1.0f32, 1.0], (1usize, 2usize));
+//! let y = lin.forward(x);
+//! assert_eq!(y.as_vec(), vec![5.0, 7.0, 9.0]);
+//! ```
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// A flat parameter tensor.
+pub type Param<D> = Tensor<(usize,), f32, D>;
+/// 2-D activations `[tokens, features]` carrying tape `T`.
+pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
+
+/// A tape that can be merged with itself: `OwnedTape` when training, `NoneTape` when evaluating.
+pub trait Tp<D: Device<f32>>: Tape<f32, D> + Merge<Self> + 'static {}
+impl<D: Device<f32>, T: Tape<f32, D> + Merge<T> + 'static> Tp<D> for T {}
+
+/// Per-forward state: training mode, the randomness of this step, routing statistics gathered.
+pub struct Ctx {
+    pub train: bool,
+    pub rng: StdRng,
+    pub routing: Vec<crate::moe::RoutingStats>,
+}
+
+impl Ctx {
+    pub fn train(seed: u64) -> Self {
+        Self { train: true, rng: StdRng::seed_from_u64(seed), routing: Vec::new() }
+    }
+    pub fn eval() -> Self {
+        Self { train: false, rng: StdRng::seed_from_u64(0), routing: Vec::new() }
+    }
+}
+
+/// Truncated normal N(0, σ²) with σ = √(scale / fan_in); draws beyond 2σ are resampled (the
+/// paper's footnote 6).
+pub fn truncated_normal<D: Device<f32>>(dev: &D, rng: &mut StdRng, n: usize, scale: f64, fan_in: usize) -> Param<D> {
+    let std = (scale / fan_in as f64).sqrt();
+    let v: Vec<f32> = (0..n)
+        .map(|_| loop {
+            // Box–Muller
+            let (u1, u2): (f64, f64) = (rng.gen::<f64>().max(f64::MIN_POSITIVE), rng.gen());
+            let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            if z.abs() <= 2.0 {
+                break (z * std) as f32;
+            }
+        })
+        .collect();
+    dev.tensor_from_vec(v, (n,))
+}
+
+/// Multiplies by a fresh mask of 0 or 1/(1−rate) in training; identity otherwise.
+pub fn dropout<S: Shape, D: Device<f32>, T: Tp<D>>(x: Tensor<S, f32, D, T>, rate: f64, ctx: &mut Ctx) -> Tensor<S, f32, D, T> {
+    if !ctx.train || rate == 0.0 {
+        return x;
+    }
+    let keep = 1.0 / (1.0 - rate) as f32;
+    let mask: Vec<f32> =
+        (0..x.shape().num_elements()).map(|_| if ctx.rng.gen::<f64>() < rate { 0.0 } else { keep }).collect();
+    let mask = x.device().tensor_from_vec(mask, *x.shape());
+    x * mask
+}
+
+/// A linear map without bias; the weight is stored `[d_in, d_out]`.
+pub struct Linear<D: Device<f32>> {
+    pub weight: Param<D>,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+impl<D: Device<f32>> Linear<D> {
+    pub fn new(dev: &D, rng: &mut StdRng, d_in: usize, d_out: usize, init_scale: f64) -> Self {
+        Self { weight: truncated_normal(dev, rng, d_in * d_out, init_scale, d_in), d_in, d_out }
+    }
+    /// A layer with the given row-major `[d_in, d_out]` weights (for tests and examples).
+    pub fn from_rows(dev: &D, d_in: usize, d_out: usize, rows: &[f32]) -> Self {
+        Self { weight: dev.tensor_from_vec(rows.to_vec(), (d_in * d_out,)), d_in, d_out }
+    }
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T> {
+        x.matmul(self.weight.clone().reshape_like(&(self.d_in, self.d_out)))
+    }
+}
+
+/// T5's RMSNorm: x · w / √(mean(x²) + ε), no bias, no mean subtraction.
+pub struct RmsNorm<D: Device<f32>> {
+    pub weight: Param<D>,
+}
+
+impl<D: Device<f32>> RmsNorm<D> {
+    pub fn new(dev: &D, d: usize) -> Self {
+        Self { weight: dev.ones_like(&(d,)) }
+    }
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T> {
+        let shape = *x.shape();
+        let (x, tape) = x.split_tape();
+        let inv_rms = (x.clone().put_tape(tape).square().mean::<(usize,), Axis<1>>() + 1e-6).sqrt().recip();
+        inv_rms.broadcast_like::<_, Axis<1>>(&shape) * x * self.weight.clone().broadcast_like::<_, Axis<0>>(&shape)
+    }
+}
+
+/// `E` feed-forward networks with stacked weights `[E, d_model, d_ff]` and `[E, d_ff, d_model]`,
+/// run together as one batched matmul on `[E, capacity, d_model]`. The dense T5 feed-forward
+/// layer is the one-expert case.
+pub struct ExpertFfn<D: Device<f32>> {
+    pub w_in: Param<D>,
+    /// GEGLU's linear branch; `None` for ReLU.
+    pub w_gate: Option<Param<D>>,
+    pub w_out: Param<D>,
+    pub num_experts: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+}
+
+impl<D: Device<f32>> ExpertFfn<D> {
+    pub fn new(dev: &D, rng: &mut StdRng, cfg: &crate::ModelConfig, num_experts: usize) -> Self {
+        let (d, f, s) = (cfg.d_model, cfg.d_ff, cfg.init_scale);
+        let w_in = truncated_normal(dev, rng, num_experts * d * f, s, d);
+        let w_gate = (cfg.activation == crate::Activation::Geglu).then(|| truncated_normal(dev, rng, num_experts * d * f, s, d));
+        let w_out = truncated_normal(dev, rng, num_experts * f * d, s, f);
+        Self { w_in, w_gate, w_out, num_experts, d_model: d, d_ff: f }
+    }
+
+    /// `x`: `[E, tokens, d_model]` → `[E, tokens, d_model]`.
+    pub fn forward<T: Tp<D>>(&self, x: Tensor<(usize, usize, usize), f32, D, T>, dropout_rate: f64, ctx: &mut Ctx) -> Tensor<(usize, usize, usize), f32, D, T> {
+        let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
+        let w_in = self.w_in.clone().reshape_like(&(e, d, f));
+        let hidden = match &self.w_gate {
+            None => x.matmul(w_in).relu(),
+            Some(w_gate) => {
+                let (x, tape) = x.split_tape();
+                let gelu = x.clone().put_tape(tape).matmul(w_in).fast_gelu();
+                gelu * x.retaped::<T>().matmul(w_gate.clone().reshape_like(&(e, d, f)))
+            }
+        };
+        let hidden = dropout(hidden, dropout_rate, ctx);
+        hidden.matmul(self.w_out.clone().reshape_like(&(e, f, d)))
+    }
+
+    pub fn params(&self) -> Vec<(&'static str, &Param<D>)> {
+        let mut v = vec![("w_in", &self.w_in), ("w_out", &self.w_out)];
+        v.extend(self.w_gate.iter().map(|w| ("w_gate", w)));
+        v
+    }
+    pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {
+        let mut v = vec![("w_in", &mut self.w_in), ("w_out", &mut self.w_out)];
+        v.extend(self.w_gate.iter_mut().map(|w| ("w_gate", w)));
+        v
+    }
+}

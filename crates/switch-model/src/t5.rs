@@ -1,0 +1,306 @@
+//! The T5 v1.0-style encoder-decoder (as in the released Switch configs): tied embeddings,
+//! pre-norm RMSNorm, bias-free projections, relative-position attention bias, and a feed-forward
+//! layer per block that is dense or sparse ([`crate::moe::MoeLayer`]).
+use crate::config::{LossReduction, ModelConfig};
+use crate::moe::MoeLayer;
+use crate::nn::{dropout, truncated_normal, Act, Ctx, ExpertFfn, Linear, Param, RmsNorm, Tp};
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+type T4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+
+/// T5's bucketing of relative positions (`memory − query`): exact for small distances,
+/// logarithmic up to `max_distance`; the encoder distinguishes left from right.
+pub fn relative_position_bucket(relative_position: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+    let mut num_buckets = num_buckets as i64;
+    let mut ret = 0i64;
+    let mut n = -relative_position;
+    if bidirectional {
+        num_buckets /= 2;
+        if n < 0 {
+            ret += num_buckets;
+        }
+        n = n.abs();
+    } else {
+        n = n.max(0);
+    }
+    let max_exact = num_buckets / 2;
+    if n < max_exact {
+        ret + n
+    } else {
+        let log_ratio = (n as f64 / max_exact as f64).ln() / (max_distance as f64 / max_exact as f64).ln();
+        let large = max_exact + (log_ratio * (num_buckets - max_exact) as f64) as i64;
+        ret + large.min(num_buckets - 1)
+    }
+    .try_into()
+    .expect("bucket is non-negative")
+}
+
+/// Multi-head attention without biases and without 1/√d_kv scaling (T5 folds it into the init).
+pub struct Attention<D: Device<f32>> {
+    pub q: Linear<D>,
+    pub k: Linear<D>,
+    pub v: Linear<D>,
+    pub o: Linear<D>,
+    pub num_heads: usize,
+    pub d_kv: usize,
+}
+
+impl<D: Device<f32>> Attention<D> {
+    fn new(dev: &D, rng: &mut StdRng, cfg: &ModelConfig) -> Self {
+        let (d, h, s) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.init_scale);
+        Self {
+            q: Linear::new(dev, rng, d, h, s),
+            k: Linear::new(dev, rng, d, h, s),
+            v: Linear::new(dev, rng, d, h, s),
+            o: Linear::new(dev, rng, h, d, s),
+            num_heads: cfg.num_heads,
+            d_kv: cfg.d_kv,
+        }
+    }
+
+    /// `query`: `[batch·Lq, d]`, `memory`: `[batch·Lk, d]`, `bias`: `[batch, heads, Lq, Lk]` added to the scores.
+    fn forward<T: Tp<D>>(&self, query: Act<D, T>, memory: Act<D, T>, batch: usize, bias: Option<T4<D, T>>) -> Act<D, T> {
+        let (h, dk) = (self.num_heads, self.d_kv);
+        let lq = query.shape().0 / batch;
+        let lk = memory.shape().0 / batch;
+        let (memory, memory_tape) = memory.split_tape();
+        let q = self.q.forward(query).reshape_like(&(batch, lq, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = self.k.forward(memory.clone().put_tape(memory_tape)).reshape_like(&(batch, lk, h, dk)).permute::<_, Axes4<0, 2, 3, 1>>();
+        let v = self.v.forward(memory.retaped::<T>()).reshape_like(&(batch, lk, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
+        let scores = q.matmul(k);
+        let scores = match bias {
+            Some(b) => scores + b,
+            None => scores,
+        };
+        let out = scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, h * dk));
+        self.o.forward(out)
+    }
+
+    fn params_mut(&mut self) -> [(&'static str, &mut Param<D>); 4] {
+        [("q", &mut self.q.weight), ("k", &mut self.k.weight), ("v", &mut self.v.weight), ("o", &mut self.o.weight)]
+    }
+}
+
+/// A block's feed-forward layer: dense, or sparse with a router.
+pub enum FeedForward<D: Device<f32>> {
+    Dense(ExpertFfn<D>),
+    Sparse(MoeLayer<D>),
+}
+
+pub struct Block<D: Device<f32>> {
+    pub self_attn_norm: RmsNorm<D>,
+    pub self_attn: Attention<D>,
+    /// Decoder blocks only.
+    pub cross_attn: Option<(RmsNorm<D>, Attention<D>)>,
+    pub ffn_norm: RmsNorm<D>,
+    pub ffn: FeedForward<D>,
+}
+
+/// An encoder or decoder stack; the relative-position bias is shared by its layers, as in T5.
+pub struct Stack<D: Device<f32>> {
+    pub blocks: Vec<Block<D>>,
+    pub final_norm: RmsNorm<D>,
+    pub relative_bias: Param<D>,
+    pub is_decoder: bool,
+}
+
+/// Losses and statistics of one forward pass; `total` carries the tape when training.
+pub struct LossOutput<D: Device<f32>, T> {
+    pub total: Tensor<(), f32, D, T>,
+    /// Mean cross-entropy per target token, nats.
+    pub cross_entropy: f32,
+    pub balance_loss: f32,
+    pub z_loss: f32,
+}
+
+/// One batch of span-corruption examples, all of the same lengths (no padding).
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub encoder_len: usize,
+    pub decoder_len: usize,
+    /// `[batch · encoder_len]`, row-major.
+    pub encoder_ids: Vec<usize>,
+    /// Targets shifted right behind the start token 0.
+    pub decoder_input_ids: Vec<usize>,
+    pub targets: Vec<usize>,
+}
+
+/// The whole model. Parameters are created from one seed, so the same config and seed give the
+/// same weights bit for bit.
+pub struct SwitchTransformer<D: Device<f32>> {
+    pub cfg: ModelConfig,
+    pub embedding: Param<D>,
+    pub encoder: Stack<D>,
+    pub decoder: Stack<D>,
+    pub dev: D,
+}
+
+impl<D: Device<f32>> SwitchTransformer<D> {
+    pub fn new(dev: &D, cfg: &ModelConfig, seed: u64) -> Result<Self, crate::ConfigError> {
+        cfg.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let rng = &mut rng;
+        let (d, s) = (cfg.d_model, cfg.init_scale);
+        // An embedding row is selected by a one-hot input: fan-in 1.
+        let embedding = truncated_normal(dev, rng, cfg.vocab_size * d, s, 1);
+        let mut stack = |layers: usize, is_decoder: bool| Stack {
+            blocks: (0..layers)
+                .map(|i| Block {
+                    self_attn_norm: RmsNorm::new(dev, d),
+                    self_attn: Attention::new(dev, rng, cfg),
+                    cross_attn: is_decoder.then(|| (RmsNorm::new(dev, d), Attention::new(dev, rng, cfg))),
+                    ffn_norm: RmsNorm::new(dev, d),
+                    ffn: if cfg.is_sparse_layer(i) {
+                        FeedForward::Sparse(MoeLayer::new(dev, rng, cfg))
+                    } else {
+                        FeedForward::Dense(ExpertFfn::new(dev, rng, cfg, 1))
+                    },
+                })
+                .collect(),
+            final_norm: RmsNorm::new(dev, d),
+            relative_bias: truncated_normal(dev, rng, cfg.relative_attention_num_buckets * cfg.num_heads, s, 1),
+            is_decoder,
+        };
+        let encoder = stack(cfg.num_encoder_layers, false);
+        let decoder = stack(cfg.num_decoder_layers, true);
+        Ok(Self { cfg: cfg.clone(), embedding, encoder, decoder, dev: dev.clone() })
+    }
+
+    /// Every parameter with a dotted name, in a fixed order (the checkpoint and optimizer order).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Param<D>)> {
+        let mut out = vec![("embedding".to_string(), &mut self.embedding)];
+        for (prefix, stack) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
+            out.push((format!("{prefix}.relative_bias"), &mut stack.relative_bias));
+            out.push((format!("{prefix}.final_norm"), &mut stack.final_norm.weight));
+            for (i, b) in stack.blocks.iter_mut().enumerate() {
+                let p = format!("{prefix}.{i}");
+                out.push((format!("{p}.self_attn_norm"), &mut b.self_attn_norm.weight));
+                out.extend(b.self_attn.params_mut().into_iter().map(|(n, t)| (format!("{p}.self_attn.{n}"), t)));
+                if let Some((norm, attn)) = &mut b.cross_attn {
+                    out.push((format!("{p}.cross_attn_norm"), &mut norm.weight));
+                    out.extend(attn.params_mut().into_iter().map(|(n, t)| (format!("{p}.cross_attn.{n}"), t)));
+                }
+                out.push((format!("{p}.ffn_norm"), &mut b.ffn_norm.weight));
+                match &mut b.ffn {
+                    FeedForward::Dense(f) => out.extend(f.params_mut().into_iter().map(|(n, t)| (format!("{p}.ffn.{n}"), t))),
+                    FeedForward::Sparse(m) => out.extend(m.params_mut().into_iter().map(|(n, t)| (format!("{p}.moe.{n}"), t))),
+                }
+            }
+        }
+        out
+    }
+
+    /// Parameter count of the built model (equals [`ModelConfig::accounting`]'s `params_total`).
+    pub fn num_params(&mut self) -> usize {
+        self.params_mut().iter().map(|(_, t)| t.shape().0).sum()
+    }
+
+    /// `[batch, heads, Lq, Lk]` relative-position bias (plus the causal mask in the decoder).
+    fn position_bias<T: Tp<D>>(&self, stack: &Stack<D>, batch: usize, len: usize) -> T4<D, T> {
+        let (nb, h) = (self.cfg.relative_attention_num_buckets, self.cfg.num_heads);
+        let mut idx = Vec::with_capacity(len * len);
+        for q in 0..len {
+            for k in 0..len {
+                let rel = k as i64 - q as i64;
+                idx.push(relative_position_bucket(rel, !stack.is_decoder, nb, self.cfg.relative_attention_max_distance));
+            }
+        }
+        let idx = self.dev.tensor_from_vec(idx, (len * len,));
+        let bias = stack.relative_bias.clone().reshape_like(&(nb, h)).retaped::<T>().gather(idx);
+        let mut bias = bias.reshape_like(&(len, len, h)).permute::<_, Axes3<2, 0, 1>>();
+        if stack.is_decoder {
+            let mask: Vec<f32> = (0..len * len).map(|i| if i % len > i / len { -1e9 } else { 0.0 }).collect();
+            bias = bias + self.dev.tensor_from_vec(mask, (len, len)).broadcast_like::<_, Axis<0>>(&(h, len, len));
+        }
+        bias.broadcast_like::<_, Axis<0>>(&(batch, h, len, len))
+    }
+
+    fn run_stack<T: Tp<D>>(
+        &self,
+        stack: &Stack<D>,
+        x: Act<D, T>,
+        batch: usize,
+        memory: Option<&Act<D, NoneTape>>,
+        mut memory_tape: Option<T>,
+        ctx: &mut Ctx,
+        router_losses: &mut Vec<(Tensor<(), f32, D, T>, Tensor<(), f32, D, T>)>,
+    ) -> Act<D, T> {
+        let len = x.shape().0 / batch;
+        let rate = self.cfg.dropout;
+        let mut x = dropout(x, rate, ctx);
+        for b in &stack.blocks {
+            let (res, tape) = x.split_tape();
+            let h = b.self_attn_norm.forward(res.clone().put_tape(tape));
+            let (h, h_tape) = h.split_tape();
+            let bias = self.position_bias::<T>(stack, batch, len);
+            let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(bias));
+            x = dropout(a, rate, ctx) + res;
+
+            if let Some((norm, attn)) = &b.cross_attn {
+                let memory = memory.expect("decoder needs the encoder output");
+                let mem = match memory_tape.take() {
+                    Some(t) => memory.clone().put_tape(t),
+                    None => memory.clone().retaped::<T>(),
+                };
+                let (res, tape) = x.split_tape();
+                let a = attn.forward(norm.forward(res.clone().put_tape(tape)), mem, batch, None);
+                x = dropout(a, rate, ctx) + res;
+            }
+
+            let (res, tape) = x.split_tape();
+            let h = b.ffn_norm.forward(res.clone().put_tape(tape));
+            let y = match &b.ffn {
+                FeedForward::Dense(f) => {
+                    let n = h.shape().0;
+                    let d = self.cfg.d_model;
+                    f.forward(h.reshape_like(&(1, n, d)), rate, ctx).reshape_like(&(n, d))
+                }
+                FeedForward::Sparse(m) => {
+                    let out = m.forward(h, ctx);
+                    router_losses.push((out.balance_loss, out.z_loss));
+                    out.output
+                }
+            };
+            x = dropout(y, rate, ctx) + res;
+        }
+        dropout(stack.final_norm.forward(x), rate, ctx)
+    }
+
+    /// Cross-entropy per target token plus the router losses. Pass `OwnedTape` to train,
+    /// `NoneTape` to evaluate; routing statistics accumulate in `ctx.routing`.
+    pub fn loss<T: Tp<D>>(&self, batch: &Batch, ctx: &mut Ctx) -> LossOutput<D, T> {
+        let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
+        let b = batch.batch_size;
+        let emb = self.embedding.clone().reshape_like(&(v, d));
+        let ids = |x: &[usize]| self.dev.tensor_from_vec(x.to_vec(), (x.len(),));
+        let mut router_losses = Vec::new();
+
+        let enc_in = emb.clone().retaped::<T>().gather(ids(&batch.encoder_ids));
+        let enc_out = self.run_stack(&self.encoder, enc_in, b, None, None, ctx, &mut router_losses);
+        let (enc_out, enc_tape) = enc_out.split_tape();
+
+        let dec_in = emb.clone().retaped::<T>().gather(ids(&batch.decoder_input_ids));
+        let dec_out = self.run_stack(&self.decoder, dec_in, b, Some(&enc_out), Some(enc_tape), ctx, &mut router_losses);
+
+        // Tied output layer, scaled by d_model^-1/2 as in T5 v1.0.
+        let logits = (dec_out * (d as f32).powf(-0.5)).matmul(emb.permute::<_, Axes2<1, 0>>());
+        let ce = -logits.log_softmax::<Axis<1>>().select(ids(&batch.targets)).mean();
+        let cross_entropy = ce.as_vec()[0];
+
+        let layers = router_losses.len().max(1) as f32;
+        let scale = match self.cfg.router_loss_reduction {
+            LossReduction::Sum => 1.0,
+            LossReduction::Mean => 1.0 / layers,
+        };
+        let mut total = ce;
+        let (mut balance_sum, mut z_sum) = (0.0f32, 0.0f32);
+        for (balance, z) in router_losses {
+            balance_sum += balance.as_vec()[0] * scale;
+            z_sum += z.as_vec()[0] * scale;
+            total = total + (balance + z) * scale;
+        }
+        LossOutput { total, cross_entropy, balance_loss: balance_sum, z_loss: z_sum }
+    }
+}
