@@ -7,7 +7,8 @@
 //! let sc = SpanCorruption::for_encoder_len(512, 0.15, 3.0).unwrap();
 //! assert_eq!((sc.raw_len, sc.encoder_len, sc.decoder_len), (568, 512, 114));
 //! let raw: Vec<u32> = (1000..1568).collect();
-//! let (inputs, targets) = sc.corrupt(&raw, &[10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36], 1, &mut StdRng::seed_from_u64(0));
+//! let sentinels: Vec<u32> = (2..102).collect();
+//! let (inputs, targets) = sc.corrupt(&raw, &sentinels, 1, &mut StdRng::seed_from_u64(0));
 //! assert_eq!((inputs.len(), targets.len()), (512, 114));
 //! ```
 use rand::{rngs::StdRng, seq::SliceRandom};

@@ -81,9 +81,9 @@ impl Vocab {
                 let mut t = TokenizerBuilder::new()
                     .with_model(BPE::default())
                     .with_normalizer(None::<NormalizerWrapper>)
-                    .with_pre_tokenizer(Some(ByteLevel::default()))
+                    .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
                     .with_post_processor(None::<ByteLevel>)
-                    .with_decoder(Some(ByteLevel::default()))
+                    .with_decoder(Some(ByteLevel::default().add_prefix_space(false)))
                     .build()
                     .map_err(|e| DataError::new("tokenizer", e.to_string(), "report this as a bug"))?;
                 t.train(&mut trainer, train_text.iter().copied())

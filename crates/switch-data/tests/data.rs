@@ -1,0 +1,170 @@
+use rand::{rngs::StdRng, SeedableRng};
+use std::collections::HashSet;
+use switch_data::span::SpanCorruption;
+use switch_data::{DataConfig, Dataset, TokenizerKind, Vocab};
+
+const SENTINELS: [u32; 60] = {
+    let mut s = [0u32; 60];
+    let mut i = 0;
+    while i < 60 {
+        s[i] = 1_000_000 + i as u32;
+        i += 1;
+    }
+    s
+};
+
+/// Undoes span corruption: walk the inputs, replacing each sentinel by the tokens that follow it in the targets.
+fn reconstruct(inputs: &[u32], targets: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for &t in &inputs[..inputs.len() - 1] {
+        if let Some(pos) = targets.iter().position(|&x| x == t && t >= 1_000_000) {
+            out.extend(targets[pos + 1..].iter().take_while(|&&x| x < 1_000_000 && x != 1));
+        } else {
+            out.push(t);
+        }
+    }
+    out
+}
+
+#[test]
+fn span_corruption_is_t5s() {
+    for encoder_len in [64, 128, 512] {
+        let sc = SpanCorruption::for_encoder_len(encoder_len, 0.15, 3.0).unwrap();
+        let mut rng = StdRng::seed_from_u64(0);
+        let (mut noise, mut total, mut spans, mut span_tokens) = (0usize, 0usize, 0usize, 0usize);
+        for e in 0..300u32 {
+            let raw: Vec<u32> = (0..sc.raw_len as u32).map(|i| 10 + (i + e * 7) % 50_000).collect();
+            let (inputs, targets) = sc.corrupt(&raw, &SENTINELS, 1, &mut rng);
+            assert_eq!(inputs.len(), encoder_len, "inputs are exactly the encoder length");
+            assert_eq!(targets.len(), sc.decoder_len);
+            assert_eq!(reconstruct(&inputs, &targets), raw, "inputs + targets give back the text");
+            let mask = sc.noise_mask(&mut rng);
+            noise += mask.iter().filter(|&&m| m).count();
+            total += mask.len();
+            spans += mask.windows(2).filter(|w| !w[0] && w[1]).count() + mask[0] as usize;
+            span_tokens += mask.iter().filter(|&&m| m).count();
+        }
+        let density = noise as f64 / total as f64;
+        assert!((density - 0.15).abs() <= 0.02, "noise density {density}");
+        let mean_span = span_tokens as f64 / spans as f64;
+        assert!((mean_span - 3.0).abs() < 0.35, "mean span length {mean_span}");
+    }
+    assert!(SpanCorruption::for_encoder_len(3, 0.15, 3.0).is_err());
+}
+
+fn corpus_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    // Two sources of numbered, unique lines, so any overlap between splits is visible.
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for (k, source) in ["alpha", "beta"].into_iter().enumerate() {
+        let text: String = (k * 10000..k * 10000 + 6000).map(|i| format!("{source} line {i:05} the quick brown fox jumps over the lazy dog\n")).collect();
+        std::fs::write(corpus.join(format!("{source}.txt")), text).unwrap();
+    }
+    corpus
+}
+
+fn cfg(corpus: &std::path::Path, tokenizer: TokenizerKind) -> DataConfig {
+    DataConfig { corpus: corpus.display().to_string(), tokenizer, vocab_size: 600, encoder_len: 64, eval_examples: 32, held_out_fraction: 0.05, ..Default::default() }
+}
+
+fn lines(text: &str) -> HashSet<String> {
+    text.lines().filter(|l| l.len() > 20 && l.ends_with("dog")).map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn held_out_split_is_disjoint_and_covers_every_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus_dir(tmp.path());
+    let ds = Dataset::build(&cfg(&corpus, TokenizerKind::Byte), &tmp.path().join("cache")).unwrap();
+    let train = lines(&ds.vocab.decode(&ds.train_tokens));
+    let held = lines(&ds.vocab.decode(&ds.held_out_tokens));
+    assert!(!held.is_empty() && train.len() > 10 * held.len());
+    assert!(train.is_disjoint(&held), "a held-out line is also in the training split");
+    for source in ["alpha", "beta"] {
+        assert!(held.iter().any(|l| l.starts_with(source)), "no held-out text from {source}");
+    }
+    assert!(ds.split_summary.iter().all(|(_, chunks, held)| *held > 0 && held < chunks));
+    // Evaluation examples come from the held-out text only, and are the same every time.
+    let eval = ds.eval_batches(8);
+    assert_eq!(eval.len(), 4);
+    assert_eq!(eval, ds.eval_batches(8));
+    // Every uncorrupted run of an evaluation input that names a line names a held-out line.
+    let mut named = 0;
+    for batch in &eval {
+        for run in batch.encoder_ids.split(|&t| t < 2 + ds.vocab.num_sentinels) {
+            let text = ds.vocab.decode(&run.iter().map(|&t| t as u32).collect::<Vec<_>>());
+            for (i, _) in text.match_indices("line ") {
+                let Some(number) = text.get(i..i + 10).filter(|n| n[5..].bytes().all(|b| b.is_ascii_digit())) else { continue };
+                assert!(held.iter().any(|l| l.contains(number)) && !train.iter().any(|l| l.contains(number)), "{number}");
+                named += 1;
+            }
+        }
+    }
+    assert!(named > 20);
+}
+
+#[test]
+fn batches_depend_on_seed_and_step_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus_dir(tmp.path());
+    let ds = Dataset::build(&cfg(&corpus, TokenizerKind::Byte), &tmp.path().join("cache")).unwrap();
+    let a = ds.train_batch(1, 5, 4);
+    assert_eq!(a, ds.train_batch(1, 5, 4));
+    assert_ne!(a, ds.train_batch(2, 5, 4));
+    assert_ne!(a, ds.train_batch(1, 6, 4));
+    assert_eq!(a.encoder_ids.len(), 4 * 64);
+    assert_eq!(a.targets.len(), 4 * ds.spans.decoder_len);
+    assert_eq!(a.decoder_input_ids[0], Vocab::PAD as usize);
+    assert_eq!(a.decoder_input_ids[1..ds.spans.decoder_len], a.targets[..ds.spans.decoder_len - 1]);
+}
+
+#[test]
+fn bpe_tokenizer_round_trips_and_is_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus_dir(tmp.path());
+    let c = cfg(&corpus, TokenizerKind::Bpe);
+    let ds = Dataset::build(&c, &tmp.path().join("cache")).unwrap();
+    let text = "alpha line 00042 the quick brown fox jumps over the lazy dog\nNew words: Zürich, naïve!";
+    assert_eq!(ds.vocab.decode(&ds.vocab.encode(text)), text);
+    assert!(ds.vocab.encode("the quick brown fox").len() < "the quick brown fox".len() / 2, "BPE merges common words");
+    let sentinel = ds.vocab.sentinels()[0];
+    assert_eq!(ds.vocab.decode(&[sentinel]), "<extra_id_0>");
+    let again = Dataset::build(&c, &tmp.path().join("cache")).unwrap();
+    assert_eq!(again.train_tokens, ds.train_tokens);
+    let cached: Vec<_> = std::fs::read_dir(tmp.path().join("cache")).unwrap().collect();
+    assert_eq!(cached.len(), 1, "one cache entry for one corpus and vocabulary");
+}
+
+#[test]
+fn bad_corpora_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let check = |path: &std::path::Path, needle: &str| {
+        let err = Dataset::build(&cfg(path, TokenizerKind::Byte), &cache).err().expect("must fail").to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains(needle), "{err}");
+    };
+    check(&tmp.path().join("missing.txt"), "does not exist");
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    check(&empty, "is empty");
+    let latin1 = tmp.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+    check(&latin1, "not UTF-8");
+    let small = tmp.path().join("small.txt");
+    std::fs::write(&small, "a short text\n".repeat(50)).unwrap();
+    check(&small, "held-out split");
+    let jsonl = tmp.path().join("bad.jsonl");
+    std::fs::write(&jsonl, "{\"body\": \"x\"}\n").unwrap();
+    let err = Dataset::build(&cfg(&jsonl, TokenizerKind::Byte), &cache).err().unwrap().to_string();
+    assert!(err.contains("bad.jsonl:1") && err.contains("`text`"), "{err}");
+}
+
+#[test]
+fn jsonl_corpora_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("docs.jsonl");
+    let body: String = (0..3000).map(|i| format!("{{\"text\": \"document {i:05} says hello to the world of sparse experts\"}}\n")).collect();
+    std::fs::write(&path, body).unwrap();
+    let ds = Dataset::build(&cfg(&path, TokenizerKind::Byte), &tmp.path().join("cache")).unwrap();
+    assert!(ds.vocab.decode(&ds.train_tokens[..200]).contains("document 00000 says hello"));
+}
