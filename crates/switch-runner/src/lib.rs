@@ -1,1 +1,18 @@
+//! `switch-runner`: YAML grids at fixed FLOPs per token, the training loop, resumable run
+//! folders and parallel sweeps.
+//!
+//! - [`config`]: the resolved [`config::RunConfig`] of one run and key-checked merging;
+//! - [`grid`]: grid files → [`grid::Plan`] (cartesian, zip, points, exclude, seeds, FLOPs rules);
+//! - [`train`]: the training loop and optimizer;
+//! - [`rundir`]: the run-folder contract with the analysis crate;
+//! - [`sweep`]: local execution with resume, failure isolation and progress.
+pub mod config;
+pub mod grid;
+pub mod rundir;
+pub mod slurm;
+pub mod sweep;
+pub mod train;
 
+pub use config::RunConfig;
+pub use grid::{plan, Plan};
+pub use sweep::{sweep, SweepOptions};

@@ -1,1 +1,140 @@
-fn main(){}
+//! `switchlab`: plan, run and report Switch Transformer sweeps.
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use switch_runner::sweep::{self, RunFile, SweepOptions};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "switchlab", version, about = "Reproduce Switch Transformers scaling results on a CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Backend {
+    Local,
+    Slurm,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Expand a grid and print every run with its parameters and FLOPs per token; trains nothing.
+    Plan {
+        grid: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Train every point of a grid that is not done yet (resuming interrupted runs).
+    Sweep {
+        grid: PathBuf,
+        /// Folder that holds one sub-folder per sweep.
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// Runs trained at once (default: one per core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Matmul threads per run (default: cores ÷ jobs).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Train runs that failed before again.
+        #[arg(long)]
+        retry_failed: bool,
+        /// Replace the grid's seeds, e.g. `--seeds 0,1,2`.
+        #[arg(long, value_delimiter = ',')]
+        seeds: Option<Vec<u64>>,
+        #[arg(long, value_enum, default_value = "local")]
+        backend: Backend,
+    },
+    /// Train one run folder from its config.yaml (what each Slurm task runs).
+    Train { config: PathBuf },
+    /// Print measured speed figures.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn install_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if sweep::stop_flag().swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: active runs write a checkpoint and stop (Ctrl-C again to quit at once)");
+    });
+}
+
+/// Applies `--seeds` to a plan by re-planning with the grid's seeds replaced.
+fn plan_with_seeds(grid: &Path, seeds: Option<&[u64]>) -> anyhow::Result<switch_runner::Plan> {
+    let Some(seeds) = seeds else { return switch_runner::plan(grid) };
+    let text = std::fs::read_to_string(grid).with_context(|| format!("{}: cannot be read", grid.display()))?;
+    let mut value: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", grid.display()))?;
+    value["seeds"] = serde_json::json!(seeds);
+    let tmp = grid.with_file_name(format!(".{}.seeds.yaml", grid.file_stem().unwrap_or_default().to_string_lossy()));
+    if value.get("name").is_none() {
+        value["name"] = serde_json::json!(grid.file_stem().unwrap_or_default().to_string_lossy());
+    }
+    std::fs::write(&tmp, serde_saphyr::to_string(&value)?)?;
+    let plan = switch_runner::plan(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut plan = plan?;
+    plan.path = grid.to_path_buf();
+    Ok(plan)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Plan { grid, format } => {
+            let plan = switch_runner::plan(&grid)?;
+            print!("{}", plan.table(matches!(format, Format::Csv)));
+        }
+        Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend } => {
+            let plan = plan_with_seeds(&grid, seeds.as_deref())?;
+            if backend == Backend::Slurm {
+                anyhow::bail!("--backend slurm is not available yet; use --backend local");
+            }
+            install_ctrl_c();
+            let summary = switch_runner::sweep(&plan, &SweepOptions { results_root: results.clone(), jobs, threads_per_run: threads, retry_failed })?;
+            eprintln!("sweep {}: {}", plan.name, summary.describe());
+            eprintln!("results in {}", results.join(&plan.name).display());
+            if !summary.ok() {
+                std::process::exit(2);
+            }
+        }
+        Command::Train { config } => {
+            let run = RunFile::read(&config)?;
+            let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+            let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            let data = sweep::datasets(&[&run.config.data], &results_root)?;
+            let ds = data.values().next().expect("one dataset");
+            install_ctrl_c();
+            let progress = |step: u64, loss: f32, tps: f64| {
+                if step % run.config.train.eval_every == 0 || step == run.config.train.steps {
+                    tracing::info!("{}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s", run.run_id, run.config.train.steps);
+                }
+            };
+            let outcome = sweep::run_one(&run.sweep, &run, ds, &switch_runner::rundir::RunDir::new(dir), &progress)?;
+            tracing::info!("{}: {:?}", run.run_id, outcome);
+        }
+        Command::Bench { what } => bench::run(what)?,
+    }
+    Ok(())
+}

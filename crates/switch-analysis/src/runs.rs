@@ -1,0 +1,226 @@
+//! Reading a sweep's run folders: `config.yaml` and `status.json` per run, and every run's
+//! `metrics.csv` / `routing.csv` through one Polars lazy query each. Missing or truncated files
+//! mark the run, never stop the report.
+use polars::prelude::*;
+use serde_json::Value;
+use std::path::Path;
+
+/// One evaluation point of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalPoint {
+    pub step: f64,
+    pub tokens: f64,
+    pub wall_s: f64,
+    pub neg_log_perplexity: f64,
+    pub drop_fraction: f64,
+}
+
+/// Routing statistics of one layer at one evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingRow {
+    pub step: f64,
+    pub layer: String,
+    pub expert: i64,
+    pub load_fraction: f64,
+    pub drop_fraction: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub id: String,
+    /// Grid keys of the point, seed excluded, as `key=value` (the group of seeds).
+    pub group: String,
+    pub seed: u64,
+    pub state: String,
+    pub error: Option<String>,
+    pub is_baseline: bool,
+    pub num_experts: u64,
+    pub top_k: u64,
+    pub capacity_factor: f64,
+    pub init_scale: f64,
+    pub batch_size: u64,
+    pub steps_total: u64,
+    pub params_total: u64,
+    pub params_active: u64,
+    pub flops_per_token: f64,
+    pub curve: Vec<EvalPoint>,
+    pub final_step: f64,
+    pub final_wall_s: f64,
+    pub final_tokens: f64,
+    pub routing: Vec<RoutingRow>,
+    /// Why metrics are missing, if they are.
+    pub problem: Option<String>,
+}
+
+impl Run {
+    pub fn nlp_curve(&self) -> Vec<(f64, f64)> {
+        self.curve.iter().map(|p| (p.step, p.neg_log_perplexity)).collect()
+    }
+    pub fn wall_curve(&self) -> Vec<(f64, f64)> {
+        self.curve.iter().map(|p| (p.wall_s, p.neg_log_perplexity)).collect()
+    }
+    pub fn final_quality(&self) -> Option<f64> {
+        self.curve.last().map(|p| p.neg_log_perplexity)
+    }
+    pub fn tokens_per_s(&self) -> Option<f64> {
+        (self.final_wall_s > 0.0).then(|| self.final_tokens / self.final_wall_s)
+    }
+    pub fn examples_per_s(&self) -> Option<f64> {
+        (self.final_wall_s > 0.0).then(|| self.final_step * self.batch_size as f64 / self.final_wall_s)
+    }
+    /// "Switch-8", "MoE-8 (top-2)" or "Dense".
+    pub fn model_name(&self) -> String {
+        match (self.num_experts, self.top_k) {
+            (1, _) => "Dense".into(),
+            (e, 1) => format!("Switch-{e}"),
+            (e, k) => format!("MoE-{e} (top-{k})"),
+        }
+    }
+}
+
+fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn metrics_schema() -> SchemaRef {
+    let f = |n: &str, t: DataType| Field::new(n.into(), t);
+    Arc::new(Schema::from_iter([
+        f("step", DataType::Int64),
+        f("tokens", DataType::Float64),
+        f("wall_s", DataType::Float64),
+        f("lr", DataType::Float64),
+        f("train_loss", DataType::Float64),
+        f("aux_loss", DataType::Float64),
+        f("z_loss", DataType::Float64),
+        f("drop_fraction", DataType::Float64),
+        f("eval_loss", DataType::Float64),
+        f("eval_neg_log_perplexity", DataType::Float64),
+    ]))
+}
+
+fn routing_schema() -> SchemaRef {
+    let f = |n: &str, t: DataType| Field::new(n.into(), t);
+    Arc::new(Schema::from_iter([
+        f("step", DataType::Int64),
+        f("layer", DataType::String),
+        f("expert", DataType::Int64),
+        f("load_fraction", DataType::Float64),
+        f("drop_fraction", DataType::Float64),
+        f("router_entropy", DataType::Float64),
+    ]))
+}
+
+fn scan(path: &Path, schema: SchemaRef, run_id: &str) -> LazyFrame {
+    LazyCsvReader::new(PlRefPath::from(path.to_string_lossy().as_ref()))
+        .with_has_header(true)
+        .with_schema(Some(schema))
+        .with_ignore_errors(true)
+        .with_truncate_ragged_lines(true)
+        .finish()
+        .map(|lf| lf.with_column(lit(run_id.to_string()).alias("run_id")))
+        .unwrap_or_else(|_| DataFrame::empty().lazy())
+}
+
+fn f64s(df: &DataFrame, name: &str) -> PolarsResult<Vec<Option<f64>>> {
+    Ok(df.column(name)?.cast(&DataType::Float64)?.f64()?.into_iter().collect())
+}
+
+fn strs(df: &DataFrame, name: &str) -> PolarsResult<Vec<String>> {
+    Ok(df.column(name)?.str()?.into_iter().map(|s| s.unwrap_or_default().to_string()).collect())
+}
+
+/// A readable file: exists and ends with a complete header line.
+fn usable(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|_| format!("{} is missing", path.file_name().unwrap_or_default().to_string_lossy()))?;
+    if text.lines().count() < 2 {
+        return Err(format!("{} has no rows", path.file_name().unwrap_or_default().to_string_lossy()));
+    }
+    Ok(())
+}
+
+/// Loads every run folder under `sweep_dir/runs`, sorted by (baseline first, experts, group, seed).
+pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
+    let runs_dir = sweep_dir.join("runs");
+    let mut dirs: Vec<_> = std::fs::read_dir(&runs_dir)
+        .map_err(|e| anyhow::anyhow!("{}: cannot list runs ({e}); is this a sweep folder (results/<sweep>)?", runs_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.yaml").exists())
+        .collect();
+    dirs.sort();
+    let mut runs = Vec::new();
+    let (mut metric_frames, mut routing_frames) = (Vec::new(), Vec::new());
+    for dir in &dirs {
+        let id = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let cfg: Value = std::fs::read_to_string(dir.join("config.yaml")).ok().and_then(|t| serde_saphyr::from_str(&t).ok()).unwrap_or(Value::Null);
+        let status: Value = std::fs::read(dir.join("status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+        let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
+        let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
+        let group = point.iter().filter(|(k, _)| *k != "train.seed").map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v)).collect::<Vec<_>>().join(" ");
+        let mut problem = None;
+        match usable(&dir.join("metrics.csv")) {
+            Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
+            Err(e) => problem = Some(e),
+        }
+        if usable(&dir.join("routing.csv")).is_ok() {
+            routing_frames.push(scan(&dir.join("routing.csv"), routing_schema(), &id));
+        }
+        runs.push(Run {
+            id,
+            group: if group.is_empty() { "base".into() } else { group },
+            seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
+            state: get(&status, "state").and_then(Value::as_str).unwrap_or("unknown").to_string(),
+            error: get(&status, "error").and_then(Value::as_str).map(String::from),
+            is_baseline: get(&cfg, "is_baseline").and_then(Value::as_bool).unwrap_or(false),
+            num_experts: num(&cfg, "model.num_experts").unwrap_or(1.0) as u64,
+            top_k: num(&cfg, "model.top_k").unwrap_or(1.0) as u64,
+            capacity_factor: num(&cfg, "model.capacity_factor").unwrap_or(0.0),
+            init_scale: num(&cfg, "model.init_scale").unwrap_or(0.0),
+            batch_size: num(&cfg, "train.batch_size").unwrap_or(0.0) as u64,
+            steps_total: num(&cfg, "train.steps").unwrap_or(0.0) as u64,
+            params_total: num(&cfg, "params_total").unwrap_or(0.0) as u64,
+            params_active: num(&cfg, "params_active").unwrap_or(0.0) as u64,
+            flops_per_token: num(&cfg, "flops_per_token").unwrap_or(0.0),
+            curve: vec![],
+            final_step: 0.0,
+            final_wall_s: 0.0,
+            final_tokens: 0.0,
+            routing: vec![],
+            problem,
+        });
+    }
+
+    if !metric_frames.is_empty() {
+        let all = concat(metric_frames, UnionArgs::default())?;
+        // Last logged row of each run: steps, tokens and wall time so far.
+        let last = all.clone().group_by([col("run_id")]).agg([col("step").max().alias("step"), col("tokens").max().alias("tokens"), col("wall_s").max().alias("wall_s")]).collect()?;
+        let (ids, steps, tokens, walls) = (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?, f64s(&last, "wall_s")?);
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(r) = runs.iter_mut().find(|r| &r.id == id) {
+                (r.final_step, r.final_tokens, r.final_wall_s) = (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0), walls[i].unwrap_or(0.0));
+            }
+        }
+        let evals = all.filter(col("eval_neg_log_perplexity").is_not_null()).sort(["run_id", "step"], SortMultipleOptions::default()).collect()?;
+        let (ids, steps, tokens, walls, nlp, drops) = (strs(&evals, "run_id")?, f64s(&evals, "step")?, f64s(&evals, "tokens")?, f64s(&evals, "wall_s")?, f64s(&evals, "eval_neg_log_perplexity")?, f64s(&evals, "drop_fraction")?);
+        for i in 0..ids.len() {
+            if let (Some(r), Some(step), Some(q)) = (runs.iter_mut().find(|r| r.id == ids[i]), steps[i], nlp[i]) {
+                r.curve.push(EvalPoint { step, tokens: tokens[i].unwrap_or(0.0), wall_s: walls[i].unwrap_or(0.0), neg_log_perplexity: q, drop_fraction: drops[i].unwrap_or(0.0) });
+            }
+        }
+    }
+    if !routing_frames.is_empty() {
+        let all = concat(routing_frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
+        let (ids, steps, layers, experts, loads, drops) = (strs(&all, "run_id")?, f64s(&all, "step")?, strs(&all, "layer")?, f64s(&all, "expert")?, f64s(&all, "load_fraction")?, f64s(&all, "drop_fraction")?);
+        for i in 0..ids.len() {
+            if let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) {
+                r.routing.push(RoutingRow { step: steps[i].unwrap_or(0.0), layer: layers[i].clone(), expert: experts[i].unwrap_or(0.0) as i64, load_fraction: loads[i].unwrap_or(0.0), drop_fraction: drops[i].unwrap_or(0.0) });
+            }
+        }
+    }
+    for r in &mut runs {
+        if r.problem.is_none() && r.curve.is_empty() {
+            r.problem = Some("no evaluation yet".into());
+        }
+    }
+    runs.sort_by(|a, b| (!a.is_baseline, a.top_k, a.num_experts, a.group.clone(), a.seed).cmp(&(!b.is_baseline, b.top_k, b.num_experts, b.group.clone(), b.seed)));
+    Ok(runs)
+}

@@ -1,0 +1,180 @@
+//! The resolved configuration of one run, and merging YAML layers (preset, settings, grid point)
+//! into it with every key checked.
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switch_data::DataConfig;
+use switch_model::ModelConfig;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub batch_size: usize,
+    /// Peak learning rate, reached after `warmup_steps`, then decayed as 1/√step.
+    pub learning_rate: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub grad_clip: f64,
+    pub eval_every: u64,
+    pub log_every: u64,
+    pub checkpoint_every: u64,
+    pub seed: u64,
+    /// Examples per evaluation batch.
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 600,
+            batch_size: 32,
+            learning_rate: 3e-3,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.99,
+            grad_clip: 1.0,
+            eval_every: 100,
+            log_every: 10,
+            checkpoint_every: 200,
+            seed: 0,
+            eval_batch_size: 64,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Linear warmup to the peak, then inverse-square-root decay (T5's `rsqrt_decay`).
+    pub fn learning_rate_at(&self, step: u64) -> f64 {
+        let s = (step + 1) as f64;
+        let w = self.warmup_steps.max(1) as f64;
+        self.learning_rate * (s / w).min((w / s).sqrt())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let pos = |v: u64, k: &str| if v == 0 { Err(format!("train.{k} = 0: use a positive integer")) } else { Ok(()) };
+        pos(self.steps, "steps")?;
+        pos(self.batch_size as u64, "batch_size")?;
+        pos(self.eval_every, "eval_every")?;
+        pos(self.log_every, "log_every")?;
+        pos(self.checkpoint_every, "checkpoint_every")?;
+        pos(self.eval_batch_size as u64, "eval_batch_size")?;
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(format!("train.learning_rate = {}: use a number > 0", self.learning_rate));
+        }
+        for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("train.{k} = {v}: use 0 ≤ β < 1"));
+            }
+        }
+        if !(self.grad_clip >= 0.0 && self.weight_decay >= 0.0) {
+            return Err("train.grad_clip and train.weight_decay must be ≥ 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Everything one run needs. `model.vocab_size` always follows the tokenizer (`data`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate().map_err(|e| e.to_string())?;
+        self.data.validate().map_err(|e| e.to_string())?;
+        self.train.validate()
+    }
+
+    /// Encoder and decoder lengths of every example.
+    pub fn lengths(&self) -> (usize, usize) {
+        let sc = self.data.span_corruption().expect("validated");
+        (sc.encoder_len, sc.decoder_len)
+    }
+
+    pub fn accounting(&self) -> switch_model::Accounting {
+        let (le, ld) = self.lengths();
+        self.model.accounting(le, ld)
+    }
+}
+
+/// Every dotted leaf key of the config (`model.num_experts`, …), for checks and suggestions.
+pub fn valid_keys() -> Vec<String> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    walk(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, v, out)
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &serde_json::to_value(RunConfig::default()).expect("serializable"), &mut out);
+    out
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The valid key closest to `key`, for "did you mean" hints.
+pub fn closest_key(key: &str) -> String {
+    let keys = valid_keys();
+    let last = key.rsplit('.').next().unwrap_or(key);
+    keys.into_iter()
+        .min_by_key(|k| edit_distance(key, k).min(edit_distance(last, k.rsplit('.').next().unwrap_or(k)) + 1))
+        .unwrap_or_default()
+}
+
+/// Sets `key` (dotted) in the config tree `tree`; the key must exist in the config.
+pub fn set_dotted(tree: &mut Value, key: &str, value: Value) -> Result<(), String> {
+    let valid = valid_keys();
+    if !valid.iter().any(|k| k == key) {
+        return Err(format!("unknown key `{key}`; did you mean `{}`?", closest_key(key)));
+    }
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        node = node.as_object_mut().and_then(|m| m.get_mut(*p)).ok_or_else(|| format!("`{key}` is not a settable key"))?;
+    }
+    node.as_object_mut().expect("object").insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Merges a (partial) settings tree into `tree`, key by key.
+pub fn merge(tree: &mut Value, settings: &Map<String, Value>, prefix: &str) -> Result<(), String> {
+    for (k, v) in settings {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            Value::Object(m) if !valid_keys().contains(&key) => merge(tree, m, &key)?,
+            _ => set_dotted(tree, &key, v.clone())?,
+        }
+    }
+    Ok(())
+}
+
+/// Adds a "did you mean" to serde's "unknown field" errors.
+pub fn explain_yaml_error(message: String) -> String {
+    match message.split("unknown field `").nth(1).and_then(|rest| rest.split('`').next()) {
+        Some(field) => format!("{message}\nhint: did you mean `{}`?", closest_key(field)),
+        None => message,
+    }
+}

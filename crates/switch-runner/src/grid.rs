@@ -1,0 +1,318 @@
+//! Experiment grids (`experiments/*.yaml`): expansion into resolved runs, with FLOPs per token
+//! checked or solved before anything trains.
+use crate::config::{explain_yaml_error, merge, set_dotted, RunConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// How a grid treats FLOPs per token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FlopsRule {
+    /// `match_baseline` (refuse points whose FLOPs per token differ from the baseline's, router
+    /// aside) or `free` (deliberate mismatches, e.g. a T5-Large row).
+    Mode(FlopsMode),
+    /// `{solve: model.d_model}`: for each selected point (default: every non-baseline point), find
+    /// the integer value of the key that matches the target's FLOPs (default: the baseline's).
+    Solve {
+        solve: String,
+        #[serde(default)]
+        points: Option<Map<String, Value>>,
+        #[serde(default)]
+        target: Option<Map<String, Value>>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlopsMode {
+    MatchBaseline,
+    Free,
+}
+
+/// A grid file as written by the user.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridFile {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// A preset in `experiments/presets/<base>.yaml` (next to the grid's folder).
+    pub base: Option<String>,
+    /// Inline settings, applied over the preset.
+    pub settings: Option<Map<String, Value>>,
+    /// Cartesian product over dotted keys.
+    #[serde(default)]
+    pub grid: Map<String, Value>,
+    /// Lists of equal length that vary together.
+    #[serde(default)]
+    pub zip: Map<String, Value>,
+    /// Extra points added to the product.
+    #[serde(default)]
+    pub points: Vec<Map<String, Value>>,
+    #[serde(default)]
+    pub exclude: Vec<Map<String, Value>>,
+    pub seeds: Option<Vec<u64>>,
+    /// Selects the dense row every table and plot compares against.
+    pub baseline: Option<Map<String, Value>>,
+    pub flops_per_token: Option<FlopsRule>,
+    /// Relative FLOPs tolerance of `match_baseline` and `solve` (default 0.01).
+    pub tolerance: Option<f64>,
+    /// Cluster settings for `--backend slurm`.
+    pub slurm: Option<crate::slurm::SlurmConfig>,
+}
+
+/// One run of a sweep, fully resolved.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedRun {
+    pub run_id: String,
+    /// The grid keys this point sets (seed included), in grid order.
+    pub point: Map<String, Value>,
+    pub is_baseline: bool,
+    pub config: RunConfig,
+    pub accounting: switch_model::Accounting,
+    /// FLOPs per token ÷ the baseline's.
+    pub flops_ratio: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: String,
+    pub path: PathBuf,
+    pub runs: Vec<PlannedRun>,
+    pub slurm: Option<crate::slurm::SlurmConfig>,
+}
+
+/// A grid problem, naming the file and what to change.
+fn err(path: &Path, msg: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{}: {msg}", path.display())
+}
+
+fn matches(point: &Map<String, Value>, selector: &Map<String, Value>) -> bool {
+    selector.iter().all(|(k, v)| point.get(k).is_some_and(|p| values_equal(p, v)))
+}
+
+fn values_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> anyhow::Result<&'a Vec<Value>> {
+    match v.as_array() {
+        Some(l) if !l.is_empty() => Ok(l),
+        _ => Err(err(path, format!("{section}.{key} must be a non-empty list of values, e.g. `{key}: [1, 2]`"))),
+    }
+}
+
+/// The run id: a short stable hash of the resolved config (seed included).
+pub fn run_id(cfg: &RunConfig) -> String {
+    let json = serde_json::to_string(cfg).expect("serializable");
+    format!("{:012x}", switch_data::fnv1a(json.as_bytes()) >> 16)
+}
+
+fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> anyhow::Result<RunConfig> {
+    let mut tree = base_tree.clone();
+    for (k, v) in point {
+        set_dotted(&mut tree, k, v.clone()).map_err(|e| err(path, e))?;
+    }
+    let mut cfg: RunConfig = serde_json::from_value(tree).map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
+    cfg.model.vocab_size = cfg.data.model_vocab_size();
+    cfg.validate().map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
+    Ok(cfg)
+}
+
+fn read_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot be read ({e})")))?;
+    serde_saphyr::from_str(&text).map_err(|e| err(path, explain_yaml_error(e.to_string())))
+}
+
+/// Reads and expands a grid file. Nothing is written; every error names the file and the key.
+pub fn plan(path: &Path) -> anyhow::Result<Plan> {
+    let grid: GridFile = read_yaml(path)?;
+    let name = grid.name.clone().unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(err(path, format!("name `{name}` must be letters, digits, - or _ (it names the results folder)")));
+    }
+
+    // Defaults, then the preset, then inline settings: each layer typed-checked against RunConfig.
+    let mut tree = serde_json::to_value(RunConfig::default())?;
+    if let Some(base) = &grid.base {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let candidates = [dir.join("presets").join(format!("{base}.yaml")), dir.join(format!("{base}.yaml"))];
+        let preset = candidates.iter().find(|p| p.exists()).ok_or_else(|| {
+            err(path, format!("base `{base}`: no preset {} (presets live in experiments/presets/)", candidates[0].display()))
+        })?;
+        let _typed: RunConfig = read_yaml(preset)?;
+        let settings: Map<String, Value> = read_yaml(preset)?;
+        merge(&mut tree, &settings, "").map_err(|e| err(preset, e))?;
+    }
+    if let Some(settings) = &grid.settings {
+        merge(&mut tree, settings, "").map_err(|e| err(path, format!("settings: {e}")))?;
+    }
+
+    // Points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
+    let mut points: Vec<Map<String, Value>> = vec![Map::new()];
+    for (key, values) in &grid.grid {
+        let values = list(path, "grid", key, values)?;
+        points = points.into_iter().flat_map(|p| values.iter().map(move |v| {
+            let mut p = p.clone();
+            p.insert(key.clone(), v.clone());
+            p
+        })).collect();
+    }
+    if !grid.zip.is_empty() {
+        let lists: Vec<(&String, &Vec<Value>)> = grid.zip.iter().map(|(k, v)| list(path, "zip", k, v).map(|l| (k, l))).collect::<Result<_, _>>()?;
+        let n = lists[0].1.len();
+        if let Some((k, l)) = lists.iter().find(|(_, l)| l.len() != n) {
+            return Err(err(path, format!("zip lists must have equal lengths: `{}` has {n}, `{k}` has {}", lists[0].0, l.len())));
+        }
+        points = points
+            .into_iter()
+            .flat_map(|p| (0..n).map(|i| {
+                let mut p = p.clone();
+                for (k, l) in &lists {
+                    p.insert((*k).clone(), l[i].clone());
+                }
+                p
+            }).collect::<Vec<_>>())
+            .collect();
+    }
+    if grid.grid.is_empty() && grid.zip.is_empty() && !grid.points.is_empty() {
+        points.clear();
+    }
+    points.extend(grid.points.iter().cloned());
+    points.retain(|p| !grid.exclude.iter().any(|ex| matches(p, ex)));
+    if points.is_empty() {
+        return Err(err(path, "the grid is empty (after `exclude`): add values under `grid:`, `zip:` or `points:`"));
+    }
+
+    let seeds = grid.seeds.clone().unwrap_or_else(|| vec![0]);
+    if seeds.is_empty() {
+        return Err(err(path, "seeds: give at least one seed, e.g. `seeds: [0]`"));
+    }
+    let baseline = grid.baseline.clone().unwrap_or_default();
+    let tolerance = grid.tolerance.unwrap_or(0.01);
+
+    // Resolve each point once (seed aside) to check and solve FLOPs.
+    let mut configs: Vec<RunConfig> = points.iter().map(|p| resolve(path, &tree, p)).collect::<Result<_, _>>()?;
+    let base_idx = points.iter().position(|p| matches(p, &baseline)).ok_or_else(|| {
+        err(path, format!("baseline {} matches no point of the grid", Value::Object(baseline.clone())))
+    })?;
+    let base_flops = configs[base_idx].accounting().flops_per_token;
+    match grid.flops_per_token.clone().unwrap_or(FlopsRule::Mode(FlopsMode::MatchBaseline)) {
+        FlopsRule::Mode(FlopsMode::Free) => {}
+        FlopsRule::Mode(FlopsMode::MatchBaseline) => {
+            let bad: Vec<String> = points
+                .iter()
+                .zip(&configs)
+                .filter(|(_, c)| (c.accounting().flops_per_token / base_flops - 1.0).abs() > tolerance)
+                .map(|(p, c)| format!("{} at {:.3}× the baseline", Value::Object(p.clone()), c.accounting().flops_per_token / base_flops))
+                .collect();
+            if !bad.is_empty() {
+                return Err(err(path, format!(
+                    "flops_per_token: match_baseline refuses {} point(s) whose FLOPs per token differ from the baseline by more than {:.1}%: {}. Fix: make them match, use `flops_per_token: {{solve: model.d_ff}}` to size them, or `flops_per_token: free` for a deliberate mismatch",
+                    bad.len(), tolerance * 100.0, bad.join("; "))));
+            }
+        }
+        FlopsRule::Solve { solve, points: selected, target } => {
+            if !["model.d_model", "model.d_ff"].contains(&solve.as_str()) {
+                return Err(err(path, format!("flops_per_token.solve = `{solve}`: allowed keys are model.d_model and model.d_ff")));
+            }
+            let target_flops = match &target {
+                None => base_flops,
+                Some(sel) => {
+                    let i = points.iter().position(|p| matches(p, sel)).ok_or_else(|| err(path, format!("flops_per_token.target {} matches no point", Value::Object(sel.clone()))))?;
+                    configs[i].accounting().flops_per_token
+                }
+            };
+            for (i, p) in points.iter_mut().enumerate() {
+                let chosen = match &selected { Some(sel) => matches(p, sel), None => i != base_idx };
+                if !chosen {
+                    continue;
+                }
+                let (value, flops) = solve_size(&configs[i], &solve, target_flops);
+                if (flops / target_flops - 1.0).abs() > tolerance {
+                    return Err(err(path, format!("flops_per_token.solve: no {solve} brings point {} within {:.1}% of the target FLOPs (best {value}: {:.3}×)", Value::Object(p.clone()), tolerance * 100.0, flops / target_flops)));
+                }
+                p.insert(solve.clone(), Value::from(value));
+                configs[i] = resolve(path, &tree, p)?;
+            }
+        }
+    }
+
+    let mut runs = Vec::new();
+    for (p, _) in points.iter().zip(&configs) {
+        for &seed in &seeds {
+            let mut point = p.clone();
+            point.insert("train.seed".into(), Value::from(seed));
+            let config = resolve(path, &tree, &point)?;
+            let accounting = config.accounting();
+            runs.push(PlannedRun {
+                run_id: run_id(&config),
+                is_baseline: matches(p, &baseline),
+                flops_ratio: accounting.flops_per_token / base_flops,
+                point,
+                accounting,
+                config,
+            });
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = runs.iter().find(|r| !seen.insert(r.run_id.clone())) {
+        return Err(err(path, format!("two points resolve to the same config (run {}, point {}): remove the duplicate", dup.run_id, Value::Object(dup.point.clone()))));
+    }
+    Ok(Plan { name, path: path.to_path_buf(), runs, slurm: grid.slurm.clone() })
+}
+
+/// The value of `key` (d_model in steps of num_heads, or d_ff) whose FLOPs per token is closest to `target`.
+fn solve_size(cfg: &RunConfig, key: &str, target: f64) -> (usize, f64) {
+    let (step, current) = if key == "model.d_model" { (cfg.model.num_heads, cfg.model.d_model) } else { (1, cfg.model.d_ff) };
+    let flops = |v: usize| {
+        let mut c = cfg.clone();
+        if key == "model.d_model" { c.model.d_model = v } else { c.model.d_ff = v }
+        c.accounting().flops_per_token
+    };
+    (1..=current * 4 / step).map(|k| k * step).map(|v| (v, flops(v))).min_by(|a, b| (a.1 - target).abs().total_cmp(&(b.1 - target).abs())).expect("non-empty range")
+}
+
+impl Plan {
+    /// The plan as rows: run id, varied keys, params, FLOPs and ratio to the baseline.
+    pub fn table(&self, csv: bool) -> String {
+        let keys: Vec<String> = {
+            let mut k: Vec<String> = Vec::new();
+            for r in &self.runs {
+                for key in r.point.keys() {
+                    if !k.contains(key) {
+                        k.push(key.clone());
+                    }
+                }
+            }
+            k
+        };
+        let mut header = vec!["run_id".to_string()];
+        header.extend(keys.iter().cloned());
+        header.extend(["baseline", "params_total", "params_active", "flops_per_token", "router_flops_per_token", "flops_ratio"].map(String::from));
+        let mut rows = vec![header];
+        for r in &self.runs {
+            let mut row = vec![r.run_id.clone()];
+            row.extend(keys.iter().map(|k| r.point.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default()));
+            row.push(if r.is_baseline { "yes".into() } else { String::new() });
+            row.push(r.accounting.params_total.to_string());
+            row.push(r.accounting.params_active.to_string());
+            row.push(format!("{:.0}", r.accounting.flops_per_token));
+            row.push(format!("{:.0}", r.accounting.router_flops_per_token));
+            row.push(format!("{:.4}", r.flops_ratio));
+            rows.push(row);
+        }
+        if csv {
+            return rows.iter().map(|r| r.join(",")).collect::<Vec<_>>().join("\n") + "\n";
+        }
+        let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        rows.iter()
+            .map(|r| r.iter().zip(&widths).map(|(cell, w)| format!("{cell:>w$}")).collect::<Vec<_>>().join("  "))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    }
+}

@@ -1,0 +1,273 @@
+//! Running a planned sweep on this machine: skip finished runs, resume interrupted ones, run
+//! the rest concurrently (one rayon pool per run), isolate failures, show progress.
+use crate::grid::{Plan, PlannedRun};
+use crate::rundir::{self, RunDir, Status};
+use crate::train::{self, Outcome};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use switch_data::{DataConfig, Dataset};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Set by Ctrl-C: active runs checkpoint and stop; the sweep can be resumed by running it again.
+pub fn stop_flag() -> &'static AtomicBool {
+    &STOP
+}
+
+/// `config.yaml` of a run folder: the resolved config plus its identity and accounting.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunFile {
+    pub run_id: String,
+    pub sweep: String,
+    pub is_baseline: bool,
+    pub point: serde_json::Map<String, serde_json::Value>,
+    pub params_total: u64,
+    pub params_active: u64,
+    pub flops_per_token: f64,
+    #[serde(flatten)]
+    pub config: crate::config::RunConfig,
+}
+
+impl RunFile {
+    pub fn new(plan: &Plan, r: &PlannedRun) -> Self {
+        Self {
+            run_id: r.run_id.clone(),
+            sweep: plan.name.clone(),
+            is_baseline: r.is_baseline,
+            point: r.point.clone(),
+            params_total: r.accounting.params_total,
+            params_active: r.accounting.params_active,
+            flops_per_token: r.accounting.flops_per_token,
+            config: r.config.clone(),
+        }
+    }
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot be read ({e})", path.display()))?;
+        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+    pub fn yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("serializable")
+    }
+}
+
+pub struct SweepOptions {
+    /// Folder holding one sub-folder per sweep (`results/`).
+    pub results_root: PathBuf,
+    pub jobs: Option<usize>,
+    pub threads_per_run: Option<usize>,
+    pub retry_failed: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct SweepSummary {
+    pub done: Vec<String>,
+    pub skipped_done: Vec<String>,
+    pub skipped_failed: Vec<String>,
+    pub failed: Vec<(String, String)>,
+    pub interrupted: Vec<String>,
+}
+
+impl SweepSummary {
+    pub fn ok(&self) -> bool {
+        self.failed.is_empty() && self.interrupted.is_empty() && self.skipped_failed.is_empty()
+    }
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} trained, {} already done, {} failed, {} interrupted",
+            self.done.len(), self.skipped_done.len(), self.failed.len() + self.skipped_failed.len(), self.interrupted.len()
+        );
+        for (id, e) in &self.failed {
+            s.push_str(&format!("\n  failed {id}: {e}"));
+        }
+        for id in &self.skipped_failed {
+            s.push_str(&format!("\n  failed earlier {id} (rerun with --retry-failed)"));
+        }
+        if !self.interrupted.is_empty() {
+            s.push_str("\n  interrupted runs keep their checkpoints: run the same command again to resume");
+        }
+        s
+    }
+}
+
+/// A lock file that refuses a second sweep on the same folder; removed on drop.
+pub struct SweepLock(PathBuf);
+
+impl SweepLock {
+    pub fn acquire(sweep_dir: &Path) -> anyhow::Result<Self> {
+        let path = sweep_dir.join(".lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    write!(f, "{}", std::process::id())?;
+                    return Ok(Self(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                    let alive = pid.trim().parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if alive || !Path::new("/proc/self").exists() {
+                        anyhow::bail!("{} is locked by another sweep (pid {}); wait for it, or delete the lock file if no sweep is running", path.display(), pid.trim());
+                    }
+                    std::fs::remove_file(&path)?; // stale: its process is gone
+                }
+                Err(e) => anyhow::bail!("cannot create {} ({e}): is the results folder writable?", path.display()),
+            }
+        }
+        anyhow::bail!("cannot take the lock {}", path.display())
+    }
+}
+
+impl Drop for SweepLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The run folders of a sweep and what each one's state asks for.
+pub fn pending_runs<'a>(plan: &'a Plan, sweep_dir: &Path, retry_failed: bool, summary: &mut SweepSummary) -> Vec<&'a PlannedRun> {
+    let mut pending = Vec::new();
+    for r in &plan.runs {
+        match RunDir::new(sweep_dir.join("runs").join(&r.run_id)).read_status().map(|s| s.state) {
+            Some(s) if s == "done" => summary.skipped_done.push(r.run_id.clone()),
+            Some(s) if s == "failed" && !retry_failed => summary.skipped_failed.push(r.run_id.clone()),
+            _ => pending.push(r),
+        }
+    }
+    pending
+}
+
+/// Builds each distinct dataset once (tokenizer trained or loaded from `<results>/.cache`).
+pub fn datasets(configs: &[&DataConfig], results_root: &Path) -> anyhow::Result<HashMap<String, Arc<Dataset>>> {
+    let mut out = HashMap::new();
+    for c in configs {
+        let key = serde_json::to_string(c)?;
+        if !out.contains_key(&key) {
+            out.insert(key, Arc::new(Dataset::build(c, &results_root.join(".cache"))?));
+        }
+    }
+    Ok(out)
+}
+
+/// On 2 cores, two runs with one thread each beat one run with two threads (only dfdx's matmul
+/// is multi-threaded); `switchlab bench sweep` measures it.
+pub fn default_split(pending: usize) -> (usize, usize) {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let jobs = pending.clamp(1, cores);
+    (jobs, (cores / jobs).max(1))
+}
+
+/// Trains one run in its folder (created here), recording failure in `status.json`.
+pub fn run_one(plan_name: &str, run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> anyhow::Result<Outcome> {
+    let _ = plan_name;
+    dir.create(&run.yaml())?;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train::train(&run.config, ds, dir, stop_flag(), progress)));
+    let err = match result {
+        Ok(Ok(o)) => return Ok(o),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(p) => format!("panic: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+    };
+    let mut status = dir.read_status().unwrap_or_else(|| Status::new(&run.config));
+    status.state = "failed".into();
+    status.error = Some(err.clone());
+    status.finished_at = Some(rundir::now());
+    dir.write_status(&status)?;
+    anyhow::bail!(err)
+}
+
+/// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`.
+pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
+    let sweep_dir = opts.results_root.join(&plan.name);
+    std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| anyhow::anyhow!("cannot create the results folder {} ({e}): choose a writable --results folder", sweep_dir.display()))?;
+    let _lock = SweepLock::acquire(&sweep_dir)?;
+    if let Ok(grid) = std::fs::read(&plan.path) {
+        rundir::write_atomic(&sweep_dir.join("grid.yaml"), &grid)?;
+    }
+    rundir::write_atomic(&sweep_dir.join("plan.csv"), plan.table(true).as_bytes())?;
+
+    let mut summary = SweepSummary::default();
+    let pending = pending_runs(plan, &sweep_dir, opts.retry_failed, &mut summary);
+    if pending.is_empty() {
+        return Ok(summary);
+    }
+    let data = datasets(&pending.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &opts.results_root)?;
+    let (jobs, threads) = default_split(pending.len());
+    let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
+    tracing::info!("sweep {}: {} runs to train ({} done), {jobs} at a time with {threads} thread(s) each", plan.name, pending.len(), summary.skipped_done.len());
+
+    let bars = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let plain = !std::io::stderr().is_terminal();
+    let total_steps: u64 = pending.iter().map(|r| r.config.train.steps).sum();
+    let overall = bars.add(ProgressBar::new(total_steps));
+    overall.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps, ETA {eta}").expect("template").progress_chars("=> "));
+    overall.set_prefix(plan.name.clone());
+
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(pending.len()) {
+            scope.spawn(|| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+                loop {
+                    if stop_flag().load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(run) = pending.get(i) else { break };
+                    let file = RunFile::new(plan, run);
+                    let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
+                    let dir = RunDir::new(sweep_dir.join("runs").join(&run.run_id));
+                    let bar = bars.insert_before(&overall, ProgressBar::new(run.config.train.steps));
+                    bar.set_style(ProgressStyle::with_template("{prefix:>14} [{bar:20}] {pos}/{len} {msg}").expect("template").progress_chars("=> "));
+                    bar.set_prefix(run.run_id.clone());
+                    let steps_before = dir.read_status().map(|s| s.steps_done).unwrap_or(0);
+                    bar.set_position(steps_before);
+                    overall.inc(steps_before);
+                    let last = AtomicUsize::new(steps_before as usize);
+                    let eval_every = run.config.train.eval_every;
+                    let label = label(&run.point);
+                    let progress = |step: u64, loss: f32, tps: f64| {
+                        bar.set_position(step);
+                        bar.set_message(format!("loss {loss:.3}, {tps:.0} tok/s"));
+                        let prev = last.swap(step as usize, Ordering::SeqCst) as u64;
+                        overall.inc(step.saturating_sub(prev));
+                        if plain && (step % eval_every == 0 || step == run.config.train.steps) {
+                            tracing::info!("{} {label}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s", run.run_id, run.config.train.steps);
+                        }
+                    };
+                    let outcome = pool.install(|| run_one(&plan.name, &file, ds, &dir, &progress));
+                    bar.finish_and_clear();
+                    if let Err(e) = &outcome {
+                        tracing::warn!("{} {label} failed: {e:#}", run.run_id);
+                    }
+                    results.lock().expect("no poisoning").push((run.run_id.clone(), outcome.map_err(|e| format!("{e:#}"))));
+                }
+            });
+        }
+    });
+    overall.finish_and_clear();
+    for (id, r) in results.into_inner().expect("no poisoning") {
+        match r {
+            Ok(Outcome::Done) => summary.done.push(id),
+            Ok(Outcome::Interrupted) => summary.interrupted.push(id),
+            Err(e) => summary.failed.push((id, e)),
+        }
+    }
+    // Runs never started because of Ctrl-C count as interrupted.
+    let started: Vec<String> = summary.done.iter().chain(&summary.interrupted).chain(summary.failed.iter().map(|(i, _)| i)).cloned().collect();
+    for r in pending {
+        if !started.contains(&r.run_id) {
+            summary.interrupted.push(r.run_id.clone());
+        }
+    }
+    Ok(summary)
+}
+
+/// `model.num_experts=8 train.seed=0` style label of a grid point.
+pub fn label(point: &serde_json::Map<String, serde_json::Value>) -> String {
+    point.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v)).collect::<Vec<_>>().join(" ")
+}

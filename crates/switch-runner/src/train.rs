@@ -1,0 +1,202 @@
+//! The training loop of one run: AdamW with warmup and inverse-square-root decay, gradient
+//! clipping, periodic evaluation on the held-out split, streamed metrics, atomic checkpoints.
+//!
+//! Every random choice at step `s` (batch, jitter, dropout) is drawn from `(seed, s)`, and the
+//! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
+//! to the same numbers as an uninterrupted one.
+use crate::config::RunConfig;
+use crate::rundir::{self, RunDir, Status};
+use dfdx::prelude::*;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use switch_data::{Dataset, Example};
+use switch_model::nn::Ctx;
+use switch_model::{Batch, SwitchTransformer};
+
+pub type Dev = Cpu;
+
+/// Host-side AdamW state, one entry per parameter in `params_mut` order.
+pub struct AdamW {
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    pub fn new(sizes: &[usize]) -> Self {
+        Self { m: sizes.iter().map(|&n| vec![0.0; n]).collect(), v: sizes.iter().map(|&n| vec![0.0; n]).collect() }
+    }
+
+    /// One update of `params` with `grads` (already clipped) at optimizer step `t` (1-based).
+    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], t: u64, lr: f64, cfg: &crate::config::TrainConfig) {
+        let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+        let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
+        let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
+        let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
+        for ((p, g), (m, v)) in params.iter_mut().zip(grads).zip(self.m.iter_mut().zip(self.v.iter_mut())) {
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                p[i] -= lr * ((m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8) + wd * p[i]);
+            }
+        }
+    }
+}
+
+fn to_batch(e: Example, cfg: &RunConfig) -> Batch {
+    let (encoder_len, decoder_len) = cfg.lengths();
+    Batch { batch_size: e.batch_size, encoder_len, decoder_len, encoder_ids: e.encoder_ids, decoder_input_ids: e.decoder_input_ids, targets: e.targets }
+}
+
+/// Held-out cross-entropy per target token, and per-layer routing statistics averaged over the batches.
+pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig) -> (f64, Vec<switch_model::RoutingStats>) {
+    let batches = ds.eval_batches(cfg.train.eval_batch_size);
+    let (mut total, mut count) = (0.0f64, 0usize);
+    let mut routing: Vec<switch_model::RoutingStats> = Vec::new();
+    for b in batches {
+        let n = b.targets.len();
+        let mut ctx = Ctx::eval();
+        let out = model.loss::<NoneTape>(&to_batch(b, cfg), &mut ctx);
+        total += out.cross_entropy as f64 * n as f64;
+        count += n;
+        if routing.is_empty() {
+            routing = ctx.routing.iter().map(|s| switch_model::RoutingStats { load_fraction: vec![0.0; s.load_fraction.len()], drop_fraction: 0.0, router_entropy: 0.0 }).collect();
+        }
+        for (acc, s) in routing.iter_mut().zip(&ctx.routing) {
+            let w = n as f32;
+            acc.drop_fraction += s.drop_fraction * w;
+            acc.router_entropy += s.router_entropy * w;
+            for (a, l) in acc.load_fraction.iter_mut().zip(&s.load_fraction) {
+                *a += l * w;
+            }
+        }
+    }
+    for acc in &mut routing {
+        let w = count as f32;
+        acc.drop_fraction /= w;
+        acc.router_entropy /= w;
+        acc.load_fraction.iter_mut().for_each(|l| *l /= w);
+    }
+    (total / count as f64, routing)
+}
+
+/// Names of the sparse layers, in the order the model reports their statistics.
+pub fn sparse_layer_names(cfg: &switch_model::ModelConfig) -> Vec<String> {
+    let enc = (0..cfg.num_encoder_layers).filter(|&i| cfg.is_sparse_layer(i)).map(|i| format!("encoder.{i}"));
+    let dec = (0..cfg.num_decoder_layers).filter(|&i| cfg.is_sparse_layer(i)).map(|i| format!("decoder.{i}"));
+    enc.chain(dec).collect()
+}
+
+/// What happened to a run.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Done,
+    /// Stopped by the user after checkpointing; resumable.
+    Interrupted,
+}
+
+/// Progress callback: (step, train loss, tokens per second).
+pub type Progress<'a> = &'a (dyn Fn(u64, f32, f64) + Sync);
+
+/// Trains (or resumes) the run in `dir` to its last step. Errors and non-finite losses are
+/// returned as `Err` for the caller to record as `failed`.
+pub fn train(cfg: &RunConfig, ds: &Dataset, dir: &RunDir, stop: &AtomicBool, progress: Progress) -> anyhow::Result<Outcome> {
+    let dev = Dev::default();
+    let t = &cfg.train;
+    let mut model = SwitchTransformer::new(&dev, &cfg.model, t.seed)?;
+    let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
+    let mut opt = AdamW::new(&sizes);
+    let mut status = dir.read_status().unwrap_or_else(|| Status::new(cfg));
+    let mut start_step = 0;
+    let mut wall_offset = 0.0;
+    if let Some(ck) = dir.load_checkpoint(&mut model, &mut opt)? {
+        start_step = ck.step;
+        wall_offset = ck.wall_s;
+    }
+    dir.truncate_logs(start_step)?;
+    status.state = "running".into();
+    status.error = None;
+    status.steps_done = start_step;
+    dir.write_status(&status)?;
+
+    let (le, ld) = cfg.lengths();
+    let tokens_per_step = (t.batch_size * (le + ld)) as u64;
+    let mut metrics = dir.metrics_writer()?;
+    let mut routing_log = dir.routing_writer()?;
+    let layer_names = sparse_layer_names(&cfg.model);
+    let started = Instant::now();
+    let mut window = (Instant::now(), start_step);
+    let mut tokens_per_s = 0.0;
+
+    for step in start_step..t.steps {
+        let batch = to_batch(ds.train_batch(t.seed, step, t.batch_size), cfg);
+        let mut ctx = Ctx::train(switch_data::fnv1a(format!("step-{}-{step}", t.seed).as_bytes()));
+        let out = model.loss::<OwnedTape<f32, Dev>>(&batch, &mut ctx);
+        let loss = out.total.as_vec()[0];
+        if !loss.is_finite() {
+            anyhow::bail!("loss became {} at step {step} (cross-entropy {}, balance {}, z {}); try a lower train.learning_rate or model.init_scale", if loss.is_nan() { "NaN" } else { "non-finite" }, out.cross_entropy, out.balance_loss, out.z_loss);
+        }
+        let grads = out.total.backward();
+        let mut params: Vec<Vec<f32>> = Vec::with_capacity(sizes.len());
+        let mut gs: Vec<Vec<f32>> = Vec::with_capacity(sizes.len());
+        for (_, p) in model.params_mut() {
+            gs.push(grads.get(&*p).as_vec());
+            params.push(p.as_vec());
+        }
+        drop(grads);
+        let norm = gs.iter().flatten().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+        if t.grad_clip > 0.0 && norm > t.grad_clip {
+            let scale = (t.grad_clip / norm) as f32;
+            gs.iter_mut().flatten().for_each(|g| *g *= scale);
+        }
+        let lr = t.learning_rate_at(step);
+        opt.step(&mut params, &gs, step + 1, lr, t);
+        for ((_, p), v) in model.params_mut().into_iter().zip(&params) {
+            p.copy_from(v);
+        }
+
+        let done = step + 1;
+        let last = done == t.steps;
+        let drop_fraction = if ctx.routing.is_empty() { 0.0 } else { ctx.routing.iter().map(|r| r.drop_fraction).sum::<f32>() / ctx.routing.len() as f32 };
+        if done % t.eval_every == 0 || done % t.log_every == 0 || last {
+            let wall = wall_offset + started.elapsed().as_secs_f64();
+            let (eval_loss, routing) = if done % t.eval_every == 0 || last { let (l, r) = evaluate(&model, ds, cfg); (Some(l), r) } else { (None, vec![]) };
+            let eval_cols = eval_loss.map(|l| format!("{l:.6},{:.6}", -l)).unwrap_or_else(|| ",".into());
+            writeln!(metrics, "{done},{},{wall:.3},{lr:.6e},{:.6},{:.6},{:.6},{drop_fraction:.6},{eval_cols}", done * tokens_per_step, out.cross_entropy, out.balance_loss, out.z_loss)?;
+            metrics.flush()?;
+            for (name, r) in layer_names.iter().zip(&routing) {
+                for (e, load) in r.load_fraction.iter().enumerate() {
+                    writeln!(routing_log, "{done},{name},{e},{load:.6},{:.6},{:.6}", r.drop_fraction, r.router_entropy)?;
+                }
+            }
+            routing_log.flush()?;
+            if let Some(l) = eval_loss {
+                status.final_eval_loss = Some(l);
+                status.final_eval_neg_log_perplexity = Some(-l);
+            }
+            status.final_train_loss = Some(out.cross_entropy as f64);
+            let elapsed = window.0.elapsed().as_secs_f64();
+            if elapsed > 0.0 {
+                tokens_per_s = (done - window.1) as f64 * tokens_per_step as f64 / elapsed;
+            }
+            window = (Instant::now(), done);
+            status.tokens_per_s = Some(tokens_per_s);
+            progress(done, out.cross_entropy, tokens_per_s);
+        }
+        let stopping = stop.load(Ordering::SeqCst);
+        if done % t.checkpoint_every == 0 || last || stopping {
+            dir.save_checkpoint(&mut model, &opt, done, wall_offset + started.elapsed().as_secs_f64())?;
+            status.steps_done = done;
+            dir.write_status(&status)?;
+        }
+        if stopping && !last {
+            return Ok(Outcome::Interrupted);
+        }
+    }
+    status.state = "done".into();
+    status.steps_done = t.steps;
+    status.finished_at = Some(rundir::now());
+    status.wall_s = Some(wall_offset + started.elapsed().as_secs_f64());
+    dir.write_status(&status)?;
+    Ok(Outcome::Done)
+}
