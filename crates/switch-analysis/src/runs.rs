@@ -122,11 +122,11 @@ fn scan(path: &Path, schema: SchemaRef, run_id: &str) -> LazyFrame {
 }
 
 fn f64s(df: &DataFrame, name: &str) -> PolarsResult<Vec<Option<f64>>> {
-    Ok(df.column(name)?.cast(&DataType::Float64)?.f64()?.into_iter().collect())
+    Ok(df.column(name)?.cast(&DataType::Float64)?.f64()?.iter().collect())
 }
 
 fn strs(df: &DataFrame, name: &str) -> PolarsResult<Vec<String>> {
-    Ok(df.column(name)?.str()?.into_iter().map(|s| s.unwrap_or_default().to_string()).collect())
+    Ok(df.column(name)?.str()?.iter().map(|s| s.unwrap_or_default().to_string()).collect())
 }
 
 /// A readable file: exists and ends with a complete header line.

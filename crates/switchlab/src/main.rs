@@ -57,6 +57,16 @@ enum Command {
     },
     /// Train one run folder from its config.yaml (what each Slurm task runs).
     Train { config: PathBuf },
+    /// Write tables and figures for a sweep folder (results/<sweep>) into its report/ folder.
+    Report {
+        sweep_dir: PathBuf,
+        /// Quality threshold for "time to threshold" (default: the dense baseline's final quality).
+        #[arg(long, allow_hyphen_values = true)]
+        threshold: Option<f64>,
+        /// Step of "quality @ N steps" (default: the baseline's last step).
+        #[arg(long)]
+        at_step: Option<f64>,
+    },
     /// Print measured speed figures.
     Bench {
         #[command(subcommand)]
@@ -133,6 +143,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let outcome = sweep::run_one(&run.sweep, &run, ds, &switch_runner::rundir::RunDir::new(dir), &progress)?;
             tracing::info!("{}: {:?}", run.run_id, outcome);
+        }
+        Command::Report { sweep_dir, threshold, at_step } => {
+            let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold, at_step })?;
+            println!("{}", path.display());
         }
         Command::Bench { what } => bench::run(what)?,
     }

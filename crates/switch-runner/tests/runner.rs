@@ -1,0 +1,158 @@
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use switch_runner::rundir::RunDir;
+use switch_runner::sweep::{self, SweepOptions};
+use switch_runner::train::{self, Outcome};
+
+/// A small real-text corpus (the start of each embedded book) so tests tokenize in milliseconds.
+fn corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("corpus");
+    std::fs::create_dir_all(&path).unwrap();
+    for s in switch_data::corpus::embedded() {
+        let end = s.text.char_indices().nth(150_000).map(|(i, _)| i).unwrap_or(s.text.len());
+        std::fs::write(path.join(format!("{}.txt", s.name)), &s.text[..end]).unwrap();
+    }
+    path
+}
+
+fn grid(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let settings = format!(
+        "settings:\n  model: {{ d_model: 32, d_ff: 64, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 1 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: 12, batch_size: 4, eval_every: 4, log_every: 2, checkpoint_every: 4, warmup_steps: 4, eval_batch_size: 8 }}\n",
+        corpus(dir).display()
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, format!("name: {name}\n{settings}{body}")).unwrap();
+    path
+}
+
+fn plan_err(dir: &Path, name: &str, body: &str) -> String {
+    format!("{:#}", switch_runner::plan(&grid(dir, name, body)).err().expect("must fail"))
+}
+
+#[test]
+fn grids_expand_cartesian_zip_points_exclude_and_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = switch_runner::plan(&grid(tmp.path(), "g", "grid:\n  model.num_experts: [1, 2, 4]\n  model.capacity_factor: [1.0, 2.0]\nexclude:\n  - { model.num_experts: 1, model.capacity_factor: 2.0 }\nseeds: [0, 1]\nbaseline: { model.num_experts: 1 }\n")).unwrap();
+    // 3 × 2 − 1 excluded = 5 points, × 2 seeds.
+    assert_eq!(p.runs.len(), 10);
+    assert_eq!(p.runs.iter().filter(|r| r.is_baseline).count(), 2);
+    let experts: Vec<usize> = p.runs.iter().map(|r| r.config.model.num_experts).collect();
+    assert_eq!(experts, vec![1, 1, 2, 2, 2, 2, 4, 4, 4, 4]);
+    assert!(p.runs.iter().all(|r| r.flops_ratio == 1.0));
+
+    let z = switch_runner::plan(&grid(tmp.path(), "z", "zip:\n  model.num_experts: [1, 4, 4]\n  model.top_k: [1, 1, 2]\npoints:\n  - { model.num_experts: 8 }\nbaseline: { model.num_experts: 1 }\nflops_per_token: free\n")).unwrap();
+    let pairs: Vec<(usize, usize)> = z.runs.iter().map(|r| (r.config.model.num_experts, r.config.model.top_k)).collect();
+    assert_eq!(pairs, vec![(1, 1), (4, 1), (4, 2), (8, 1)]);
+    assert!(z.runs[2].flops_ratio > 1.05, "top-2 costs more");
+    // Plans are deterministic: the same grid gives the same run ids.
+    let again = switch_runner::plan(&tmp.path().join("z.yaml")).unwrap();
+    assert_eq!(z.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>(), again.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>());
+    assert!(z.table(true).starts_with("run_id,model.num_experts,model.top_k,train.seed,baseline,params_total"));
+}
+
+#[test]
+fn flops_are_matched_or_solved_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = plan_err(tmp.path(), "mm", "zip:\n  model.num_experts: [1, 4]\n  model.top_k: [1, 2]\nbaseline: { model.num_experts: 1 }\n");
+    assert!(err.contains("mm.yaml") && err.contains("match_baseline refuses 1 point") && err.contains("solve"), "{err}");
+
+    // Switch+ style: solve d_ff of a top-1 point to the FLOPs of a top-2 point.
+    let p = switch_runner::plan(&grid(tmp.path(), "solve", "zip:\n  model.num_experts: [1, 4, 4]\n  model.top_k: [1, 2, 1]\n  model.d_ff: [64, 64, 64]\nbaseline: { model.num_experts: 1 }\nflops_per_token: { solve: model.d_ff, points: { model.top_k: 1, model.num_experts: 4 }, target: { model.top_k: 2 } }\n")).unwrap();
+    let (moe, plus) = (&p.runs[1], &p.runs[2]);
+    assert!(plus.config.model.d_ff > 64);
+    assert!((plus.accounting.flops_per_token / moe.accounting.flops_per_token - 1.0).abs() < 0.01);
+    assert_eq!(plus.point["model.d_ff"], serde_json::json!(plus.config.model.d_ff));
+}
+
+#[test]
+fn malformed_grids_name_the_file_key_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = plan_err(tmp.path(), "u1", "grid:\n  model.num_expert: [1, 2]\n");
+    assert!(e.contains("u1.yaml") && e.contains("unknown key `model.num_expert`") && e.contains("did you mean `model.num_experts`"), "{e}");
+    let e = plan_err(tmp.path(), "u2", "gird:\n  model.num_experts: [1]\n");
+    assert!(e.contains("unknown field `gird`") && e.contains("line 5"), "{e}");
+    let e = plan_err(tmp.path(), "t", "grid:\n  model.num_experts: [one]\n");
+    assert!(e.contains("t.yaml") && e.contains("invalid type"), "{e}");
+    let e = plan_err(tmp.path(), "s", "grid: [1\n");
+    assert!(e.contains("s.yaml") && e.contains("line"), "{e}");
+    let e = plan_err(tmp.path(), "empty", "grid:\n  model.num_experts: []\n");
+    assert!(e.contains("non-empty list"), "{e}");
+    let e = plan_err(tmp.path(), "bad", "grid:\n  model.num_experts: [0]\n");
+    assert!(e.contains("model.num_experts = 0"), "{e}");
+    let e = plan_err(tmp.path(), "nob", "grid:\n  model.num_experts: [2]\nbaseline: { model.num_experts: 1 }\n");
+    assert!(e.contains("baseline") && e.contains("matches no point"), "{e}");
+}
+
+fn read_metrics(dir: &Path) -> Vec<String> {
+    // Everything but wall_s, which no two runs share.
+    std::fs::read_to_string(dir.join("metrics.csv")).unwrap().lines().map(|l| { let mut c: Vec<&str> = l.split(',').collect(); c.remove(2); c.join(",") }).collect()
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&grid(tmp.path(), "r", "grid:\n  model.num_experts: [4]\nbaseline: { model.num_experts: 4 }\n")).unwrap();
+    let run = sweep::RunFile::new(&plan, &plan.runs[0]);
+    let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
+    let ds = data.values().next().unwrap();
+    let never = AtomicBool::new(false);
+
+    let straight = RunDir::new(tmp.path().join("straight"));
+    straight.create(&run.yaml()).unwrap();
+    assert_eq!(train::train(&run.config, ds, &straight, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+
+    let resumed = RunDir::new(tmp.path().join("resumed"));
+    resumed.create(&run.yaml()).unwrap();
+    let stop = AtomicBool::new(false);
+    let out = train::train(&run.config, ds, &resumed, &stop, &|step, _, _| if step == 6 { stop.store(true, Ordering::SeqCst) }).unwrap();
+    assert_eq!(out, Outcome::Interrupted);
+    assert_eq!(resumed.read_status().unwrap().state, "running");
+    assert_eq!(resumed.read_status().unwrap().steps_done, 6);
+    // A crash after the checkpoint may leave extra log rows: they are dropped on resume.
+    std::fs::write(resumed.path.join("metrics.csv"), std::fs::read_to_string(resumed.path.join("metrics.csv")).unwrap() + "8,1,2,3,4,5,6,7,8,9\n9,1,2").unwrap();
+    assert_eq!(train::train(&run.config, ds, &resumed, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+    assert_eq!(read_metrics(&straight.path), read_metrics(&resumed.path));
+    assert_eq!(std::fs::read_to_string(straight.path.join("routing.csv")).unwrap(), std::fs::read_to_string(resumed.path.join("routing.csv")).unwrap());
+    let s = resumed.read_status().unwrap();
+    assert_eq!((s.state.as_str(), s.steps_done), ("done", 12));
+    assert_eq!(s.final_eval_loss, straight.read_status().unwrap().final_eval_loss);
+}
+
+#[test]
+fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = grid(tmp.path(), "f", "grid:\n  model.init_scale: [0.1, 1.0e30]\nbaseline: { model.init_scale: 0.1 }\n");
+    let plan = switch_runner::plan(&path).unwrap();
+    let opts = SweepOptions { results_root: tmp.path().join("results"), jobs: Some(2), threads_per_run: Some(1), retry_failed: false };
+    let summary = sweep::sweep(&plan, &opts).unwrap();
+    assert_eq!(summary.done.len(), 1);
+    assert_eq!(summary.failed.len(), 1);
+    assert!(!summary.ok());
+    let failed = RunDir::new(tmp.path().join("results/f/runs").join(&summary.failed[0].0)).read_status().unwrap();
+    assert_eq!(failed.state, "failed");
+    assert!(failed.error.unwrap().contains("loss became"));
+    let done = RunDir::new(tmp.path().join("results/f/runs").join(&summary.done[0])).read_status().unwrap();
+    assert_eq!(done.state, "done");
+    // Rerunning skips the finished run and leaves the failed one alone unless asked.
+    let again = sweep::sweep(&plan, &opts).unwrap();
+    assert_eq!((again.done.len(), again.skipped_done.len(), again.skipped_failed.len()), (0, 1, 1));
+    let retry = sweep::sweep(&plan, &SweepOptions { retry_failed: true, ..opts }).unwrap();
+    assert_eq!(retry.failed.len(), 1);
+}
+
+#[test]
+fn a_second_sweep_on_the_same_folder_is_refused_and_bad_folders_fail_early() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&grid(tmp.path(), "l", "grid:\n  model.num_experts: [1]\n")).unwrap();
+    let root = tmp.path().join("results");
+    std::fs::create_dir_all(root.join("l")).unwrap();
+    let held = sweep::SweepLock::acquire(&root.join("l")).unwrap();
+    let opts = SweepOptions { results_root: root.clone(), jobs: None, threads_per_run: None, retry_failed: false };
+    let e = format!("{:#}", sweep::sweep(&plan, &opts).err().unwrap());
+    assert!(e.contains("locked by another sweep"), "{e}");
+    drop(held);
+    let file_root = tmp.path().join("not-a-folder");
+    std::fs::write(&file_root, "x").unwrap();
+    let e = format!("{:#}", sweep::sweep(&plan, &SweepOptions { results_root: file_root, ..opts }).err().unwrap());
+    assert!(e.contains("cannot create the results folder"), "{e}");
+}
