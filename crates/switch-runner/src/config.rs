@@ -173,8 +173,13 @@ pub fn merge(tree: &mut Value, settings: &Map<String, Value>, prefix: &str) -> R
 
 /// Adds a "did you mean" to serde's "unknown field" errors.
 pub fn explain_yaml_error(message: String) -> String {
-    match message.split("unknown field `").nth(1).and_then(|rest| rest.split('`').next()) {
-        Some(field) => format!("{message}\nhint: did you mean `{}`?", closest_key(field)),
-        None => message,
-    }
+    let Some(field) = message.split("unknown field `").nth(1).and_then(|rest| rest.split('`').next()) else { return message };
+    // Prefer the alternatives serde lists for this position; fall back to every config key.
+    let listed: Vec<&str> = message
+        .split("expected one of ")
+        .nth(1)
+        .map(|l| l.lines().next().unwrap_or("").split(", ").map(|k| k.trim_matches('`').trim()).collect())
+        .unwrap_or_default();
+    let hint = listed.iter().min_by_key(|k| edit_distance(field, k)).map(|k| k.to_string()).unwrap_or_else(|| closest_key(field));
+    format!("{message}\nhint: did you mean `{hint}`?")
 }

@@ -70,7 +70,7 @@ fn malformed_grids_name_the_file_key_and_fix() {
     let e = plan_err(tmp.path(), "u1", "grid:\n  model.num_expert: [1, 2]\n");
     assert!(e.contains("u1.yaml") && e.contains("unknown key `model.num_expert`") && e.contains("did you mean `model.num_experts`"), "{e}");
     let e = plan_err(tmp.path(), "u2", "gird:\n  model.num_experts: [1]\n");
-    assert!(e.contains("unknown field `gird`") && e.contains("line 5"), "{e}");
+    assert!(e.contains("unknown field `gird`") && e.contains("line 6") && e.contains("did you mean `grid`"), "{e}");
     let e = plan_err(tmp.path(), "t", "grid:\n  model.num_experts: [one]\n");
     assert!(e.contains("t.yaml") && e.contains("invalid type"), "{e}");
     let e = plan_err(tmp.path(), "s", "grid: [1\n");
