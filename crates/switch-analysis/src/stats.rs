@@ -4,9 +4,9 @@
 //! ```
 //! use switch_analysis::stats::{first_crossing, step_speedup};
 //! // the run reaches −2.0 halfway between steps 100 (−2.2) and 200 (−1.8): step 150
-//! let run = [(100.0, -2.2), (200.0, -1.8)];
+//! let run = [(100.0, -2.25), (200.0, -1.75)];
 //! assert_eq!(first_crossing(&run, -2.0), Some(150.0));
-//! let dense = [(100.0, -2.4), (200.0, -2.2), (300.0, -2.0)];
+//! let dense = [(100.0, -2.5), (200.0, -2.25), (300.0, -2.0)];
 //! // dense ends at −2.0 (first reached at step 300); the run gets there at 150: 2× fewer steps
 //! assert_eq!(step_speedup(&dense, &run), Some(2.0));
 //! ```

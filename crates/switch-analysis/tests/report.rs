@@ -1,0 +1,98 @@
+//! Reports on synthetic run folders whose answers are known by construction.
+use std::fmt::Write;
+use std::path::Path;
+use switch_analysis::{report, runs, stats, ReportOptions};
+
+/// Writes a run folder whose eval curve is `nlp(step)` at steps 100, 200, …, `steps`.
+fn write_run(dir: &Path, id: &str, experts: u64, seed: u64, steps: u64, nlp: impl Fn(f64) -> f64, state: &str) {
+    let run = dir.join("runs").join(id);
+    std::fs::create_dir_all(&run).unwrap();
+    let config = format!(
+        "run_id: {id}\nsweep: synthetic\nis_baseline: {}\npoint:\n  model.num_experts: {experts}\n  train.seed: {seed}\nparams_total: {}\nparams_active: 1000\nflops_per_token: 5000.0\nmodel:\n  num_experts: {experts}\n  top_k: 1\n  capacity_factor: 1.25\n  init_scale: 0.1\ntrain:\n  steps: {steps}\n  batch_size: 8\n  seed: {seed}\n",
+        experts == 1, 1000 * experts
+    );
+    std::fs::write(run.join("config.yaml"), config).unwrap();
+    let mut m = String::from("step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity\n");
+    let mut r = String::from("step,layer,expert,load_fraction,drop_fraction,router_entropy\n");
+    for s in (10..=steps).step_by(10) {
+        let sf = s as f64;
+        if s % 100 == 0 {
+            let q = nlp(sf);
+            writeln!(m, "{s},{},{},0.001,{},0.01,0,0.02,{},{q}", s * 100, sf / 10.0, -q, -q).unwrap();
+            for e in 0..experts.max(2).min(experts) {
+                writeln!(r, "{s},encoder.1,{e},{},0.01,0.5", 1.0 / experts as f64).unwrap();
+            }
+        } else {
+            writeln!(m, "{s},{},{},0.001,3.0,0.01,0,0.02,,", s * 100, sf / 10.0).unwrap();
+        }
+    }
+    std::fs::write(run.join("metrics.csv"), m).unwrap();
+    if experts > 1 {
+        std::fs::write(run.join("routing.csv"), r).unwrap();
+    }
+    std::fs::write(run.join("status.json"), format!("{{\"state\": \"{state}\", \"error\": null}}")).unwrap();
+}
+
+#[test]
+fn curve_arithmetic_has_known_answers() {
+    let dense: Vec<(f64, f64)> = (1..=10).map(|i| (i as f64 * 100.0, -3.0 + 0.1 * i as f64)).collect();
+    // Quality at N: the last evaluation at or before N.
+    assert_eq!(stats::value_at(&dense, 550.0), Some(-3.0 + 0.5));
+    assert_eq!(stats::value_at(&dense, 50.0), None);
+    // Dense ends at −2.0 at step 1000; a run twice as fast per step reaches it at step 500.
+    let fast: Vec<(f64, f64)> = (1..=10).map(|i| (i as f64 * 100.0, -3.0 + 0.2 * i as f64)).collect();
+    assert!((stats::first_crossing(&fast, -2.0).unwrap() - 500.0).abs() < 1e-9);
+    assert!((stats::step_speedup(&dense, &fast).unwrap() - 2.0).abs() < 1e-9);
+    assert_eq!(stats::step_speedup(&fast, &dense), None, "never reached");
+    let (m, s) = stats::mean_std(&[1.0, 2.0, 3.0]);
+    assert_eq!((m, s), (2.0, 1.0));
+    let mc = stats::mean_curve(&[vec![(1.0, 1.0), (2.0, 3.0)], vec![(1.0, 3.0), (2.0, 5.0), (3.0, 9.0)]]);
+    assert_eq!(mc, vec![(1.0, 2.0, 2f64.sqrt()), (2.0, 4.0, 2f64.sqrt())]);
+}
+
+#[test]
+fn report_on_synthetic_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synthetic");
+    // Dense: −3 + s/1000 (reaches −2.0 at 1000). Switch-4, two seeds: slopes 2/1000 and 2/1000 ± 0.
+    write_run(&dir, "dense0", 1, 0, 1000, |s| -3.0 + s / 1000.0, "done");
+    write_run(&dir, "sw4s0", 4, 0, 1000, |s| -3.0 + 2.0 * s / 1000.0 - 0.05, "done");
+    write_run(&dir, "sw4s1", 4, 1, 1000, |s| -3.0 + 2.0 * s / 1000.0 + 0.05, "done");
+    // A run killed mid-write: truncated last line, no status.
+    write_run(&dir, "sw8s0", 8, 0, 400, |s| -3.0 + 3.0 * s / 1000.0, "running");
+    let m = dir.join("runs/sw8s0/metrics.csv");
+    let text = std::fs::read_to_string(&m).unwrap();
+    std::fs::write(&m, &text[..text.len() - 7]).unwrap();
+    // A run that failed before logging anything.
+    write_run(&dir, "sw16s0", 16, 0, 1000, |s| s, "failed");
+    std::fs::remove_file(dir.join("runs/sw16s0/metrics.csv")).unwrap();
+
+    let runs = runs::load(&dir).unwrap();
+    assert_eq!(runs.len(), 5);
+    let sw8 = runs.iter().find(|r| r.id == "sw8s0").unwrap();
+    assert_eq!(sw8.curve.len(), 3, "rows before the torn line are kept");
+    assert_eq!(runs.iter().find(|r| r.id == "sw16s0").unwrap().problem.as_deref(), Some("metrics.csv is missing"));
+
+    let md_path = report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    // Switch-4's seed mean is −3 + 2s/1000: it reaches dense's final −2.0 at step 500, a 2× speedup,
+    // and its final quality is −1.0 ± 0.071 (two seeds ±0.05).
+    assert!(md.contains("| Switch-4, cf 1.25 | 4 | 4000 | 1000 | -1.000 ± 0.071 | +1.000 | 2.00× |"), "{md}");
+    assert!(md.contains("| Dense | 1 |"), "{md}");
+    // Table 1 analog: quality @1000 steps, steps to the dense final quality (mean over seeds: 525 and 475).
+    assert!(md.contains("| Switch-4 | 1.25 | -1.000 ± 0.071 | 500 |"), "{md}");
+    assert!(md.contains("| sw16s0 |") && md.contains("failed") && md.contains("metrics.csv is missing"), "{md}");
+    assert!(md.contains("| sw8s0 |") && md.contains("running"), "{md}");
+    assert!(md.contains("No expert has zero load"));
+    for f in ["quality_vs_step", "quality_vs_params", "quality_vs_time", "routing_min_load", "routing_drop_fraction"] {
+        for ext in ["png", "svg"] {
+            let p = dir.join("report").join(format!("{f}.{ext}"));
+            assert!(std::fs::metadata(&p).map(|m| m.len() > 1000).unwrap_or(false), "{}", p.display());
+        }
+    }
+    let svg = std::fs::read_to_string(dir.join("report/quality_vs_step.svg")).unwrap();
+    assert!(svg.contains("Switch-4") && svg.contains("training step"), "labels are drawn as text");
+    let csv = std::fs::read_to_string(dir.join("report/summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 6);
+    assert!(csv.lines().any(|l| l.starts_with("sw4s0,") && l.contains(",done,") && l.contains(",525.0,")), "{csv}");
+}
