@@ -1,14 +1,158 @@
-//! `switchlab bench …`: speed figures measured side by side in one process.
+//! `switchlab bench …`: speed figures measured side by side in one process, printed as ratios.
 use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use switch_runner::sweep::{self, SweepOptions};
 
 #[derive(Subcommand)]
 pub enum Bench {
-    /// Training tokens/s of one run per step for each preset point (placeholder until measured).
-    Steps,
+    /// Aggregate training tokens/s of a 4-point sweep for each split of cores (runs × threads),
+    /// ÷ one run alone; and model FLOPs/s ÷ the machine's f32 matmul FLOPs/s.
+    Sweep {
+        #[arg(long, default_value = "experiments/experts.yaml")]
+        grid: PathBuf,
+        #[arg(long, default_value_t = 12)]
+        steps: u64,
+    },
+    /// Batch-production time ÷ training-step time for a grid's first point.
+    Data {
+        #[arg(long, default_value = "experiments/experts.yaml")]
+        grid: PathBuf,
+    },
+    /// Time of `switchlab report` on a synthetic sweep of 6 runs × 2,000 logged steps.
+    Report,
+}
+
+/// A copy of `grid` with fewer steps, evaluation only at the end, and the first `points` points.
+fn short_plan(grid: &Path, steps: u64, points: usize) -> anyhow::Result<switch_runner::Plan> {
+    let mut plan = switch_runner::plan(grid)?;
+    plan.runs.truncate(points);
+    for r in &mut plan.runs {
+        let t = &mut r.config.train;
+        (t.steps, t.eval_every, t.log_every, t.checkpoint_every) = (steps, steps, steps, steps);
+        r.config.data.eval_examples = r.config.data.eval_examples.min(64);
+        r.run_id = switch_runner::grid::run_id(&r.config);
+    }
+    Ok(plan)
+}
+
+fn timed_sweep(plan: &switch_runner::Plan, jobs: usize, threads: usize) -> anyhow::Result<f64> {
+    let dir = tempfile_dir()?;
+    let opts = SweepOptions { results_root: dir.clone(), jobs: Some(jobs), threads_per_run: Some(threads), retry_failed: false };
+    // Build the datasets first (cached) so only training is timed.
+    sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), Path::new("results"))?;
+    let cache = Path::new("results/.cache");
+    if cache.exists() {
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::os::unix::fs::symlink(std::fs::canonicalize(cache)?, dir.join(".cache"));
+    }
+    let t = Instant::now();
+    let summary = sweep::sweep(plan, &opts)?;
+    anyhow::ensure!(summary.ok(), "benchmark sweep failed: {}", summary.describe());
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(secs)
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("switchlab-bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    Ok(dir)
+}
+
+fn matmul_flops_per_s(threads: usize) -> f64 {
+    use dfdx::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+    pool.install(|| {
+        let dev: Cpu = Default::default();
+        let n = 1024;
+        let a: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
+        let b: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
+        let _ = a.clone().matmul(b.clone());
+        let t = Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            std::hint::black_box(a.clone().matmul(b.clone()));
+        }
+        reps as f64 * 2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64()
+    })
 }
 
 pub fn run(what: Bench) -> anyhow::Result<()> {
     match what {
-        Bench::Steps => Ok(()),
+        Bench::Sweep { grid, steps } => {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let plan = short_plan(&grid, steps, 4)?;
+            let tokens_per_run = |r: &switch_runner::grid::PlannedRun| { let (le, ld) = r.config.lengths(); (r.config.train.batch_size * (le + ld)) as f64 * steps as f64 };
+            let total_tokens: f64 = plan.runs.iter().map(tokens_per_run).sum();
+            let mut alone = plan.clone();
+            alone.runs.truncate(1);
+            let t_alone = timed_sweep(&alone, 1, cores)?;
+            let single = tokens_per_run(&alone.runs[0]) / t_alone;
+            println!("{} runs × {steps} steps of {}; {cores} cores", plan.runs.len(), grid.display());
+            println!("one run alone, {cores} thread(s): {single:.0} tokens/s");
+            let mut best = (0.0, 0, 0);
+            let mut jobs = 1;
+            while jobs <= cores {
+                let threads = (cores / jobs).max(1);
+                let secs = timed_sweep(&plan, jobs, threads)?;
+                let agg = total_tokens / secs;
+                println!("{jobs} run(s) at once × {threads} thread(s): {agg:.0} tokens/s aggregate = {:.2} × one run alone", agg / single);
+                if agg > best.0 {
+                    best = (agg, jobs, threads);
+                }
+                jobs *= 2;
+            }
+            println!("best split: {} run(s) × {} thread(s) (the default on {cores} cores: {:?})", best.1, best.2, sweep::default_split(plan.runs.len()));
+            let flops_per_step = |r: &switch_runner::grid::PlannedRun| 3.0 * r.accounting.flops_per_token * tokens_per_run(r) / steps as f64;
+            let model_flops = plan.runs.iter().map(|r| flops_per_step(r) * steps as f64).sum::<f64>() / (total_tokens / best.0);
+            let machine = matmul_flops_per_s(cores);
+            println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
+        }
+        Bench::Data { grid } => {
+            let plan = short_plan(&grid, 4, 1)?;
+            let cfg = &plan.runs[0].config;
+            let data = sweep::datasets(&[&cfg.data], Path::new("results"))?;
+            let ds = data.values().next().expect("dataset");
+            let t = Instant::now();
+            let reps = 50;
+            for s in 0..reps {
+                std::hint::black_box(ds.train_batch(0, s, cfg.train.batch_size));
+            }
+            let batch_s = t.elapsed().as_secs_f64() / reps as f64;
+            let secs = timed_sweep(&plan, 1, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))?;
+            let step_s = secs / 4.0;
+            println!("batch production {:.3} ms, training step {:.1} ms (incl. one evaluation): data ÷ step = {:.4} ({:.2}%)", batch_s * 1e3, step_s * 1e3, batch_s / step_s, 100.0 * batch_s / step_s);
+        }
+        Bench::Report => {
+            let dir = tempfile_dir()?.join("synthetic");
+            for i in 0..6u64 {
+                let run = dir.join("runs").join(format!("run{i}"));
+                std::fs::create_dir_all(&run)?;
+                let experts = 1 << i;
+                std::fs::write(run.join("config.yaml"), format!("run_id: run{i}\nis_baseline: {}\npoint:\n  model.num_experts: {experts}\nparams_total: {}\nparams_active: 1000\nflops_per_token: 1.0\nmodel:\n  num_experts: {experts}\n  top_k: 1\n  capacity_factor: 1.25\ntrain:\n  steps: 2000\n  batch_size: 32\n", i == 0, 1000 * experts))?;
+                let mut m = String::from(switch_runner::rundir::METRICS_HEADER);
+                m.push('\n');
+                let mut r = String::from(switch_runner::rundir::ROUTING_HEADER);
+                r.push('\n');
+                for s in 1..=2000u64 {
+                    let q = -3.0 + (s as f64).ln() * 0.1 * (1.0 + i as f64 * 0.05);
+                    let eval = if s % 50 == 0 { format!("{},{q}", -q) } else { ",".into() };
+                    m.push_str(&format!("{s},{},{},0.001,{},0.01,0,0.01,{eval}\n", s * 4000, s as f64 * 0.1, -q));
+                    if s % 50 == 0 && experts > 1 {
+                        for e in 0..experts {
+                            r.push_str(&format!("{s},encoder.1,{e},{},0.01,1.0\n", 1.0 / experts as f64));
+                        }
+                    }
+                }
+                std::fs::write(run.join("metrics.csv"), m)?;
+                std::fs::write(run.join("routing.csv"), r)?;
+                std::fs::write(run.join("status.json"), "{\"state\": \"done\"}")?;
+            }
+            let t = Instant::now();
+            switch_analysis::report(&dir, &switch_analysis::ReportOptions { threshold: None, at_step: None })?;
+            println!("report on 6 runs × 2,000 logged steps: {:.3} s", t.elapsed().as_secs_f64());
+            let _ = std::fs::remove_dir_all(dir.parent().unwrap_or(&dir));
+        }
     }
+    Ok(())
 }

@@ -30,12 +30,14 @@ enum Backend {
 enum Command {
     /// Expand a grid and print every run with its parameters and FLOPs per token; trains nothing.
     Plan {
+        /// A grid file, or the name of one in experiments/ (e.g. `experts`).
         grid: PathBuf,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
     /// Train every point of a grid that is not done yet (resuming interrupted runs).
     Sweep {
+        /// A grid file, or the name of one in experiments/ (e.g. `experts`).
         grid: PathBuf,
         /// Folder that holds one sub-folder per sweep.
         #[arg(long, default_value = "results")]
@@ -54,11 +56,15 @@ enum Command {
         seeds: Option<Vec<u64>>,
         #[arg(long, value_enum, default_value = "local")]
         backend: Backend,
+        /// Write the report (results/<sweep>/report) when the sweep ends.
+        #[arg(long)]
+        report: bool,
     },
     /// Train one run folder from its config.yaml (what each Slurm task runs).
     Train { config: PathBuf },
     /// Write tables and figures for a sweep folder (results/<sweep>) into its report/ folder.
     Report {
+        /// A sweep folder (results/<sweep>), or a sweep name.
         sweep_dir: PathBuf,
         /// Quality threshold for "time to threshold" (default: the dense baseline's final quality).
         #[arg(long, allow_hyphen_values = true)]
@@ -110,14 +116,20 @@ fn plan_with_seeds(grid: &Path, seeds: Option<&[u64]>) -> anyhow::Result<switch_
     Ok(plan)
 }
 
+/// `experts` → `experiments/experts.yaml` when no such file exists as given.
+fn grid_path(arg: &Path) -> PathBuf {
+    let named = Path::new("experiments").join(arg).with_extension("yaml");
+    if !arg.exists() && arg.components().count() == 1 && arg.extension().is_none() && named.exists() { named } else { arg.to_path_buf() }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Plan { grid, format } => {
-            let plan = switch_runner::plan(&grid)?;
+            let plan = switch_runner::plan(&grid_path(&grid))?;
             print!("{}", plan.table(matches!(format, Format::Csv)));
         }
-        Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend } => {
-            let plan = plan_with_seeds(&grid, seeds.as_deref())?;
+        Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend, report } => {
+            let plan = plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
             if backend == Backend::Slurm {
                 anyhow::bail!("--backend slurm is not available yet; use --backend local");
             }
@@ -125,6 +137,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = switch_runner::sweep(&plan, &SweepOptions { results_root: results.clone(), jobs, threads_per_run: threads, retry_failed })?;
             eprintln!("sweep {}: {}", plan.name, summary.describe());
             eprintln!("results in {}", results.join(&plan.name).display());
+            if report {
+                let path = switch_analysis::report(&results.join(&plan.name), &switch_analysis::ReportOptions { threshold: None, at_step: None })?;
+                eprintln!("report: {}", path.display());
+            }
             if !summary.ok() {
                 std::process::exit(2);
             }
@@ -145,6 +161,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("{}: {:?}", run.run_id, outcome);
         }
         Command::Report { sweep_dir, threshold, at_step } => {
+            let named = Path::new("results").join(&sweep_dir);
+            let sweep_dir = if !sweep_dir.exists() && named.exists() { named } else { sweep_dir };
             let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold, at_step })?;
             println!("{}", path.display());
         }

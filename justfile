@@ -1,0 +1,28 @@
+# switchlab tasks; `cargo install just --locked` (or `pip install rust-just`) to use them.
+
+# Train a grid (experiments/NAME.yaml) and write its report to results/NAME/report.
+sweep NAME *ARGS:
+    cargo run --release -q -p switchlab -- sweep experiments/{{NAME}}.yaml {{ARGS}}
+    cargo run --release -q -p switchlab -- report results/{{NAME}}
+
+# Write the report of results/NAME (works on a running or partly failed sweep).
+report NAME:
+    cargo run --release -q -p switchlab -- report results/{{NAME}}
+
+# Print the expanded grid with parameters and FLOPs per token; trains nothing.
+plan NAME:
+    cargo run --release -q -p switchlab -- plan experiments/{{NAME}}.yaml
+
+test:
+    cargo test --workspace
+
+# Speed figures: Switch ÷ dense layer, sweep parallelism, data pipeline, report.
+bench:
+    cargo bench -p switch-model --bench switch_layer
+    cargo run --release -q -p switchlab -- bench sweep
+    cargo run --release -q -p switchlab -- bench data
+    cargo run --release -q -p switchlab -- bench report
+
+# Delete results/NAME (runs, checkpoints and report).
+clean NAME:
+    rm -rf results/{{NAME}}
