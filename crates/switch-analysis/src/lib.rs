@@ -68,7 +68,11 @@ pub struct ReportOptions {
 }
 
 fn fmt_q((m, s): (f64, f64), seeds: usize) -> String {
-    if seeds > 1 { format!("{m:.3} ± {s:.3}") } else { format!("{m:.3}") }
+    if seeds > 1 {
+        format!("{m:.3} ± {s:.3}")
+    } else {
+        format!("{m:.3}")
+    }
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -78,13 +82,19 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 /// Writes `report/report.md`, `report/summary.csv` and the figures for the sweep in `sweep_dir`.
 pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf> {
     let runs = runs::load(sweep_dir)?;
-    anyhow::ensure!(!runs.is_empty(), "{}: no run folders yet (results/<sweep>/runs/<id>/config.yaml)", sweep_dir.display());
+    anyhow::ensure!(
+        !runs.is_empty(),
+        "{}: no run folders yet (results/<sweep>/runs/<id>/config.yaml)",
+        sweep_dir.display()
+    );
     let out = sweep_dir.join("report");
     std::fs::create_dir_all(&out)?;
     let name = sweep_dir.file_name().unwrap_or_default().to_string_lossy().to_string();
     let groups = groups(&runs);
-    let baseline = groups.iter().find(|g| g.first().is_baseline).or_else(|| groups.iter().find(|g| g.first().num_experts == 1));
-    let base_curve: Vec<(f64, f64)> = baseline.map(|b| b.mean_curve().iter().map(|p| (p.0, p.1)).collect()).unwrap_or_default();
+    let baseline =
+        groups.iter().find(|g| g.first().is_baseline).or_else(|| groups.iter().find(|g| g.first().num_experts == 1));
+    let base_curve: Vec<(f64, f64)> =
+        baseline.map(|b| b.mean_curve().iter().map(|p| (p.0, p.1)).collect()).unwrap_or_default();
     let threshold = opts.threshold.or_else(|| base_curve.last().map(|p| p.1));
     let at_step = opts.at_step.or_else(|| base_curve.last().map(|p| p.0)).unwrap_or(f64::MAX);
     let seeds = groups.iter().map(|g| g.runs.len()).max().unwrap_or(1);
@@ -108,12 +118,33 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         let r = g.first();
         let q = g.final_quality();
         let curve: Vec<(f64, f64)> = g.mean_curve().iter().map(|p| (p.0, p.1)).collect();
-        let speedup = if r.num_experts > 1 { stats::step_speedup(&base_curve, &curve).map(|s| format!("{s:.2}×")).unwrap_or_else(|| "not reached".into()) } else { "1.00×".into() };
+        let speedup = if r.num_experts > 1 {
+            stats::step_speedup(&base_curve, &curve).map(|s| format!("{s:.2}×")).unwrap_or_else(|| "not reached".into())
+        } else {
+            "1.00×".into()
+        };
         let paper = paper::experts_row(r.num_experts);
-        writeln!(md, "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |", g.label(), r.num_experts, plots::format_si(r.params_total as f64), plots::format_si(r.params_active as f64),
-            q.map(|q| fmt_q(q, g.runs.len())).unwrap_or_else(|| format!("{} ({})", r.state, r.problem.clone().unwrap_or_default())),
-            match (q, base_q) { (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b), _ => "–".into() },
-            speedup, paper.0, paper.1, paper.2)?;
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            g.label(),
+            r.num_experts,
+            plots::format_si(r.params_total as f64),
+            plots::format_si(r.params_active as f64),
+            q.map(|q| fmt_q(q, g.runs.len())).unwrap_or_else(|| format!(
+                "{} ({})",
+                r.state,
+                r.problem.clone().unwrap_or_default()
+            )),
+            match (q, base_q) {
+                (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b),
+                _ => "–".into(),
+            },
+            speedup,
+            paper.0,
+            paper.1,
+            paper.2
+        )?;
     }
     writeln!(md, "\nPaper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
 
@@ -124,30 +155,73 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     for g in &groups {
         let r = g.first();
         let qs: Vec<f64> = g.evaluated().iter().filter_map(|r| stats::value_at(&r.nlp_curve(), at_step)).collect();
-        let steps_to: Vec<f64> = g.evaluated().iter().filter_map(|r| threshold.and_then(|t| stats::first_crossing(&r.nlp_curve(), t))).collect();
-        let time_to: Vec<f64> = g.evaluated().iter().filter_map(|r| threshold.and_then(|t| stats::first_crossing(&r.wall_curve(), t))).collect();
+        let steps_to: Vec<f64> = g
+            .evaluated()
+            .iter()
+            .filter_map(|r| threshold.and_then(|t| stats::first_crossing(&r.nlp_curve(), t)))
+            .collect();
+        let time_to: Vec<f64> = g
+            .evaluated()
+            .iter()
+            .filter_map(|r| threshold.and_then(|t| stats::first_crossing(&r.wall_curve(), t)))
+            .collect();
         let speed: Vec<f64> = g.runs.iter().filter_map(|r| r.examples_per_s()).collect();
         let mean = |v: &[f64]| (!v.is_empty()).then(|| stats::mean_std(v).0);
         let p = paper::table1_row(r.num_experts, r.top_k, r.capacity_factor);
-        writeln!(md, "| {} | {} | {} | {} | {} | {} | {} | {} | {} |", r.model_name(), if r.num_experts > 1 { format!("{}", r.capacity_factor) } else { "–".into() },
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.model_name(),
+            if r.num_experts > 1 { format!("{}", r.capacity_factor) } else { "–".into() },
             if qs.is_empty() { "–".into() } else { fmt_q(stats::mean_std(&qs), qs.len()) },
-            if steps_to.len() == g.evaluated().len() && !steps_to.is_empty() { opt(mean(&steps_to), 0) } else { "not reached".into() },
-            if time_to.len() == g.evaluated().len() && !time_to.is_empty() { opt(mean(&time_to), 1) } else { "not reached".into() },
-            opt(mean(&speed), 1), p.0, p.1, p.2)?;
+            if steps_to.len() == g.evaluated().len() && !steps_to.is_empty() {
+                opt(mean(&steps_to), 0)
+            } else {
+                "not reached".into()
+            },
+            if time_to.len() == g.evaluated().len() && !time_to.is_empty() {
+                opt(mean(&time_to), 1)
+            } else {
+                "not reached".into()
+            },
+            opt(mean(&speed), 1),
+            p.0,
+            p.1,
+            p.2
+        )?;
     }
     writeln!(md)?;
 
     // Table 3 analog, when init scales differ.
-    let scales: Vec<f64> = { let mut s: Vec<f64> = runs.iter().map(|r| r.init_scale).collect(); s.sort_by(f64::total_cmp); s.dedup(); s };
+    let scales: Vec<f64> = {
+        let mut s: Vec<f64> = runs.iter().map(|r| r.init_scale).collect();
+        s.sort_by(f64::total_cmp);
+        s.dedup();
+        s
+    };
     if scales.len() > 1 {
         writeln!(md, "## Initialisation scale (paper: Table 3)\n")?;
-        writeln!(md, "| Init scale | Runs | Mean quality | Std over seeds | Paper mean | Paper std |\n|---|---|---|---|---|---|")?;
+        writeln!(
+            md,
+            "| Init scale | Runs | Mean quality | Std over seeds | Paper mean | Paper std |\n|---|---|---|---|---|---|"
+        )?;
         for s in &scales {
-            let v: Vec<f64> = runs.iter().filter(|r| r.init_scale == *s && r.num_experts > 1).filter_map(|r| r.final_quality()).collect();
+            let v: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.init_scale == *s && r.num_experts > 1)
+                .filter_map(|r| r.final_quality())
+                .collect();
             let failed = runs.iter().filter(|r| r.init_scale == *s && r.state == "failed").count();
             let (m, sd) = if v.is_empty() { (f64::NAN, f64::NAN) } else { stats::mean_std(&v) };
             let p = paper::table3_row(*s);
-            writeln!(md, "| {s} | {}{} | {m:.3} | {sd:.3} | {} | {} |", v.len(), if failed > 0 { format!(" ({failed} failed)") } else { String::new() }, p.0, p.1)?;
+            writeln!(
+                md,
+                "| {s} | {}{} | {m:.3} | {sd:.3} | {} | {} |",
+                v.len(),
+                if failed > 0 { format!(" ({failed} failed)") } else { String::new() },
+                p.0,
+                p.1
+            )?;
         }
         writeln!(md)?;
     }
@@ -155,7 +229,10 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     // Routing health.
     writeln!(md, "## Routing health\n")?;
     writeln!(md, "Per sparse layer at the last evaluation: expert load relative to uniform (1.00 = perfectly balanced) and fraction of tokens dropped at the evaluation capacity factor.\n")?;
-    writeln!(md, "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped |\n|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped |\n|---|---|---|---|---|---|---|"
+    )?;
     let mut dead_total = 0;
     for r in runs.iter().filter(|r| r.num_experts > 1) {
         let Some(last) = r.routing.iter().map(|x| x.step).reduce(f64::max) else { continue };
@@ -164,63 +241,230 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         for layer in layers {
             let rows: Vec<_> = r.routing.iter().filter(|x| x.step == last && x.layer == layer).collect();
             let e = rows.len() as f64;
-            let (lo, hi) = rows.iter().fold((f64::MAX, 0f64), |(a, b), x| (a.min(x.load_fraction * e), b.max(x.load_fraction * e)));
+            let (lo, hi) = rows
+                .iter()
+                .fold((f64::MAX, 0f64), |(a, b), x| (a.min(x.load_fraction * e), b.max(x.load_fraction * e)));
             let dead = rows.iter().filter(|x| x.load_fraction == 0.0).count();
             dead_total += dead;
-            writeln!(md, "| {} | {} | {layer} | {lo:.2} | {hi:.2} | {dead} | {:.1}% |", r.id, r.model_name(), rows[0].drop_fraction * 100.0)?;
+            writeln!(
+                md,
+                "| {} | {} | {layer} | {lo:.2} | {hi:.2} | {dead} | {:.1}% |",
+                r.id,
+                r.model_name(),
+                rows[0].drop_fraction * 100.0
+            )?;
         }
     }
-    writeln!(md, "\n{}\n", if dead_total == 0 { "No expert has zero load at the end of training in any run.".to_string() } else { format!("**{dead_total} expert(s) have zero load at the end of training** (see the table).") })?;
+    writeln!(
+        md,
+        "\n{}\n",
+        if dead_total == 0 {
+            "No expert has zero load at the end of training in any run.".to_string()
+        } else {
+            format!("**{dead_total} expert(s) have zero load at the end of training** (see the table).")
+        }
+    )?;
 
     // Runs.
     writeln!(md, "## Runs\n\n| Run | Point | Seed | State | Steps | Final quality | Tokens/s | Note |\n|---|---|---|---|---|---|---|---|")?;
     for r in &runs {
-        writeln!(md, "| {} | {} | {} | {} | {:.0}/{} | {} | {} | {} |", r.id, r.group, r.seed, r.state, r.final_step, r.steps_total, opt(r.final_quality(), 3), opt(r.tokens_per_s(), 0),
-            r.error.clone().or_else(|| r.problem.clone()).unwrap_or_default().replace('|', "/").replace('\n', " "))?;
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0}/{} | {} | {} | {} |",
+            r.id,
+            r.group,
+            r.seed,
+            r.state,
+            r.final_step,
+            r.steps_total,
+            opt(r.final_quality(), 3),
+            opt(r.tokens_per_s(), 0),
+            r.error.clone().or_else(|| r.problem.clone()).unwrap_or_default().replace('|', "/").replace('\n', " ")
+        )?;
     }
 
     // Figures.
     let series = |f: &dyn Fn(&Group) -> Vec<(f64, f64, f64)>| -> Vec<Series> {
-        groups.iter().enumerate().map(|(i, g)| {
-            let c = f(g);
-            let base = g.first().is_baseline;
-            Series { name: g.label(), points: c.iter().map(|p| (p.0, p.1)).collect(), band: if g.evaluated().len() > 1 { c.iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect() } else { vec![] }, color: if base { RGBColor(0, 0, 0) } else { color(i) }, highlight: base }
-        }).collect()
+        groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let c = f(g);
+                let base = g.first().is_baseline;
+                Series {
+                    name: g.label(),
+                    points: c.iter().map(|p| (p.0, p.1)).collect(),
+                    band: if g.evaluated().len() > 1 {
+                        c.iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect()
+                    } else {
+                        vec![]
+                    },
+                    color: if base { RGBColor(0, 0, 0) } else { color(i) },
+                    highlight: base,
+                }
+            })
+            .collect()
     };
-    plots::write(&out, "quality_vs_step", &Chart { title: "Held-out quality vs training step (Fig. 4 right)", x_label: "training step", y_label: "neg log perplexity (nats)", log_x: false, series: series(&|g| g.mean_curve()) })?;
-    let wall = |g: &Group| -> Vec<(f64, f64, f64)> { g.evaluated().first().map(|r| r.wall_curve().iter().map(|p| (p.0, p.1, 0.0)).collect()).unwrap_or_default() };
-    plots::write(&out, "quality_vs_time", &Chart { title: "Held-out quality vs wall-clock time (Fig. 5)", x_label: "seconds", y_label: "neg log perplexity (nats)", log_x: false, series: series(&wall) })?;
-    let by_params: Vec<(f64, f64, f64)> = groups.iter().filter(|g| g.first().top_k == 1).filter_map(|g| g.final_quality().map(|q| (g.first().params_total as f64, q.0, q.1))).collect();
-    plots::write(&out, "quality_vs_params", &Chart { title: "Final quality vs parameters at equal FLOPs/token (Fig. 4 left)", x_label: "total parameters (log scale)", y_label: "neg log perplexity (nats)", log_x: true,
-        series: vec![Series { name: "Switch (dense at the left)".into(), points: by_params.iter().map(|p| (p.0, p.1)).collect(), band: if seeds > 1 { by_params.clone().iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect() } else { vec![] }, color: color(0), highlight: false }] })?;
+    plots::write(
+        &out,
+        "quality_vs_step",
+        &Chart {
+            title: "Held-out quality vs training step (Fig. 4 right)",
+            x_label: "training step",
+            y_label: "neg log perplexity (nats)",
+            log_x: false,
+            series: series(&|g| g.mean_curve()),
+        },
+    )?;
+    let wall = |g: &Group| -> Vec<(f64, f64, f64)> {
+        g.evaluated().first().map(|r| r.wall_curve().iter().map(|p| (p.0, p.1, 0.0)).collect()).unwrap_or_default()
+    };
+    plots::write(
+        &out,
+        "quality_vs_time",
+        &Chart {
+            title: "Held-out quality vs wall-clock time (Fig. 5)",
+            x_label: "seconds",
+            y_label: "neg log perplexity (nats)",
+            log_x: false,
+            series: series(&wall),
+        },
+    )?;
+    let by_params: Vec<(f64, f64, f64)> = groups
+        .iter()
+        .filter(|g| g.first().top_k == 1)
+        .filter_map(|g| g.final_quality().map(|q| (g.first().params_total as f64, q.0, q.1)))
+        .collect();
+    plots::write(
+        &out,
+        "quality_vs_params",
+        &Chart {
+            title: "Final quality vs parameters at equal FLOPs/token (Fig. 4 left)",
+            x_label: "total parameters (log scale)",
+            y_label: "neg log perplexity (nats)",
+            log_x: true,
+            series: vec![Series {
+                name: "Switch (dense at the left)".into(),
+                points: by_params.iter().map(|p| (p.0, p.1)).collect(),
+                band: if seeds > 1 {
+                    by_params.clone().iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect()
+                } else {
+                    vec![]
+                },
+                color: color(0),
+                highlight: false,
+            }],
+        },
+    )?;
     let mut cap_series = Vec::new();
     for (i, k) in [1u64, 2].iter().enumerate() {
-        let mut pts: Vec<(f64, f64)> = groups.iter().filter(|g| g.first().num_experts > 1 && g.first().top_k == *k).filter_map(|g| g.final_quality().map(|q| (g.first().capacity_factor, q.0))).collect();
+        let mut pts: Vec<(f64, f64)> = groups
+            .iter()
+            .filter(|g| g.first().num_experts > 1 && g.first().top_k == *k)
+            .filter_map(|g| g.final_quality().map(|q| (g.first().capacity_factor, q.0)))
+            .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         if pts.len() > 1 {
-            cap_series.push(Series { name: if *k == 1 { "Switch (top-1)".into() } else { "MoE (top-2)".into() }, points: pts, band: vec![], color: color(i), highlight: false });
+            cap_series.push(Series {
+                name: if *k == 1 { "Switch (top-1)".into() } else { "MoE (top-2)".into() },
+                points: pts,
+                band: vec![],
+                color: color(i),
+                highlight: false,
+            });
         }
     }
     let has_capacity_plot = !cap_series.is_empty();
     if has_capacity_plot {
-        plots::write(&out, "capacity_factor", &Chart { title: "Final quality vs capacity factor (Table 1)", x_label: "capacity factor", y_label: "neg log perplexity (nats)", log_x: false, series: cap_series })?;
+        plots::write(
+            &out,
+            "capacity_factor",
+            &Chart {
+                title: "Final quality vs capacity factor (Table 1)",
+                x_label: "capacity factor",
+                y_label: "neg log perplexity (nats)",
+                log_x: false,
+                series: cap_series,
+            },
+        )?;
     }
-    let balance: Vec<Series> = runs.iter().filter(|r| r.num_experts > 1).enumerate().map(|(i, r)| {
-        let mut steps: Vec<f64> = r.routing.iter().map(|x| x.step).collect();
-        steps.dedup();
-        let pts = steps.iter().map(|&s| (s, r.routing.iter().filter(|x| x.step == s).map(|x| x.load_fraction * r.num_experts as f64).fold(f64::MAX, f64::min))).collect();
-        Series { name: format!("{} {}", r.model_name(), r.id), points: pts, band: vec![], color: color(i), highlight: false }
-    }).collect();
-    plots::write(&out, "routing_min_load", &Chart { title: "Least-loaded expert over training (1 = uniform, 0 = dead)", x_label: "training step", y_label: "min expert load × experts", log_x: false, series: balance })?;
-    let drops: Vec<Series> = runs.iter().filter(|r| r.num_experts > 1).enumerate().map(|(i, r)| Series { name: format!("{} {}", r.model_name(), r.id), points: r.curve.iter().map(|p| (p.step, p.drop_fraction)).collect(), band: vec![], color: color(i), highlight: false }).collect();
-    plots::write(&out, "routing_drop_fraction", &Chart { title: "Fraction of tokens dropped (training batch)", x_label: "training step", y_label: "dropped fraction", log_x: false, series: drops })?;
+    let balance: Vec<Series> = runs
+        .iter()
+        .filter(|r| r.num_experts > 1)
+        .enumerate()
+        .map(|(i, r)| {
+            let mut steps: Vec<f64> = r.routing.iter().map(|x| x.step).collect();
+            steps.dedup();
+            let pts = steps
+                .iter()
+                .map(|&s| {
+                    (
+                        s,
+                        r.routing
+                            .iter()
+                            .filter(|x| x.step == s)
+                            .map(|x| x.load_fraction * r.num_experts as f64)
+                            .fold(f64::MAX, f64::min),
+                    )
+                })
+                .collect();
+            Series {
+                name: format!("{} {}", r.model_name(), r.id),
+                points: pts,
+                band: vec![],
+                color: color(i),
+                highlight: false,
+            }
+        })
+        .collect();
+    plots::write(
+        &out,
+        "routing_min_load",
+        &Chart {
+            title: "Least-loaded expert over training (1 = uniform, 0 = dead)",
+            x_label: "training step",
+            y_label: "min expert load × experts",
+            log_x: false,
+            series: balance,
+        },
+    )?;
+    let drops: Vec<Series> = runs
+        .iter()
+        .filter(|r| r.num_experts > 1)
+        .enumerate()
+        .map(|(i, r)| Series {
+            name: format!("{} {}", r.model_name(), r.id),
+            points: r.curve.iter().map(|p| (p.step, p.drop_fraction)).collect(),
+            band: vec![],
+            color: color(i),
+            highlight: false,
+        })
+        .collect();
+    plots::write(
+        &out,
+        "routing_drop_fraction",
+        &Chart {
+            title: "Fraction of tokens dropped (training batch)",
+            x_label: "training step",
+            y_label: "dropped fraction",
+            log_x: false,
+            series: drops,
+        },
+    )?;
 
     writeln!(md, "\n## Figures\n")?;
-    let mut figs = vec![("quality_vs_step", "Quality vs step"), ("quality_vs_params", "Quality vs parameters"), ("quality_vs_time", "Quality vs wall-clock time")];
+    let mut figs = vec![
+        ("quality_vs_step", "Quality vs step"),
+        ("quality_vs_params", "Quality vs parameters"),
+        ("quality_vs_time", "Quality vs wall-clock time"),
+    ];
     if has_capacity_plot {
         figs.push(("capacity_factor", "Capacity factor"));
     }
-    figs.extend([("routing_min_load", "Routing: least-loaded expert"), ("routing_drop_fraction", "Routing: dropped tokens")]);
+    figs.extend([
+        ("routing_min_load", "Routing: least-loaded expert"),
+        ("routing_drop_fraction", "Routing: dropped tokens"),
+    ]);
     for (stem, title) in figs {
         writeln!(md, "### {title}\n\n![{title}]({stem}.png)\n")?;
     }
@@ -228,8 +472,31 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
 
     let mut csv = String::from("run_id,group,seed,state,is_baseline,num_experts,top_k,capacity_factor,init_scale,params_total,params_active,flops_per_token,final_step,final_neg_log_perplexity,steps_to_threshold,wall_s,tokens_per_s,examples_per_s\n");
     for r in &runs {
-        writeln!(csv, "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}", r.id, r.group, r.seed, r.state, r.is_baseline, r.num_experts, r.top_k, r.capacity_factor, r.init_scale, r.params_total, r.params_active, r.flops_per_token, r.final_step,
-            opt(r.final_quality(), 6), threshold.and_then(|t| stats::first_crossing(&r.nlp_curve(), t)).map(|v| format!("{v:.1}")).unwrap_or_default(), r.final_wall_s, opt(r.tokens_per_s(), 1), opt(r.examples_per_s(), 2))?;
+        writeln!(
+            csv,
+            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            r.id,
+            r.group,
+            r.seed,
+            r.state,
+            r.is_baseline,
+            r.num_experts,
+            r.top_k,
+            r.capacity_factor,
+            r.init_scale,
+            r.params_total,
+            r.params_active,
+            r.flops_per_token,
+            r.final_step,
+            opt(r.final_quality(), 6),
+            threshold
+                .and_then(|t| stats::first_crossing(&r.nlp_curve(), t))
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_default(),
+            r.final_wall_s,
+            opt(r.tokens_per_s(), 1),
+            opt(r.examples_per_s(), 2)
+        )?;
     }
     std::fs::write(out.join("summary.csv"), csv)?;
     Ok(out.join("report.md"))

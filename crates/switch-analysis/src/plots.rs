@@ -36,8 +36,16 @@ pub struct Chart<'a> {
 /// A palette that stays distinguishable for up to ~10 lines; the baseline is drawn in black.
 pub fn color(i: usize) -> RGBColor {
     const P: [RGBColor; 10] = [
-        RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127), RGBColor(188, 189, 34), RGBColor(23, 190, 207),
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
     ];
     P[i % P.len()]
 }
@@ -49,15 +57,31 @@ where
     let e = |err: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("plot: {err:?}");
     root.fill(&WHITE).map_err(e)?;
     let tx = |x: f64| if chart.log_x { x.max(1e-12).log10() } else { x };
-    let all: Vec<(f64, f64)> = chart.series.iter().flat_map(|s| s.points.iter().map(|&(x, y)| (tx(x), y)).chain(s.band.iter().flat_map(|&(x, lo, hi)| [(tx(x), lo), (tx(x), hi)]))).collect();
+    let all: Vec<(f64, f64)> = chart
+        .series
+        .iter()
+        .flat_map(|s| {
+            s.points
+                .iter()
+                .map(|&(x, y)| (tx(x), y))
+                .chain(s.band.iter().flat_map(|&(x, lo, hi)| [(tx(x), lo), (tx(x), hi)]))
+        })
+        .collect();
     if all.is_empty() {
-        root.draw(&Text::new(format!("{}: no data yet", chart.title), (20, 20), ("sans-serif", 22).into_font())).map_err(e)?;
+        root.draw(&Text::new(format!("{}: no data yet", chart.title), (20, 20), ("sans-serif", 22).into_font()))
+            .map_err(e)?;
         return root.present().map_err(e);
     }
     let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    if x1 - x0 < 1e-9 { x0 -= 0.5; x1 += 0.5; }
-    if y1 - y0 < 1e-9 { y0 -= 0.05; y1 += 0.05; }
+    if x1 - x0 < 1e-9 {
+        x0 -= 0.5;
+        x1 += 0.5;
+    }
+    if y1 - y0 < 1e-9 {
+        y0 -= 0.05;
+        y1 += 0.05;
+    }
     let (px, py) = ((x1 - x0) * 0.03, (y1 - y0) * 0.05);
     let mut c = ChartBuilder::on(&root)
         .caption(chart.title, ("sans-serif", 24))
@@ -83,12 +107,16 @@ where
             poly.extend(s.band.iter().rev().map(|&(x, lo, _)| (tx(x), lo)));
             c.draw_series(std::iter::once(Polygon::new(poly, s.color.mix(0.18).filled()))).map_err(e)?;
         }
-        let style = ShapeStyle { color: s.color.to_rgba(), filled: true, stroke_width: if s.highlight { 4 } else { 2 } };
+        let style =
+            ShapeStyle { color: s.color.to_rgba(), filled: true, stroke_width: if s.highlight { 4 } else { 2 } };
         let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (tx(x), y)).collect();
         let color = s.color;
-        c.draw_series(LineSeries::new(pts.clone(), style)).map_err(e)?
-            .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], ShapeStyle { color: color.to_rgba(), filled: true, stroke_width: 3 }));
+        c.draw_series(LineSeries::new(pts.clone(), style)).map_err(e)?.label(s.name.clone()).legend(move |(x, y)| {
+            PathElement::new(
+                vec![(x, y), (x + 20, y)],
+                ShapeStyle { color: color.to_rgba(), filled: true, stroke_width: 3 },
+            )
+        });
         if pts.len() <= 12 {
             c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, s.color.filled()))).map_err(e)?;
         }
@@ -106,7 +134,17 @@ where
 /// 1 234 567 → "1.2M"; small values keep their decimals.
 pub fn format_si(v: f64) -> String {
     let a = v.abs();
-    if a >= 1e9 { format!("{:.1}G", v / 1e9) } else if a >= 1e6 { format!("{:.1}M", v / 1e6) } else if a >= 1e4 { format!("{:.0}k", v / 1e3) } else if a >= 100.0 || v == v.round() { format!("{v:.0}") } else { format!("{v:.2}") }
+    if a >= 1e9 {
+        format!("{:.1}G", v / 1e9)
+    } else if a >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if a >= 100.0 || v == v.round() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 /// Writes `<stem>.png` and `<stem>.svg` into `dir`.

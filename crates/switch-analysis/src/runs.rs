@@ -131,7 +131,8 @@ fn strs(df: &DataFrame, name: &str) -> PolarsResult<Vec<String>> {
 
 /// A readable file: exists and ends with a complete header line.
 fn usable(path: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(path).map_err(|_| format!("{} is missing", path.file_name().unwrap_or_default().to_string_lossy()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|_| format!("{} is missing", path.file_name().unwrap_or_default().to_string_lossy()))?;
     if text.lines().count() < 2 {
         return Err(format!("{} has no rows", path.file_name().unwrap_or_default().to_string_lossy()));
     }
@@ -142,7 +143,9 @@ fn usable(path: &Path) -> Result<(), String> {
 pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     let runs_dir = sweep_dir.join("runs");
     let mut dirs: Vec<_> = std::fs::read_dir(&runs_dir)
-        .map_err(|e| anyhow::anyhow!("{}: cannot list runs ({e}); is this a sweep folder (results/<sweep>)?", runs_dir.display()))?
+        .map_err(|e| {
+            anyhow::anyhow!("{}: cannot list runs ({e}); is this a sweep folder (results/<sweep>)?", runs_dir.display())
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("config.yaml").exists())
         .collect();
@@ -151,11 +154,22 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     let (mut metric_frames, mut routing_frames) = (Vec::new(), Vec::new());
     for dir in &dirs {
         let id = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
-        let cfg: Value = std::fs::read_to_string(dir.join("config.yaml")).ok().and_then(|t| serde_saphyr::from_str(&t).ok()).unwrap_or(Value::Null);
-        let status: Value = std::fs::read(dir.join("status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+        let cfg: Value = std::fs::read_to_string(dir.join("config.yaml"))
+            .ok()
+            .and_then(|t| serde_saphyr::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let status: Value = std::fs::read(dir.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
         let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
         let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
-        let group = point.iter().filter(|(k, _)| *k != "train.seed").map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v)).collect::<Vec<_>>().join(" ");
+        let group = point
+            .iter()
+            .filter(|(k, _)| *k != "train.seed")
+            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut problem = None;
         match usable(&dir.join("metrics.csv")) {
             Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
@@ -192,27 +206,66 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     if !metric_frames.is_empty() {
         let all = concat(metric_frames, UnionArgs::default())?;
         // Last logged row of each run: steps, tokens and wall time so far.
-        let last = all.clone().group_by([col("run_id")]).agg([col("step").max().alias("step"), col("tokens").max().alias("tokens"), col("wall_s").max().alias("wall_s")]).collect()?;
-        let (ids, steps, tokens, walls) = (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?, f64s(&last, "wall_s")?);
+        let last = all
+            .clone()
+            .group_by([col("run_id")])
+            .agg([
+                col("step").max().alias("step"),
+                col("tokens").max().alias("tokens"),
+                col("wall_s").max().alias("wall_s"),
+            ])
+            .collect()?;
+        let (ids, steps, tokens, walls) =
+            (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?, f64s(&last, "wall_s")?);
         for (i, id) in ids.iter().enumerate() {
             if let Some(r) = runs.iter_mut().find(|r| &r.id == id) {
-                (r.final_step, r.final_tokens, r.final_wall_s) = (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0), walls[i].unwrap_or(0.0));
+                (r.final_step, r.final_tokens, r.final_wall_s) =
+                    (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0), walls[i].unwrap_or(0.0));
             }
         }
-        let evals = all.filter(col("eval_neg_log_perplexity").is_not_null()).sort(["run_id", "step"], SortMultipleOptions::default()).collect()?;
-        let (ids, steps, tokens, walls, nlp, drops) = (strs(&evals, "run_id")?, f64s(&evals, "step")?, f64s(&evals, "tokens")?, f64s(&evals, "wall_s")?, f64s(&evals, "eval_neg_log_perplexity")?, f64s(&evals, "drop_fraction")?);
+        let evals = all
+            .filter(col("eval_neg_log_perplexity").is_not_null())
+            .sort(["run_id", "step"], SortMultipleOptions::default())
+            .collect()?;
+        let (ids, steps, tokens, walls, nlp, drops) = (
+            strs(&evals, "run_id")?,
+            f64s(&evals, "step")?,
+            f64s(&evals, "tokens")?,
+            f64s(&evals, "wall_s")?,
+            f64s(&evals, "eval_neg_log_perplexity")?,
+            f64s(&evals, "drop_fraction")?,
+        );
         for i in 0..ids.len() {
             if let (Some(r), Some(step), Some(q)) = (runs.iter_mut().find(|r| r.id == ids[i]), steps[i], nlp[i]) {
-                r.curve.push(EvalPoint { step, tokens: tokens[i].unwrap_or(0.0), wall_s: walls[i].unwrap_or(0.0), neg_log_perplexity: q, drop_fraction: drops[i].unwrap_or(0.0) });
+                r.curve.push(EvalPoint {
+                    step,
+                    tokens: tokens[i].unwrap_or(0.0),
+                    wall_s: walls[i].unwrap_or(0.0),
+                    neg_log_perplexity: q,
+                    drop_fraction: drops[i].unwrap_or(0.0),
+                });
             }
         }
     }
     if !routing_frames.is_empty() {
         let all = concat(routing_frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
-        let (ids, steps, layers, experts, loads, drops) = (strs(&all, "run_id")?, f64s(&all, "step")?, strs(&all, "layer")?, f64s(&all, "expert")?, f64s(&all, "load_fraction")?, f64s(&all, "drop_fraction")?);
+        let (ids, steps, layers, experts, loads, drops) = (
+            strs(&all, "run_id")?,
+            f64s(&all, "step")?,
+            strs(&all, "layer")?,
+            f64s(&all, "expert")?,
+            f64s(&all, "load_fraction")?,
+            f64s(&all, "drop_fraction")?,
+        );
         for i in 0..ids.len() {
             if let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) {
-                r.routing.push(RoutingRow { step: steps[i].unwrap_or(0.0), layer: layers[i].clone(), expert: experts[i].unwrap_or(0.0) as i64, load_fraction: loads[i].unwrap_or(0.0), drop_fraction: drops[i].unwrap_or(0.0) });
+                r.routing.push(RoutingRow {
+                    step: steps[i].unwrap_or(0.0),
+                    layer: layers[i].clone(),
+                    expert: experts[i].unwrap_or(0.0) as i64,
+                    load_fraction: loads[i].unwrap_or(0.0),
+                    drop_fraction: drops[i].unwrap_or(0.0),
+                });
             }
         }
     }
@@ -221,6 +274,14 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             r.problem = Some("no evaluation yet".into());
         }
     }
-    runs.sort_by(|a, b| (!a.is_baseline, a.top_k, a.num_experts, a.group.clone(), a.seed).cmp(&(!b.is_baseline, b.top_k, b.num_experts, b.group.clone(), b.seed)));
+    runs.sort_by(|a, b| {
+        (!a.is_baseline, a.top_k, a.num_experts, a.group.clone(), a.seed).cmp(&(
+            !b.is_baseline,
+            b.top_k,
+            b.num_experts,
+            b.group.clone(),
+            b.seed,
+        ))
+    });
     Ok(runs)
 }

@@ -12,7 +12,9 @@ fn write_run(dir: &Path, id: &str, experts: u64, seed: u64, steps: u64, nlp: imp
         experts == 1, 1000 * experts
     );
     std::fs::write(run.join("config.yaml"), config).unwrap();
-    let mut m = String::from("step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity\n");
+    let mut m = String::from(
+        "step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity\n",
+    );
     let mut r = String::from("step,layer,expert,load_fraction,drop_fraction,router_entropy\n");
     for s in (10..=steps).step_by(10) {
         let sf = s as f64;

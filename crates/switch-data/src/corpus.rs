@@ -42,14 +42,16 @@ pub fn embedded() -> Vec<Source> {
         .iter()
         .map(|(name, gz)| Source {
             name: name.to_string(),
-            text: utf8(gunzip(gz, name).expect("embedded corpus is valid gzip"), name).expect("embedded corpus is UTF-8"),
+            text: utf8(gunzip(gz, name).expect("embedded corpus is valid gzip"), name)
+                .expect("embedded corpus is UTF-8"),
         })
         .collect()
 }
 
 fn read_file(path: &Path) -> Result<Vec<Source>, DataError> {
     let what = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| DataError::new(&what, format!("cannot be read ({e})"), "check the path in data.corpus"))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| DataError::new(&what, format!("cannot be read ({e})"), "check the path in data.corpus"))?;
     let bytes = if path.extension().is_some_and(|e| e == "gz") { gunzip(&bytes, &what)? } else { bytes };
     let text = utf8(bytes, &what)?;
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -58,10 +60,18 @@ fn read_file(path: &Path) -> Result<Vec<Source>, DataError> {
         let mut docs = Vec::new();
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                DataError::new(&format!("{what}:{}", i + 1), format!("is not JSON ({e})"), "write one JSON object per line")
+                DataError::new(
+                    &format!("{what}:{}", i + 1),
+                    format!("is not JSON ({e})"),
+                    "write one JSON object per line",
+                )
             })?;
             let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-                DataError::new(&format!("{what}:{}", i + 1), "has no string field `text`", "give every record a \"text\" field")
+                DataError::new(
+                    &format!("{what}:{}", i + 1),
+                    "has no string field `text`",
+                    "give every record a \"text\" field",
+                )
             })?;
             docs.push(text.to_string());
         }
@@ -81,7 +91,11 @@ fn read_file(path: &Path) -> Result<Vec<Source>, DataError> {
 pub fn load(path: &Path) -> Result<Vec<Source>, DataError> {
     let what = path.display().to_string();
     if !path.exists() {
-        return Err(DataError::new(&what, "does not exist", "fix data.corpus, or use `corpus: default` for the embedded texts"));
+        return Err(DataError::new(
+            &what,
+            "does not exist",
+            "fix data.corpus, or use `corpus: default` for the embedded texts",
+        ));
     }
     if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)

@@ -78,10 +78,18 @@ impl DataConfig {
 
     pub fn span_corruption(&self) -> Result<SpanCorruption, DataError> {
         if !(self.noise_density > 0.0 && self.noise_density < 1.0) {
-            return Err(DataError::new("data.noise_density", format!("= {} is out of range", self.noise_density), "use a value in (0, 1), T5's is 0.15"));
+            return Err(DataError::new(
+                "data.noise_density",
+                format!("= {} is out of range", self.noise_density),
+                "use a value in (0, 1), T5's is 0.15",
+            ));
         }
         if !(self.mean_noise_span_len >= 1.0) {
-            return Err(DataError::new("data.mean_noise_span_len", format!("= {} is out of range", self.mean_noise_span_len), "use a value ≥ 1, T5's is 3"));
+            return Err(DataError::new(
+                "data.mean_noise_span_len",
+                format!("= {} is out of range", self.mean_noise_span_len),
+                "use a value ≥ 1, T5's is 3",
+            ));
         }
         let sc = SpanCorruption::for_encoder_len(self.encoder_len, self.noise_density, self.mean_noise_span_len)
             .map_err(|e| DataError::new("data.encoder_len", e, "choose one of the nearest lengths"))?;
@@ -100,12 +108,20 @@ impl DataConfig {
         if self.tokenizer == TokenizerKind::Bpe && self.vocab_size < tokenizer::byte_vocab_size(self.num_sentinels) {
             return Err(DataError::new(
                 "data.vocab_size",
-                format!("= {} is smaller than the 256 byte symbols plus {} special tokens", self.vocab_size, self.num_sentinels + 2),
+                format!(
+                    "= {} is smaller than the 256 byte symbols plus {} special tokens",
+                    self.vocab_size,
+                    self.num_sentinels + 2
+                ),
                 format!("use at least {}", tokenizer::byte_vocab_size(self.num_sentinels)),
             ));
         }
         if !(self.held_out_fraction > 0.0 && self.held_out_fraction < 0.5) {
-            return Err(DataError::new("data.held_out_fraction", format!("= {}", self.held_out_fraction), "use a value in (0, 0.5)"));
+            return Err(DataError::new(
+                "data.held_out_fraction",
+                format!("= {}", self.held_out_fraction),
+                "use a value in (0, 0.5)",
+            ));
         }
         if self.eval_examples == 0 {
             return Err(DataError::new("data.eval_examples", "= 0", "use at least 1"));
@@ -174,11 +190,25 @@ impl Dataset {
             let held = (0..cs.len()).filter(|&i| is_held_out(i, cfg.held_out_fraction)).count();
             split_summary.push((s.name.clone(), cs.len(), held));
             for (i, c) in cs.into_iter().enumerate() {
-                if is_held_out(i, cfg.held_out_fraction) { held_text.push(c) } else { train_text.push(c) }
+                if is_held_out(i, cfg.held_out_fraction) {
+                    held_text.push(c)
+                } else {
+                    train_text.push(c)
+                }
             }
         }
-        let corpus_hash = sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
-        let key = format!("{:016x}", fnv1a(format!("{corpus_hash}-{:?}-{}-{}-{}-{}", cfg.tokenizer, cfg.vocab_size, cfg.num_sentinels, CHUNK_CHARS, cfg.held_out_fraction).as_bytes()));
+        let corpus_hash =
+            sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
+        let key = format!(
+            "{:016x}",
+            fnv1a(
+                format!(
+                    "{corpus_hash}-{:?}-{}-{}-{}-{}",
+                    cfg.tokenizer, cfg.vocab_size, cfg.num_sentinels, CHUNK_CHARS, cfg.held_out_fraction
+                )
+                .as_bytes()
+            )
+        );
         let dir: PathBuf = cache_dir.join(format!("data-{key}"));
         let vocab = Vocab::load_or_train(cfg, &dir, &train_text)?;
         let train_tokens = tokenizer::cached_ids(&dir.join("train.u32"), || vocab.encode_chunks(&train_text))?;
@@ -186,13 +216,26 @@ impl Dataset {
 
         let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
         if train_tokens.len() < spans.raw_len * 8 {
-            return Err(DataError::new(&what, format!("has {} training tokens, too few for batches of {}-token windows", train_tokens.len(), spans.raw_len), "add text or lower data.encoder_len"));
+            return Err(DataError::new(
+                &what,
+                format!(
+                    "has {} training tokens, too few for batches of {}-token windows",
+                    train_tokens.len(),
+                    spans.raw_len
+                ),
+                "add text or lower data.encoder_len",
+            ));
         }
         let needed = cfg.eval_examples * spans.raw_len;
         if held_out_tokens.len() < needed {
             return Err(DataError::new(
                 &what,
-                format!("gives a held-out split of {} tokens; {} examples of {} raw tokens need {needed}", held_out_tokens.len(), cfg.eval_examples, spans.raw_len),
+                format!(
+                    "gives a held-out split of {} tokens; {} examples of {} raw tokens need {needed}",
+                    held_out_tokens.len(),
+                    cfg.eval_examples,
+                    spans.raw_len
+                ),
                 "add text, raise data.held_out_fraction or lower data.eval_examples",
             ));
         }
@@ -223,7 +266,12 @@ impl Dataset {
         let n = self.eval_examples;
         let stride = (self.held_out_tokens.len() - raw) / n.max(2).saturating_sub(1).max(1);
         let mut rng = StdRng::seed_from_u64(fnv1a(b"held-out"));
-        let examples: Vec<_> = (0..n).map(|j| { let s = (j * stride).min(self.held_out_tokens.len() - raw); self.example(&self.held_out_tokens[s..s + raw], &mut rng) }).collect();
+        let examples: Vec<_> = (0..n)
+            .map(|j| {
+                let s = (j * stride).min(self.held_out_tokens.len() - raw);
+                self.example(&self.held_out_tokens[s..s + raw], &mut rng)
+            })
+            .collect();
         examples.chunks(batch_size).map(|c| Example::stack(c.to_vec())).collect()
     }
 }
@@ -240,7 +288,8 @@ pub struct Example {
 
 impl Example {
     fn stack(examples: Vec<(Vec<u32>, Vec<u32>)>) -> Self {
-        let mut out = Example { batch_size: examples.len(), encoder_ids: vec![], decoder_input_ids: vec![], targets: vec![] };
+        let mut out =
+            Example { batch_size: examples.len(), encoder_ids: vec![], decoder_input_ids: vec![], targets: vec![] };
         for (inputs, targets) in examples {
             out.encoder_ids.extend(inputs.iter().map(|&t| t as usize));
             out.decoder_input_ids.push(Vocab::PAD as usize);

@@ -56,7 +56,8 @@ impl SpanCorruption {
         match fits.iter().rev().find(|s| s.encoder_len == encoder_len) {
             Some(s) => Ok(*s),
             None => {
-                let near: Vec<usize> = fits.iter().rev().map(|s| s.encoder_len).filter(|&l| l != encoder_len).take(2).collect();
+                let near: Vec<usize> =
+                    fits.iter().rev().map(|s| s.encoder_len).filter(|&l| l != encoder_len).take(2).collect();
                 Err(format!("no raw length gives exactly {encoder_len} encoder tokens at noise density {noise_density}; nearest: {near:?}"))
             }
         }

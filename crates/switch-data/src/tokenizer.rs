@@ -27,7 +27,11 @@ pub struct Vocab {
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> DataError {
-    DataError::new(&path.display().to_string(), format!("cannot be written or read ({e})"), "check that the cache folder is writable")
+    DataError::new(
+        &path.display().to_string(),
+        format!("cannot be written or read ({e})"),
+        "check that the cache folder is writable",
+    )
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
@@ -37,7 +41,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
 }
 
 /// Token ids cached as little-endian u32 at `path`, computed by `make` on a miss.
-pub(crate) fn cached_ids(path: &Path, make: impl FnOnce() -> Result<Vec<u32>, DataError>) -> Result<Vec<u32>, DataError> {
+pub(crate) fn cached_ids(
+    path: &Path,
+    make: impl FnOnce() -> Result<Vec<u32>, DataError>,
+) -> Result<Vec<u32>, DataError> {
     if let Ok(bytes) = std::fs::read(path) {
         return Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
     }
@@ -95,7 +102,11 @@ impl Vocab {
         };
         let size = tokenizer.get_vocab_size(true);
         if size > cfg.vocab_size {
-            return Err(DataError::new("data.vocab_size", format!("= {} but the trained tokenizer has {size} entries", cfg.vocab_size), "report this as a bug"));
+            return Err(DataError::new(
+                "data.vocab_size",
+                format!("= {} but the trained tokenizer has {size} entries", cfg.vocab_size),
+                "report this as a bug",
+            ));
         }
         // A small corpus can end BPE training early; the model keeps the configured size.
         Ok(Self { bpe: Some(tokenizer), num_sentinels: cfg.num_sentinels, size: cfg.vocab_size })
@@ -111,7 +122,9 @@ impl Vocab {
     pub(crate) fn encode_chunks(&self, chunks: &[&str]) -> Result<Vec<u32>, DataError> {
         match &self.bpe {
             Some(t) => {
-                let encs = t.encode_batch(chunks.to_vec(), false).map_err(|e| DataError::new("tokenizer", e.to_string(), "check the corpus"))?;
+                let encs = t
+                    .encode_batch(chunks.to_vec(), false)
+                    .map_err(|e| DataError::new("tokenizer", e.to_string(), "check the corpus"))?;
                 Ok(encs.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
             }
             None => Ok(chunks.iter().flat_map(|c| self.encode(c)).collect()),

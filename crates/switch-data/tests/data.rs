@@ -57,14 +57,24 @@ fn corpus_dir(dir: &std::path::Path) -> std::path::PathBuf {
     let corpus = dir.join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();
     for (k, source) in ["alpha", "beta"].into_iter().enumerate() {
-        let text: String = (k * 10000..k * 10000 + 6000).map(|i| format!("{source} line {i:05} the quick brown fox jumps over the lazy dog\n")).collect();
+        let text: String = (k * 10000..k * 10000 + 6000)
+            .map(|i| format!("{source} line {i:05} the quick brown fox jumps over the lazy dog\n"))
+            .collect();
         std::fs::write(corpus.join(format!("{source}.txt")), text).unwrap();
     }
     corpus
 }
 
 fn cfg(corpus: &std::path::Path, tokenizer: TokenizerKind) -> DataConfig {
-    DataConfig { corpus: corpus.display().to_string(), tokenizer, vocab_size: 600, encoder_len: 64, eval_examples: 32, held_out_fraction: 0.05, ..Default::default() }
+    DataConfig {
+        corpus: corpus.display().to_string(),
+        tokenizer,
+        vocab_size: 600,
+        encoder_len: 64,
+        eval_examples: 32,
+        held_out_fraction: 0.05,
+        ..Default::default()
+    }
 }
 
 fn lines(text: &str) -> HashSet<String> {
@@ -94,8 +104,13 @@ fn held_out_split_is_disjoint_and_covers_every_source() {
         for run in batch.encoder_ids.split(|&t| t < 2 + ds.vocab.num_sentinels) {
             let text = ds.vocab.decode(&run.iter().map(|&t| t as u32).collect::<Vec<_>>());
             for (i, _) in text.match_indices("line ") {
-                let Some(number) = text.get(i..i + 10).filter(|n| n[5..].bytes().all(|b| b.is_ascii_digit())) else { continue };
-                assert!(held.iter().any(|l| l.contains(number)) && !train.iter().any(|l| l.contains(number)), "{number}");
+                let Some(number) = text.get(i..i + 10).filter(|n| n[5..].bytes().all(|b| b.is_ascii_digit())) else {
+                    continue;
+                };
+                assert!(
+                    held.iter().any(|l| l.contains(number)) && !train.iter().any(|l| l.contains(number)),
+                    "{number}"
+                );
                 named += 1;
             }
         }
@@ -163,7 +178,9 @@ fn bad_corpora_get_clear_errors() {
 fn jsonl_corpora_are_read() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("docs.jsonl");
-    let body: String = (0..3000).map(|i| format!("{{\"text\": \"document {i:05} says hello to the world of sparse experts\"}}\n")).collect();
+    let body: String = (0..3000)
+        .map(|i| format!("{{\"text\": \"document {i:05} says hello to the world of sparse experts\"}}\n"))
+        .collect();
     std::fs::write(&path, body).unwrap();
     let ds = Dataset::build(&cfg(&path, TokenizerKind::Byte), &tmp.path().join("cache")).unwrap();
     assert!(ds.vocab.decode(&ds.train_tokens[..200]).contains("document 00000 says hello"));

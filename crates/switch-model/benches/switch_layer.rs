@@ -32,12 +32,23 @@ fn main() {
     println!("{:>8} {:>10} {:>12} {:>12} {:>8}", "experts", "capacity", "dense ms", "switch ms", "ratio");
     for cf in [1.0, 1.25] {
         for experts in [1, 2, 4, 8, 16, 32, 64] {
-            let cfg = ModelConfig { d_model, d_ff, num_experts: experts, capacity_factor: cf, min_expert_capacity: 1, ..Default::default() };
+            let cfg = ModelConfig {
+                d_model,
+                d_ff,
+                num_experts: experts,
+                capacity_factor: cf,
+                min_expert_capacity: 1,
+                ..Default::default()
+            };
             let mut rng = StdRng::seed_from_u64(0);
             let dense = ExpertFfn::new(&dev, &mut rng, &cfg, 1);
             let switch = MoeLayer::new(&dev, &mut rng, &cfg);
             let mut dense_step = || {
-                let y = dense.forward(x.clone().retaped::<OwnedTape<f32, Dev>>().reshape_like(&(1, tokens, d_model)), 0.0, &mut Ctx::train(0));
+                let y = dense.forward(
+                    x.clone().retaped::<OwnedTape<f32, Dev>>().reshape_like(&(1, tokens, d_model)),
+                    0.0,
+                    &mut Ctx::train(0),
+                );
                 std::hint::black_box(y.sum().backward());
             };
             let mut switch_step = || {

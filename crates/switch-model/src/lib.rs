@@ -14,5 +14,5 @@ pub mod t5;
 
 pub use accounting::Accounting;
 pub use config::{Activation, ConfigError, LossReduction, ModelConfig, RoutingPriority};
-pub use moe::{RoutingStats, MoeLayer};
+pub use moe::{MoeLayer, RoutingStats};
 pub use t5::{Batch, LossOutput, SwitchTransformer};

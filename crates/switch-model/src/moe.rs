@@ -150,7 +150,8 @@ impl<D: Device<f32>> MoeLayer<D> {
             router_in
         };
         let (logits, logits_tape) = self.router.forward(router_in).split_tape();
-        let z_loss = logits.clone().put_tape(logits_tape).logsumexp::<(usize,), Axis<1>>().square().mean() * self.z_loss_coef as f32;
+        let z_loss = logits.clone().put_tape(logits_tape).logsumexp::<(usize,), Axis<1>>().square().mean()
+            * self.z_loss_coef as f32;
         let probs = logits.retaped::<T>().softmax::<Axis<1>>();
         let (probs, probs_tape) = probs.split_tape();
         let probs_host = probs.as_vec();
@@ -162,7 +163,8 @@ impl<D: Device<f32>> MoeLayer<D> {
         // Load-balancing loss α·N·Σ fᵢ·Pᵢ: f from first choices before truncation, P differentiable.
         let f: Vec<f32> = routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect();
         let mean_prob = probs.clone().put_tape(probs_tape).mean::<(usize,), Axis<0>>();
-        let balance_loss = (mean_prob * dev.tensor_from_vec(f, (e,))).sum() * (self.balance_loss_coef * e as f64) as f32;
+        let balance_loss =
+            (mean_prob * dev.tensor_from_vec(f, (e,))).sum() * (self.balance_loss_coef * e as f64) as f32;
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
         let slot_token = dev.tensor_from_vec(routing.slot_token.clone(), (e * capacity,));

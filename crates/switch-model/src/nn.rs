@@ -60,7 +60,11 @@ pub fn truncated_normal<D: Device<f32>>(dev: &D, rng: &mut StdRng, n: usize, sca
 }
 
 /// Multiplies by a fresh mask of 0 or 1/(1−rate) in training; identity otherwise.
-pub fn dropout<S: Shape, D: Device<f32>, T: Tp<D>>(x: Tensor<S, f32, D, T>, rate: f64, ctx: &mut Ctx) -> Tensor<S, f32, D, T> {
+pub fn dropout<S: Shape, D: Device<f32>, T: Tp<D>>(
+    x: Tensor<S, f32, D, T>,
+    rate: f64,
+    ctx: &mut Ctx,
+) -> Tensor<S, f32, D, T> {
     if !ctx.train || rate == 0.0 {
         return x;
     }
@@ -125,13 +129,19 @@ impl<D: Device<f32>> ExpertFfn<D> {
     pub fn new(dev: &D, rng: &mut StdRng, cfg: &crate::ModelConfig, num_experts: usize) -> Self {
         let (d, f, s) = (cfg.d_model, cfg.d_ff, cfg.init_scale);
         let w_in = truncated_normal(dev, rng, num_experts * d * f, s, d);
-        let w_gate = (cfg.activation == crate::Activation::Geglu).then(|| truncated_normal(dev, rng, num_experts * d * f, s, d));
+        let w_gate =
+            (cfg.activation == crate::Activation::Geglu).then(|| truncated_normal(dev, rng, num_experts * d * f, s, d));
         let w_out = truncated_normal(dev, rng, num_experts * f * d, s, f);
         Self { w_in, w_gate, w_out, num_experts, d_model: d, d_ff: f }
     }
 
     /// `x`: `[E, tokens, d_model]` → `[E, tokens, d_model]`.
-    pub fn forward<T: Tp<D>>(&self, x: Tensor<(usize, usize, usize), f32, D, T>, dropout_rate: f64, ctx: &mut Ctx) -> Tensor<(usize, usize, usize), f32, D, T> {
+    pub fn forward<T: Tp<D>>(
+        &self,
+        x: Tensor<(usize, usize, usize), f32, D, T>,
+        dropout_rate: f64,
+        ctx: &mut Ctx,
+    ) -> Tensor<(usize, usize, usize), f32, D, T> {
         let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
         let w_in = self.w_in.clone().reshape_like(&(e, d, f));
         let hidden = match &self.w_gate {

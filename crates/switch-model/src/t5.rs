@@ -11,7 +11,12 @@ type T4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
 
 /// T5's bucketing of relative positions (`memory − query`): exact for small distances,
 /// logarithmic up to `max_distance`; the encoder distinguishes left from right.
-pub fn relative_position_bucket(relative_position: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+pub fn relative_position_bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> usize {
     let mut num_buckets = num_buckets as i64;
     let mut ret = 0i64;
     let mut n = -relative_position;
@@ -60,20 +65,32 @@ impl<D: Device<f32>> Attention<D> {
     }
 
     /// `query`: `[batch·Lq, d]`, `memory`: `[batch·Lk, d]`, `bias`: `[batch, heads, Lq, Lk]` added to the scores.
-    fn forward<T: Tp<D>>(&self, query: Act<D, T>, memory: Act<D, T>, batch: usize, bias: Option<T4<D, T>>) -> Act<D, T> {
+    fn forward<T: Tp<D>>(
+        &self,
+        query: Act<D, T>,
+        memory: Act<D, T>,
+        batch: usize,
+        bias: Option<T4<D, T>>,
+    ) -> Act<D, T> {
         let (h, dk) = (self.num_heads, self.d_kv);
         let lq = query.shape().0 / batch;
         let lk = memory.shape().0 / batch;
         let (memory, memory_tape) = memory.split_tape();
         let q = self.q.forward(query).reshape_like(&(batch, lq, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
-        let k = self.k.forward(memory.clone().put_tape(memory_tape)).reshape_like(&(batch, lk, h, dk)).permute::<_, Axes4<0, 2, 3, 1>>();
-        let v = self.v.forward(memory.retaped::<T>()).reshape_like(&(batch, lk, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = self
+            .k
+            .forward(memory.clone().put_tape(memory_tape))
+            .reshape_like(&(batch, lk, h, dk))
+            .permute::<_, Axes4<0, 2, 3, 1>>();
+        let v =
+            self.v.forward(memory.retaped::<T>()).reshape_like(&(batch, lk, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
         let scores = q.matmul(k);
         let scores = match bias {
             Some(b) => scores + b,
             None => scores,
         };
-        let out = scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, h * dk));
+        let out =
+            scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, h * dk));
         self.o.forward(out)
     }
 
@@ -184,8 +201,12 @@ impl<D: Device<f32>> SwitchTransformer<D> {
                 }
                 out.push((format!("{p}.ffn_norm"), &mut b.ffn_norm.weight));
                 match &mut b.ffn {
-                    FeedForward::Dense(f) => out.extend(f.params_mut().into_iter().map(|(n, t)| (format!("{p}.ffn.{n}"), t))),
-                    FeedForward::Sparse(m) => out.extend(m.params_mut().into_iter().map(|(n, t)| (format!("{p}.moe.{n}"), t))),
+                    FeedForward::Dense(f) => {
+                        out.extend(f.params_mut().into_iter().map(|(n, t)| (format!("{p}.ffn.{n}"), t)))
+                    }
+                    FeedForward::Sparse(m) => {
+                        out.extend(m.params_mut().into_iter().map(|(n, t)| (format!("{p}.moe.{n}"), t)))
+                    }
                 }
             }
         }
@@ -204,7 +225,12 @@ impl<D: Device<f32>> SwitchTransformer<D> {
         for q in 0..len {
             for k in 0..len {
                 let rel = k as i64 - q as i64;
-                idx.push(relative_position_bucket(rel, !stack.is_decoder, nb, self.cfg.relative_attention_max_distance));
+                idx.push(relative_position_bucket(
+                    rel,
+                    !stack.is_decoder,
+                    nb,
+                    self.cfg.relative_attention_max_distance,
+                ));
             }
         }
         let idx = self.dev.tensor_from_vec(idx, (len * len,));

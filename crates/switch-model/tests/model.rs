@@ -78,11 +78,21 @@ fn t5_base_and_switch_base_parameter_counts_match_the_paper() {
 #[test]
 fn flops_match_a_hand_count() {
     // One encoder and one decoder layer, dense ReLU: count every matmul by hand.
-    let cfg = ModelConfig { vocab_size: 10, d_model: 4, d_ff: 6, num_heads: 2, d_kv: 3, num_encoder_layers: 1, num_decoder_layers: 1, ..Default::default() };
+    let cfg = ModelConfig {
+        vocab_size: 10,
+        d_model: 4,
+        d_ff: 6,
+        num_heads: 2,
+        d_kv: 3,
+        num_encoder_layers: 1,
+        num_decoder_layers: 1,
+        ..Default::default()
+    };
     let (le, ld) = (5.0, 3.0);
     let (d, h, f, v) = (4.0, 6.0, 6.0, 10.0);
     let enc = le * (8.0 * d * h + 4.0 * le * h + 4.0 * d * f);
-    let dec = ld * (8.0 * d * h + 4.0 * ld * h) + ld * (4.0 * d * h + 4.0 * le * h) + le * 4.0 * d * h + ld * 4.0 * d * f;
+    let dec =
+        ld * (8.0 * d * h + 4.0 * ld * h) + ld * (4.0 * d * h + 4.0 * le * h) + le * 4.0 * d * h + ld * 4.0 * d * f;
     let logits = ld * 2.0 * d * v;
     let a = cfg.accounting(5, 3);
     assert_eq!(a.flops_per_example, enc + dec + logits);
@@ -105,7 +115,15 @@ fn built_models_have_exactly_the_accounted_parameters() {
 }
 
 fn probs_layer(dev: &Dev, num_experts: usize, top_k: usize) -> MoeLayer<Dev> {
-    let cfg = ModelConfig { d_model: 2, d_ff: 2, num_experts, top_k, min_expert_capacity: 1, jitter_eps: 0.0, ..Default::default() };
+    let cfg = ModelConfig {
+        d_model: 2,
+        d_ff: 2,
+        num_experts,
+        top_k,
+        min_expert_capacity: 1,
+        jitter_eps: 0.0,
+        ..Default::default()
+    };
     MoeLayer::new(dev, &mut StdRng::seed_from_u64(0), &cfg)
 }
 
@@ -134,14 +152,8 @@ fn hand_worked_routing_drops_the_right_tokens() {
     let layer = hand_layer(&dev, RoutingPriority::Position);
     let mut ctx = Ctx::eval();
     let y = layer.forward(x(), &mut ctx).output.as_vec();
-    let expected = [
-        2.0 * s(1.0), s(1.0),
-        2.0 * s(2.0), 6.0 * s(2.0),
-        3.0 * s(2.0), s(2.0),
-        0.0, 0.0,
-        0.0, 2.0 * s(1.0),
-        0.0, 0.0,
-    ];
+    let expected =
+        [2.0 * s(1.0), s(1.0), 2.0 * s(2.0), 6.0 * s(2.0), 3.0 * s(2.0), s(2.0), 0.0, 0.0, 0.0, 2.0 * s(1.0), 0.0, 0.0];
     for (a, b) in y.iter().zip(expected) {
         assert!((a - b).abs() < 1e-6, "{y:?} vs {expected:?}");
     }
@@ -173,7 +185,14 @@ fn top2_gates_are_renormalised() {
     let dev = Dev::default();
     let mut layer = probs_layer(&dev, 3, 2);
     layer.router = Linear::from_rows(&dev, 2, 3, &[1.0, 0.0, 0.5, 0.0, 1.0, 0.0]);
-    layer.experts = ExpertFfn { w_in: dev.tensor_from_vec([1.0, 0.0, 0.0, 1.0].repeat(3), (12,)), w_gate: None, w_out: dev.tensor_from_vec(vec![1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 3.0], (12,)), num_experts: 3, d_model: 2, d_ff: 2 };
+    layer.experts = ExpertFfn {
+        w_in: dev.tensor_from_vec([1.0, 0.0, 0.0, 1.0].repeat(3), (12,)),
+        w_gate: None,
+        w_out: dev.tensor_from_vec(vec![1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0, 3.0, 0.0, 0.0, 3.0], (12,)),
+        num_experts: 3,
+        d_model: 2,
+        d_ff: 2,
+    };
     layer.eval_capacity_factor = 4.0;
     // logits (2, 0, 1): choices e0 then e2, gates p0/(p0+p2), p2/(p0+p2); outputs relu(x)·1 and ·3.
     let x = dev.tensor_from_vec(vec![2.0f32, 0.0], (1usize, 2usize));
@@ -205,7 +224,14 @@ fn one_expert_without_dropping_equals_the_dense_layer() {
     let cfg = ModelConfig { d_model: 6, d_ff: 10, num_experts: 1, min_expert_capacity: 1, ..Default::default() };
     let mut rng = StdRng::seed_from_u64(3);
     let layer = MoeLayer::new(&dev, &mut rng, &cfg);
-    let dense = ExpertFfn { w_in: layer.experts.w_in.clone(), w_gate: None, w_out: layer.experts.w_out.clone(), num_experts: 1, d_model: 6, d_ff: 10 };
+    let dense = ExpertFfn {
+        w_in: layer.experts.w_in.clone(),
+        w_gate: None,
+        w_out: layer.experts.w_out.clone(),
+        num_experts: 1,
+        d_model: 6,
+        d_ff: 10,
+    };
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(7, 6));
     let sparse = layer.forward(x.clone(), &mut Ctx::eval()).output.as_vec();
     let dense = dense.forward(x.reshape_like(&(1, 7, 6)), 0.0, &mut Ctx::eval()).as_vec();
@@ -215,7 +241,15 @@ fn one_expert_without_dropping_equals_the_dense_layer() {
 #[test]
 fn jitter_only_acts_in_training_and_never_reaches_the_experts() {
     let dev = Dev::default();
-    let cfg = ModelConfig { d_model: 6, d_ff: 10, num_experts: 4, jitter_eps: 0.3, capacity_factor: 4.0, eval_capacity_factor: 4.0, ..Default::default() };
+    let cfg = ModelConfig {
+        d_model: 6,
+        d_ff: 10,
+        num_experts: 4,
+        jitter_eps: 0.3,
+        capacity_factor: 4.0,
+        eval_capacity_factor: 4.0,
+        ..Default::default()
+    };
     let layer = MoeLayer::new(&dev, &mut StdRng::seed_from_u64(1), &cfg);
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(16, 6));
     let eval_a = layer.forward(x.clone(), &mut Ctx::eval()).output.as_vec();
@@ -259,7 +293,8 @@ fn gradients_match_finite_differences() {
         let loss = |m: &SwitchTransformer<Dev>| m.loss::<NoneTape>(&b, &mut Ctx::eval()).total.as_vec()[0] as f64;
         let out = m.loss::<OwnedTape<f32, Dev>>(&b, &mut Ctx::eval());
         let grads = out.total.backward();
-        let analytic: Vec<(String, Vec<f32>)> = m.params_mut().into_iter().map(|(n, p)| (n, grads.get(&*p).as_vec())).collect();
+        let analytic: Vec<(String, Vec<f32>)> =
+            m.params_mut().into_iter().map(|(n, p)| (n, grads.get(&*p).as_vec())).collect();
         let mut rng = StdRng::seed_from_u64(4);
         let mut checked = 0;
         for (k, (name, g)) in analytic.iter().enumerate() {

@@ -153,7 +153,8 @@ pub fn set_dotted(tree: &mut Value, key: &str, value: Value) -> Result<(), Strin
     let mut node = tree;
     let parts: Vec<&str> = key.split('.').collect();
     for p in &parts[..parts.len() - 1] {
-        node = node.as_object_mut().and_then(|m| m.get_mut(*p)).ok_or_else(|| format!("`{key}` is not a settable key"))?;
+        node =
+            node.as_object_mut().and_then(|m| m.get_mut(*p)).ok_or_else(|| format!("`{key}` is not a settable key"))?;
     }
     node.as_object_mut().expect("object").insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
@@ -173,13 +174,19 @@ pub fn merge(tree: &mut Value, settings: &Map<String, Value>, prefix: &str) -> R
 
 /// Adds a "did you mean" to serde's "unknown field" errors.
 pub fn explain_yaml_error(message: String) -> String {
-    let Some(field) = message.split("unknown field `").nth(1).and_then(|rest| rest.split('`').next()) else { return message };
+    let Some(field) = message.split("unknown field `").nth(1).and_then(|rest| rest.split('`').next()) else {
+        return message;
+    };
     // Prefer the alternatives serde lists for this position; fall back to every config key.
     let listed: Vec<&str> = message
         .split("expected one of ")
         .nth(1)
         .map(|l| l.lines().next().unwrap_or("").split(", ").map(|k| k.trim_matches('`').trim()).collect())
         .unwrap_or_default();
-    let hint = listed.iter().min_by_key(|k| edit_distance(field, k)).map(|k| k.to_string()).unwrap_or_else(|| closest_key(field));
+    let hint = listed
+        .iter()
+        .min_by_key(|k| edit_distance(field, k))
+        .map(|k| k.to_string())
+        .unwrap_or_else(|| closest_key(field));
     format!("{message}\nhint: did you mean `{hint}`?")
 }

@@ -116,7 +116,8 @@ fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> anyhow
     for (k, v) in point {
         set_dotted(&mut tree, k, v.clone()).map_err(|e| err(path, e))?;
     }
-    let mut cfg: RunConfig = serde_json::from_value(tree).map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
+    let mut cfg: RunConfig =
+        serde_json::from_value(tree).map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
     cfg.model.vocab_size = cfg.data.model_vocab_size();
     cfg.validate().map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
     Ok(cfg)
@@ -130,7 +131,10 @@ fn read_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
 /// Reads and expands a grid file. Nothing is written; every error names the file and the key.
 pub fn plan(path: &Path) -> anyhow::Result<Plan> {
     let grid: GridFile = read_yaml(path)?;
-    let name = grid.name.clone().unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
+    let name = grid
+        .name
+        .clone()
+        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default());
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(err(path, format!("name `{name}` must be letters, digits, - or _ (it names the results folder)")));
     }
@@ -141,7 +145,10 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let candidates = [dir.join("presets").join(format!("{base}.yaml")), dir.join(format!("{base}.yaml"))];
         let preset = candidates.iter().find(|p| p.exists()).ok_or_else(|| {
-            err(path, format!("base `{base}`: no preset {} (presets live in experiments/presets/)", candidates[0].display()))
+            err(
+                path,
+                format!("base `{base}`: no preset {} (presets live in experiments/presets/)", candidates[0].display()),
+            )
         })?;
         let _typed: RunConfig = read_yaml(preset)?;
         let settings: Map<String, Value> = read_yaml(preset)?;
@@ -155,27 +162,40 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
     let mut points: Vec<Map<String, Value>> = vec![Map::new()];
     for (key, values) in &grid.grid {
         let values = list(path, "grid", key, values)?;
-        points = points.into_iter().flat_map(|p| values.iter().map(move |v| {
-            let mut p = p.clone();
-            p.insert(key.clone(), v.clone());
-            p
-        })).collect();
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                values.iter().map(move |v| {
+                    let mut p = p.clone();
+                    p.insert(key.clone(), v.clone());
+                    p
+                })
+            })
+            .collect();
     }
     if !grid.zip.is_empty() {
-        let lists: Vec<(&String, &Vec<Value>)> = grid.zip.iter().map(|(k, v)| list(path, "zip", k, v).map(|l| (k, l))).collect::<Result<_, _>>()?;
+        let lists: Vec<(&String, &Vec<Value>)> =
+            grid.zip.iter().map(|(k, v)| list(path, "zip", k, v).map(|l| (k, l))).collect::<Result<_, _>>()?;
         let n = lists[0].1.len();
         if let Some((k, l)) = lists.iter().find(|(_, l)| l.len() != n) {
-            return Err(err(path, format!("zip lists must have equal lengths: `{}` has {n}, `{k}` has {}", lists[0].0, l.len())));
+            return Err(err(
+                path,
+                format!("zip lists must have equal lengths: `{}` has {n}, `{k}` has {}", lists[0].0, l.len()),
+            ));
         }
         points = points
             .into_iter()
-            .flat_map(|p| (0..n).map(|i| {
-                let mut p = p.clone();
-                for (k, l) in &lists {
-                    p.insert((*k).clone(), l[i].clone());
-                }
-                p
-            }).collect::<Vec<_>>())
+            .flat_map(|p| {
+                (0..n)
+                    .map(|i| {
+                        let mut p = p.clone();
+                        for (k, l) in &lists {
+                            p.insert((*k).clone(), l[i].clone());
+                        }
+                        p
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect();
     }
     if grid.grid.is_empty() && grid.zip.is_empty() && !grid.points.is_empty() {
@@ -207,7 +227,13 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
                 .iter()
                 .zip(&configs)
                 .filter(|(_, c)| (c.accounting().flops_per_token / base_flops - 1.0).abs() > tolerance)
-                .map(|(p, c)| format!("{} at {:.3}× the baseline", Value::Object(p.clone()), c.accounting().flops_per_token / base_flops))
+                .map(|(p, c)| {
+                    format!(
+                        "{} at {:.3}× the baseline",
+                        Value::Object(p.clone()),
+                        c.accounting().flops_per_token / base_flops
+                    )
+                })
                 .collect();
             if !bad.is_empty() {
                 return Err(err(path, format!(
@@ -217,17 +243,25 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
         }
         FlopsRule::Solve { solve, points: selected, target } => {
             if !["model.d_model", "model.d_ff"].contains(&solve.as_str()) {
-                return Err(err(path, format!("flops_per_token.solve = `{solve}`: allowed keys are model.d_model and model.d_ff")));
+                return Err(err(
+                    path,
+                    format!("flops_per_token.solve = `{solve}`: allowed keys are model.d_model and model.d_ff"),
+                ));
             }
             let target_flops = match &target {
                 None => base_flops,
                 Some(sel) => {
-                    let i = points.iter().position(|p| matches(p, sel)).ok_or_else(|| err(path, format!("flops_per_token.target {} matches no point", Value::Object(sel.clone()))))?;
+                    let i = points.iter().position(|p| matches(p, sel)).ok_or_else(|| {
+                        err(path, format!("flops_per_token.target {} matches no point", Value::Object(sel.clone())))
+                    })?;
                     configs[i].accounting().flops_per_token
                 }
             };
             for (i, p) in points.iter_mut().enumerate() {
-                let chosen = match &selected { Some(sel) => matches(p, sel), None => i != base_idx };
+                let chosen = match &selected {
+                    Some(sel) => matches(p, sel),
+                    None => i != base_idx,
+                };
                 if !chosen {
                     continue;
                 }
@@ -260,20 +294,36 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = runs.iter().find(|r| !seen.insert(r.run_id.clone())) {
-        return Err(err(path, format!("two points resolve to the same config (run {}, point {}): remove the duplicate", dup.run_id, Value::Object(dup.point.clone()))));
+        return Err(err(
+            path,
+            format!(
+                "two points resolve to the same config (run {}, point {}): remove the duplicate",
+                dup.run_id,
+                Value::Object(dup.point.clone())
+            ),
+        ));
     }
     Ok(Plan { name, path: path.to_path_buf(), runs, slurm: grid.slurm.clone() })
 }
 
 /// The value of `key` (d_model in steps of num_heads, or d_ff) whose FLOPs per token is closest to `target`.
 fn solve_size(cfg: &RunConfig, key: &str, target: f64) -> (usize, f64) {
-    let (step, current) = if key == "model.d_model" { (cfg.model.num_heads, cfg.model.d_model) } else { (1, cfg.model.d_ff) };
+    let (step, current) =
+        if key == "model.d_model" { (cfg.model.num_heads, cfg.model.d_model) } else { (1, cfg.model.d_ff) };
     let flops = |v: usize| {
         let mut c = cfg.clone();
-        if key == "model.d_model" { c.model.d_model = v } else { c.model.d_ff = v }
+        if key == "model.d_model" {
+            c.model.d_model = v
+        } else {
+            c.model.d_ff = v
+        }
         c.accounting().flops_per_token
     };
-    (1..=current * 4 / step).map(|k| k * step).map(|v| (v, flops(v))).min_by(|a, b| (a.1 - target).abs().total_cmp(&(b.1 - target).abs())).expect("non-empty range")
+    (1..=current * 4 / step)
+        .map(|k| k * step)
+        .map(|v| (v, flops(v)))
+        .min_by(|a, b| (a.1 - target).abs().total_cmp(&(b.1 - target).abs()))
+        .expect("non-empty range")
 }
 
 impl Plan {
@@ -292,11 +342,17 @@ impl Plan {
         };
         let mut header = vec!["run_id".to_string()];
         header.extend(keys.iter().cloned());
-        header.extend(["baseline", "params_total", "params_active", "flops_per_token", "router_flops_per_token", "flops_ratio"].map(String::from));
+        header.extend(
+            ["baseline", "params_total", "params_active", "flops_per_token", "router_flops_per_token", "flops_ratio"]
+                .map(String::from),
+        );
         let mut rows = vec![header];
         for r in &self.runs {
             let mut row = vec![r.run_id.clone()];
-            row.extend(keys.iter().map(|k| r.point.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default()));
+            row.extend(
+                keys.iter()
+                    .map(|k| r.point.get(k).map(|v| v.to_string().trim_matches('"').to_string()).unwrap_or_default()),
+            );
             row.push(if r.is_baseline { "yes".into() } else { String::new() });
             row.push(r.accounting.params_total.to_string());
             row.push(r.accounting.params_active.to_string());
@@ -308,7 +364,8 @@ impl Plan {
         if csv {
             return rows.iter().map(|r| r.join(",")).collect::<Vec<_>>().join("\n") + "\n";
         }
-        let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
         rows.iter()
             .map(|r| r.iter().zip(&widths).map(|(cell, w)| format!("{cell:>w$}")).collect::<Vec<_>>().join("  "))
             .collect::<Vec<_>>()

@@ -17,7 +17,8 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use switch_model::SwitchTransformer;
 
-pub const METRICS_HEADER: &str = "step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity";
+pub const METRICS_HEADER: &str =
+    "step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity";
 pub const ROUTING_HEADER: &str = "step,layer,expert,load_fraction,drop_fraction,router_entropy";
 
 /// Seconds since the Unix epoch.
@@ -138,7 +139,12 @@ impl RunDir {
             for (i, line) in BufReader::new(f).lines().enumerate() {
                 let line = line?;
                 let first = line.split(',').next().unwrap_or("");
-                let keep = if i == 0 { line.starts_with("step,") } else { first.parse::<u64>().is_ok_and(|s| s <= step) && line.split(',').count() == if name == "metrics.csv" { 10 } else { 6 } };
+                let keep = if i == 0 {
+                    line.starts_with("step,")
+                } else {
+                    first.parse::<u64>().is_ok_and(|s| s <= step)
+                        && line.split(',').count() == if name == "metrics.csv" { 10 } else { 6 }
+                };
                 if keep {
                     kept.push_str(&line);
                     kept.push('\n');
@@ -150,7 +156,13 @@ impl RunDir {
     }
 
     /// Writes weights and optimizer moments to `checkpoint/` via a temporary folder and renames.
-    pub fn save_checkpoint(&self, model: &mut SwitchTransformer<Dev>, opt: &AdamW, step: u64, wall_s: f64) -> std::io::Result<()> {
+    pub fn save_checkpoint(
+        &self,
+        model: &mut SwitchTransformer<Dev>,
+        opt: &AdamW,
+        step: u64,
+        wall_s: f64,
+    ) -> std::io::Result<()> {
         let tmp = self.path.join("checkpoint.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
@@ -180,17 +192,31 @@ impl RunDir {
 
     /// Restores weights and optimizer state if a checkpoint exists (also one left as `checkpoint.old`
     /// by a crash between the two renames).
-    pub fn load_checkpoint(&self, model: &mut SwitchTransformer<Dev>, opt: &mut AdamW) -> anyhow::Result<Option<CheckpointState>> {
-        let dir = [self.path.join("checkpoint"), self.path.join("checkpoint.old")].into_iter().find(|d| d.join("state.json").exists());
+    pub fn load_checkpoint(
+        &self,
+        model: &mut SwitchTransformer<Dev>,
+        opt: &mut AdamW,
+    ) -> anyhow::Result<Option<CheckpointState>> {
+        let dir = [self.path.join("checkpoint"), self.path.join("checkpoint.old")]
+            .into_iter()
+            .find(|d| d.join("state.json").exists());
         let Some(dir) = dir else { return Ok(None) };
         let state: CheckpointState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
         let bytes = std::fs::read(dir.join("tensors.bin"))?;
         let floats: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let mut params = model.params_mut();
-        anyhow::ensure!(params.len() == state.params.len(), "checkpoint in {} does not match this config's model", dir.display());
+        anyhow::ensure!(
+            params.len() == state.params.len(),
+            "checkpoint in {} does not match this config's model",
+            dir.display()
+        );
         let mut at = 0;
         for (i, ((name, p), (saved, n))) in params.iter_mut().zip(&state.params).enumerate() {
-            anyhow::ensure!(name == saved && p.shape().0 == *n && at + 3 * n <= floats.len(), "checkpoint in {} does not match parameter {name}", dir.display());
+            anyhow::ensure!(
+                name == saved && p.shape().0 == *n && at + 3 * n <= floats.len(),
+                "checkpoint in {} does not match parameter {name}",
+                dir.display()
+            );
             p.copy_from(&floats[at..at + n]);
             opt.m[i].copy_from_slice(&floats[at + n..at + 2 * n]);
             opt.v[i].copy_from_slice(&floats[at + 2 * n..at + 3 * n]);

@@ -47,7 +47,8 @@ impl RunFile {
         }
     }
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot be read ({e})", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot be read ({e})", path.display()))?;
         serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
     pub fn yaml(&self) -> String {
@@ -79,7 +80,10 @@ impl SweepSummary {
     pub fn describe(&self) -> String {
         let mut s = format!(
             "{} trained, {} already done, {} failed, {} interrupted",
-            self.done.len(), self.skipped_done.len(), self.failed.len() + self.skipped_failed.len(), self.interrupted.len()
+            self.done.len(),
+            self.skipped_done.len(),
+            self.failed.len() + self.skipped_failed.len(),
+            self.interrupted.len()
         );
         for (id, e) in &self.failed {
             s.push_str(&format!("\n  failed {id}: {e}"));
@@ -129,7 +133,12 @@ impl Drop for SweepLock {
 }
 
 /// The run folders of a sweep and what each one's state asks for.
-pub fn pending_runs<'a>(plan: &'a Plan, sweep_dir: &Path, retry_failed: bool, summary: &mut SweepSummary) -> Vec<&'a PlannedRun> {
+pub fn pending_runs<'a>(
+    plan: &'a Plan,
+    sweep_dir: &Path,
+    retry_failed: bool,
+    summary: &mut SweepSummary,
+) -> Vec<&'a PlannedRun> {
     let mut pending = Vec::new();
     for r in &plan.runs {
         match RunDir::new(sweep_dir.join("runs").join(&r.run_id)).read_status().map(|s| s.state) {
@@ -162,14 +171,28 @@ pub fn default_split(pending: usize) -> (usize, usize) {
 }
 
 /// Trains one run in its folder (created here), recording failure in `status.json`.
-pub fn run_one(plan_name: &str, run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> anyhow::Result<Outcome> {
+pub fn run_one(
+    plan_name: &str,
+    run: &RunFile,
+    ds: &Dataset,
+    dir: &RunDir,
+    progress: train::Progress,
+) -> anyhow::Result<Outcome> {
     let _ = plan_name;
     dir.create(&run.yaml())?;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train::train(&run.config, ds, dir, stop_flag(), progress)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train::train(&run.config, ds, dir, stop_flag(), progress)
+    }));
     let err = match result {
         Ok(Ok(o)) => return Ok(o),
         Ok(Err(e)) => format!("{e:#}"),
-        Err(p) => format!("panic: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()),
+        Err(p) => format!(
+            "panic: {}",
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        ),
     };
     let mut status = dir.read_status().unwrap_or_else(|| Status::new(&run.config));
     status.state = "failed".into();
@@ -182,7 +205,12 @@ pub fn run_one(plan_name: &str, run: &RunFile, ds: &Dataset, dir: &RunDir, progr
 /// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`.
 pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let sweep_dir = opts.results_root.join(&plan.name);
-    std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| anyhow::anyhow!("cannot create the results folder {} ({e}): choose a writable --results folder", sweep_dir.display()))?;
+    std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the results folder {} ({e}): choose a writable --results folder",
+            sweep_dir.display()
+        )
+    })?;
     let _lock = SweepLock::acquire(&sweep_dir)?;
     if let Ok(grid) = std::fs::read(&plan.path) {
         rundir::write_atomic(&sweep_dir.join("grid.yaml"), &grid)?;
@@ -197,13 +225,26 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let data = datasets(&pending.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &opts.results_root)?;
     let (jobs, threads) = default_split(pending.len());
     let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
-    tracing::info!("sweep {}: {} runs to train ({} done), {jobs} at a time with {threads} thread(s) each", plan.name, pending.len(), summary.skipped_done.len());
+    tracing::info!(
+        "sweep {}: {} runs to train ({} done), {jobs} at a time with {threads} thread(s) each",
+        plan.name,
+        pending.len(),
+        summary.skipped_done.len()
+    );
 
-    let bars = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let bars = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
     let plain = !std::io::stderr().is_terminal();
     let total_steps: u64 = pending.iter().map(|r| r.config.train.steps).sum();
     let overall = bars.add(ProgressBar::new(total_steps));
-    overall.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps, ETA {eta}").expect("template").progress_chars("=> "));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps, ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     overall.set_prefix(plan.name.clone());
 
     let next = AtomicUsize::new(0);
@@ -222,7 +263,11 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
                     let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
                     let dir = RunDir::new(sweep_dir.join("runs").join(&run.run_id));
                     let bar = bars.insert_before(&overall, ProgressBar::new(run.config.train.steps));
-                    bar.set_style(ProgressStyle::with_template("{prefix:>14} [{bar:20}] {pos}/{len} {msg}").expect("template").progress_chars("=> "));
+                    bar.set_style(
+                        ProgressStyle::with_template("{prefix:>14} [{bar:20}] {pos}/{len} {msg}")
+                            .expect("template")
+                            .progress_chars("=> "),
+                    );
                     bar.set_prefix(run.run_id.clone());
                     let steps_before = dir.read_status().map(|s| s.steps_done).unwrap_or(0);
                     bar.set_position(steps_before);
@@ -236,7 +281,11 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
                         let prev = last.swap(step as usize, Ordering::SeqCst) as u64;
                         overall.inc(step.saturating_sub(prev));
                         if plain && (step % eval_every == 0 || step == run.config.train.steps) {
-                            tracing::info!("{} {label}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s", run.run_id, run.config.train.steps);
+                            tracing::info!(
+                                "{} {label}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
+                                run.run_id,
+                                run.config.train.steps
+                            );
                         }
                     };
                     let outcome = pool.install(|| run_one(&plan.name, &file, ds, &dir, &progress));
@@ -244,7 +293,10 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
                     if let Err(e) = &outcome {
                         tracing::warn!("{} {label} failed: {e:#}", run.run_id);
                     }
-                    results.lock().expect("no poisoning").push((run.run_id.clone(), outcome.map_err(|e| format!("{e:#}"))));
+                    results
+                        .lock()
+                        .expect("no poisoning")
+                        .push((run.run_id.clone(), outcome.map_err(|e| format!("{e:#}"))));
                 }
             });
         }
@@ -258,7 +310,8 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         }
     }
     // Runs never started because of Ctrl-C count as interrupted.
-    let started: Vec<String> = summary.done.iter().chain(&summary.interrupted).chain(summary.failed.iter().map(|(i, _)| i)).cloned().collect();
+    let started: Vec<String> =
+        summary.done.iter().chain(&summary.interrupted).chain(summary.failed.iter().map(|(i, _)| i)).cloned().collect();
     for r in pending {
         if !started.contains(&r.run_id) {
             summary.interrupted.push(r.run_id.clone());

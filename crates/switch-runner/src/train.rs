@@ -28,7 +28,14 @@ impl AdamW {
     }
 
     /// One update of `params` with `grads` (already clipped) at optimizer step `t` (1-based).
-    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], t: u64, lr: f64, cfg: &crate::config::TrainConfig) {
+    pub fn step(
+        &mut self,
+        params: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+        t: u64,
+        lr: f64,
+        cfg: &crate::config::TrainConfig,
+    ) {
         let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
         let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
         let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
@@ -45,11 +52,22 @@ impl AdamW {
 
 fn to_batch(e: Example, cfg: &RunConfig) -> Batch {
     let (encoder_len, decoder_len) = cfg.lengths();
-    Batch { batch_size: e.batch_size, encoder_len, decoder_len, encoder_ids: e.encoder_ids, decoder_input_ids: e.decoder_input_ids, targets: e.targets }
+    Batch {
+        batch_size: e.batch_size,
+        encoder_len,
+        decoder_len,
+        encoder_ids: e.encoder_ids,
+        decoder_input_ids: e.decoder_input_ids,
+        targets: e.targets,
+    }
 }
 
 /// Held-out cross-entropy per target token, and per-layer routing statistics averaged over the batches.
-pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig) -> (f64, Vec<switch_model::RoutingStats>) {
+pub fn evaluate(
+    model: &SwitchTransformer<Dev>,
+    ds: &Dataset,
+    cfg: &RunConfig,
+) -> (f64, Vec<switch_model::RoutingStats>) {
     let batches = ds.eval_batches(cfg.train.eval_batch_size);
     let (mut total, mut count) = (0.0f64, 0usize);
     let mut routing: Vec<switch_model::RoutingStats> = Vec::new();
@@ -60,7 +78,15 @@ pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig) -
         total += out.cross_entropy as f64 * n as f64;
         count += n;
         if routing.is_empty() {
-            routing = ctx.routing.iter().map(|s| switch_model::RoutingStats { load_fraction: vec![0.0; s.load_fraction.len()], drop_fraction: 0.0, router_entropy: 0.0 }).collect();
+            routing = ctx
+                .routing
+                .iter()
+                .map(|s| switch_model::RoutingStats {
+                    load_fraction: vec![0.0; s.load_fraction.len()],
+                    drop_fraction: 0.0,
+                    router_entropy: 0.0,
+                })
+                .collect();
         }
         for (acc, s) in routing.iter_mut().zip(&ctx.routing) {
             let w = n as f32;
@@ -100,7 +126,13 @@ pub type Progress<'a> = &'a (dyn Fn(u64, f32, f64) + Sync);
 
 /// Trains (or resumes) the run in `dir` to its last step. Errors and non-finite losses are
 /// returned as `Err` for the caller to record as `failed`.
-pub fn train(cfg: &RunConfig, ds: &Dataset, dir: &RunDir, stop: &AtomicBool, progress: Progress) -> anyhow::Result<Outcome> {
+pub fn train(
+    cfg: &RunConfig,
+    ds: &Dataset,
+    dir: &RunDir,
+    stop: &AtomicBool,
+    progress: Progress,
+) -> anyhow::Result<Outcome> {
     let dev = Dev::default();
     let t = &cfg.train;
     let mut model = SwitchTransformer::new(&dev, &cfg.model, t.seed)?;
@@ -157,16 +189,36 @@ pub fn train(cfg: &RunConfig, ds: &Dataset, dir: &RunDir, stop: &AtomicBool, pro
 
         let done = step + 1;
         let last = done == t.steps;
-        let drop_fraction = if ctx.routing.is_empty() { 0.0 } else { ctx.routing.iter().map(|r| r.drop_fraction).sum::<f32>() / ctx.routing.len() as f32 };
+        let drop_fraction = if ctx.routing.is_empty() {
+            0.0
+        } else {
+            ctx.routing.iter().map(|r| r.drop_fraction).sum::<f32>() / ctx.routing.len() as f32
+        };
         if done % t.eval_every == 0 || done % t.log_every == 0 || last {
             let wall = wall_offset + started.elapsed().as_secs_f64();
-            let (eval_loss, routing) = if done % t.eval_every == 0 || last { let (l, r) = evaluate(&model, ds, cfg); (Some(l), r) } else { (None, vec![]) };
+            let (eval_loss, routing) = if done % t.eval_every == 0 || last {
+                let (l, r) = evaluate(&model, ds, cfg);
+                (Some(l), r)
+            } else {
+                (None, vec![])
+            };
             let eval_cols = eval_loss.map(|l| format!("{l:.6},{:.6}", -l)).unwrap_or_else(|| ",".into());
-            writeln!(metrics, "{done},{},{wall:.3},{lr:.6e},{:.6},{:.6},{:.6},{drop_fraction:.6},{eval_cols}", done * tokens_per_step, out.cross_entropy, out.balance_loss, out.z_loss)?;
+            writeln!(
+                metrics,
+                "{done},{},{wall:.3},{lr:.6e},{:.6},{:.6},{:.6},{drop_fraction:.6},{eval_cols}",
+                done * tokens_per_step,
+                out.cross_entropy,
+                out.balance_loss,
+                out.z_loss
+            )?;
             metrics.flush()?;
             for (name, r) in layer_names.iter().zip(&routing) {
                 for (e, load) in r.load_fraction.iter().enumerate() {
-                    writeln!(routing_log, "{done},{name},{e},{load:.6},{:.6},{:.6}", r.drop_fraction, r.router_entropy)?;
+                    writeln!(
+                        routing_log,
+                        "{done},{name},{e},{load:.6},{:.6},{:.6}",
+                        r.drop_fraction, r.router_entropy
+                    )?;
                 }
             }
             routing_log.flush()?;

@@ -41,20 +41,31 @@ fn grids_expand_cartesian_zip_points_exclude_and_seeds() {
     assert!(p.runs.iter().all(|r| r.flops_ratio == 1.0));
 
     let z = switch_runner::plan(&grid(tmp.path(), "z", "zip:\n  model.num_experts: [1, 4, 4]\n  model.top_k: [1, 1, 2]\npoints:\n  - { model.num_experts: 8 }\nbaseline: { model.num_experts: 1 }\nflops_per_token: free\n")).unwrap();
-    let pairs: Vec<(usize, usize)> = z.runs.iter().map(|r| (r.config.model.num_experts, r.config.model.top_k)).collect();
+    let pairs: Vec<(usize, usize)> =
+        z.runs.iter().map(|r| (r.config.model.num_experts, r.config.model.top_k)).collect();
     assert_eq!(pairs, vec![(1, 1), (4, 1), (4, 2), (8, 1)]);
     assert!(z.runs[2].flops_ratio > 1.05, "top-2 costs more");
     // Plans are deterministic: the same grid gives the same run ids.
     let again = switch_runner::plan(&tmp.path().join("z.yaml")).unwrap();
-    assert_eq!(z.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>(), again.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>());
+    assert_eq!(
+        z.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>(),
+        again.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>()
+    );
     assert!(z.table(true).starts_with("run_id,model.num_experts,model.top_k,train.seed,baseline,params_total"));
 }
 
 #[test]
 fn flops_are_matched_or_solved_before_training() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = plan_err(tmp.path(), "mm", "zip:\n  model.num_experts: [1, 4]\n  model.top_k: [1, 2]\nbaseline: { model.num_experts: 1 }\n");
-    assert!(err.contains("mm.yaml") && err.contains("match_baseline refuses 1 point") && err.contains("solve"), "{err}");
+    let err = plan_err(
+        tmp.path(),
+        "mm",
+        "zip:\n  model.num_experts: [1, 4]\n  model.top_k: [1, 2]\nbaseline: { model.num_experts: 1 }\n",
+    );
+    assert!(
+        err.contains("mm.yaml") && err.contains("match_baseline refuses 1 point") && err.contains("solve"),
+        "{err}"
+    );
 
     // Switch+ style: solve d_ff of a top-1 point to the FLOPs of a top-2 point.
     let p = switch_runner::plan(&grid(tmp.path(), "solve", "zip:\n  model.num_experts: [1, 4, 4]\n  model.top_k: [1, 2, 1]\n  model.d_ff: [64, 64, 64]\nbaseline: { model.num_experts: 1 }\nflops_per_token: { solve: model.d_ff, points: { model.top_k: 1, model.num_experts: 4 }, target: { model.top_k: 2 } }\n")).unwrap();
@@ -68,7 +79,12 @@ fn flops_are_matched_or_solved_before_training() {
 fn malformed_grids_name_the_file_key_and_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let e = plan_err(tmp.path(), "u1", "grid:\n  model.num_expert: [1, 2]\n");
-    assert!(e.contains("u1.yaml") && e.contains("unknown key `model.num_expert`") && e.contains("did you mean `model.num_experts`"), "{e}");
+    assert!(
+        e.contains("u1.yaml")
+            && e.contains("unknown key `model.num_expert`")
+            && e.contains("did you mean `model.num_experts`"),
+        "{e}"
+    );
     let e = plan_err(tmp.path(), "u2", "gird:\n  model.num_experts: [1]\n");
     assert!(e.contains("unknown field `gird`") && e.contains("line 6") && e.contains("did you mean `grid`"), "{e}");
     let e = plan_err(tmp.path(), "t", "grid:\n  model.num_experts: [one]\n");
@@ -85,13 +101,26 @@ fn malformed_grids_name_the_file_key_and_fix() {
 
 fn read_metrics(dir: &Path) -> Vec<String> {
     // Everything but wall_s, which no two runs share.
-    std::fs::read_to_string(dir.join("metrics.csv")).unwrap().lines().map(|l| { let mut c: Vec<&str> = l.split(',').collect(); c.remove(2); c.join(",") }).collect()
+    std::fs::read_to_string(dir.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut c: Vec<&str> = l.split(',').collect();
+            c.remove(2);
+            c.join(",")
+        })
+        .collect()
 }
 
 #[test]
 fn an_interrupted_run_resumes_to_the_same_numbers() {
     let tmp = tempfile::tempdir().unwrap();
-    let plan = switch_runner::plan(&grid(tmp.path(), "r", "grid:\n  model.num_experts: [4]\nbaseline: { model.num_experts: 4 }\n")).unwrap();
+    let plan = switch_runner::plan(&grid(
+        tmp.path(),
+        "r",
+        "grid:\n  model.num_experts: [4]\nbaseline: { model.num_experts: 4 }\n",
+    ))
+    .unwrap();
     let run = sweep::RunFile::new(&plan, &plan.runs[0]);
     let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
     let ds = data.values().next().unwrap();
@@ -104,15 +133,27 @@ fn an_interrupted_run_resumes_to_the_same_numbers() {
     let resumed = RunDir::new(tmp.path().join("resumed"));
     resumed.create(&run.yaml()).unwrap();
     let stop = AtomicBool::new(false);
-    let out = train::train(&run.config, ds, &resumed, &stop, &|step, _, _| if step == 6 { stop.store(true, Ordering::SeqCst) }).unwrap();
+    let out = train::train(&run.config, ds, &resumed, &stop, &|step, _, _| {
+        if step == 6 {
+            stop.store(true, Ordering::SeqCst)
+        }
+    })
+    .unwrap();
     assert_eq!(out, Outcome::Interrupted);
     assert_eq!(resumed.read_status().unwrap().state, "running");
     assert_eq!(resumed.read_status().unwrap().steps_done, 6);
     // A crash after the checkpoint may leave extra log rows: they are dropped on resume.
-    std::fs::write(resumed.path.join("metrics.csv"), std::fs::read_to_string(resumed.path.join("metrics.csv")).unwrap() + "8,1,2,3,4,5,6,7,8,9\n9,1,2").unwrap();
+    std::fs::write(
+        resumed.path.join("metrics.csv"),
+        std::fs::read_to_string(resumed.path.join("metrics.csv")).unwrap() + "8,1,2,3,4,5,6,7,8,9\n9,1,2",
+    )
+    .unwrap();
     assert_eq!(train::train(&run.config, ds, &resumed, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
     assert_eq!(read_metrics(&straight.path), read_metrics(&resumed.path));
-    assert_eq!(std::fs::read_to_string(straight.path.join("routing.csv")).unwrap(), std::fs::read_to_string(resumed.path.join("routing.csv")).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(straight.path.join("routing.csv")).unwrap(),
+        std::fs::read_to_string(resumed.path.join("routing.csv")).unwrap()
+    );
     let s = resumed.read_status().unwrap();
     assert_eq!((s.state.as_str(), s.steps_done), ("done", 12));
     assert_eq!(s.final_eval_loss, straight.read_status().unwrap().final_eval_loss);
@@ -123,7 +164,12 @@ fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let path = grid(tmp.path(), "f", "grid:\n  model.init_scale: [0.1, 1.0e30]\nbaseline: { model.init_scale: 0.1 }\n");
     let plan = switch_runner::plan(&path).unwrap();
-    let opts = SweepOptions { results_root: tmp.path().join("results"), jobs: Some(2), threads_per_run: Some(1), retry_failed: false };
+    let opts = SweepOptions {
+        results_root: tmp.path().join("results"),
+        jobs: Some(2),
+        threads_per_run: Some(1),
+        retry_failed: false,
+    };
     let summary = sweep::sweep(&plan, &opts).unwrap();
     assert_eq!(summary.done.len(), 1);
     assert_eq!(summary.failed.len(), 1);

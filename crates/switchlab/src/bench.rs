@@ -38,7 +38,12 @@ fn short_plan(grid: &Path, steps: u64, points: usize) -> anyhow::Result<switch_r
 
 fn timed_sweep(plan: &switch_runner::Plan, jobs: usize, threads: usize) -> anyhow::Result<f64> {
     let dir = tempfile_dir()?;
-    let opts = SweepOptions { results_root: dir.clone(), jobs: Some(jobs), threads_per_run: Some(threads), retry_failed: false };
+    let opts = SweepOptions {
+        results_root: dir.clone(),
+        jobs: Some(jobs),
+        threads_per_run: Some(threads),
+        retry_failed: false,
+    };
     // Build the datasets first (cached) so only training is timed.
     sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), Path::new("results"))?;
     let cache = Path::new("results/.cache");
@@ -55,7 +60,11 @@ fn timed_sweep(plan: &switch_runner::Plan, jobs: usize, threads: usize) -> anyho
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("switchlab-bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    let dir = std::env::temp_dir().join(format!(
+        "switchlab-bench-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
     Ok(dir)
 }
 
@@ -82,7 +91,10 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
         Bench::Sweep { grid, steps } => {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let plan = short_plan(&grid, steps, 4)?;
-            let tokens_per_run = |r: &switch_runner::grid::PlannedRun| { let (le, ld) = r.config.lengths(); (r.config.train.batch_size * (le + ld)) as f64 * steps as f64 };
+            let tokens_per_run = |r: &switch_runner::grid::PlannedRun| {
+                let (le, ld) = r.config.lengths();
+                (r.config.train.batch_size * (le + ld)) as f64 * steps as f64
+            };
             let total_tokens: f64 = plan.runs.iter().map(tokens_per_run).sum();
             let mut alone = plan.clone();
             alone.runs.truncate(1);
@@ -96,15 +108,26 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
                 let threads = (cores / jobs).max(1);
                 let secs = timed_sweep(&plan, jobs, threads)?;
                 let agg = total_tokens / secs;
-                println!("{jobs} run(s) at once × {threads} thread(s): {agg:.0} tokens/s aggregate = {:.2} × one run alone", agg / single);
+                println!(
+                    "{jobs} run(s) at once × {threads} thread(s): {agg:.0} tokens/s aggregate = {:.2} × one run alone",
+                    agg / single
+                );
                 if agg > best.0 {
                     best = (agg, jobs, threads);
                 }
                 jobs *= 2;
             }
-            println!("best split: {} run(s) × {} thread(s) (the default on {cores} cores: {:?})", best.1, best.2, sweep::default_split(plan.runs.len()));
-            let flops_per_step = |r: &switch_runner::grid::PlannedRun| 3.0 * r.accounting.flops_per_token * tokens_per_run(r) / steps as f64;
-            let model_flops = plan.runs.iter().map(|r| flops_per_step(r) * steps as f64).sum::<f64>() / (total_tokens / best.0);
+            println!(
+                "best split: {} run(s) × {} thread(s) (the default on {cores} cores: {:?})",
+                best.1,
+                best.2,
+                sweep::default_split(plan.runs.len())
+            );
+            let flops_per_step = |r: &switch_runner::grid::PlannedRun| {
+                3.0 * r.accounting.flops_per_token * tokens_per_run(r) / steps as f64
+            };
+            let model_flops =
+                plan.runs.iter().map(|r| flops_per_step(r) * steps as f64).sum::<f64>() / (total_tokens / best.0);
             let machine = matmul_flops_per_s(cores);
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }

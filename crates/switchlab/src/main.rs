@@ -102,7 +102,8 @@ fn install_ctrl_c() {
 fn plan_with_seeds(grid: &Path, seeds: Option<&[u64]>) -> anyhow::Result<switch_runner::Plan> {
     let Some(seeds) = seeds else { return switch_runner::plan(grid) };
     let text = std::fs::read_to_string(grid).with_context(|| format!("{}: cannot be read", grid.display()))?;
-    let mut value: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", grid.display()))?;
+    let mut value: serde_json::Value =
+        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", grid.display()))?;
     value["seeds"] = serde_json::json!(seeds);
     let tmp = grid.with_file_name(format!(".{}.seeds.yaml", grid.file_stem().unwrap_or_default().to_string_lossy()));
     if value.get("name").is_none() {
@@ -119,7 +120,11 @@ fn plan_with_seeds(grid: &Path, seeds: Option<&[u64]>) -> anyhow::Result<switch_
 /// `experts` → `experiments/experts.yaml` when no such file exists as given.
 fn grid_path(arg: &Path) -> PathBuf {
     let named = Path::new("experiments").join(arg).with_extension("yaml");
-    if !arg.exists() && arg.components().count() == 1 && arg.extension().is_none() && named.exists() { named } else { arg.to_path_buf() }
+    if !arg.exists() && arg.components().count() == 1 && arg.extension().is_none() && named.exists() {
+        named
+    } else {
+        arg.to_path_buf()
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -134,11 +139,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--backend slurm is not available yet; use --backend local");
             }
             install_ctrl_c();
-            let summary = switch_runner::sweep(&plan, &SweepOptions { results_root: results.clone(), jobs, threads_per_run: threads, retry_failed })?;
+            let summary = switch_runner::sweep(
+                &plan,
+                &SweepOptions { results_root: results.clone(), jobs, threads_per_run: threads, retry_failed },
+            )?;
             eprintln!("sweep {}: {}", plan.name, summary.describe());
             eprintln!("results in {}", results.join(&plan.name).display());
             if report {
-                let path = switch_analysis::report(&results.join(&plan.name), &switch_analysis::ReportOptions { threshold: None, at_step: None })?;
+                let path = switch_analysis::report(
+                    &results.join(&plan.name),
+                    &switch_analysis::ReportOptions { threshold: None, at_step: None },
+                )?;
                 eprintln!("report: {}", path.display());
             }
             if !summary.ok() {
@@ -154,7 +165,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             install_ctrl_c();
             let progress = |step: u64, loss: f32, tps: f64| {
                 if step % run.config.train.eval_every == 0 || step == run.config.train.steps {
-                    tracing::info!("{}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s", run.run_id, run.config.train.steps);
+                    tracing::info!(
+                        "{}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
+                        run.run_id,
+                        run.config.train.steps
+                    );
                 }
             };
             let outcome = sweep::run_one(&run.sweep, &run, ds, &switch_runner::rundir::RunDir::new(dir), &progress)?;

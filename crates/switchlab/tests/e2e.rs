@@ -33,7 +33,11 @@ fn plan_sweep_report() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = micro_grid(tmp.path(), 6);
     let csv = run_ok(switchlab().args(["plan", "--format", "csv"]).arg(&grid));
-    assert_eq!(csv, run_ok(switchlab().args(["plan", "--format", "csv"]).arg(&grid)), "run ids are stable across processes");
+    assert_eq!(
+        csv,
+        run_ok(switchlab().args(["plan", "--format", "csv"]).arg(&grid)),
+        "run ids are stable across processes"
+    );
     let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 3);
     let flops = rows[0].iter().position(|c| *c == "flops_per_token").unwrap();
@@ -47,7 +51,9 @@ fn plan_sweep_report() {
         assert!(md.contains(&format!("| {id} |")), "run {id} in the report:\n{md}");
     }
     assert!(md.contains("| Dense | 1 |") && md.contains("| Switch-4, cf 1.25 | 4 |"), "{md}");
-    for f in ["quality_vs_step.png", "quality_vs_step.svg", "quality_vs_params.png", "routing_min_load.png", "summary.csv"] {
+    for f in
+        ["quality_vs_step.png", "quality_vs_step.svg", "quality_vs_params.png", "routing_min_load.png", "summary.csv"]
+    {
         assert!(report.join(f).exists(), "{f}");
     }
     // A second sweep finds everything done and trains nothing.
@@ -61,11 +67,18 @@ fn ctrl_c_checkpoints_and_the_same_command_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = micro_grid(tmp.path(), 400);
     let results = tmp.path().join("results");
-    let mut child = switchlab().arg("sweep").arg(&grid).arg("--results").arg(&results).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        switchlab().arg("sweep").arg(&grid).arg("--results").arg(&results).stderr(Stdio::piped()).spawn().unwrap();
     // Wait until both runs have logged a few steps, then interrupt.
     let start = Instant::now();
     let logged = |results: &Path| -> usize {
-        std::fs::read_dir(results.join("micro/runs")).map(|d| d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("metrics.csv")).ok()).filter(|m| m.lines().count() > 5).count()).unwrap_or(0)
+        std::fs::read_dir(results.join("micro/runs"))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("metrics.csv")).ok())
+                    .filter(|m| m.lines().count() > 5)
+                    .count()
+            })
+            .unwrap_or(0)
     };
     while logged(&results) < 2 {
         assert!(start.elapsed() < Duration::from_secs(120), "runs never started");
