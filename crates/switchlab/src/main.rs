@@ -3,6 +3,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use switch_runner::slurm;
 use switch_runner::sweep::{self, RunFile, SweepOptions};
 
 mod bench;
@@ -59,7 +60,15 @@ enum Command {
         /// Write the report (results/<sweep>/report) when the sweep ends.
         #[arg(long)]
         report: bool,
+        /// Slurm: block until the array job ends, then write the report.
+        #[arg(long)]
+        wait: bool,
+        /// Slurm: write the sbatch script and print the command without submitting.
+        #[arg(long)]
+        dry_run: bool,
     },
+    /// Show each run's state in a sweep folder, joined with Slurm's view of its jobs.
+    Status { sweep_dir: PathBuf },
     /// Train one run folder from its config.yaml (what each Slurm task runs).
     Train { config: PathBuf },
     /// Write tables and figures for a sweep folder (results/<sweep>) into its report/ folder.
@@ -133,10 +142,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let plan = switch_runner::plan(&grid_path(&grid))?;
             print!("{}", plan.table(matches!(format, Format::Csv)));
         }
-        Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend, report } => {
+        Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend, report, wait, dry_run } => {
             let plan = plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
             if backend == Backend::Slurm {
-                anyhow::bail!("--backend slurm is not available yet; use --backend local");
+                if let Some(cfg) = &plan.slurm {
+                    cfg.validate(&plan.path)?;
+                }
+                // Tokenize once here, so array tasks find the cache instead of racing to build it.
+                sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &results)?;
+                let sub = slurm::submit(&plan, &results, retry_failed, dry_run)?;
+                let sweep_dir = results.join(&plan.name);
+                eprintln!("sweep {}: {} run(s) to submit, {} already done", plan.name, sub.tasks, sub.summary.skipped_done.len());
+                match &sub.job_id {
+                    Some(id) => eprintln!("submitted array job {id} ({} tasks): {}", sub.tasks, sub.command),
+                    None if dry_run => println!("{}", sub.command),
+                    None => eprintln!("nothing to submit"),
+                }
+                if wait && sub.job_id.is_some() {
+                    slurm::wait(&sweep_dir, std::time::Duration::from_secs(2));
+                    eprint!("{}", slurm::status_table(&sweep_dir)?);
+                    let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold: None, at_step: None })?;
+                    eprintln!("report: {}", path.display());
+                }
+                return Ok(());
             }
             install_ctrl_c();
             let summary = switch_runner::sweep(
@@ -180,6 +208,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let sweep_dir = if !sweep_dir.exists() && named.exists() { named } else { sweep_dir };
             let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold, at_step })?;
             println!("{}", path.display());
+        }
+        Command::Status { sweep_dir } => {
+            let named = Path::new("results").join(&sweep_dir);
+            let sweep_dir = if !sweep_dir.exists() && named.exists() { named } else { sweep_dir };
+            print!("{}", slurm::status_table(&sweep_dir)?);
         }
         Command::Bench { what } => bench::run(what)?,
     }
