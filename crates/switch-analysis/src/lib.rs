@@ -365,13 +365,11 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         if pts.len() > 1 {
-            cap_series.push(Series {
-                name: if *k == 1 { "Switch (top-1)".into() } else { "MoE (top-2)".into() },
-                points: pts,
-                band: vec![],
-                color: color(i),
-                highlight: false,
-            });
+            cap_series.push(Series::line(
+                if *k == 1 { "Switch (top-1)" } else { "MoE (top-2)" },
+                pts,
+                color(i),
+            ));
         }
     }
     let has_capacity_plot = !cap_series.is_empty();
@@ -408,13 +406,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                     )
                 })
                 .collect();
-            Series {
-                name: format!("{} {}", r.model_name(), r.id),
-                points: pts,
-                band: vec![],
-                color: color(i),
-                highlight: false,
-            }
+            Series::line(format!("{} {}", r.model_name(), r.id), pts, color(i))
         })
         .collect();
     plots::write(
@@ -432,12 +424,12 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         .iter()
         .filter(|r| r.num_experts > 1)
         .enumerate()
-        .map(|(i, r)| Series {
-            name: format!("{} {}", r.model_name(), r.id),
-            points: r.curve.iter().map(|p| (p.step, p.drop_fraction)).collect(),
-            band: vec![],
-            color: color(i),
-            highlight: false,
+        .map(|(i, r)| {
+            Series::line(
+                format!("{} {}", r.model_name(), r.id),
+                r.curve.iter().map(|p| (p.step, p.drop_fraction)).collect(),
+                color(i),
+            )
         })
         .collect();
     plots::write(

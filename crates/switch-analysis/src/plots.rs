@@ -24,6 +24,13 @@ pub struct Series {
     pub highlight: bool,
 }
 
+impl Series {
+    /// A plain line: no band, normal width.
+    pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>, color: RGBColor) -> Self {
+        Self { name: name.into(), points, band: vec![], color, highlight: false }
+    }
+}
+
 pub struct Chart<'a> {
     pub title: &'a str,
     pub x_label: &'a str,

@@ -45,7 +45,12 @@ impl SlurmConfig {
         let bad = |key: &str, msg: String| anyhow::anyhow!("{}: slurm.{key}: {msg}", grid.display());
         if let Some(t) = &self.time {
             if !time_ok(t) {
-                return Err(bad("time", format!("`{t}` is not a Slurm time limit: use minutes (`30`), `HH:MM:SS` or `D-HH:MM:SS`, with no sign")));
+                return Err(bad(
+                    "time",
+                    format!(
+                        "`{t}` is not a Slurm time limit: use minutes (`30`), `HH:MM:SS` or `D-HH:MM:SS`, with no sign"
+                    ),
+                ));
             }
         }
         if self.cpus_per_task == Some(0) {
@@ -61,7 +66,10 @@ impl SlurmConfig {
             }
         }
         if self.require_partition && self.partition.as_deref().map_or(true, str::is_empty) {
-            return Err(bad("partition", "is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`".into()));
+            return Err(bad(
+                "partition",
+                "is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`".into(),
+            ));
         }
         for line in &self.extra {
             if !line.starts_with("--") || line.contains('\n') {
@@ -102,8 +110,9 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
     let cfg = plan.slurm.clone().unwrap_or_default();
     cfg.validate(&plan.path)?;
     let sweep_dir = results_root.join(&plan.name);
-    std::fs::create_dir_all(sweep_dir.join("slurm"))
-        .map_err(|e| anyhow::anyhow!("cannot create {} ({e}): choose a writable --results folder", sweep_dir.display()))?;
+    std::fs::create_dir_all(sweep_dir.join("slurm")).map_err(|e| {
+        anyhow::anyhow!("cannot create {} ({e}): choose a writable --results folder", sweep_dir.display())
+    })?;
     let sweep_dir = std::fs::canonicalize(&sweep_dir)?;
     let mut summary = SweepSummary::default();
     let pending = pending_runs(plan, &sweep_dir, retry_failed, &mut summary);
@@ -143,11 +152,9 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
     if pending.is_empty() || dry_run {
         return Ok(Submission { script: path, command, job_id: None, tasks: pending.len(), summary });
     }
-    let out = Command::new("sbatch")
-        .arg("--parsable")
-        .arg(&path)
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run sbatch ({e}): is Slurm installed here? Use --dry-run to only write the script"))?;
+    let out = Command::new("sbatch").arg("--parsable").arg(&path).output().map_err(|e| {
+        anyhow::anyhow!("cannot run sbatch ({e}): is Slurm installed here? Use --dry-run to only write the script")
+    })?;
     anyhow::ensure!(out.status.success(), "sbatch refused the job: {}", String::from_utf8_lossy(&out.stderr).trim());
     let job_id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or("").to_string();
     let jobs = sweep_dir.join("slurm/jobs.txt");

@@ -152,7 +152,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &results)?;
                 let sub = slurm::submit(&plan, &results, retry_failed, dry_run)?;
                 let sweep_dir = results.join(&plan.name);
-                eprintln!("sweep {}: {} run(s) to submit, {} already done", plan.name, sub.tasks, sub.summary.skipped_done.len());
+                eprintln!(
+                    "sweep {}: {} run(s) to submit, {} already done",
+                    plan.name,
+                    sub.tasks,
+                    sub.summary.skipped_done.len()
+                );
                 match &sub.job_id {
                     Some(id) => eprintln!("submitted array job {id} ({} tasks): {}", sub.tasks, sub.command),
                     None if dry_run => println!("{}", sub.command),
@@ -161,7 +166,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if wait && sub.job_id.is_some() {
                     slurm::wait(&sweep_dir, std::time::Duration::from_secs(2));
                     eprint!("{}", slurm::status_table(&sweep_dir)?);
-                    let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold: None, at_step: None })?;
+                    let path = switch_analysis::report(
+                        &sweep_dir,
+                        &switch_analysis::ReportOptions { threshold: None, at_step: None },
+                    )?;
                     eprintln!("report: {}", path.display());
                 }
                 return Ok(());

@@ -34,7 +34,12 @@ fn a_micro_sweep_runs_as_a_slurm_array_job() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = grid(tmp.path(), "slurm:\n  cpus_per_task: 1\n  time: \"10\"\n  max_concurrent: 2\n");
     let results = tmp.path().join("results");
-    let out = switchlab().args(["sweep", "--backend", "slurm", "--wait", "--results"]).arg(&results).arg(&grid).output().unwrap();
+    let out = switchlab()
+        .args(["sweep", "--backend", "slurm", "--wait", "--results"])
+        .arg(&results)
+        .arg(&grid)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("submitted array job") && stderr.contains("4 tasks"), "{stderr}");
@@ -45,13 +50,20 @@ fn a_micro_sweep_runs_as_a_slurm_array_job() {
     assert_eq!(runs.len(), 4);
     for run in &runs {
         let s: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("status.json")).unwrap()).unwrap();
-        assert_eq!(s["state"], "done", "{}: {}", run.display(), std::fs::read_to_string(run.join("slurm.log")).unwrap_or_default());
+        assert_eq!(
+            s["state"],
+            "done",
+            "{}: {}",
+            run.display(),
+            std::fs::read_to_string(run.join("slurm.log")).unwrap_or_default()
+        );
     }
     assert!(sweep.join("report/report.md").exists());
     let status = String::from_utf8_lossy(&switchlab().arg("status").arg(&sweep).output().unwrap().stdout).to_string();
     assert_eq!(status.lines().filter(|l| l.contains(" done ")).count(), 4, "{status}");
     // Resubmitting finds nothing left to do.
-    let again = switchlab().args(["sweep", "--backend", "slurm", "--results"]).arg(&results).arg(&grid).output().unwrap();
+    let again =
+        switchlab().args(["sweep", "--backend", "slurm", "--results"]).arg(&results).arg(&grid).output().unwrap();
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to submit"));
 }
 
@@ -66,17 +78,31 @@ fn bad_slurm_settings_are_refused_before_submission() {
         ("slurm:\n  cpus_per_task: -1\n", "cpus_per_task"),
     ] {
         let grid = grid(tmp.path(), block);
-        let out = switchlab().args(["sweep", "--backend", "slurm", "--dry-run", "--results"]).arg(&results).arg(&grid).output().unwrap();
+        let out = switchlab()
+            .args(["sweep", "--backend", "slurm", "--dry-run", "--results"])
+            .arg(&results)
+            .arg(&grid)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("cluster.yaml") && err.contains(needle), "{block}: {err}");
         assert!(!results.join("cluster/runs").exists(), "nothing written for {block}");
     }
     // A dry run writes the script and prints the command, submitting nothing.
     let grid = grid(tmp.path(), "slurm:\n  partition: debug\n  time: \"00:10:00\"\n  extra: [\"--account=ml\"]\n");
-    let out = switchlab().args(["sweep", "--backend", "slurm", "--dry-run", "--results"]).arg(&results).arg(&grid).output().unwrap();
+    let out = switchlab()
+        .args(["sweep", "--backend", "slurm", "--dry-run", "--results"])
+        .arg(&results)
+        .arg(&grid)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("sbatch --parsable"));
     let script = std::fs::read_to_string(results.join("cluster/slurm/sweep.sbatch")).unwrap();
-    assert!(script.contains("#SBATCH --partition=debug") && script.contains("#SBATCH --account=ml") && script.contains(" train \"$CONFIG\""));
+    assert!(
+        script.contains("#SBATCH --partition=debug")
+            && script.contains("#SBATCH --account=ml")
+            && script.contains(" train \"$CONFIG\"")
+    );
     assert!(!results.join("cluster/slurm/jobs.txt").exists());
 }
