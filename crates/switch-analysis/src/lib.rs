@@ -103,8 +103,8 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     let first = &runs[0];
     writeln!(md, "# Sweep `{name}`\n")?;
     writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of T5-style span corruption on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", runs.len(), groups.len(), seeds)?;
-    writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {}-token vocabulary, public-domain books and the Brown corpus instead of C4. Compare trends, not absolute values.\n",
-        plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, "sub-word")?;
+    writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
+        plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;
     if let Some(t) = threshold {
         writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final quality). Quality @ N uses N = {at_step:.0}.\n")?;
     }
@@ -313,6 +313,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             x_label: "training step",
             y_label: "neg log perplexity (nats)",
             log_x: false,
+            legend_upper: false,
             series: series(&|g| g.mean_curve()),
         },
     )?;
@@ -327,6 +328,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             x_label: "seconds",
             y_label: "neg log perplexity (nats)",
             log_x: false,
+            legend_upper: false,
             series: series(&wall),
         },
     )?;
@@ -343,6 +345,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             x_label: "total parameters (log scale)",
             y_label: "neg log perplexity (nats)",
             log_x: true,
+            legend_upper: false,
             series: vec![Series {
                 name: "Switch (dense at the left)".into(),
                 points: by_params.iter().map(|p| (p.0, p.1)).collect(),
@@ -365,11 +368,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         if pts.len() > 1 {
-            cap_series.push(Series::line(
-                if *k == 1 { "Switch (top-1)" } else { "MoE (top-2)" },
-                pts,
-                color(i),
-            ));
+            cap_series.push(Series::line(if *k == 1 { "Switch (top-1)" } else { "MoE (top-2)" }, pts, color(i)));
         }
     }
     let has_capacity_plot = !cap_series.is_empty();
@@ -382,6 +381,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                 x_label: "capacity factor",
                 y_label: "neg log perplexity (nats)",
                 log_x: false,
+                legend_upper: false,
                 series: cap_series,
             },
         )?;
@@ -417,6 +417,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             x_label: "training step",
             y_label: "min expert load × experts",
             log_x: false,
+            legend_upper: true,
             series: balance,
         },
     )?;
@@ -440,6 +441,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             x_label: "training step",
             y_label: "dropped fraction",
             log_x: false,
+            legend_upper: true,
             series: drops,
         },
     )?;

@@ -37,6 +37,8 @@ pub struct Chart<'a> {
     pub y_label: &'a str,
     /// Plot x on a log10 axis.
     pub log_x: bool,
+    /// Legend in the upper right (for falling or flat curves) instead of the lower right.
+    pub legend_upper: bool,
     pub series: Vec<Series>,
 }
 
@@ -132,7 +134,7 @@ where
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
-        .position(SeriesLabelPosition::LowerRight)
+        .position(if chart.legend_upper { SeriesLabelPosition::UpperRight } else { SeriesLabelPosition::LowerRight })
         .draw()
         .map_err(e)?;
     root.present().map_err(e)

@@ -43,6 +43,10 @@ pub struct Run {
     pub params_total: u64,
     pub params_active: u64,
     pub flops_per_token: f64,
+    /// e.g. "2048-entry bpe".
+    pub vocabulary: String,
+    /// "the embedded public-domain corpus" or the user corpus path.
+    pub corpus: String,
     pub curve: Vec<EvalPoint>,
     pub final_step: f64,
     pub final_wall_s: f64,
@@ -194,6 +198,15 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             params_total: num(&cfg, "params_total").unwrap_or(0.0) as u64,
             params_active: num(&cfg, "params_active").unwrap_or(0.0) as u64,
             flops_per_token: num(&cfg, "flops_per_token").unwrap_or(0.0),
+            vocabulary: format!(
+                "{}-entry {}",
+                num(&cfg, "model.vocab_size").unwrap_or(0.0),
+                get(&cfg, "data.tokenizer").and_then(Value::as_str).unwrap_or("?")
+            ),
+            corpus: match get(&cfg, "data.corpus").and_then(Value::as_str) {
+                Some("default") | None => "the embedded public-domain books and Brown corpus (19 MB)".into(),
+                Some(path) => format!("the corpus `{path}`"),
+            },
             curve: vec![],
             final_step: 0.0,
             final_wall_s: 0.0,
