@@ -367,7 +367,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             .filter_map(|g| g.final_quality().map(|q| (g.first().capacity_factor, q.0)))
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        if pts.len() > 1 {
+        if pts.windows(2).any(|w| w[0].0 != w[1].0) {
             cap_series.push(Series::line(if *k == 1 { "Switch (top-1)" } else { "MoE (top-2)" }, pts, color(i)));
         }
     }
