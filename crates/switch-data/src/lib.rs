@@ -197,6 +197,20 @@ impl Dataset {
                 }
             }
         }
+        // A token covers at least one byte, so text shorter than the split needs in tokens cannot
+        // fill it: refuse before training a tokenizer or writing the cache.
+        let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
+        let held_bytes: usize = held_text.iter().map(|t| t.len()).sum();
+        if held_bytes < cfg.eval_examples * spans.raw_len {
+            return Err(DataError::new(
+                &what,
+                format!(
+                    "gives a held-out split of {held_bytes} bytes; {} examples of {} raw tokens need more",
+                    cfg.eval_examples, spans.raw_len
+                ),
+                "add text, raise data.held_out_fraction or lower data.eval_examples",
+            ));
+        }
         let corpus_hash =
             sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
         let key = format!(
@@ -214,7 +228,6 @@ impl Dataset {
         let train_tokens = tokenizer::cached_ids(&dir.join("train.u32"), || vocab.encode_chunks(&train_text))?;
         let held_out_tokens = tokenizer::cached_ids(&dir.join("held_out.u32"), || vocab.encode_chunks(&held_text))?;
 
-        let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
         if train_tokens.len() < spans.raw_len * 8 {
             return Err(DataError::new(
                 &what,

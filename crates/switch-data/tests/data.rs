@@ -168,6 +168,7 @@ fn bad_corpora_get_clear_errors() {
     let small = tmp.path().join("small.txt");
     std::fs::write(&small, "a short text\n".repeat(50)).unwrap();
     check(&small, "held-out split");
+    assert!(!cache.exists(), "a refused corpus writes nothing to the cache");
     let jsonl = tmp.path().join("bad.jsonl");
     std::fs::write(&jsonl, "{\"body\": \"x\"}\n").unwrap();
     let err = Dataset::build(&cfg(&jsonl, TokenizerKind::Byte), &cache).err().unwrap().to_string();

@@ -276,7 +276,7 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
     }
 
     let mut runs = Vec::new();
-    for (p, _) in points.iter().zip(&configs) {
+    for p in &points {
         for &seed in &seeds {
             let mut point = p.clone();
             point.insert("train.seed".into(), Value::from(seed));

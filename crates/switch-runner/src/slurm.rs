@@ -142,7 +142,7 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
         script.push('\n');
     }
     script.push_str(&format!(
-        "set -euo pipefail\nCONFIG=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {list})\n# Slurm sends TERM before a time limit or preemption: switchlab checkpoints and a resubmission resumes.\n{} train \"$CONFIG\" >> \"$(dirname \"$CONFIG\")/slurm.log\" 2>&1 &\nwait $!\n",
+        "set -euo pipefail\nCONFIG=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {list})\n{} train \"$CONFIG\" >> \"$(dirname \"$CONFIG\")/slurm.log\" 2>&1 &\nPID=$!\n# Slurm signals this shell (B:TERM) 60 s before a time limit or on preemption: pass it on, so\n# switchlab checkpoints and stops; resubmitting the sweep resumes the run.\ntrap 'kill -TERM $PID; wait $PID' TERM\nwait $PID\n",
         exe.display(),
         list = list.display()
     ));

@@ -171,14 +171,7 @@ pub fn default_split(pending: usize) -> (usize, usize) {
 }
 
 /// Trains one run in its folder (created here), recording failure in `status.json`.
-pub fn run_one(
-    plan_name: &str,
-    run: &RunFile,
-    ds: &Dataset,
-    dir: &RunDir,
-    progress: train::Progress,
-) -> anyhow::Result<Outcome> {
-    let _ = plan_name;
+pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> anyhow::Result<Outcome> {
     dir.create(&run.yaml())?;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         train::train(&run.config, ds, dir, stop_flag(), progress)
@@ -205,6 +198,10 @@ pub fn run_one(
 /// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`.
 pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let sweep_dir = opts.results_root.join(&plan.name);
+    // Corpus and tokenizer problems surface here, before the sweep folder is written to.
+    let mut summary = SweepSummary::default();
+    let pending = pending_runs(plan, &sweep_dir, opts.retry_failed, &mut summary);
+    let data = datasets(&pending.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &opts.results_root)?;
     std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| {
         anyhow::anyhow!(
             "cannot create the results folder {} ({e}): choose a writable --results folder",
@@ -217,12 +214,9 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     }
     rundir::write_atomic(&sweep_dir.join("plan.csv"), plan.table(true).as_bytes())?;
 
-    let mut summary = SweepSummary::default();
-    let pending = pending_runs(plan, &sweep_dir, opts.retry_failed, &mut summary);
     if pending.is_empty() {
         return Ok(summary);
     }
-    let data = datasets(&pending.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &opts.results_root)?;
     let (jobs, threads) = default_split(pending.len());
     let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
     tracing::info!(
@@ -288,7 +282,7 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
                             );
                         }
                     };
-                    let outcome = pool.install(|| run_one(&plan.name, &file, ds, &dir, &progress));
+                    let outcome = pool.install(|| run_one(&file, ds, &dir, &progress));
                     bar.finish_and_clear();
                     if let Err(e) = &outcome {
                         tracing::warn!("{} {label} failed: {e:#}", run.run_id);

@@ -200,5 +200,5 @@ fn a_second_sweep_on_the_same_folder_is_refused_and_bad_folders_fail_early() {
     let file_root = tmp.path().join("not-a-folder");
     std::fs::write(&file_root, "x").unwrap();
     let e = format!("{:#}", sweep::sweep(&plan, &SweepOptions { results_root: file_root, ..opts }).err().unwrap());
-    assert!(e.contains("cannot create the results folder"), "{e}");
+    assert!(e.contains("not-a-folder") && e.contains("writable"), "{e}");
 }

@@ -208,7 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             };
-            let outcome = sweep::run_one(&run.sweep, &run, ds, &switch_runner::rundir::RunDir::new(dir), &progress)?;
+            let outcome = sweep::run_one(&run, ds, &switch_runner::rundir::RunDir::new(dir), &progress)?;
             tracing::info!("{}: {:?}", run.run_id, outcome);
         }
         Command::Report { sweep_dir, threshold, at_step } => {
