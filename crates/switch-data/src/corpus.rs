@@ -48,6 +48,17 @@ pub fn embedded() -> Vec<Source> {
         .collect()
 }
 
+/// Writes the first `chars` characters of each embedded text to `dir/<name>.txt`: a small real
+/// corpus for quick experiments and tests. Returns `dir`.
+pub fn write_excerpt(dir: &Path, chars: usize) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    for s in embedded() {
+        let end = s.text.char_indices().nth(chars).map(|(i, _)| i).unwrap_or(s.text.len());
+        std::fs::write(dir.join(format!("{}.txt", s.name)), &s.text[..end])?;
+    }
+    Ok(dir.to_path_buf())
+}
+
 fn read_file(path: &Path) -> Result<Vec<Source>, DataError> {
     let what = path.display().to_string();
     let bytes = std::fs::read(path)

@@ -6,13 +6,7 @@ use switch_runner::train::{self, Outcome};
 
 /// A small real-text corpus (the start of each embedded book) so tests tokenize in milliseconds.
 fn corpus(dir: &Path) -> PathBuf {
-    let path = dir.join("corpus");
-    std::fs::create_dir_all(&path).unwrap();
-    for s in switch_data::corpus::embedded() {
-        let end = s.text.char_indices().nth(150_000).map(|(i, _)| i).unwrap_or(s.text.len());
-        std::fs::write(path.join(format!("{}.txt", s.name)), &s.text[..end]).unwrap();
-    }
-    path
+    switch_data::corpus::write_excerpt(&dir.join("corpus"), 150_000).unwrap()
 }
 
 fn grid(dir: &Path, name: &str, body: &str) -> PathBuf {

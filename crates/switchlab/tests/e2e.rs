@@ -9,12 +9,7 @@ fn switchlab() -> Command {
 
 /// A 2-point micro grid on real text (the start of each embedded book), byte tokens, a few steps.
 fn micro_grid(dir: &Path, steps: u64) -> PathBuf {
-    let corpus = dir.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    for s in switch_data::corpus::embedded() {
-        let end = s.text.char_indices().nth(120_000).map(|(i, _)| i).unwrap_or(s.text.len());
-        std::fs::write(corpus.join(format!("{}.txt", s.name)), &s.text[..end]).unwrap();
-    }
+    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 120_000).unwrap();
     let grid = dir.join("micro.yaml");
     std::fs::write(&grid, format!(
         "name: micro\nsettings:\n  model: {{ d_model: 32, d_ff: 64, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 2 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: {steps}, batch_size: 4, eval_every: 3, log_every: 1, checkpoint_every: 3, warmup_steps: 2, eval_batch_size: 8 }}\ngrid:\n  model.num_experts: [1, 4]\nbaseline: {{ model.num_experts: 1 }}\n",
