@@ -130,7 +130,15 @@ fn read_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
 
 /// Reads and expands a grid file. Nothing is written; every error names the file and the key.
 pub fn plan(path: &Path) -> anyhow::Result<Plan> {
-    let grid: GridFile = read_yaml(path)?;
+    plan_with_seeds(path, None)
+}
+
+/// [`plan`] with the grid's `seeds:` replaced (the CLI's `--seeds 0,1,2`).
+pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Plan> {
+    let mut grid: GridFile = read_yaml(path)?;
+    if let Some(seeds) = seeds {
+        grid.seeds = Some(seeds.to_vec());
+    }
     let name = grid
         .name
         .clone()

@@ -132,7 +132,7 @@ impl RunDir {
 
     /// Drops log rows past `step` (written after the checkpoint we resume from) and any torn last line.
     pub fn truncate_logs(&self, step: u64) -> std::io::Result<()> {
-        for name in ["metrics.csv", "routing.csv"] {
+        for (name, header) in [("metrics.csv", METRICS_HEADER), ("routing.csv", ROUTING_HEADER)] {
             let path = self.path.join(name);
             let Ok(f) = File::open(&path) else { continue };
             let mut kept = String::new();
@@ -143,7 +143,7 @@ impl RunDir {
                     line.starts_with("step,")
                 } else {
                     first.parse::<u64>().is_ok_and(|s| s <= step)
-                        && line.split(',').count() == if name == "metrics.csv" { 10 } else { 6 }
+                        && line.split(',').count() == header.split(',').count()
                 };
                 if keep {
                     kept.push_str(&line);

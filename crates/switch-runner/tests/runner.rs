@@ -45,6 +45,8 @@ fn grids_expand_cartesian_zip_points_exclude_and_seeds() {
         z.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>(),
         again.runs.iter().map(|r| &r.run_id).collect::<Vec<_>>()
     );
+    let seeded = switch_runner::grid::plan_with_seeds(&tmp.path().join("z.yaml"), Some(&[3, 4])).unwrap();
+    assert_eq!(seeded.runs.iter().map(|r| r.config.train.seed).collect::<Vec<_>>(), vec![3, 4, 3, 4, 3, 4, 3, 4]);
     assert!(z.table(true).starts_with("run_id,model.num_experts,model.top_k,train.seed,baseline,params_total"));
 }
 

@@ -1,5 +1,4 @@
 //! `switchlab`: plan, run and report Switch Transformer sweeps.
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -107,25 +106,6 @@ fn install_ctrl_c() {
     });
 }
 
-/// Applies `--seeds` to a plan by re-planning with the grid's seeds replaced.
-fn plan_with_seeds(grid: &Path, seeds: Option<&[u64]>) -> anyhow::Result<switch_runner::Plan> {
-    let Some(seeds) = seeds else { return switch_runner::plan(grid) };
-    let text = std::fs::read_to_string(grid).with_context(|| format!("{}: cannot be read", grid.display()))?;
-    let mut value: serde_json::Value =
-        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", grid.display()))?;
-    value["seeds"] = serde_json::json!(seeds);
-    let tmp = grid.with_file_name(format!(".{}.seeds.yaml", grid.file_stem().unwrap_or_default().to_string_lossy()));
-    if value.get("name").is_none() {
-        value["name"] = serde_json::json!(grid.file_stem().unwrap_or_default().to_string_lossy());
-    }
-    std::fs::write(&tmp, serde_saphyr::to_string(&value)?)?;
-    let plan = switch_runner::plan(&tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut plan = plan?;
-    plan.path = grid.to_path_buf();
-    Ok(plan)
-}
-
 /// `experts` → `experiments/experts.yaml` when no such file exists as given.
 fn grid_path(arg: &Path) -> PathBuf {
     let named = Path::new("experiments").join(arg).with_extension("yaml");
@@ -143,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", plan.table(matches!(format, Format::Csv)));
         }
         Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend, report, wait, dry_run } => {
-            let plan = plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
+            let plan = switch_runner::grid::plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
             if backend == Backend::Slurm {
                 if let Some(cfg) = &plan.slurm {
                     cfg.validate(&plan.path)?;
