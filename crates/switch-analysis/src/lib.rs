@@ -42,11 +42,17 @@ impl Group<'_> {
         if r.num_experts > 1 {
             s.push_str(&format!(", cf {}", r.capacity_factor));
         }
-        if self.name.contains("init_scale") {
-            s.push_str(&format!(", init {}", r.init_scale));
+        if !r.variant.is_empty() {
+            s.push_str(&format!(" [{}]", r.variant));
         }
         s
     }
+}
+
+/// The dense group a Switch group is compared with: the one with the same setting (`variant`),
+/// else the baseline (settings that only touch routers leave the dense model unchanged).
+fn dense_for<'a, 'b>(groups: &'b [Group<'a>], g: &Group, baseline: Option<&'b Group<'a>>) -> Option<&'b Group<'a>> {
+    groups.iter().find(|d| d.first().num_experts == 1 && d.first().variant == g.first().variant).or(baseline)
 }
 
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {
@@ -113,13 +119,17 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     writeln!(md, "## Scaling with the number of experts (paper: Fig. 4, Table 7)\n")?;
     writeln!(md, "| Model | Experts | Params | Active params | Quality | Gain over dense | Step speedup to dense quality | Paper params | Paper quality | Paper gain |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
-    let base_q = baseline.and_then(|b| b.final_quality()).map(|q| q.0);
     for g in groups.iter().filter(|g| g.first().top_k == 1) {
         let r = g.first();
         let q = g.final_quality();
         let curve: Vec<(f64, f64)> = g.mean_curve().iter().map(|p| (p.0, p.1)).collect();
         let speedup = if r.num_experts > 1 {
-            stats::step_speedup(&base_curve, &curve).map(|s| format!("{s:.2}×")).unwrap_or_else(|| "not reached".into())
+            let dense_curve: Vec<(f64, f64)> = dense_for(&groups, g, baseline)
+                .map(|d| d.mean_curve().iter().map(|p| (p.0, p.1)).collect())
+                .unwrap_or_default();
+            stats::step_speedup(&dense_curve, &curve)
+                .map(|s| format!("{s:.2}×"))
+                .unwrap_or_else(|| "not reached".into())
         } else {
             "1.00×".into()
         };
@@ -136,8 +146,8 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                 r.state,
                 r.problem.clone().unwrap_or_default()
             )),
-            match (q, base_q) {
-                (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b),
+            match (q, dense_for(&groups, g, baseline).and_then(|d| d.final_quality())) {
+                (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b.0),
                 _ => "–".into(),
             },
             speedup,
@@ -147,6 +157,33 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         )?;
     }
     writeln!(md, "\nPaper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
+
+    // Lever study: every Switch setting against the dense model of the same setting.
+    if groups.iter().any(|g| !g.first().variant.is_empty()) {
+        writeln!(md, "## Gain over dense, setting by setting\n")?;
+        writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise.\n")?;
+        writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|")?;
+        for g in groups.iter().filter(|g| g.first().num_experts > 1) {
+            let Some(d) = dense_for(&groups, g, baseline) else { continue };
+            let (Some(qd), Some(qs)) = (d.final_quality(), g.final_quality()) else { continue };
+            let n = g.evaluated().len().min(d.evaluated().len());
+            let noise = 2.0 * qd.1.max(qs.1);
+            let unfinished = g.runs.iter().chain(&d.runs).any(|r| r.state != "done");
+            writeln!(
+                md,
+                "| {}{} | {} | {n} | {} | {} | {:+.3} | {} | {:.3} |",
+                if g.first().variant.is_empty() { "preset" } else { &g.first().variant },
+                if unfinished { " (unfinished: last evaluation)" } else { "" },
+                g.first().model_name(),
+                fmt_q(qd, d.evaluated().len()),
+                fmt_q(qs, g.evaluated().len()),
+                qs.0 - qd.0,
+                if n > 1 && noise > 0.0 { format!("{:.2}", (qs.0 - qd.0) / noise) } else { "–".into() },
+                g.first().flops_per_token / d.first().flops_per_token.max(1.0),
+            )?;
+        }
+        writeln!(md)?;
+    }
 
     // Table 1 analog.
     writeln!(md, "## Switch vs MoE vs dense (paper: Table 1)\n")?;
@@ -228,10 +265,10 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
 
     // Routing health.
     writeln!(md, "## Routing health\n")?;
-    writeln!(md, "Per sparse layer at the last evaluation: expert load relative to uniform (1.00 = perfectly balanced) and fraction of tokens dropped at the evaluation capacity factor.\n")?;
+    writeln!(md, "Per sparse layer at the last evaluation: expert load relative to uniform (1.00 = perfectly balanced), fraction of tokens dropped at the evaluation capacity factor, and the router's mean entropy ÷ ln(experts) (1.00 = a uniform router, whose top-1 gate is 1/experts and so scales the expert output down by that much).\n")?;
     writeln!(
         md,
-        "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped |\n|---|---|---|---|---|---|---|"
+        "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped | Router entropy ÷ ln E |\n|---|---|---|---|---|---|---|---|"
     )?;
     let mut dead_total = 0;
     for r in runs.iter().filter(|r| r.num_experts > 1) {
@@ -248,10 +285,11 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             dead_total += dead;
             writeln!(
                 md,
-                "| {} | {} | {layer} | {lo:.2} | {hi:.2} | {dead} | {:.1}% |",
+                "| {} | {} | {layer} | {lo:.2} | {hi:.2} | {dead} | {:.1}% | {:.2} |",
                 r.id,
                 r.model_name(),
-                rows[0].drop_fraction * 100.0
+                rows[0].drop_fraction * 100.0,
+                rows[0].router_entropy / e.ln()
             )?;
         }
     }

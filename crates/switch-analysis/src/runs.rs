@@ -23,6 +23,8 @@ pub struct RoutingRow {
     pub expert: i64,
     pub load_fraction: f64,
     pub drop_fraction: f64,
+    /// Mean over tokens of the router distribution's entropy (nats); ln E = a uniform router.
+    pub router_entropy: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +32,9 @@ pub struct Run {
     pub id: String,
     /// Grid keys of the point, seed excluded, as `key=value` (the group of seeds).
     pub group: String,
+    /// The group minus the number of experts: the setting a Switch point shares with its dense
+    /// comparison in a lever study (empty in a plain experts sweep).
+    pub variant: String,
     pub seed: u64,
     pub state: String,
     pub error: Option<String>,
@@ -168,12 +173,16 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             .unwrap_or(Value::Null);
         let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
         let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
-        let group = point
-            .iter()
-            .filter(|(k, _)| *k != "train.seed")
-            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let describe = |skip: &[&str]| {
+            point
+                .iter()
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let group = describe(&["train.seed"]);
+        let variant = describe(&["train.seed", "model.num_experts"]);
         let mut problem = None;
         match usable(&dir.join("metrics.csv")) {
             Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
@@ -185,6 +194,7 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         runs.push(Run {
             id,
             group: if group.is_empty() { "base".into() } else { group },
+            variant,
             seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
             state: get(&status, "state").and_then(Value::as_str).unwrap_or("unknown").to_string(),
             error: get(&status, "error").and_then(Value::as_str).map(String::from),
@@ -262,13 +272,14 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     }
     if !routing_frames.is_empty() {
         let all = concat(routing_frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
-        let (ids, steps, layers, experts, loads, drops) = (
+        let (ids, steps, layers, experts, loads, drops, entropies) = (
             strs(&all, "run_id")?,
             f64s(&all, "step")?,
             strs(&all, "layer")?,
             f64s(&all, "expert")?,
             f64s(&all, "load_fraction")?,
             f64s(&all, "drop_fraction")?,
+            f64s(&all, "router_entropy")?,
         );
         for i in 0..ids.len() {
             if let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) {
@@ -278,6 +289,7 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
                     expert: experts[i].unwrap_or(0.0) as i64,
                     load_fraction: loads[i].unwrap_or(0.0),
                     drop_fraction: drops[i].unwrap_or(0.0),
+                    router_entropy: entropies[i].unwrap_or(f64::NAN),
                 });
             }
         }

@@ -5,10 +5,25 @@ use switch_analysis::{report, runs, stats, ReportOptions};
 
 /// Writes a run folder whose eval curve is `nlp(step)` at steps 100, 200, …, `steps`.
 fn write_run(dir: &Path, id: &str, experts: u64, seed: u64, steps: u64, nlp: impl Fn(f64) -> f64, state: &str) {
+    write_run_at(dir, id, "", experts, seed, steps, nlp, state)
+}
+
+/// As [`write_run`], at a grid point that also sets `setting` (`"  key: value\n"` lines).
+#[allow(clippy::too_many_arguments)]
+fn write_run_at(
+    dir: &Path,
+    id: &str,
+    setting: &str,
+    experts: u64,
+    seed: u64,
+    steps: u64,
+    nlp: impl Fn(f64) -> f64,
+    state: &str,
+) {
     let run = dir.join("runs").join(id);
     std::fs::create_dir_all(&run).unwrap();
     let config = format!(
-        "run_id: {id}\nsweep: synthetic\nis_baseline: {}\npoint:\n  model.num_experts: {experts}\n  train.seed: {seed}\nparams_total: {}\nparams_active: 1000\nflops_per_token: 5000.0\nmodel:\n  num_experts: {experts}\n  top_k: 1\n  capacity_factor: 1.25\n  init_scale: 0.1\ntrain:\n  steps: {steps}\n  batch_size: 8\n  seed: {seed}\n",
+        "run_id: {id}\nsweep: synthetic\nis_baseline: {}\npoint:\n  model.num_experts: {experts}\n{setting}  train.seed: {seed}\nparams_total: {}\nparams_active: 1000\nflops_per_token: 5000.0\nmodel:\n  num_experts: {experts}\n  top_k: 1\n  capacity_factor: 1.25\n  init_scale: 0.1\ntrain:\n  steps: {steps}\n  batch_size: 8\n  seed: {seed}\n",
         experts == 1, 1000 * experts
     );
     std::fs::write(run.join("config.yaml"), config).unwrap();
@@ -86,6 +101,8 @@ fn report_on_synthetic_runs() {
     assert!(md.contains("| sw16s0 |") && md.contains("failed") && md.contains("metrics.csv is missing"), "{md}");
     assert!(md.contains("| sw8s0 |") && md.contains("running"), "{md}");
     assert!(md.contains("No expert has zero load"));
+    // Routing health: 4 experts at 1/4 load each, 1% dropped, router entropy 0.5 nats ÷ ln 4 = 0.36.
+    assert!(md.contains("| sw4s0 | Switch-4 | encoder.1 | 1.00 | 1.00 | 0 | 1.0% | 0.36 |"), "{md}");
     for f in ["quality_vs_step", "quality_vs_params", "quality_vs_time", "routing_min_load", "routing_drop_fraction"] {
         for ext in ["png", "svg"] {
             let p = dir.join("report").join(format!("{f}.{ext}"));
@@ -97,4 +114,38 @@ fn report_on_synthetic_runs() {
     let csv = std::fs::read_to_string(dir.join("report/summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 6);
     assert!(csv.lines().any(|l| l.starts_with("sw4s0,") && l.contains(",done,") && l.contains(",525.0,")), "{csv}");
+}
+
+#[test]
+fn lever_study_compares_each_setting_with_its_own_dense() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("study");
+    let lr = "  train.learning_rate: 0.01\n";
+    let alpha = "  model.balance_loss_coef: 0.001\n";
+    // Final qualities (step 500 = 5 × 100): dense −2.0; dense at lr 0.01 −1.5.
+    for seed in 0..2 {
+        let jitter = if seed == 0 { -0.01 } else { 0.01 }; // seed std 0.01·√2
+        write_run(&dir, &format!("d{seed}"), 1, seed, 500, move |s| -2.5 + s / 1000.0 + jitter, "done");
+        write_run_at(&dir, &format!("dl{seed}"), lr, 1, seed, 500, move |s| -2.0 + s / 1000.0 + jitter, "done");
+        // Switch-8 at lr 0.01: +0.1 over *its* dense (−1.4), not over the baseline (−2.0).
+        write_run_at(&dir, &format!("sl{seed}"), lr, 8, seed, 500, move |s| -1.9 + s / 1000.0 + jitter, "done");
+        // A router-only setting has no dense of its own: compared with the baseline, −0.05.
+        write_run_at(&dir, &format!("sa{seed}"), alpha, 8, seed, 500, move |s| -2.55 + s / 1000.0 + jitter, "done");
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let section = md.split("## Gain over dense, setting by setting").nth(1).expect("study section").to_string();
+    let row = |setting: &str| {
+        section
+            .lines()
+            .find(|l| l.starts_with(&format!("| {setting} |")))
+            .unwrap_or_else(|| panic!("{setting}: {section}"))
+            .to_string()
+    };
+    // Separation = gain ÷ (2 × 0.01·√2) = gain × 35.36.
+    let lr_row = row("learning_rate=0.01");
+    assert!(lr_row.contains("| -1.500 ± 0.014 | -1.400 ± 0.014 | +0.100 | 3.54 |"), "{lr_row}");
+    let alpha_row = row("balance_loss_coef=0.001");
+    assert!(alpha_row.contains("| -2.000 ± 0.014 | -2.050 ± 0.014 | -0.050 | -1.77 |"), "{alpha_row}");
+    // The experts table uses the same pairing.
+    assert!(md.contains("| Switch-8, cf 1.25 [learning_rate=0.01] | 8 |"), "{md}");
 }
