@@ -49,10 +49,16 @@ impl Group<'_> {
     }
 }
 
-/// The dense group a Switch group is compared with: the one with the same setting (`variant`),
-/// else the baseline (settings that only touch routers leave the dense model unchanged).
+/// The dense group a Switch group is compared with: the one sharing the most of its setting
+/// (`variant`) and setting nothing it does not, else the baseline (settings that only touch
+/// routers leave the dense model unchanged).
 fn dense_for<'a, 'b>(groups: &'b [Group<'a>], g: &Group, baseline: Option<&'b Group<'a>>) -> Option<&'b Group<'a>> {
-    groups.iter().find(|d| d.first().num_experts == 1 && d.first().variant == g.first().variant).or(baseline)
+    let items = &g.first().variant_items;
+    groups
+        .iter()
+        .filter(|d| d.first().num_experts == 1 && d.first().variant_items.iter().all(|i| items.contains(i)))
+        .max_by_key(|d| d.first().variant_items.len())
+        .or(baseline)
 }
 
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {

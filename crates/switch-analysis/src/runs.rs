@@ -35,6 +35,8 @@ pub struct Run {
     /// The group minus the number of experts: the setting a Switch point shares with its dense
     /// comparison in a lever study (empty in a plain experts sweep).
     pub variant: String,
+    /// The same as `key=value` items.
+    pub variant_items: Vec<String>,
     pub seed: u64,
     pub state: String,
     pub error: Option<String>,
@@ -173,16 +175,16 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             .unwrap_or(Value::Null);
         let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
         let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
-        let describe = |skip: &[&str]| {
+        let items = |skip: &[&str]| {
             point
                 .iter()
                 .filter(|(k, _)| !skip.contains(&k.as_str()))
                 .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
                 .collect::<Vec<_>>()
-                .join(" ")
         };
-        let group = describe(&["train.seed"]);
-        let variant = describe(&["train.seed", "model.num_experts"]);
+        let group = items(&["train.seed"]).join(" ");
+        let variant_items = items(&["train.seed", "model.num_experts"]);
+        let variant = variant_items.join(" ");
         let mut problem = None;
         match usable(&dir.join("metrics.csv")) {
             Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
@@ -195,6 +197,7 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             id,
             group: if group.is_empty() { "base".into() } else { group },
             variant,
+            variant_items,
             seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
             state: get(&status, "state").and_then(Value::as_str).unwrap_or("unknown").to_string(),
             error: get(&status, "error").and_then(Value::as_str).map(String::from),

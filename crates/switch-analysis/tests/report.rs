@@ -131,6 +131,9 @@ fn lever_study_compares_each_setting_with_its_own_dense() {
         write_run_at(&dir, &format!("sl{seed}"), lr, 8, seed, 500, move |s| -1.9 + s / 1000.0 + jitter, "done");
         // A router-only setting has no dense of its own: compared with the baseline, −0.05.
         write_run_at(&dir, &format!("sa{seed}"), alpha, 8, seed, 500, move |s| -2.55 + s / 1000.0 + jitter, "done");
+        // Both: compared with the lr-0.01 dense, the closest one, +0.2.
+        let both = format!("{lr}{alpha}");
+        write_run_at(&dir, &format!("sb{seed}"), &both, 8, seed, 500, move |s| -1.8 + s / 1000.0 + jitter, "done");
     }
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
     let section = md.split("## Gain over dense, setting by setting").nth(1).expect("study section").to_string();
@@ -146,6 +149,8 @@ fn lever_study_compares_each_setting_with_its_own_dense() {
     assert!(lr_row.contains("| -1.500 ± 0.014 | -1.400 ± 0.014 | +0.100 | 3.54 |"), "{lr_row}");
     let alpha_row = row("balance_loss_coef=0.001");
     assert!(alpha_row.contains("| -2.000 ± 0.014 | -2.050 ± 0.014 | -0.050 | -1.77 |"), "{alpha_row}");
+    let both_row = row("learning_rate=0.01 balance_loss_coef=0.001");
+    assert!(both_row.contains("| -1.500 ± 0.014 | -1.300 ± 0.014 | +0.200 | 7.07 |"), "{both_row}");
     // The experts table uses the same pairing.
     assert!(md.contains("| Switch-8, cf 1.25 [learning_rate=0.01] | 8 |"), "{md}");
 }

@@ -62,6 +62,10 @@ pub struct ModelConfig {
     pub jitter_eps: f64,
     /// s in σ = √(s / fan_in) of the truncated-normal init; the paper's reduced scale is 0.1.
     pub init_scale: f64,
+    /// Init scale of the router weights alone (default: `init_scale`). Not in the paper: a lever
+    /// for small models, whose near-uniform routers scale every expert's output by about 1/E.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_init_scale: Option<f64>,
     pub dropout: f64,
     pub expert_dropout: f64,
 }
@@ -91,6 +95,7 @@ impl Default for ModelConfig {
             router_loss_reduction: LossReduction::Sum,
             jitter_eps: 0.01,
             init_scale: 0.1,
+            router_init_scale: None,
             dropout: 0.0,
             expert_dropout: 0.0,
         }
@@ -174,6 +179,9 @@ impl ModelConfig {
         check(finite_nonneg(self.z_loss_coef), "z_loss_coef", self.z_loss_coef, "a number ≥ 0")?;
         check((0.0..1.0).contains(&self.jitter_eps), "jitter_eps", self.jitter_eps, "0 ≤ ε < 1")?;
         check(finite_pos(self.init_scale), "init_scale", self.init_scale, "a number > 0")?;
+        if let Some(r) = self.router_init_scale {
+            check(finite_pos(r), "router_init_scale", r, "a number > 0 (or leave unset for init_scale)")?;
+        }
         check((0.0..1.0).contains(&self.dropout), "dropout", self.dropout, "0 ≤ rate < 1")?;
         check((0.0..1.0).contains(&self.expert_dropout), "expert_dropout", self.expert_dropout, "0 ≤ rate < 1")?;
         Ok(())

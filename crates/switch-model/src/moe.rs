@@ -119,7 +119,13 @@ pub struct MoeOutput<D: Device<f32>, T> {
 impl<D: Device<f32>> MoeLayer<D> {
     pub fn new(dev: &D, rng: &mut StdRng, cfg: &ModelConfig) -> Self {
         Self {
-            router: Linear::new(dev, rng, cfg.d_model, cfg.num_experts, cfg.init_scale),
+            router: Linear::new(
+                dev,
+                rng,
+                cfg.d_model,
+                cfg.num_experts,
+                cfg.router_init_scale.unwrap_or(cfg.init_scale),
+            ),
             experts: ExpertFfn::new(dev, rng, cfg, cfg.num_experts),
             top_k: cfg.top_k,
             capacity_factor: cfg.capacity_factor,

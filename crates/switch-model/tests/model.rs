@@ -323,6 +323,26 @@ fn gradients_match_finite_differences() {
 }
 
 #[test]
+fn router_init_scale_sets_the_initial_router_logit_spread() {
+    // σ = √(s / d_model) per weight, so on inputs of unit RMS the logits have std ≈ √s (times 0.88,
+    // the std of a normal truncated at 2σ); the experts keep `init_scale`.
+    let dev = Dev::default();
+    let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(4096, 64));
+    let logit_std = |router_init_scale: Option<f64>| {
+        let cfg = ModelConfig { d_model: 64, num_experts: 8, router_init_scale, ..Default::default() };
+        let layer = MoeLayer::<Dev>::new(&dev, &mut StdRng::seed_from_u64(5), &cfg);
+        let logits = layer.router.forward(x.clone()).as_vec();
+        let mean = logits.iter().sum::<f32>() / logits.len() as f32;
+        ((logits.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / logits.len() as f32).sqrt(), layer)
+    };
+    let (default_std, default_layer) = logit_std(None);
+    let (wide_std, wide_layer) = logit_std(Some(10.0));
+    assert!((default_std - 0.88 * 0.1f32.sqrt()).abs() < 0.05, "{default_std}");
+    assert!((wide_std - 0.88 * 10f32.sqrt()).abs() < 0.4, "{wide_std}");
+    assert_eq!(default_layer.experts.w_in.as_vec(), wide_layer.experts.w_in.as_vec(), "experts untouched");
+}
+
+#[test]
 fn bad_configs_name_the_field() {
     let cases: Vec<(ModelConfig, &str)> = vec![
         (ModelConfig { d_model: 100, num_heads: 3, ..Default::default() }, "num_heads"),
@@ -332,6 +352,7 @@ fn bad_configs_name_the_field() {
         (ModelConfig { num_experts: 2, top_k: 3, ..Default::default() }, "top_k"),
         (ModelConfig { expert_every: 0, ..Default::default() }, "expert_every"),
         (ModelConfig { dropout: 1.5, ..Default::default() }, "dropout"),
+        (ModelConfig { router_init_scale: Some(0.0), ..Default::default() }, "router_init_scale"),
     ];
     let dev = Dev::default();
     for (cfg, field) in cases {

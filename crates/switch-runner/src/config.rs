@@ -119,6 +119,8 @@ pub fn valid_keys() -> Vec<String> {
     }
     let mut out = Vec::new();
     walk("", &serde_json::to_value(RunConfig::default()).expect("serializable"), &mut out);
+    // Optional keys, left out of the resolved config when unset so that run ids stay stable.
+    out.push("model.router_init_scale".into());
     out
 }
 
