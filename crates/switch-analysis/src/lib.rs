@@ -430,6 +430,36 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             },
         )?;
     }
+    // Lever study: each Switch setting's seed-mean curve minus its dense curve, step by step.
+    let is_study = groups.iter().any(|g| !g.first().variant.is_empty());
+    if is_study {
+        let gains: Vec<Series> = groups
+            .iter()
+            .filter(|g| g.first().num_experts > 1)
+            .enumerate()
+            .filter_map(|(i, g)| {
+                let dense = dense_for(&groups, g, baseline)?.mean_curve();
+                let pts = g
+                    .mean_curve()
+                    .iter()
+                    .filter_map(|&(step, q, _)| dense.iter().find(|d| d.0 == step).map(|d| (step, q - d.1)))
+                    .collect();
+                Some(Series::line(g.label(), pts, color(i)))
+            })
+            .collect();
+        plots::write(
+            &out,
+            "gain_vs_step",
+            &Chart {
+                title: "Gain over the matching dense model vs training step (seed means)",
+                x_label: "training step",
+                y_label: "Switch − dense (nats)",
+                log_x: false,
+                legend_upper: true,
+                series: gains,
+            },
+        )?;
+    }
     let balance: Vec<Series> = runs
         .iter()
         .filter(|r| r.num_experts > 1)
@@ -498,6 +528,9 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     ];
     if has_capacity_plot {
         figs.push(("capacity_factor", "Capacity factor"));
+    }
+    if is_study {
+        figs.push(("gain_vs_step", "Gain over the matching dense model vs step"));
     }
     figs.extend([
         ("routing_min_load", "Routing: least-loaded expert"),

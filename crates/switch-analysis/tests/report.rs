@@ -151,6 +151,7 @@ fn lever_study_compares_each_setting_with_its_own_dense() {
     assert!(alpha_row.contains("| -2.000 ± 0.014 | -2.050 ± 0.014 | -0.050 | -1.77 |"), "{alpha_row}");
     let both_row = row("learning_rate=0.01 balance_loss_coef=0.001");
     assert!(both_row.contains("| -1.500 ± 0.014 | -1.300 ± 0.014 | +0.200 | 7.07 |"), "{both_row}");
+    assert!(std::fs::metadata(dir.join("report/gain_vs_step.svg")).map(|m| m.len() > 1000).unwrap_or(false));
     // The experts table uses the same pairing.
     assert!(md.contains("| Switch-8, cf 1.25 [learning_rate=0.01] | 8 |"), "{md}");
 }
