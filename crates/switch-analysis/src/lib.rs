@@ -50,15 +50,15 @@ impl Group<'_> {
 }
 
 /// The dense group a Switch group is compared with: the one sharing the most of its setting
-/// (`variant`) and setting nothing it does not, else the baseline (settings that only touch
-/// routers leave the dense model unchanged).
+/// (`variant`) and setting nothing it does not, else a dense baseline (settings that only touch
+/// routers leave the dense model unchanged). None when the grid has no dense model.
 fn dense_for<'a, 'b>(groups: &'b [Group<'a>], g: &Group, baseline: Option<&'b Group<'a>>) -> Option<&'b Group<'a>> {
     let items = &g.first().variant_items;
     groups
         .iter()
         .filter(|d| d.first().num_experts == 1 && d.first().variant_items.iter().all(|i| items.contains(i)))
         .max_by_key(|d| d.first().variant_items.len())
-        .or(baseline)
+        .or(baseline.filter(|b| b.first().num_experts == 1))
 }
 
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {
@@ -165,7 +165,10 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     writeln!(md, "\nPaper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
 
     // Lever study: every Switch setting against the dense model of the same setting.
-    if groups.iter().any(|g| !g.first().variant.is_empty()) {
+    // A lever study: the grid varies more than the number of experts, and has dense models to compare with.
+    let is_study =
+        groups.iter().any(|g| !g.first().variant.is_empty()) && groups.iter().any(|g| g.first().num_experts == 1);
+    if is_study {
         writeln!(md, "## Gain over dense, setting by setting\n")?;
         writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise.\n")?;
         writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|")?;
@@ -431,7 +434,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         )?;
     }
     // Lever study: each Switch setting's seed-mean curve minus its dense curve, step by step.
-    let is_study = groups.iter().any(|g| !g.first().variant.is_empty());
     if is_study {
         let gains: Vec<Series> = groups
             .iter()

@@ -155,3 +155,18 @@ fn lever_study_compares_each_setting_with_its_own_dense() {
     // The experts table uses the same pairing.
     assert!(md.contains("| Switch-8, cf 1.25 [learning_rate=0.01] | 8 |"), "{md}");
 }
+
+#[test]
+fn a_grid_without_a_dense_model_has_no_study_section() {
+    // Like experiments/init.yaml: Switch-8 at two init scales, no dense run to compare with.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("init");
+    for (i, scale) in ["0.1", "1.0"].iter().enumerate() {
+        let setting = format!("  model.init_scale: {scale}\n");
+        write_run_at(&dir, &format!("s{i}"), &setting, 8, 0, 300, move |s| -3.0 + s / 1000.0 - i as f64, "done");
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(!md.contains("Gain over dense, setting by setting"), "{md}");
+    assert!(!dir.join("report/gain_vs_step.png").exists());
+    assert!(md.contains("| Switch-8, cf 1.25 [init_scale=1.0] | 8 | 8000 | 1000 | -3.700 | – |"), "{md}");
+}
