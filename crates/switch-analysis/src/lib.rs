@@ -28,6 +28,10 @@ impl Group<'_> {
     fn evaluated(&self) -> Vec<&Run> {
         self.runs.iter().copied().filter(|r| !r.curve.is_empty()).collect()
     }
+    /// The seed-mean curve without its std: `(step, quality)`.
+    fn mean_points(&self) -> Vec<(f64, f64)> {
+        self.mean_curve().iter().map(|p| (p.0, p.1)).collect()
+    }
     /// Seed-mean neg log perplexity by step, with its std.
     pub fn mean_curve(&self) -> Vec<(f64, f64, f64)> {
         stats::mean_curve(&self.evaluated().iter().map(|r| r.nlp_curve()).collect::<Vec<_>>())
@@ -42,8 +46,8 @@ impl Group<'_> {
         if r.num_experts > 1 {
             s.push_str(&format!(", cf {}", r.capacity_factor));
         }
-        if !r.variant.is_empty() {
-            s.push_str(&format!(" [{}]", r.variant));
+        if !r.variant_items.is_empty() {
+            s.push_str(&format!(" [{}]", r.variant()));
         }
         s
     }
@@ -105,8 +109,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     let groups = groups(&runs);
     let baseline =
         groups.iter().find(|g| g.first().is_baseline).or_else(|| groups.iter().find(|g| g.first().num_experts == 1));
-    let base_curve: Vec<(f64, f64)> =
-        baseline.map(|b| b.mean_curve().iter().map(|p| (p.0, p.1)).collect()).unwrap_or_default();
+    let base_curve: Vec<(f64, f64)> = baseline.map(Group::mean_points).unwrap_or_default();
     let threshold = opts.threshold.or_else(|| base_curve.last().map(|p| p.1));
     let at_step = opts.at_step.or_else(|| base_curve.last().map(|p| p.0)).unwrap_or(f64::MAX);
     let seeds = groups.iter().map(|g| g.runs.len()).max().unwrap_or(1);
@@ -128,11 +131,9 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     for g in groups.iter().filter(|g| g.first().top_k == 1) {
         let r = g.first();
         let q = g.final_quality();
-        let curve: Vec<(f64, f64)> = g.mean_curve().iter().map(|p| (p.0, p.1)).collect();
+        let curve = g.mean_points();
         let speedup = if r.num_experts > 1 {
-            let dense_curve: Vec<(f64, f64)> = dense_for(&groups, g, baseline)
-                .map(|d| d.mean_curve().iter().map(|p| (p.0, p.1)).collect())
-                .unwrap_or_default();
+            let dense_curve = dense_for(&groups, g, baseline).map(Group::mean_points).unwrap_or_default();
             stats::step_speedup(&dense_curve, &curve)
                 .map(|s| format!("{s:.2}×"))
                 .unwrap_or_else(|| "not reached".into())
@@ -164,10 +165,9 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     }
     writeln!(md, "\nPaper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
 
-    // Lever study: every Switch setting against the dense model of the same setting.
-    // A lever study: the grid varies more than the number of experts, and has dense models to compare with.
+    // A lever study (each Switch setting against the dense model of the same setting): the grid varies more than the number of experts, and has dense models to compare with.
     let is_study =
-        groups.iter().any(|g| !g.first().variant.is_empty()) && groups.iter().any(|g| g.first().num_experts == 1);
+        groups.iter().any(|g| !g.first().variant_items.is_empty()) && groups.iter().any(|g| g.first().num_experts == 1);
     if is_study {
         writeln!(md, "## Gain over dense, setting by setting\n")?;
         writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise.\n")?;
@@ -181,7 +181,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             writeln!(
                 md,
                 "| {}{} | {} | {n} | {} | {} | {:+.3} | {} | {:.3} |",
-                if g.first().variant.is_empty() { "preset" } else { &g.first().variant },
+                if g.first().variant_items.is_empty() { "preset".into() } else { g.first().variant() },
                 if unfinished { " (unfinished: last evaluation)" } else { "" },
                 g.first().model_name(),
                 fmt_q(qd, d.evaluated().len()),

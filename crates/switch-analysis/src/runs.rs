@@ -32,10 +32,8 @@ pub struct Run {
     pub id: String,
     /// Grid keys of the point, seed excluded, as `key=value` (the group of seeds).
     pub group: String,
-    /// The group minus the number of experts: the setting a Switch point shares with its dense
-    /// comparison in a lever study (empty in a plain experts sweep).
-    pub variant: String,
-    /// The same as `key=value` items.
+    /// The group minus the number of experts, as `key=value` items: the setting a Switch point
+    /// shares with its dense comparison in a lever study (empty in a plain experts sweep).
     pub variant_items: Vec<String>,
     pub seed: u64,
     pub state: String,
@@ -64,6 +62,10 @@ pub struct Run {
 }
 
 impl Run {
+    /// The lever-study setting as one label, e.g. `learning_rate=0.01 expert_every=1`.
+    pub fn variant(&self) -> String {
+        self.variant_items.join(" ")
+    }
     pub fn nlp_curve(&self) -> Vec<(f64, f64)> {
         self.curve.iter().map(|p| (p.step, p.neg_log_perplexity)).collect()
     }
@@ -184,7 +186,6 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         };
         let group = items(&["train.seed"]).join(" ");
         let variant_items = items(&["train.seed", "model.num_experts"]);
-        let variant = variant_items.join(" ");
         let mut problem = None;
         match usable(&dir.join("metrics.csv")) {
             Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
@@ -196,7 +197,6 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         runs.push(Run {
             id,
             group: if group.is_empty() { "base".into() } else { group },
-            variant,
             variant_items,
             seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
             state: get(&status, "state").and_then(Value::as_str).unwrap_or("unknown").to_string(),

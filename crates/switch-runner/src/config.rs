@@ -117,10 +117,12 @@ pub fn valid_keys() -> Vec<String> {
             _ => out.push(prefix.to_string()),
         }
     }
+    // Optional keys are left out of a resolved config when unset (so run ids stay stable), so
+    // list the keys of a config with every option set.
+    let mut full = RunConfig::default();
+    full.model.router_init_scale = Some(full.model.init_scale);
     let mut out = Vec::new();
-    walk("", &serde_json::to_value(RunConfig::default()).expect("serializable"), &mut out);
-    // Optional keys, left out of the resolved config when unset so that run ids stay stable.
-    out.push("model.router_init_scale".into());
+    walk("", &serde_json::to_value(full).expect("serializable"), &mut out);
     out
 }
 

@@ -16,6 +16,18 @@ fn grid(dir: &Path, slurm: &str) -> PathBuf {
     path
 }
 
+/// `switchlab sweep --backend slurm FLAGS --results RESULTS GRID`.
+fn slurm_sweep(flags: &[&str], results: &Path, grid: &Path) -> std::process::Output {
+    switchlab()
+        .args(["sweep", "--backend", "slurm"])
+        .args(flags)
+        .arg("--results")
+        .arg(results)
+        .arg(grid)
+        .output()
+        .unwrap()
+}
+
 fn slurm_is_up() -> bool {
     Command::new("sinfo").args(["-h", "-o", "%T"]).output().is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
 }
@@ -29,12 +41,7 @@ fn a_micro_sweep_runs_as_a_slurm_array_job() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = grid(tmp.path(), "slurm:\n  cpus_per_task: 1\n  time: \"10\"\n  max_concurrent: 2\n");
     let results = tmp.path().join("results");
-    let out = switchlab()
-        .args(["sweep", "--backend", "slurm", "--wait", "--results"])
-        .arg(&results)
-        .arg(&grid)
-        .output()
-        .unwrap();
+    let out = slurm_sweep(&["--wait"], &results, &grid);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("submitted array job") && stderr.contains("4 tasks"), "{stderr}");
@@ -57,8 +64,7 @@ fn a_micro_sweep_runs_as_a_slurm_array_job() {
     let status = String::from_utf8_lossy(&switchlab().arg("status").arg(&sweep).output().unwrap().stdout).to_string();
     assert_eq!(status.lines().filter(|l| l.contains(" done ")).count(), 4, "{status}");
     // Resubmitting finds nothing left to do.
-    let again =
-        switchlab().args(["sweep", "--backend", "slurm", "--results"]).arg(&results).arg(&grid).output().unwrap();
+    let again = slurm_sweep(&[], &results, &grid);
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to submit"));
 }
 
@@ -73,24 +79,14 @@ fn bad_slurm_settings_are_refused_before_submission() {
         ("slurm:\n  cpus_per_task: -1\n", "cpus_per_task"),
     ] {
         let grid = grid(tmp.path(), block);
-        let out = switchlab()
-            .args(["sweep", "--backend", "slurm", "--dry-run", "--results"])
-            .arg(&results)
-            .arg(&grid)
-            .output()
-            .unwrap();
+        let out = slurm_sweep(&["--dry-run"], &results, &grid);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("cluster.yaml") && err.contains(needle), "{block}: {err}");
         assert!(!results.join("cluster/runs").exists(), "nothing written for {block}");
     }
     // A dry run writes the script and prints the command, submitting nothing.
     let grid = grid(tmp.path(), "slurm:\n  partition: debug\n  time: \"00:10:00\"\n  extra: [\"--account=ml\"]\n");
-    let out = switchlab()
-        .args(["sweep", "--backend", "slurm", "--dry-run", "--results"])
-        .arg(&results)
-        .arg(&grid)
-        .output()
-        .unwrap();
+    let out = slurm_sweep(&["--dry-run"], &results, &grid);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("sbatch --parsable"));
     let script = std::fs::read_to_string(results.join("cluster/slurm/sweep.sbatch")).unwrap();
