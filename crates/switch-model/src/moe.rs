@@ -82,6 +82,86 @@ pub fn route(probs: &[f32], num_experts: usize, top_k: usize, capacity: usize, p
     Routing { num_experts: e, capacity, choices, slot_of, slot_token, first_choice_counts }
 }
 
+/// Routes consecutive groups of `group_tokens` tokens (the last may be shorter) each on its own,
+/// with its own capacity `capacity_of(tokens in the group)`: a token competes for an expert only
+/// with the tokens of its group. The result is one [`Routing`] over all tokens whose expert
+/// buffers hold the groups' slots one after another (`capacity` = slots per expert, all groups).
+pub fn route_in_groups(
+    probs: &[f32],
+    num_experts: usize,
+    top_k: usize,
+    group_tokens: usize,
+    capacity_of: impl Fn(usize) -> usize,
+    priority: RoutingPriority,
+) -> Routing {
+    let e = num_experts;
+    let groups: Vec<Routing> = probs
+        .chunks(group_tokens.max(1).saturating_mul(e))
+        .map(|g| route(g, e, top_k, capacity_of(g.len() / e), priority))
+        .collect();
+    let total: usize = groups.iter().map(|g| g.capacity).sum();
+    let mut out = Routing {
+        num_experts: e,
+        capacity: total,
+        choices: Vec::new(),
+        slot_of: Vec::new(),
+        slot_token: vec![0; e * total],
+        first_choice_counts: vec![0; e],
+    };
+    let (mut first_token, mut offset) = (0, 0);
+    for g in &groups {
+        let global = |slot: usize| (slot / g.capacity) * total + offset + slot % g.capacity;
+        out.choices.extend_from_slice(&g.choices);
+        out.slot_of.extend(g.slot_of.iter().map(|s| s.map(global)));
+        for (slot, &t) in g.slot_token.iter().enumerate() {
+            out.slot_token[global(slot)] = first_token + t;
+        }
+        out.first_choice_counts.iter_mut().zip(&g.first_choice_counts).for_each(|(a, c)| *a += c);
+        first_token += g.choices.len() / top_k;
+        offset += g.capacity;
+    }
+    out
+}
+
+/// Switch's load-balancing loss (eq. 4), α·N·Σᵢ fᵢ·Pᵢ, averaged over routing groups.
+///
+/// - `probs`: `[tokens, experts]` router probabilities; Pᵢ = their mean over a group's tokens,
+///   the differentiable part.
+/// - `first_choices`: `[tokens]`, each token's most probable expert; fᵢ = the fraction of a
+///   group's tokens whose first choice is i, counted before capacity truncation (a constant).
+/// - `group_tokens`: tokens per group, consecutive (the last group may be shorter).
+///
+/// Uniform routing gives α; every token on one expert with probability 1 gives α·N.
+pub fn load_balancing_loss<D: Device<f32>, T: Tp<D>>(
+    probs: Act<D, T>,
+    first_choices: &[usize],
+    group_tokens: usize,
+    coef: f64,
+) -> Tensor<(), f32, D, T> {
+    let (n, e) = *probs.shape();
+    let group_tokens = group_tokens.clamp(1, n.max(1));
+    let num_groups = n.div_ceil(group_tokens);
+    // weight[t, i] = f_{g(t), i} / (tokens in g(t) · groups): Σ_t,i probs·weight = mean_g Σᵢ f·P.
+    let mut weight = vec![0.0f32; n * e];
+    for (g, choices) in first_choices.chunks(group_tokens).enumerate() {
+        let size = choices.len() as f32;
+        let mut f = vec![0.0f32; e];
+        choices.iter().for_each(|&c| f[c] += 1.0 / size);
+        let rows = &mut weight[g * group_tokens * e..(g * group_tokens + choices.len()) * e];
+        for row in rows.chunks_mut(e) {
+            row.iter_mut().zip(&f).for_each(|(w, fi)| *w = fi / (size * num_groups as f32));
+        }
+    }
+    let weight = probs.device().tensor_from_vec(weight, (n, e));
+    (probs * weight).sum() * (coef * e as f64) as f32
+}
+
+/// The router z-loss of ST-MoE, coef · mean over tokens of logsumexp(logits)².
+/// `logits`: `[tokens, experts]`.
+pub fn router_z_loss<D: Device<f32>, T: Tp<D>>(logits: Act<D, T>, coef: f64) -> Tensor<(), f32, D, T> {
+    logits.logsumexp::<(usize,), Axis<1>>().square().mean() * coef as f32
+}
+
 /// What one sparse layer did in one forward pass, for logging.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoutingStats {
@@ -139,8 +219,12 @@ impl<D: Device<f32>> MoeLayer<D> {
         }
     }
 
-    /// `x`: `[tokens, d_model]`; the whole batch is one routing group.
-    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>, ctx: &mut Ctx) -> MoeOutput<D, T> {
+    /// `x`: `[tokens, d_model]`, routed in consecutive groups of `group_tokens` tokens.
+    ///
+    /// Tape rule: `x`'s tape (every op below this layer) travels through the router branch and
+    /// ends in the z-loss, so the z-loss must reach the total loss even at coefficient 0, or
+    /// everything below this layer gets no gradient.
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>, group_tokens: usize, ctx: &mut Ctx) -> MoeOutput<D, T> {
         let (n, d) = *x.shape();
         let (e, k) = (self.experts.num_experts, self.top_k);
         let dev = x.device().clone();
@@ -156,21 +240,18 @@ impl<D: Device<f32>> MoeLayer<D> {
             router_in
         };
         let (logits, logits_tape) = self.router.forward(router_in).split_tape();
-        let z_loss = logits.clone().put_tape(logits_tape).logsumexp::<(usize,), Axis<1>>().square().mean()
-            * self.z_loss_coef as f32;
+        let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), self.z_loss_coef);
         let probs = logits.retaped::<T>().softmax::<Axis<1>>();
         let (probs, probs_tape) = probs.split_tape();
         let probs_host = probs.as_vec();
 
         let cf = if ctx.train { self.capacity_factor } else { self.eval_capacity_factor };
-        let capacity = expert_capacity(cf, n, e, self.min_expert_capacity);
-        let routing = route(&probs_host, e, k, capacity, self.priority);
-
-        // Load-balancing loss α·N·Σ fᵢ·Pᵢ: f from first choices before truncation, P differentiable.
-        let f: Vec<f32> = routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect();
-        let mean_prob = probs.clone().put_tape(probs_tape).mean::<(usize,), Axis<0>>();
+        let capacity_of = |tokens| expert_capacity(cf, tokens, e, self.min_expert_capacity);
+        let routing = route_in_groups(&probs_host, e, k, group_tokens, capacity_of, self.priority);
+        let capacity = routing.capacity;
+        let first_choices: Vec<usize> = routing.choices.iter().step_by(k).copied().collect();
         let balance_loss =
-            (mean_prob * dev.tensor_from_vec(f, (e,))).sum() * (self.balance_loss_coef * e as f64) as f32;
+            load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, self.balance_loss_coef);
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
         let slot_token = dev.tensor_from_vec(routing.slot_token.clone(), (e * capacity,));
@@ -217,11 +298,6 @@ impl<D: Device<f32>> MoeLayer<D> {
         MoeOutput { output: output.expect("top_k >= 1"), balance_loss, z_loss }
     }
 
-    pub fn params(&self) -> Vec<(&'static str, &Param<D>)> {
-        let mut v = vec![("router", &self.router.weight)];
-        v.extend(self.experts.params());
-        v
-    }
     pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {
         let mut v = vec![("router", &mut self.router.weight)];
         v.extend(self.experts.params_mut());

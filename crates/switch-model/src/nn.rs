@@ -156,11 +156,6 @@ impl<D: Device<f32>> ExpertFfn<D> {
         hidden.matmul(self.w_out.clone().reshape_like(&(e, f, d)))
     }
 
-    pub fn params(&self) -> Vec<(&'static str, &Param<D>)> {
-        let mut v = vec![("w_in", &self.w_in), ("w_out", &self.w_out)];
-        v.extend(self.w_gate.iter().map(|w| ("w_gate", w)));
-        v
-    }
     pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {
         let mut v = vec![("w_in", &mut self.w_in), ("w_out", &mut self.w_out)];
         v.extend(self.w_gate.iter_mut().map(|w| ("w_gate", w)));

@@ -41,7 +41,9 @@ pub fn relative_position_bucket(
     .expect("bucket is non-negative")
 }
 
-/// Multi-head attention without biases and without 1/√d_kv scaling (T5 folds it into the init).
+/// Multi-head attention without biases and without 1/√d_kv scaling: T5 (Mesh TF) folds it into
+/// the query's init, σ_q = √(s / (d_model · d_kv)), so on unit-RMS inputs the initial attention
+/// logits have a std of about `init_scale`, whatever d_kv is.
 pub struct Attention<D: Device<f32>> {
     pub q: Linear<D>,
     pub k: Linear<D>,
@@ -55,7 +57,7 @@ impl<D: Device<f32>> Attention<D> {
     fn new(dev: &D, rng: &mut StdRng, cfg: &ModelConfig) -> Self {
         let (d, h, s) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.init_scale);
         Self {
-            q: Linear::new(dev, rng, d, h, s),
+            q: Linear::new(dev, rng, d, h, s / cfg.d_kv as f64),
             k: Linear::new(dev, rng, d, h, s),
             v: Linear::new(dev, rng, d, h, s),
             o: Linear::new(dev, rng, h, d, s),
@@ -284,7 +286,8 @@ impl<D: Device<f32>> SwitchTransformer<D> {
                     f.forward(h.reshape_like(&(1, n, d)), rate, ctx).reshape_like(&(n, d))
                 }
                 FeedForward::Sparse(m) => {
-                    let out = m.forward(h, ctx);
+                    let group_tokens = self.cfg.group_size.unwrap_or(batch).min(batch) * len;
+                    let out = m.forward(h, group_tokens, ctx);
                     router_losses.push((out.balance_loss, out.z_loss));
                     out.output
                 }

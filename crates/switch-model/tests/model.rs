@@ -2,7 +2,8 @@
 //! differences, hand-worked routing and the paper's invariants.
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use switch_model::moe::{route, MoeLayer};
+use switch_model::moe::{load_balancing_loss, route, route_in_groups, router_z_loss, MoeLayer};
+use switch_model::t5::relative_position_bucket;
 use switch_model::nn::{Ctx, ExpertFfn, Linear};
 use switch_model::{Activation, Batch, ModelConfig, RoutingPriority, SwitchTransformer};
 
@@ -151,7 +152,7 @@ fn hand_worked_routing_drops_the_right_tokens() {
     // Position priority: expert 0 gets tokens 0, 2 (3 dropped), expert 1 gets 1, 4 (5 dropped).
     let layer = hand_layer(&dev, RoutingPriority::Position);
     let mut ctx = Ctx::eval();
-    let y = layer.forward(x(), &mut ctx).output.as_vec();
+    let y = layer.forward(x(), usize::MAX, &mut ctx).output.as_vec();
     let expected =
         [2.0 * s(1.0), s(1.0), 2.0 * s(2.0), 6.0 * s(2.0), 3.0 * s(2.0), s(2.0), 0.0, 0.0, 0.0, 2.0 * s(1.0), 0.0, 0.0];
     for (a, b) in y.iter().zip(expected) {
@@ -163,7 +164,7 @@ fn hand_worked_routing_drops_the_right_tokens() {
 
     // Batch-prioritized: the confident token 3 displaces token 0; token 5 is still dropped.
     let layer = hand_layer(&dev, RoutingPriority::BatchPrioritized);
-    let y = layer.forward(x(), &mut Ctx::eval()).output.as_vec();
+    let y = layer.forward(x(), usize::MAX, &mut Ctx::eval()).output.as_vec();
     assert_eq!(&y[0..2], &[0.0, 0.0]);
     assert!((y[6] - 2.0 * s(2.0)).abs() < 1e-6 && y[7] == 0.0);
     assert_eq!(&y[10..12], &[0.0, 0.0]);
@@ -196,7 +197,7 @@ fn top2_gates_are_renormalised() {
     layer.eval_capacity_factor = 4.0;
     // logits (2, 0, 1): choices e0 then e2, gates p0/(p0+p2), p2/(p0+p2); outputs relu(x)·1 and ·3.
     let x = dev.tensor_from_vec(vec![2.0f32, 0.0], (1usize, 2usize));
-    let y = layer.forward(x, &mut Ctx::eval()).output.as_vec();
+    let y = layer.forward(x, usize::MAX, &mut Ctx::eval()).output.as_vec();
     let (p0, p2) = (2f32.exp(), 1f32.exp());
     let expected = 2.0 * (p0 + 3.0 * p2) / (p0 + p2);
     assert!((y[0] - expected).abs() < 1e-5, "{y:?} vs {expected}");
@@ -210,11 +211,11 @@ fn balance_loss_is_alpha_when_uniform_and_alpha_n_when_collapsed() {
     layer.router = Linear::from_rows(&dev, 2, 2, &[1.0, -1.0, -1.0, 1.0]);
     // Half the tokens lean to each expert, symmetrically: f = P = (½, ½).
     let x = dev.tensor_from_vec(vec![1.0f32, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0], (4usize, 2usize));
-    let out = layer.forward(x, &mut Ctx::eval());
+    let out = layer.forward(x, usize::MAX, &mut Ctx::eval());
     assert!((out.balance_loss.as_vec()[0] - alpha).abs() < 1e-7);
     // Every token certain of expert 0: f = P = (1, 0), loss = α·N.
     let x = dev.tensor_from_vec(vec![50.0f32, 0.0, 60.0, 0.0, 70.0, 0.0, 80.0, 0.0], (4usize, 2usize));
-    let out = layer.forward(x, &mut Ctx::eval());
+    let out = layer.forward(x, usize::MAX, &mut Ctx::eval());
     assert!((out.balance_loss.as_vec()[0] - 2.0 * alpha).abs() < 1e-6);
 }
 
@@ -233,7 +234,7 @@ fn one_expert_without_dropping_equals_the_dense_layer() {
         d_ff: 10,
     };
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(7, 6));
-    let sparse = layer.forward(x.clone(), &mut Ctx::eval()).output.as_vec();
+    let sparse = layer.forward(x.clone(), usize::MAX, &mut Ctx::eval()).output.as_vec();
     let dense = dense.forward(x.reshape_like(&(1, 7, 6)), 0.0, &mut Ctx::eval()).as_vec();
     assert_eq!(sparse, dense);
 }
@@ -252,16 +253,16 @@ fn jitter_only_acts_in_training_and_never_reaches_the_experts() {
     };
     let layer = MoeLayer::new(&dev, &mut StdRng::seed_from_u64(1), &cfg);
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(16, 6));
-    let eval_a = layer.forward(x.clone(), &mut Ctx::eval()).output.as_vec();
+    let eval_a = layer.forward(x.clone(), usize::MAX, &mut Ctx::eval()).output.as_vec();
     let mut other = Ctx::eval();
     other.rng = StdRng::seed_from_u64(99);
-    assert_eq!(eval_a, layer.forward(x.clone(), &mut other).output.as_vec(), "no randomness in evaluation");
-    let train = layer.forward(x.clone(), &mut Ctx::train(5)).output.as_vec();
+    assert_eq!(eval_a, layer.forward(x.clone(), usize::MAX, &mut other).output.as_vec(), "no randomness in evaluation");
+    let train = layer.forward(x.clone(), usize::MAX, &mut Ctx::train(5)).output.as_vec();
     assert_ne!(eval_a, train, "jitter changes the router in training");
     // With ε = 0 training and evaluation agree (same capacity, no dropout): jitter is the only difference.
     let mut plain = MoeLayer::new(&dev, &mut StdRng::seed_from_u64(1), &cfg);
     plain.jitter_eps = 0.0;
-    assert_eq!(eval_a, plain.forward(x, &mut Ctx::train(5)).output.as_vec());
+    assert_eq!(eval_a, plain.forward(x, usize::MAX, &mut Ctx::train(5)).output.as_vec());
 }
 
 #[test]
@@ -345,7 +346,8 @@ fn router_init_scale_sets_the_initial_router_logit_spread() {
 #[test]
 fn bad_configs_name_the_field() {
     let cases: Vec<(ModelConfig, &str)> = vec![
-        (ModelConfig { d_model: 100, num_heads: 3, ..Default::default() }, "num_heads"),
+        (ModelConfig { num_heads: 0, ..Default::default() }, "num_heads"),
+        (ModelConfig { group_size: Some(0), ..Default::default() }, "group_size"),
         (ModelConfig { num_experts: 0, ..Default::default() }, "num_experts"),
         (ModelConfig { capacity_factor: 0.0, ..Default::default() }, "capacity_factor"),
         (ModelConfig { capacity_factor: -1.0, ..Default::default() }, "capacity_factor"),
@@ -360,4 +362,118 @@ fn bad_configs_name_the_field() {
         assert_eq!(err.field, field);
         assert!(err.to_string().starts_with(&format!("model.{field} = ")), "{err}");
     }
+}
+
+#[test]
+fn d_model_need_not_be_a_multiple_of_num_heads() {
+    // Attention projects to num_heads × d_kv, whatever d_model is.
+    let cfg = ModelConfig { d_model: 9, num_heads: 2, d_kv: 4, ..tiny(2) };
+    let m = SwitchTransformer::new(&Dev::default(), &cfg, 0).unwrap();
+    let out = m.loss::<NoneTape>(&batch(&cfg, 2, 6, 4, 0), &mut Ctx::eval());
+    assert!(out.cross_entropy.is_finite());
+}
+
+#[test]
+fn initial_attention_logits_have_t5s_scale_whatever_d_kv() {
+    // T5 folds 1/√d_kv into the query init: q·k over d_kv dimensions then has std ≈ init_scale
+    // on unit-variance inputs (× 0.774 for the two 2σ-truncated normals), not init_scale·√d_kv.
+    let dev = Dev::default();
+    for d_kv in [16, 64] {
+        let cfg = ModelConfig { d_model: 128, num_heads: 2, d_kv, init_scale: 0.1, ..Default::default() };
+        let m = SwitchTransformer::new(&dev, &cfg, 7).unwrap();
+        let attn = &m.encoder.blocks[0].self_attn;
+        let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(256, 128));
+        let q = attn.q.forward(x.clone()).as_vec();
+        let k = attn.k.forward(x).as_vec();
+        let h = 2 * d_kv;
+        // logits of token pairs (i, i+1) in head 0
+        let logits: Vec<f64> = (0..255)
+            .map(|i| (0..d_kv).map(|j| q[i * h + j] as f64 * k[(i + 1) * h + j] as f64).sum())
+            .collect();
+        let std = (logits.iter().map(|l| l * l).sum::<f64>() / logits.len() as f64).sqrt();
+        assert!((0.05..0.11).contains(&std), "d_kv {d_kv}: initial logit std {std}, T5 gives ≈ 0.077");
+    }
+}
+
+#[test]
+fn relative_position_buckets_match_t5_by_hand() {
+    // Encoder: 32 buckets split by direction, 8 exact, then 8 + ⌊ln(n/8)/ln(128/8)·8⌋, clipped at 15.
+    let enc = |rel| relative_position_bucket(rel, true, 32, 128);
+    // keys before the query (rel < 0) use buckets 0–15, keys after it 16–31
+    assert_eq!([enc(0), enc(-1), enc(-7), enc(1), enc(7)], [0, 1, 7, 17, 23]);
+    // log region: n = 8 → 8 + 0; n = 12 → 8 + ⌊0.146·8⌋ = 9; n = 20 → 8 + ⌊0.330·8⌋ = 10;
+    // n = 40 → 8 + ⌊0.580·8⌋ = 12; n = 100 → 8 + ⌊0.911·8⌋ = 15
+    assert_eq!([enc(-8), enc(-12), enc(-20), enc(-40), enc(-100)], [8, 9, 10, 12, 15]);
+    assert_eq!([enc(20), enc(40)], [26, 28]);
+    // clip at and beyond max_distance
+    assert_eq!([enc(-128), enc(-1000), enc(128), enc(1000)], [15, 15, 31, 31]);
+    // Decoder (causal): one direction, 16 exact, then 16 + ⌊ln(n/16)/ln(8)·16⌋; future keys share bucket 0.
+    let dec = |rel| relative_position_bucket(rel, false, 32, 128);
+    assert_eq!([dec(5), dec(0), dec(-5), dec(-15)], [0, 0, 5, 15]);
+    // n = 20 → 16 + ⌊0.107·16⌋ = 17; n = 40 → 16 + ⌊0.441·16⌋ = 23; n = 100 → 16 + ⌊0.881·16⌋ = 30
+    assert_eq!([dec(-16), dec(-20), dec(-40), dec(-100)], [16, 17, 23, 30]);
+    assert_eq!([dec(-128), dec(-1000)], [31, 31]);
+}
+
+#[test]
+fn balance_and_z_losses_by_hand() {
+    let dev = Dev::default();
+    let alpha = 0.01;
+    let probs = |v: Vec<f32>| dev.tensor_from_vec(v, (4usize, 2usize));
+    // Uniform: P = f = (½, ½): α·2·(¼ + ¼) = α.
+    let uniform = load_balancing_loss(probs(vec![0.5; 8]), &[0, 1, 0, 1], 4, alpha).as_vec()[0];
+    assert!((uniform - 0.01).abs() < 1e-8, "{uniform}");
+    // Collapsed: every token certain of expert 0: α·N.
+    let collapsed = load_balancing_loss(probs([1.0, 0.0].repeat(4)), &[0; 4], 4, alpha).as_vec()[0];
+    assert!((collapsed - 0.02).abs() < 1e-8, "{collapsed}");
+    // Two groups of 2, each collapsed onto a different expert: each group's loss is α·N, so the
+    // mean is α·N, though over the whole batch routing looks balanced (which would give α).
+    let p = probs(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
+    let grouped = load_balancing_loss(p.clone(), &[0, 0, 1, 1], 2, alpha).as_vec()[0];
+    assert!((grouped - 0.02).abs() < 1e-8, "{grouped}");
+    assert!((load_balancing_loss(p, &[0, 0, 1, 1], 4, alpha).as_vec()[0] - 0.01).abs() < 1e-8);
+    // z-loss: logits (0, 0) → logsumexp = ln 2; (ln 3, 0) → ln 4.
+    let logits = dev.tensor_from_vec(vec![0.0f32, 0.0, 3f32.ln(), 0.0], (2usize, 2usize));
+    let z = router_z_loss(logits, 0.5).as_vec()[0];
+    let expected = 0.5 * (2f32.ln().powi(2) + 4f32.ln().powi(2)) / 2.0;
+    assert!((z - expected).abs() < 1e-6, "{z} vs {expected}");
+}
+
+#[test]
+fn groups_route_on_their_own() {
+    // 4 tokens all preferring expert 0, capacity 1 per expert per group of 2: one token per group kept.
+    let probs = [0.9, 0.1].repeat(4);
+    let r = route_in_groups(&probs, 2, 1, 2, |_| 1, RoutingPriority::Position);
+    assert_eq!(r.capacity, 2, "two groups' slots per expert");
+    // expert 0's buffer: slot 0 = group 0's token 0, slot 1 = group 1's token 2
+    assert_eq!(r.slot_of, vec![Some(0), None, Some(1), None]);
+    assert_eq!(&r.slot_token[..2], &[0, 2]);
+    assert_eq!(r.first_choice_counts, vec![4, 0]);
+    // one group of 4: only token 0 fits
+    let whole = route_in_groups(&probs, 2, 1, 4, |_| 1, RoutingPriority::Position);
+    assert_eq!(whole.slot_of, vec![Some(0), None, None, None]);
+}
+
+#[test]
+fn evaluation_loss_does_not_depend_on_the_evaluation_batch() {
+    // Tight evaluation capacity, so tokens are dropped: with fixed groups of 2 examples, a batch
+    // of 8 and four batches of 2 route every example identically.
+    let dev = Dev::default();
+    let cfg = ModelConfig { eval_capacity_factor: 0.5, min_expert_capacity: 1, group_size: Some(2), ..tiny(4) };
+    let m = SwitchTransformer::new(&dev, &cfg, 3).unwrap();
+    let all = batch(&cfg, 8, 6, 4, 11);
+    let part = |i: usize| Batch {
+        batch_size: 2,
+        encoder_ids: all.encoder_ids[i * 12..(i + 1) * 12].to_vec(),
+        decoder_input_ids: all.decoder_input_ids[i * 8..(i + 1) * 8].to_vec(),
+        targets: all.targets[i * 8..(i + 1) * 8].to_vec(),
+        ..all.clone()
+    };
+    let whole = m.loss::<NoneTape>(&all, &mut Ctx::eval()).cross_entropy;
+    let parts: f32 = (0..4).map(|i| m.loss::<NoneTape>(&part(i), &mut Ctx::eval()).cross_entropy).sum::<f32>() / 4.0;
+    assert!((whole - parts).abs() < 1e-5, "batch of 8: {whole}, batches of 2: {parts}");
+    // the same model with the whole batch as one group does depend on the batch (the old behaviour)
+    let ungrouped = SwitchTransformer::new(&dev, &ModelConfig { group_size: None, ..cfg.clone() }, 3).unwrap();
+    let whole = ungrouped.loss::<NoneTape>(&all, &mut Ctx::eval()).cross_entropy;
+    assert!((whole - parts).abs() > 1e-4, "drops must differ, or this test proves nothing");
 }
