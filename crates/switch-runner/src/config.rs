@@ -5,14 +5,26 @@ use serde_json::{Map, Value};
 use switch_data::DataConfig;
 use switch_model::ModelConfig;
 
+/// The learning-rate schedule; both decay as 1/√step after `warmup_steps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// T5's `rsqrt_decay`: peak · √(warmup / max(step, warmup)), flat at the peak during warmup.
+    Rsqrt,
+    /// A linear ramp from 0 to the peak over the warmup, then T5's decay (not in T5: gentler on
+    /// AdamW's first steps, which the paper's Adafactor does not take).
+    LinearWarmupRsqrt,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     pub steps: u64,
     pub batch_size: usize,
-    /// Peak learning rate, reached after `warmup_steps`, then decayed as 1/√step.
+    /// Peak learning rate; decayed as 1/√step after `warmup_steps`.
     pub learning_rate: f64,
     pub warmup_steps: u64,
+    pub schedule: Schedule,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -33,6 +45,7 @@ impl Default for TrainConfig {
             batch_size: 32,
             learning_rate: 3e-3,
             warmup_steps: 100,
+            schedule: Schedule::LinearWarmupRsqrt,
             weight_decay: 0.0,
             beta1: 0.9,
             beta2: 0.99,
@@ -47,11 +60,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Linear warmup to the peak, then inverse-square-root decay (T5's `rsqrt_decay`).
+    /// The learning rate of optimizer step `step` (0-based; the schedule counts from 1).
     pub fn learning_rate_at(&self, step: u64) -> f64 {
         let s = (step + 1) as f64;
         let w = self.warmup_steps.max(1) as f64;
-        self.learning_rate * (s / w).min((w / s).sqrt())
+        let decay = (w / s.max(w)).sqrt();
+        match self.schedule {
+            Schedule::Rsqrt => self.learning_rate * decay,
+            Schedule::LinearWarmupRsqrt => self.learning_rate * (s / w).min(1.0) * decay,
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -62,13 +62,20 @@ fn to_batch(e: Example, cfg: &RunConfig) -> Batch {
     }
 }
 
+/// Examples per evaluation batch: `eval_batch_size` rounded down to whole routing groups (at
+/// least one), so every held-out example is routed with the same group mates whatever the batch.
+pub fn eval_batch_examples(cfg: &RunConfig) -> usize {
+    let group = cfg.model.group_size.unwrap_or(cfg.train.eval_batch_size).max(1);
+    (cfg.train.eval_batch_size / group).max(1) * group
+}
+
 /// Held-out cross-entropy per target token, and per-layer routing statistics averaged over the batches.
 pub fn evaluate(
     model: &SwitchTransformer<Dev>,
     ds: &Dataset,
     cfg: &RunConfig,
 ) -> (f64, Vec<switch_model::RoutingStats>) {
-    let batches = ds.eval_batches(cfg.train.eval_batch_size);
+    let batches = ds.eval_batches(eval_batch_examples(cfg));
     let (mut total, mut count) = (0.0f64, 0usize);
     let mut routing: Vec<switch_model::RoutingStats> = Vec::new();
     for b in batches {

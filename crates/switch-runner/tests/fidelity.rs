@@ -1,0 +1,88 @@
+//! Hand-computed checks of the training recipe: learning-rate schedules, one AdamW step, routing
+//! groups resolved and honoured in evaluation, FLOPs solving in steps of 1.
+use std::path::Path;
+use switch_runner::config::{Schedule, TrainConfig};
+use switch_runner::train::{evaluate, AdamW, Dev};
+use switch_runner::RunConfig;
+
+#[test]
+fn t5_rsqrt_is_flat_during_warmup_and_linear_warmup_ramps() {
+    let t5 = TrainConfig { learning_rate: 0.01, warmup_steps: 100, schedule: Schedule::Rsqrt, ..Default::default() };
+    let ramp = TrainConfig { schedule: Schedule::LinearWarmupRsqrt, ..t5.clone() };
+    // optimizer step s (1-based) = index + 1; T5: 0.01·√(100 / max(s, 100))
+    let lr = |c: &TrainConfig, i: u64| c.learning_rate_at(i);
+    for (i, rsqrt, linear) in [(0, 0.01, 0.0001), (49, 0.01, 0.005), (99, 0.01, 0.01), (399, 0.005, 0.005)] {
+        assert!((lr(&t5, i) - rsqrt).abs() < 1e-12, "rsqrt at {i}: {}", lr(&t5, i));
+        assert!((lr(&ramp, i) - linear).abs() < 1e-12, "linear warmup at {i}: {}", lr(&ramp, i));
+    }
+    // step 2500: √(100/2500) = 0.2
+    assert!((lr(&t5, 2499) - 0.002).abs() < 1e-12);
+}
+
+#[test]
+fn two_adamw_steps_by_hand() {
+    let cfg = TrainConfig { beta1: 0.9, beta2: 0.99, weight_decay: 0.01, ..Default::default() };
+    let mut params = vec![vec![1.0f32, -2.0]];
+    let mut opt = AdamW::new(&[2]);
+    // Step 1: bias-corrected m̂ = g, v̂ = g², so the update is lr·(sign(g) + wd·p).
+    opt.step(&mut params, &[vec![0.5, -0.1]], 1, 0.1, &cfg);
+    assert!((params[0][0] - 0.899).abs() < 1e-6 && (params[0][1] + 1.898).abs() < 1e-6, "{params:?}");
+    assert!((opt.m[0][0] - 0.05).abs() < 1e-7 && (opt.v[0][0] - 0.0025).abs() < 1e-8);
+    // Step 2, gradient reversed: m = 0.9·0.05 − 0.05 = −0.005, m̂ = −0.005/0.19; v = 0.004975, v̂ = 0.25.
+    opt.step(&mut params, &[vec![-0.5, 0.1]], 2, 0.1, &cfg);
+    assert!((params[0][0] - 0.903_364_2).abs() < 1e-6, "{params:?}");
+    assert!((params[0][1] + 1.901_365_2).abs() < 1e-6, "{params:?}");
+}
+
+fn write_grid(dir: &Path, body: &str) -> std::path::PathBuf {
+    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 150_000).unwrap();
+    let path = dir.join("g.yaml");
+    let settings = format!(
+        "settings:\n  model: {{ d_model: 32, d_ff: 64, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 1, expert_every: 1, eval_capacity_factor: 0.5, min_expert_capacity: 1 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: 4, batch_size: 4, eval_batch_size: 16 }}\n",
+        corpus.display()
+    );
+    std::fs::write(&path, format!("name: g\n{settings}{body}")).unwrap();
+    path
+}
+
+#[test]
+fn routing_group_defaults_to_the_training_batch_and_evaluation_ignores_the_eval_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&write_grid(tmp.path(), "points:\n  - { model.num_experts: 4 }\n")).unwrap();
+    let cfg: RunConfig = plan.runs[0].config.clone();
+    assert_eq!(cfg.model.group_size, Some(4), "resolved into the saved config");
+    let ds = switch_data::Dataset::build(&cfg.data, &tmp.path().join("cache")).unwrap();
+    let model = switch_model::SwitchTransformer::<Dev>::new(&Dev::default(), &cfg.model, 0).unwrap();
+    let loss_at = |eval_batch_size: usize| {
+        let c = RunConfig { train: TrainConfig { eval_batch_size, ..cfg.train.clone() }, ..cfg.clone() };
+        evaluate(&model, &ds, &c).0
+    };
+    // eval batch 16 holds 4 groups; 4 and 8 hold 1 and 2; 6 rounds down to 4.
+    let reference = loss_at(16);
+    for b in [4, 6, 8] {
+        assert!((loss_at(b) - reference).abs() < 1e-5, "eval batch {b}: {} vs {reference}", loss_at(b));
+    }
+    // With the whole eval batch as one group (the old behaviour), the loss moves with the batch.
+    let mut whole = cfg.clone();
+    whole.model.group_size = None;
+    let whole_at = |eval_batch_size: usize| {
+        let c = RunConfig { train: TrainConfig { eval_batch_size, ..whole.train.clone() }, ..whole.clone() };
+        evaluate(&model_of(&whole), &ds, &c).0
+    };
+    assert!((whole_at(4) - whole_at(16)).abs() > 1e-3, "tokens must be dropped, or this test proves nothing");
+}
+
+fn model_of(cfg: &RunConfig) -> switch_model::SwitchTransformer<Dev> {
+    switch_model::SwitchTransformer::new(&Dev::default(), &cfg.model, 0).unwrap()
+}
+
+#[test]
+fn the_capacity_grid_matches_switch_plus_flops_within_one_percent() {
+    // d_model moves by 1, so the solved Switch+ point meets the default 1% tolerance.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments/capacity.yaml");
+    let plan = switch_runner::plan(&path).expect("capacity.yaml plans with the default tolerance");
+    let plus = plan.runs.iter().find(|r| r.config.model.d_model != 64).expect("a solved Switch+ point");
+    let moe = plan.runs.iter().find(|r| r.config.model.top_k == 2 && r.config.model.capacity_factor == 1.0).unwrap();
+    let ratio = plus.accounting.flops_per_token / moe.accounting.flops_per_token;
+    assert!((ratio - 1.0).abs() < 0.01, "Switch+ / MoE FLOPs = {ratio}");
+}
