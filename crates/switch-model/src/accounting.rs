@@ -86,3 +86,107 @@ impl ModelConfig {
         }
     }
 }
+
+/// Shapes of one stack's forward pass, for [`ModelConfig::activation_floats`].
+struct StackShape {
+    batch: f64,
+    len: f64,
+    /// Encoder length for the decoder's cross-attention; `None` in the encoder.
+    memory_len: Option<f64>,
+    /// Expert slots of a sparse layer: num_experts × capacity summed over routing groups.
+    slots: f64,
+}
+
+impl ModelConfig {
+    /// Upper bound on the f32 activations of one forward pass of `batch` examples, weights
+    /// aside. Training (`train`): every intermediate tensor the tape keeps, summed over layers —
+    /// per layer the norms, q/k/v, attention scores batch×heads×L×L with the bias sum and
+    /// softmax, feed-forward hiddens, router logits and probabilities tokens×experts, expert
+    /// buffers experts×capacity×d_ff (at `capacity_factor`) — plus the logits
+    /// batch×decoder_len×vocab and their log-softmax. Evaluation: no tape, so only the largest
+    /// layer (at `eval_capacity_factor`) or the logits, plus the encoder output.
+    /// f64, so 10⁹ experts do not overflow.
+    pub fn activation_floats(&self, batch: usize, encoder_len: usize, decoder_len: usize, train: bool) -> f64 {
+        let b = batch as f64;
+        let (d, v) = (self.d_model as f64, self.vocab_size as f64);
+        let slots = |len: usize| self.num_experts as f64 * self.total_capacity(batch, len, train) as f64;
+        let enc = StackShape { batch: b, len: encoder_len as f64, memory_len: None, slots: slots(encoder_len) };
+        let dec = StackShape {
+            batch: b,
+            len: decoder_len as f64,
+            memory_len: Some(encoder_len as f64),
+            slots: slots(decoder_len),
+        };
+        // Output: scaled decoder states, logits, log-softmax (max-shift, exp, result).
+        let logits = b * decoder_len as f64 * (d + 4.0 * v);
+        let (enc, dec) = (self.stack_floats(&enc, train), self.stack_floats(&dec, train));
+        if train {
+            enc + dec + logits
+        } else {
+            enc.max(dec).max(logits) + b * encoder_len as f64 * d
+        }
+    }
+
+    /// Expert capacity summed over the routing groups of `batch` examples of `len` tokens.
+    fn total_capacity(&self, batch: usize, len: usize, train: bool) -> usize {
+        let cf = if train { self.capacity_factor } else { self.eval_capacity_factor };
+        let group = self.group_size.unwrap_or(batch).clamp(1, batch.max(1));
+        let cap = |examples: usize| {
+            crate::moe::expert_capacity(cf, examples * len, self.num_experts, self.min_expert_capacity)
+        };
+        (batch / group) * cap(group) + if batch % group > 0 { cap(batch % group) } else { 0 }
+    }
+
+    /// A stack's activations: summed over layers in training, the largest layer in evaluation.
+    fn stack_floats(&self, s: &StackShape, train: bool) -> f64 {
+        let n = s.batch * s.len;
+        let d = self.d_model as f64;
+        let (h, hd) = (self.num_heads as f64, (self.num_heads * self.d_kv) as f64);
+        let drop = if train && self.dropout > 0.0 { 2.0 * n * d } else { 0.0 }; // mask + product
+        let norm = 3.0 * n * d;
+        // q, k, v, context and its contiguous copy, output; scores, + bias, softmax (3).
+        let attn = |lk: f64| 3.0 * n * hd + 2.0 * n * hd + n * d + 5.0 * s.batch * h * s.len * lk;
+        let mut total = n * d + drop + norm; // embedding gather, input dropout, final norm
+        for i in 0..self.layers(s) {
+            let mut layer = norm + attn(s.len) + 2.0 * h * s.len * s.len + n * d + drop; // + bias gather, residual
+            if let Some(le) = s.memory_len {
+                layer += norm + attn(le) - 2.0 * n * hd + 2.0 * s.batch * le * hd + n * d + drop;
+            }
+            layer += norm + n * d + drop; // residual
+            layer += if self.is_sparse_layer(i) { self.sparse_floats(n, s.slots, train) } else { self.dense_floats(n) };
+            total = if train { total + layer } else { total.max(layer) };
+        }
+        total
+    }
+
+    fn layers(&self, s: &StackShape) -> usize {
+        if s.memory_len.is_some() {
+            self.num_decoder_layers
+        } else {
+            self.num_encoder_layers
+        }
+    }
+
+    /// Hidden tensors per row of a feed-forward: matmul + ReLU, or GEGLU's two matmuls, GELU, product.
+    fn hidden_per_row(&self) -> f64 {
+        match self.activation {
+            Activation::Relu => 2.0,
+            Activation::Geglu => 4.0,
+        }
+    }
+
+    fn dense_floats(&self, n: f64) -> f64 {
+        n * (self.hidden_per_row() * self.d_ff as f64 + self.d_model as f64)
+    }
+
+    fn sparse_floats(&self, n: f64, slots: f64, train: bool) -> f64 {
+        let (d, f, e, k) = (self.d_model as f64, self.d_ff as f64, self.num_experts as f64, self.top_k as f64);
+        let jitter = if train && self.jitter_eps > 0.0 { 2.0 * n * d } else { 0.0 };
+        // logits, z-loss logsumexp (2), softmax (3), host copy, balance weight (host, tensor, product)
+        let router = 10.0 * n * e;
+        // slot indices (usize: 2 floats each, host and tensor), dispatched input, hiddens, output
+        let experts = slots * (4.0 + 2.0 * d + self.hidden_per_row() * f);
+        let expert_drop = if train && self.expert_dropout > 0.0 { 2.0 * slots * f } else { 0.0 };
+        jitter + router + experts + expert_drop + 3.0 * k * n * d // combine: gather, × gate, sum
+    }
+}

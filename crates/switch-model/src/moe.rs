@@ -250,8 +250,12 @@ impl<D: Device<f32>> MoeLayer<D> {
         let routing = route_in_groups(&probs_host, e, k, group_tokens, capacity_of, self.priority);
         let capacity = routing.capacity;
         let first_choices: Vec<usize> = routing.choices.iter().step_by(k).copied().collect();
-        let balance_loss =
-            load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, self.balance_loss_coef);
+        let balance_loss = load_balancing_loss(
+            probs.clone().put_tape(probs_tape),
+            &first_choices,
+            group_tokens,
+            self.balance_loss_coef,
+        );
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
         let slot_token = dev.tensor_from_vec(routing.slot_token.clone(), (e * capacity,));

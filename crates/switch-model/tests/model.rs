@@ -3,8 +3,8 @@
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::moe::{load_balancing_loss, route, route_in_groups, router_z_loss, MoeLayer};
-use switch_model::t5::relative_position_bucket;
 use switch_model::nn::{Ctx, ExpertFfn, Linear};
+use switch_model::t5::relative_position_bucket;
 use switch_model::{Activation, Batch, ModelConfig, RoutingPriority, SwitchTransformer};
 
 type Dev = Cpu;
@@ -387,9 +387,8 @@ fn initial_attention_logits_have_t5s_scale_whatever_d_kv() {
         let k = attn.k.forward(x).as_vec();
         let h = 2 * d_kv;
         // logits of token pairs (i, i+1) in head 0
-        let logits: Vec<f64> = (0..255)
-            .map(|i| (0..d_kv).map(|j| q[i * h + j] as f64 * k[(i + 1) * h + j] as f64).sum())
-            .collect();
+        let logits: Vec<f64> =
+            (0..255).map(|i| (0..d_kv).map(|j| q[i * h + j] as f64 * k[(i + 1) * h + j] as f64).sum()).collect();
         let std = (logits.iter().map(|l| l * l).sum::<f64>() / logits.len() as f64).sqrt();
         assert!((0.05..0.11).contains(&std), "d_kv {d_kv}: initial logit std {std}, T5 gives ≈ 0.077");
     }

@@ -72,6 +72,8 @@ pub struct PlannedRun {
     pub accounting: switch_model::Accounting,
     /// FLOPs per token ÷ the baseline's.
     pub flops_ratio: f64,
+    /// Estimated peak memory of this run trained alone, bytes ([`memory_bytes`]).
+    pub memory: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +121,7 @@ fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> anyhow
     let mut cfg: RunConfig =
         serde_json::from_value(tree).map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
     cfg.model.vocab_size = cfg.data.model_vocab_size();
+    cfg.model.group_size.get_or_insert(cfg.train.batch_size);
     cfg.validate().map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
     Ok(cfg)
 }
@@ -128,6 +131,24 @@ fn read_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
     serde_saphyr::from_str(&text).map_err(|e| err(path, explain_yaml_error(e.to_string())))
 }
 
+/// True when a YAML file holds nothing but whitespace, comments and document markers.
+fn is_blank_yaml(text: &str) -> bool {
+    text.lines().map(str::trim).all(|l| l.is_empty() || l.starts_with('#') || l == "---" || l == "...")
+}
+
+/// Reads the grid file, refusing an empty one: it is a mistake, not a request for the defaults.
+fn read_grid(path: &Path) -> anyhow::Result<GridFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot be read ({e})")))?;
+    if is_blank_yaml(&text) {
+        return Err(err(path, "the grid file is empty (only whitespace or comments): give at least `base:`, `settings:`, `grid:` or `points:` (see experiments/experts.yaml)"));
+    }
+    let grid: GridFile = serde_saphyr::from_str(&text).map_err(|e| err(path, explain_yaml_error(e.to_string())))?;
+    if let Some(slurm) = &grid.slurm {
+        slurm.check_values(path)?; // malformed cluster settings fail at plan time, whatever the backend
+    }
+    Ok(grid)
+}
+
 /// Reads and expands a grid file. Nothing is written; every error names the file and the key.
 pub fn plan(path: &Path) -> anyhow::Result<Plan> {
     plan_with_seeds(path, None)
@@ -135,7 +156,7 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
 
 /// [`plan`] with the grid's `seeds:` replaced (the CLI's `--seeds 0,1,2`).
 pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Plan> {
-    let mut grid: GridFile = read_yaml(path)?;
+    let mut grid = read_grid(path)?;
     if let Some(seeds) = seeds {
         grid.seeds = Some(seeds.to_vec());
     }
@@ -294,6 +315,7 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Pla
                 run_id: run_id(&config),
                 is_baseline: matches(p, &baseline),
                 flops_ratio: accounting.flops_per_token / base_flops,
+                memory: memory_bytes(&config),
                 point,
                 accounting,
                 config,
@@ -314,10 +336,9 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Pla
     Ok(Plan { name, path: path.to_path_buf(), runs, slurm: grid.slurm.clone() })
 }
 
-/// The value of `key` (d_model in steps of num_heads, or d_ff) whose FLOPs per token is closest to `target`.
+/// The value of `key` (d_model or d_ff, in steps of 1) whose FLOPs per token is closest to `target`.
 fn solve_size(cfg: &RunConfig, key: &str, target: f64) -> (usize, f64) {
-    let (step, current) =
-        if key == "model.d_model" { (cfg.model.num_heads, cfg.model.d_model) } else { (1, cfg.model.d_ff) };
+    let current = if key == "model.d_model" { cfg.model.d_model } else { cfg.model.d_ff };
     let flops = |v: usize| {
         let mut c = cfg.clone();
         if key == "model.d_model" {
@@ -327,8 +348,7 @@ fn solve_size(cfg: &RunConfig, key: &str, target: f64) -> (usize, f64) {
         }
         c.accounting().flops_per_token
     };
-    (1..=current * 4 / step)
-        .map(|k| k * step)
+    (1..=current * 4)
         .map(|v| (v, flops(v)))
         .min_by(|a, b| (a.1 - target).abs().total_cmp(&(b.1 - target).abs()))
         .expect("non-empty range")
@@ -354,6 +374,7 @@ impl Plan {
             ["baseline", "params_total", "params_active", "flops_per_token", "router_flops_per_token", "flops_ratio"]
                 .map(String::from),
         );
+        header.push(if csv { "mem_bytes" } else { "mem" }.into());
         let mut rows = vec![header];
         for r in &self.runs {
             let mut row = vec![r.run_id.clone()];
@@ -367,6 +388,7 @@ impl Plan {
             row.push(format!("{:.0}", r.accounting.flops_per_token));
             row.push(format!("{:.0}", r.accounting.router_flops_per_token));
             row.push(format!("{:.4}", r.flops_ratio));
+            row.push(if csv { format!("{:.0}", r.memory) } else { human_bytes(r.memory) });
             rows.push(row);
         }
         if csv {
@@ -379,5 +401,114 @@ impl Plan {
             .collect::<Vec<_>>()
             .join("\n")
             + "\n"
+    }
+}
+
+/// What a switchlab process holds besides its runs' models: the binary, the corpus text while
+/// it is split, the token ids (measured: 92 MiB for the embedded corpus with BPE tokens; byte
+/// tokens add ~50 MiB).
+pub const PROCESS_BYTES: f64 = 160.0 * 1024.0 * 1024.0;
+
+/// Estimated peak memory of one run trained alone, in bytes: [`PROCESS_BYTES`] plus 4 bytes
+/// per float of the larger of a training step, 6·P + 1.25·A(batch) (weights, tape gradients,
+/// host copies of both for clipping and AdamW, AdamW's m and v; the activations the tape keeps:
+/// backward frees each op's inputs as it makes their gradients, so about A at once, with a
+/// quarter for slack), and an evaluation, 5·P + A(eval batch). A is
+/// [`switch_model::ModelConfig::activation_floats`]. f64 throughout: 10⁹ experts do not overflow.
+pub fn memory_bytes(cfg: &RunConfig) -> f64 {
+    let params = cfg.accounting().params_total as f64;
+    let (le, ld) = cfg.lengths();
+    let acts = |batch, train| cfg.model.activation_floats(batch, le, ld, train);
+    let train = 6.0 * params + 1.25 * acts(cfg.train.batch_size, true);
+    let eval = 5.0 * params + acts(crate::train::eval_batch_examples(cfg), false);
+    PROCESS_BYTES + 4.0 * train.max(eval)
+}
+
+/// `1.5 GiB`, `37.2 MiB`: binary units, three significant digits.
+pub fn human_bytes(bytes: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    match v {
+        _ if u == 0 => format!("{v:.0} B"),
+        _ if v < 10.0 => format!("{v:.2} {}", units[u]),
+        _ if v < 100.0 => format!("{v:.1} {}", units[u]),
+        _ => format!("{v:.0} {}", units[u]),
+    }
+}
+
+/// `8G`, `8GiB`, `8GB`, `512M`, `1.5T`, `4096K` (K to E) or plain bytes; units are binary (G = 2³⁰).
+pub fn parse_size(text: &str) -> Option<f64> {
+    let t = text.trim();
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let t = t.strip_suffix(['i', 'I']).unwrap_or(t);
+    let (digits, scale) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let power = "KMGTPE".find(c.to_ascii_uppercase())? as i32 + 1;
+            (&t[..i], 1024f64.powi(power))
+        }
+        _ => (t, 1.0),
+    };
+    let v: f64 = digits.trim().parse().ok()?;
+    (v.is_finite() && v > 0.0).then_some(v * scale)
+}
+
+/// A memory budget and where it comes from (named in refusals).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryLimit {
+    pub bytes: f64,
+    pub source: String,
+}
+
+impl MemoryLimit {
+    /// MemAvailable from /proc/meminfo; `None` (no limit) when it cannot be read.
+    pub fn available() -> Option<Self> {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(Self { bytes: kib * 1024.0, source: "available (MemAvailable in /proc/meminfo)".into() })
+    }
+
+    /// The `--max-memory` flag's value.
+    pub fn from_flag(text: &str) -> anyhow::Result<Self> {
+        let bytes = parse_size(text).ok_or_else(|| {
+            anyhow::anyhow!("--max-memory `{text}`: use a size such as `8G`, `512M`, `1.5T` (binary units) or bytes")
+        })?;
+        Ok(Self { bytes, source: format!("allowed by --max-memory {text}") })
+    }
+}
+
+impl Plan {
+    /// Refuses, naming the run and the figures, when one of `runs` needs more than `limit`, or
+    /// when the `jobs` largest of them, trained at once in one process, need more together
+    /// (they share one [`PROCESS_BYTES`]). `None`: no limit.
+    pub fn check_memory(&self, runs: &[&PlannedRun], jobs: usize, limit: Option<&MemoryLimit>) -> anyhow::Result<()> {
+        let Some(limit) = limit else { return Ok(()) };
+        let mut sorted = runs.to_vec();
+        sorted.sort_by(|a, b| b.memory.total_cmp(&a.memory));
+        let Some(big) = sorted.first() else { return Ok(()) };
+        let fix = "fewer experts or a smaller model (model.num_experts, d_model, d_ff, layers), a smaller train.batch_size or train.eval_batch_size, or a larger --max-memory if you know the machine has it (the README's Memory section has the formula)";
+        let have = format!("{} {}", human_bytes(limit.bytes), limit.source);
+        if big.memory > limit.bytes {
+            let (id, label, need) = (&big.run_id, crate::sweep::label(&big.point), human_bytes(big.memory));
+            let what = "weights, gradients, AdamW moments and activations";
+            let msg =
+                format!("run {id} ({label}) needs about {need} of memory ({what}), more than the {have}. Fix: {fix}");
+            return Err(err(&self.path, msg));
+        }
+        let together = |k: usize| PROCESS_BYTES + sorted[..k].iter().map(|r| r.memory - PROCESS_BYTES).sum::<f64>();
+        let n = jobs.clamp(1, sorted.len());
+        if together(n) > limit.bytes {
+            let fits = (1..n).rev().find(|&k| together(k) <= limit.bytes).unwrap_or(1);
+            let ids = sorted[..n].iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>().join(", ");
+            let need = human_bytes(together(n));
+            let msg = format!("{n} runs at once (--jobs {n}; the largest: {ids}) need about {need} of memory together, more than the {have}. Fix: --jobs {fits}, or {fix}");
+            return Err(err(&self.path, msg));
+        }
+        Ok(())
     }
 }

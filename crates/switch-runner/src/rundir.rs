@@ -13,7 +13,7 @@ use crate::train::{AdamW, Dev};
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use switch_model::SwitchTransformer;
 
@@ -156,6 +156,7 @@ impl RunDir {
     }
 
     /// Writes weights and optimizer moments to `checkpoint/` via a temporary folder and renames.
+    /// Streamed parameter by parameter, so saving needs no second copy of the model in memory.
     pub fn save_checkpoint(
         &self,
         model: &mut SwitchTransformer<Dev>,
@@ -167,18 +168,17 @@ impl RunDir {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         let mut names = Vec::new();
-        let mut bytes: Vec<u8> = Vec::new();
+        let mut out = BufWriter::new(File::create(tmp.join("tensors.bin"))?);
         for (i, (name, p)) in model.params_mut().into_iter().enumerate() {
             let v = p.as_vec();
             names.push((name, v.len()));
             for x in v.iter().chain(&opt.m[i]).chain(&opt.v[i]) {
-                bytes.extend_from_slice(&x.to_le_bytes());
+                out.write_all(&x.to_le_bytes())?;
             }
         }
-        std::fs::write(tmp.join("tensors.bin"), &bytes)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         let state = CheckpointState { step, wall_s, params: names };
         std::fs::write(tmp.join("state.json"), serde_json::to_string(&state).expect("serializable"))?;
-        File::open(tmp.join("tensors.bin"))?.sync_all()?;
         let dst = self.path.join("checkpoint");
         let old = self.path.join("checkpoint.old");
         let _ = std::fs::remove_dir_all(&old);
@@ -202,25 +202,31 @@ impl RunDir {
             .find(|d| d.join("state.json").exists());
         let Some(dir) = dir else { return Ok(None) };
         let state: CheckpointState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-        let bytes = std::fs::read(dir.join("tensors.bin"))?;
-        let floats: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let file = dir.join("tensors.bin");
+        let len = std::fs::metadata(&file)?.len();
+        let mut input = BufReader::new(File::open(&file)?);
         let mut params = model.params_mut();
         anyhow::ensure!(
             params.len() == state.params.len(),
             "checkpoint in {} does not match this config's model",
             dir.display()
         );
-        let mut at = 0;
+        let mut at = 0u64;
         for (i, ((name, p), (saved, n))) in params.iter_mut().zip(&state.params).enumerate() {
             anyhow::ensure!(
-                name == saved && p.shape().0 == *n && at + 3 * n <= floats.len(),
+                name == saved && p.shape().0 == *n && at + 12 * *n as u64 <= len,
                 "checkpoint in {} does not match parameter {name}",
                 dir.display()
             );
-            p.copy_from(&floats[at..at + n]);
-            opt.m[i].copy_from_slice(&floats[at + n..at + 2 * n]);
-            opt.v[i].copy_from_slice(&floats[at + 2 * n..at + 3 * n]);
-            at += 3 * n;
+            // One parameter at a time: weights, then m, then v.
+            let mut bytes = vec![0u8; 12 * n];
+            input.read_exact(&mut bytes)?;
+            let floats: Vec<f32> =
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            p.copy_from(&floats[..*n]);
+            opt.m[i].copy_from_slice(&floats[*n..2 * n]);
+            opt.v[i].copy_from_slice(&floats[2 * n..]);
+            at += 12 * *n as u64;
         }
         Ok(Some(state))
     }

@@ -31,6 +31,9 @@ pub struct SlurmConfig {
 }
 
 fn time_ok(t: &str) -> bool {
+    if ["infinite", "unlimited"].contains(&t.to_ascii_lowercase().as_str()) {
+        return true;
+    }
     let (days, rest) = match t.split_once('-') {
         Some((d, r)) => (Some(d), r),
         None => (None, t),
@@ -40,16 +43,15 @@ fn time_ok(t: &str) -> bool {
 }
 
 impl SlurmConfig {
-    /// Checks every setting before anything is submitted; errors name the key and the fix.
-    pub fn validate(&self, grid: &Path) -> anyhow::Result<()> {
+    /// The form of every value (time, mem, counts, extra lines), checked when a grid is planned,
+    /// whatever the backend; errors name the file, the key and the allowed form.
+    pub fn check_values(&self, grid: &Path) -> anyhow::Result<()> {
         let bad = |key: &str, msg: String| anyhow::anyhow!("{}: slurm.{key}: {msg}", grid.display());
         if let Some(t) = &self.time {
             if !time_ok(t) {
                 return Err(bad(
                     "time",
-                    format!(
-                        "`{t}` is not a Slurm time limit: use minutes (`30`), `HH:MM:SS` or `D-HH:MM:SS`, with no sign"
-                    ),
+                    format!("`{t}` is not a Slurm time limit: use minutes (`30`), `MM:SS`, `HH:MM:SS`, `D-HH:MM:SS` or `UNLIMITED`, with no sign"),
                 ));
             }
         }
@@ -60,16 +62,9 @@ impl SlurmConfig {
             return Err(bad("max_concurrent", "= 0: use at least 1, or leave it out".into()));
         }
         if let Some(m) = &self.mem {
-            let digits = m.trim_end_matches(['K', 'M', 'G', 'T']);
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(bad("mem", format!("`{m}` is not a Slurm memory size: use e.g. `4G` or `4000M`")));
+            if self.mem_bytes().is_none() {
+                return Err(bad("mem", format!("`{m}` is not a Slurm memory size: use a whole number with an optional K, M, G or T suffix (no suffix = megabytes), e.g. `4G` or `4000M`")));
             }
-        }
-        if self.require_partition && self.partition.as_deref().map_or(true, str::is_empty) {
-            return Err(bad(
-                "partition",
-                "is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`".into(),
-            ));
         }
         for line in &self.extra {
             if !line.starts_with("--") || line.contains('\n') {
@@ -77,6 +72,33 @@ impl SlurmConfig {
             }
         }
         Ok(())
+    }
+
+    /// Checks every setting before anything is submitted: [`Self::check_values`], and a
+    /// partition when `require_partition` is set.
+    pub fn validate(&self, grid: &Path) -> anyhow::Result<()> {
+        self.check_values(grid)?;
+        if self.require_partition && self.partition.as_deref().map_or(true, str::is_empty) {
+            return Err(anyhow::anyhow!(
+                "{}: slurm.partition: is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`",
+                grid.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// `mem` in bytes, as Slurm reads it: digits and an optional K, M, G or T (default M).
+    pub fn mem_bytes(&self) -> Option<f64> {
+        let m = self.mem.as_deref()?.trim();
+        let (digits, unit) = match m.strip_suffix(['K', 'M', 'G', 'T']) {
+            Some(d) => (d, &m[d.len()..]),
+            None => (m, "M"),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let power = "KMGT".find(unit).expect("one of KMGT") as i32 + 1;
+        Some(digits.parse::<f64>().ok()? * 1024f64.powi(power))
     }
 
     fn sbatch_lines(&self) -> Vec<String> {

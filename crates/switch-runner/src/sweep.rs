@@ -62,6 +62,8 @@ pub struct SweepOptions {
     pub jobs: Option<usize>,
     pub threads_per_run: Option<usize>,
     pub retry_failed: bool,
+    /// Memory budget (`--max-memory`); `None`: MemAvailable, or no limit where it cannot be read.
+    pub max_memory: Option<crate::grid::MemoryLimit>,
 }
 
 #[derive(Debug, Default)]
@@ -201,6 +203,11 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     // Corpus and tokenizer problems surface here, before the sweep folder is written to.
     let mut summary = SweepSummary::default();
     let pending = pending_runs(plan, &sweep_dir, opts.retry_failed, &mut summary);
+    let (jobs, threads) = default_split(pending.len());
+    let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
+    // The `jobs` largest pending runs at once must fit, before anything is written.
+    let limit = opts.max_memory.clone().or_else(crate::grid::MemoryLimit::available);
+    plan.check_memory(&pending, jobs, limit.as_ref())?;
     let data = datasets(&pending.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &opts.results_root)?;
     std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| {
         anyhow::anyhow!(
@@ -217,8 +224,6 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     if pending.is_empty() {
         return Ok(summary);
     }
-    let (jobs, threads) = default_split(pending.len());
-    let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
     tracing::info!(
         "sweep {}: {} runs to train ({} done), {jobs} at a time with {threads} thread(s) each",
         plan.name,

@@ -165,6 +165,7 @@ fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
         jobs: Some(2),
         threads_per_run: Some(1),
         retry_failed: false,
+        max_memory: None,
     };
     let summary = sweep::sweep(&plan, &opts).unwrap();
     assert_eq!(summary.done.len(), 1);
@@ -189,7 +190,13 @@ fn a_second_sweep_on_the_same_folder_is_refused_and_bad_folders_fail_early() {
     let root = tmp.path().join("results");
     std::fs::create_dir_all(root.join("l")).unwrap();
     let held = sweep::SweepLock::acquire(&root.join("l")).unwrap();
-    let opts = SweepOptions { results_root: root.clone(), jobs: None, threads_per_run: None, retry_failed: false };
+    let opts = SweepOptions {
+        results_root: root.clone(),
+        jobs: None,
+        threads_per_run: None,
+        retry_failed: false,
+        max_memory: None,
+    };
     let e = format!("{:#}", sweep::sweep(&plan, &opts).err().unwrap());
     assert!(e.contains("locked by another sweep"), "{e}");
     drop(held);
@@ -197,4 +204,130 @@ fn a_second_sweep_on_the_same_folder_is_refused_and_bad_folders_fail_early() {
     std::fs::write(&file_root, "x").unwrap();
     let e = format!("{:#}", sweep::sweep(&plan, &SweepOptions { results_root: file_root, ..opts }).err().unwrap());
     assert!(e.contains("not-a-folder") && e.contains("writable"), "{e}");
+}
+
+#[test]
+fn empty_grid_files_are_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    for text in ["", "   \n\n", "# nothing yet\n", "---\n# still nothing\n"] {
+        let path = tmp.path().join("blank.yaml");
+        std::fs::write(&path, text).unwrap();
+        let e = format!("{:#}", switch_runner::plan(&path).err().expect("an empty grid must fail"));
+        assert!(e.contains("blank.yaml") && e.contains("grid file is empty") && e.contains("grid:"), "{e}");
+    }
+}
+
+#[test]
+fn slurm_values_are_checked_when_planning_whatever_the_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (block, needle) in [
+        ("slurm:\n  time: forever\n", "slurm.time: `forever` is not a Slurm time limit: use minutes"),
+        ("slurm:\n  time: \"-5\"\n", "slurm.time"),
+        ("slurm:\n  mem: lots\n", "slurm.mem: `lots` is not a Slurm memory size"),
+        ("slurm:\n  mem: 4GB\n", "slurm.mem"),
+        ("slurm:\n  cpus_per_task: 0\n", "slurm.cpus_per_task"),
+        ("slurm:\n  extra: [\"account=ml\"]\n", "slurm.extra"),
+    ] {
+        let e = plan_err(tmp.path(), "cl", &format!("grid:\n  model.num_experts: [1]\n{block}"));
+        assert!(e.contains("cl.yaml") && e.contains(needle), "{block}: {e}");
+    }
+    // Valid Slurm spellings plan; a required partition only matters when submitting.
+    let ok =
+        "grid:\n  model.num_experts: [1]\nslurm:\n  time: 2-00:00:00\n  mem: \"4000\"\n  require_partition: true\n";
+    let p = switch_runner::plan(&grid(tmp.path(), "ok", ok)).unwrap();
+    assert_eq!(p.slurm.as_ref().unwrap().mem_bytes(), Some(4000.0 * 1024.0 * 1024.0));
+    let e = format!("{:#}", p.slurm.as_ref().unwrap().validate(&p.path).unwrap_err());
+    assert!(e.contains("slurm.partition: is required"), "{e}");
+}
+
+#[test]
+fn memory_is_estimated_from_the_shapes_and_oversized_sweeps_are_refused() {
+    use switch_runner::grid::{human_bytes, parse_size, MemoryLimit, PROCESS_BYTES};
+    let tmp = tempfile::tempdir().unwrap();
+    // 10⁹ experts: equal FLOPs per token, so the plan is valid, but weights alone are petabytes.
+    let path =
+        grid(tmp.path(), "huge", "grid:\n  model.num_experts: [1, 1000000000]\nbaseline: { model.num_experts: 1 }\n");
+    let plan = switch_runner::plan(&path).unwrap();
+    let (dense, huge) = (&plan.runs[0], &plan.runs[1]);
+    assert!(huge.memory.is_finite() && huge.memory > 24.0 * huge.accounting.params_total as f64);
+    assert!(dense.memory > PROCESS_BYTES && dense.memory < PROCESS_BYTES + 64e6, "{}", dense.memory);
+    let runs: Vec<_> = plan.runs.iter().collect();
+    let limit = MemoryLimit { bytes: 64.0 * 2f64.powi(30), source: "allowed by --max-memory 64G".into() };
+    let e = format!("{:#}", plan.check_memory(&runs, 1, Some(&limit)).unwrap_err());
+    assert!(e.contains("huge.yaml") && e.contains(&huge.run_id) && e.contains("num_experts=1000000000"), "{e}");
+    assert!(e.contains("TiB of memory") && e.contains("64.0 GiB allowed by --max-memory 64G"), "{e}");
+    assert!(plan.check_memory(&runs, 1, None).is_ok(), "no limit known: nothing refused");
+    // The sweep refuses before writing anything (MemAvailable as the limit, or an explicit one).
+    let root = tmp.path().join("results");
+    let opts = SweepOptions {
+        results_root: root.clone(),
+        jobs: None,
+        threads_per_run: None,
+        retry_failed: false,
+        max_memory: Some(limit),
+    };
+    let e = format!("{:#}", sweep::sweep(&plan, &opts).unwrap_err());
+    assert!(e.contains(&huge.run_id), "{e}");
+    if MemoryLimit::available().is_some() {
+        let e = format!("{:#}", sweep::sweep(&plan, &SweepOptions { max_memory: None, ..opts }).unwrap_err());
+        assert!(e.contains("MemAvailable"), "{e}");
+    }
+    assert!(!root.exists(), "no results folder");
+
+    // Two runs at once share one process: the check sums the `jobs` largest.
+    let two = switch_runner::plan(&grid(tmp.path(), "two", "grid:\n  model.num_experts: [1, 8]\n")).unwrap();
+    let runs: Vec<_> = two.runs.iter().collect();
+    let largest = two.runs.iter().map(|r| r.memory).fold(0.0, f64::max);
+    let limit = MemoryLimit { bytes: largest, source: "allowed".into() };
+    assert!(two.check_memory(&runs, 1, Some(&limit)).is_ok());
+    let e = format!("{:#}", two.check_memory(&runs, 2, Some(&limit)).unwrap_err());
+    assert!(e.contains("2 runs at once") && e.contains("--jobs 1"), "{e}");
+
+    assert_eq!(parse_size("8G"), Some(8.0 * 2f64.powi(30)));
+    assert_eq!(parse_size("8GiB"), parse_size("8gb"));
+    assert_eq!(parse_size("1.5T"), Some(1.5 * 2f64.powi(40)));
+    assert_eq!(parse_size("4096"), Some(4096.0));
+    assert_eq!((parse_size("lots"), parse_size("-1G"), parse_size("")), (None, None, None));
+    assert_eq!(
+        (human_bytes(512.0), human_bytes(1536.0 * 1024.0), human_bytes(3e15)),
+        ("512 B".into(), "1.50 MiB".into(), "2.66 PiB".into())
+    );
+}
+
+#[test]
+fn the_memory_estimate_grows_with_every_shape_and_flags_the_base_preset_at_1024_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let presets = tmp.path().join("presets");
+    std::fs::create_dir_all(&presets).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../experiments/presets/base.yaml"),
+        presets.join("base.yaml"),
+    )
+    .unwrap();
+    let path = tmp.path().join("big.yaml");
+    std::fs::write(&path, "base: base\ngrid:\n  model.num_experts: [1, 1024]\nbaseline: { model.num_experts: 1 }\n")
+        .unwrap();
+    let plan = switch_runner::plan(&path).unwrap();
+    let big = &plan.runs[1];
+    // ≈ 2.1 × 10⁹ parameters: 24 bytes each for weights, gradients, their host copies and AdamW.
+    assert!(big.accounting.params_total > 2_000_000_000);
+    assert!(big.memory > 24.0 * big.accounting.params_total as f64, "{}", big.memory);
+    let limit = switch_runner::grid::MemoryLimit { bytes: 32.0 * 2f64.powi(30), source: "allowed".into() };
+    assert!(plan.check_memory(&plan.runs.iter().collect::<Vec<_>>(), 1, Some(&limit)).is_err());
+
+    let base = switch_runner::grid::memory_bytes(&plan.runs[0].config);
+    let mut grow = Vec::new();
+    for f in [
+        |c: &mut switch_runner::RunConfig| c.train.batch_size *= 2,
+        |c: &mut switch_runner::RunConfig| c.train.eval_batch_size *= 8,
+        |c: &mut switch_runner::RunConfig| c.data.encoder_len *= 2,
+        |c: &mut switch_runner::RunConfig| c.model.d_ff *= 2,
+        |c: &mut switch_runner::RunConfig| c.model.num_heads *= 2,
+        |c: &mut switch_runner::RunConfig| c.model.vocab_size *= 2,
+    ] {
+        let mut c = plan.runs[0].config.clone();
+        f(&mut c);
+        grow.push(switch_runner::grid::memory_bytes(&c) > base);
+    }
+    assert_eq!(grow, vec![true; 6]);
 }

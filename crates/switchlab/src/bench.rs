@@ -43,6 +43,7 @@ fn timed_sweep(plan: &switch_runner::Plan, jobs: usize, threads: usize) -> anyho
         jobs: Some(jobs),
         threads_per_run: Some(threads),
         retry_failed: false,
+        max_memory: None,
     };
     // Build the datasets first (cached) so only training is timed.
     sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), Path::new("results"))?;

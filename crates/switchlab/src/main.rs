@@ -2,6 +2,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use switch_runner::grid::{human_bytes, MemoryLimit};
+use switch_runner::rundir::{self, RunDir, Status};
 use switch_runner::slurm;
 use switch_runner::sweep::{self, RunFile, SweepOptions};
 
@@ -34,6 +36,12 @@ enum Command {
         grid: PathBuf,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
+        /// Runs trained at once, for the memory check (default: as `sweep`, one per core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Memory budget, e.g. `8G` (default: MemAvailable from /proc/meminfo).
+        #[arg(long)]
+        max_memory: Option<String>,
     },
     /// Train every point of a grid that is not done yet (resuming interrupted runs).
     Sweep {
@@ -65,6 +73,10 @@ enum Command {
         /// Slurm: write the sbatch script and print the command without submitting.
         #[arg(long)]
         dry_run: bool,
+        /// Memory budget, e.g. `8G`: refuse runs estimated above it (default: MemAvailable from
+        /// /proc/meminfo; with --backend slurm, the grid's slurm.mem per task).
+        #[arg(long)]
+        max_memory: Option<String>,
     },
     /// Show each run's state in a sweep folder, joined with Slurm's view of its jobs.
     Status { sweep_dir: PathBuf },
@@ -92,6 +104,7 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     if let Err(e) = run(Cli::parse()) {
+        let _ = std::io::Write::flush(&mut std::io::stdout()); // a plan's table before its refusal
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -116,48 +129,113 @@ fn grid_path(arg: &Path) -> PathBuf {
     }
 }
 
+/// `--max-memory SIZE`, else MemAvailable (`None` when unreadable: no limit).
+fn memory_limit(flag: Option<&str>) -> anyhow::Result<Option<MemoryLimit>> {
+    Ok(match flag {
+        Some(text) => Some(MemoryLimit::from_flag(text)?),
+        None => MemoryLimit::available(),
+    })
+}
+
+/// The grid's `slurm.mem` as a per-task budget (`0` is Slurm's "all of the node": no limit).
+fn slurm_mem_limit(plan: &switch_runner::Plan) -> Option<MemoryLimit> {
+    let cfg = plan.slurm.as_ref()?;
+    let bytes = cfg.mem_bytes().filter(|b| *b > 0.0)?;
+    Some(MemoryLimit { bytes, source: format!("of slurm.mem = {}", cfg.mem.as_deref().unwrap_or_default()) })
+}
+
+/// Refuses to start a run whose estimated memory exceeds MemAvailable, marking it `failed`
+/// (never `running`) with the reason.
+fn check_run_memory(config: &Path, run: &RunFile) -> anyhow::Result<()> {
+    let need = switch_runner::grid::memory_bytes(&run.config);
+    let Some(limit) = MemoryLimit::available().filter(|l| need > l.bytes) else { return Ok(()) };
+    let msg = format!(
+        "{}: run {} needs about {} of memory, more than the {} {}: train it on a larger machine, or shrink the model or train.batch_size",
+        config.display(),
+        run.run_id,
+        human_bytes(need),
+        human_bytes(limit.bytes),
+        limit.source
+    );
+    let dir = RunDir::new(config.parent().unwrap_or(Path::new(".")));
+    let mut status = dir.read_status().unwrap_or_else(|| Status::new(&run.config));
+    (status.state, status.error, status.finished_at) = ("failed".into(), Some(msg.clone()), Some(rundir::now()));
+    dir.write_status(&status)?;
+    anyhow::bail!(msg)
+}
+
+/// `sweep --backend slurm`: check, tokenize once, submit one array job, optionally wait and report.
+fn slurm_sweep(
+    plan: &switch_runner::Plan,
+    results: &Path,
+    retry_failed: bool,
+    dry_run: bool,
+    wait: bool,
+    max_memory: Option<MemoryLimit>,
+) -> anyhow::Result<()> {
+    if let Some(cfg) = &plan.slurm {
+        cfg.validate(&plan.path)?;
+    }
+    // Each task trains one run in its own allocation: check each run alone.
+    let limit = max_memory.or_else(|| slurm_mem_limit(plan));
+    plan.check_memory(&plan.runs.iter().collect::<Vec<_>>(), 1, limit.as_ref())?;
+    // Tokenize once here, so array tasks find the cache instead of racing to build it.
+    sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), results)?;
+    let sub = slurm::submit(plan, results, retry_failed, dry_run)?;
+    let sweep_dir = results.join(&plan.name);
+    eprintln!("sweep {}: {} run(s) to submit, {} already done", plan.name, sub.tasks, sub.summary.skipped_done.len());
+    match &sub.job_id {
+        Some(id) => eprintln!("submitted array job {id} ({} tasks): {}", sub.tasks, sub.command),
+        None if dry_run => println!("{}", sub.command),
+        None => eprintln!("nothing to submit"),
+    }
+    if wait && sub.job_id.is_some() {
+        slurm::wait(&sweep_dir, std::time::Duration::from_secs(2));
+        eprint!("{}", slurm::status_table(&sweep_dir)?);
+        let path =
+            switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold: None, at_step: None })?;
+        eprintln!("report: {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Plan { grid, format } => {
+        Command::Plan { grid, format, jobs, max_memory } => {
             let plan = switch_runner::plan(&grid_path(&grid))?;
             print!("{}", plan.table(matches!(format, Format::Csv)));
+            let runs: Vec<_> = plan.runs.iter().collect();
+            let jobs = jobs.unwrap_or_else(|| sweep::default_split(runs.len()).0);
+            plan.check_memory(&runs, jobs, memory_limit(max_memory.as_deref())?.as_ref())?;
         }
-        Command::Sweep { grid, results, jobs, threads, retry_failed, seeds, backend, report, wait, dry_run } => {
+        Command::Sweep {
+            grid,
+            results,
+            jobs,
+            threads,
+            retry_failed,
+            seeds,
+            backend,
+            report,
+            wait,
+            dry_run,
+            max_memory,
+        } => {
             let plan = switch_runner::grid::plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
+            let max_memory = max_memory.as_deref().map(MemoryLimit::from_flag).transpose()?;
             if backend == Backend::Slurm {
-                if let Some(cfg) = &plan.slurm {
-                    cfg.validate(&plan.path)?;
-                }
-                // Tokenize once here, so array tasks find the cache instead of racing to build it.
-                sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &results)?;
-                let sub = slurm::submit(&plan, &results, retry_failed, dry_run)?;
-                let sweep_dir = results.join(&plan.name);
-                eprintln!(
-                    "sweep {}: {} run(s) to submit, {} already done",
-                    plan.name,
-                    sub.tasks,
-                    sub.summary.skipped_done.len()
-                );
-                match &sub.job_id {
-                    Some(id) => eprintln!("submitted array job {id} ({} tasks): {}", sub.tasks, sub.command),
-                    None if dry_run => println!("{}", sub.command),
-                    None => eprintln!("nothing to submit"),
-                }
-                if wait && sub.job_id.is_some() {
-                    slurm::wait(&sweep_dir, std::time::Duration::from_secs(2));
-                    eprint!("{}", slurm::status_table(&sweep_dir)?);
-                    let path = switch_analysis::report(
-                        &sweep_dir,
-                        &switch_analysis::ReportOptions { threshold: None, at_step: None },
-                    )?;
-                    eprintln!("report: {}", path.display());
-                }
-                return Ok(());
+                return slurm_sweep(&plan, &results, retry_failed, dry_run, wait, max_memory);
             }
             install_ctrl_c();
             let summary = switch_runner::sweep(
                 &plan,
-                &SweepOptions { results_root: results.clone(), jobs, threads_per_run: threads, retry_failed },
+                &SweepOptions {
+                    results_root: results.clone(),
+                    jobs,
+                    threads_per_run: threads,
+                    retry_failed,
+                    max_memory,
+                },
             )?;
             eprintln!("sweep {}: {}", plan.name, summary.describe());
             eprintln!("results in {}", results.join(&plan.name).display());
@@ -174,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train { config } => {
             let run = RunFile::read(&config)?;
+            check_run_memory(&config, &run)?;
             let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
             let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
             let data = sweep::datasets(&[&run.config.data], &results_root)?;
@@ -188,7 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             };
-            let outcome = sweep::run_one(&run, ds, &switch_runner::rundir::RunDir::new(dir), &progress)?;
+            let outcome = sweep::run_one(&run, ds, &RunDir::new(dir), &progress)?;
             tracing::info!("{}: {:?}", run.run_id, outcome);
         }
         Command::Report { sweep_dir, threshold, at_step } => {
