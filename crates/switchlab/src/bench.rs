@@ -21,6 +21,12 @@ pub enum Bench {
     },
     /// Time of `switchlab report` on a synthetic sweep of 6 runs × 2,000 logged steps.
     Report,
+    /// The training engine: tokens/s, model FLOPs/s ÷ matmul FLOPs/s, Switch ÷ dense step time,
+    /// kernel ÷ user CPU time and peak memory, on the comparison shape and the tiny preset.
+    Engine {
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
+    },
 }
 
 /// A copy of `grid` with fewer steps, evaluation only at the end, and the first `points` points.
@@ -61,30 +67,11 @@ fn timed_sweep(plan: &switch_runner::Plan, jobs: usize, threads: usize) -> anyho
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "switchlab-bench-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
+    // process id + a per-process counter: unique within and across concurrent benchmarks
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("switchlab-bench-{}-{n}", std::process::id()));
     Ok(dir)
-}
-
-fn matmul_flops_per_s(threads: usize) -> f64 {
-    use dfdx::prelude::*;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
-    pool.install(|| {
-        let dev: Cpu = Default::default();
-        let n = 1024;
-        let a: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
-        let b: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
-        let _ = a.clone().matmul(b.clone());
-        let t = Instant::now();
-        let reps = 5;
-        for _ in 0..reps {
-            std::hint::black_box(a.clone().matmul(b.clone()));
-        }
-        reps as f64 * 2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64()
-    })
 }
 
 pub fn run(what: Bench) -> anyhow::Result<()> {
@@ -129,9 +116,10 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
             };
             let model_flops =
                 plan.runs.iter().map(|r| flops_per_step(r) * steps as f64).sum::<f64>() / (total_tokens / best.0);
-            let machine = matmul_flops_per_s(cores);
+            let machine = crate::engine::matmul_flops_per_s(cores);
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }
+        Bench::Engine { steps } => crate::engine::run(steps)?,
         Bench::Data { grid } => {
             let plan = short_plan(&grid, 4, 1)?;
             let cfg = &plan.runs[0].config;

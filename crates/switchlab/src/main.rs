@@ -8,6 +8,7 @@ use switch_runner::slurm;
 use switch_runner::sweep::{self, RunFile, SweepOptions};
 
 mod bench;
+mod engine;
 
 #[derive(Parser)]
 #[command(name = "switchlab", version, about = "Reproduce Switch Transformers scaling results on a CPU")]
