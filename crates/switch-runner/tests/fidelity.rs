@@ -86,3 +86,30 @@ fn the_capacity_grid_matches_switch_plus_flops_within_one_percent() {
     let ratio = plus.accounting.flops_per_token / moe.accounting.flops_per_token;
     assert!((ratio - 1.0).abs() < 0.01, "Switch+ / MoE FLOPs = {ratio}");
 }
+
+#[test]
+fn dfdx_buffer_cache_changes_no_number() {
+    // Training enables dfdx's buffer cache for speed; the weights after a few steps must be the
+    // same bits as without it.
+    use dfdx::prelude::*;
+    use switch_runner::train::{to_batch, train_step};
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&write_grid(tmp.path(), "points:\n  - { model.num_experts: 4 }\n")).unwrap();
+    let cfg = plan.runs[0].config.clone();
+    let ds = switch_data::Dataset::build(&cfg.data, &tmp.path().join("cache")).unwrap();
+    let weights_after_steps = |cache: bool| {
+        let dev = Dev::default();
+        if cache {
+            dev.enable_cache();
+        }
+        let mut model = switch_model::SwitchTransformer::new(&dev, &cfg.model, 0).unwrap();
+        let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
+        let mut opt = AdamW::new(&sizes);
+        for s in 0..3 {
+            let batch = to_batch(ds.train_batch(0, s, cfg.train.batch_size), &cfg);
+            train_step(&mut model, &mut opt, &batch, &cfg, s).unwrap();
+        }
+        model.params_mut().iter().map(|(_, p)| p.as_vec()).collect::<Vec<_>>()
+    };
+    assert_eq!(weights_after_steps(true), weights_after_steps(false));
+}
