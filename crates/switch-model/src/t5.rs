@@ -258,11 +258,18 @@ impl<D: Device<f32>> SwitchTransformer<D> {
         let len = x.shape().0 / batch;
         let rate = self.cfg.dropout;
         let mut x = dropout(x, rate, ctx);
+        // The position bias is built once per stack; its tape (the gather from the bias table)
+        // travels with the first block's use, the others add their gradients by tensor id.
+        let (bias, bias_tape) = self.position_bias::<T>(stack, batch, len).split_tape();
+        let mut bias_tape = Some(bias_tape);
         for b in &stack.blocks {
             let (res, tape) = x.split_tape();
             let h = b.self_attn_norm.forward(res.clone().put_tape(tape));
             let (h, h_tape) = h.split_tape();
-            let bias = self.position_bias::<T>(stack, batch, len);
+            let bias = match bias_tape.take() {
+                Some(t) => bias.clone().put_tape(t),
+                None => bias.clone().retaped::<T>(),
+            };
             let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(bias));
             x = dropout(a, rate, ctx) + res;
 
