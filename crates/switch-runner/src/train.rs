@@ -16,15 +16,18 @@ use switch_model::{Batch, SwitchTransformer};
 
 pub type Dev = Cpu;
 
-/// Host-side AdamW state, one entry per parameter in `params_mut` order.
+/// Host-side AdamW state, one entry per parameter in `params_mut` order, and one scratch buffer
+/// per parameter for the host copy of its weights (reused every step).
 pub struct AdamW {
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    scratch: Vec<Vec<f32>>,
 }
 
 impl AdamW {
     pub fn new(sizes: &[usize]) -> Self {
-        Self { m: sizes.iter().map(|&n| vec![0.0; n]).collect(), v: sizes.iter().map(|&n| vec![0.0; n]).collect() }
+        let zeros = || sizes.iter().map(|&n| vec![0.0; n]).collect();
+        Self { m: zeros(), v: zeros(), scratch: zeros() }
     }
 
     /// One update of `params` with `grads` (already clipped) at optimizer step `t` (1-based).
@@ -36,16 +39,33 @@ impl AdamW {
         lr: f64,
         cfg: &crate::config::TrainConfig,
     ) {
+        for (k, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            self.update(k, p, g, 1.0, t, lr, cfg);
+        }
+    }
+
+    /// Updates parameter `k`'s weights `p` with gradient `g × grad_scale` (the clipping factor).
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &mut self,
+        k: usize,
+        p: &mut [f32],
+        g: &[f32],
+        grad_scale: f32,
+        t: u64,
+        lr: f64,
+        cfg: &crate::config::TrainConfig,
+    ) {
         let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
         let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
         let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
         let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
-        for ((p, g), (m, v)) in params.iter_mut().zip(grads).zip(self.m.iter_mut().zip(self.v.iter_mut())) {
-            for i in 0..p.len() {
-                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                p[i] -= lr * ((m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8) + wd * p[i]);
-            }
+        let (m, v) = (&mut self.m[k], &mut self.v[k]);
+        for i in 0..p.len() {
+            let g = if grad_scale == 1.0 { g[i] } else { g[i] * grad_scale };
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            p[i] -= lr * ((m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8) + wd * p[i]);
         }
     }
 }
@@ -156,23 +176,26 @@ pub fn train_step(
     if !loss.is_finite() {
         anyhow::bail!("loss became {} at step {step} (cross-entropy {}, balance {}, z {}); try a lower train.learning_rate or model.init_scale", if loss.is_nan() { "NaN" } else { "non-finite" }, out.cross_entropy, out.balance_loss, out.z_loss);
     }
-    let grads = out.total.backward();
-    let mut params: Vec<Vec<f32>> = Vec::with_capacity(opt.m.len());
-    let mut gs: Vec<Vec<f32>> = Vec::with_capacity(opt.m.len());
-    for (_, p) in model.params_mut() {
-        gs.push(grads.get(&*p).as_vec());
-        params.push(p.as_vec());
+    // Gradients are read in place and weights copied into reused host buffers: no per-step
+    // allocation in proportion to the parameters.
+    let mut grads = out.total.backward();
+    let mut params = model.params_mut();
+    let mut norm_sq = 0.0f64;
+    for (_, p) in params.iter_mut() {
+        // one running sum in parameter order (the same bits as summing all gradients at once)
+        for g in grads.get_or_alloc_mut(&**p)?.iter() {
+            norm_sq += (*g as f64).powi(2);
+        }
     }
-    drop(grads);
-    let norm = gs.iter().flatten().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
-    if t.grad_clip > 0.0 && norm > t.grad_clip {
-        let scale = (t.grad_clip / norm) as f32;
-        gs.iter_mut().flatten().for_each(|g| *g *= scale);
-    }
+    let norm = norm_sq.sqrt();
+    let grad_scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
     let lr = t.learning_rate_at(step);
-    opt.step(&mut params, &gs, step + 1, lr, t);
-    for ((_, p), v) in model.params_mut().into_iter().zip(&params) {
-        p.copy_from(v);
+    for (k, (_, p)) in params.iter_mut().enumerate() {
+        let mut host = std::mem::take(&mut opt.scratch[k]);
+        p.copy_into(&mut host);
+        opt.update(k, &mut host, grads.get_or_alloc_mut(&**p)?, grad_scale, step + 1, lr, t);
+        p.copy_from(&host);
+        opt.scratch[k] = host;
     }
     Ok((losses, ctx, lr))
 }

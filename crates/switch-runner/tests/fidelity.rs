@@ -113,3 +113,36 @@ fn dfdx_buffer_cache_changes_no_number() {
     };
     assert_eq!(weights_after_steps(true), weights_after_steps(false));
 }
+
+#[test]
+fn train_step_equals_clipping_and_adamw_on_plain_host_copies() {
+    // train_step reads gradients in place and reuses buffers; the plain path copies everything.
+    use dfdx::prelude::*;
+    use switch_model::nn::Ctx;
+    use switch_runner::train::{to_batch, train_step};
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&write_grid(tmp.path(), "points:\n  - { model.num_experts: 4 }\n")).unwrap();
+    let mut cfg = plan.runs[0].config.clone();
+    cfg.train.grad_clip = 0.05; // small enough to clip
+    let ds = switch_data::Dataset::build(&cfg.data, &tmp.path().join("cache")).unwrap();
+    let batch = to_batch(ds.train_batch(0, 0, cfg.train.batch_size), &cfg);
+    let new_model = || switch_model::SwitchTransformer::new(&Dev::default(), &cfg.model, 0).unwrap();
+    let weights = |m: &mut switch_model::SwitchTransformer<Dev>| {
+        m.params_mut().iter().map(|(_, p)| p.as_vec()).collect::<Vec<_>>()
+    };
+
+    let mut fast = new_model();
+    let sizes: Vec<usize> = fast.params_mut().iter().map(|(_, p)| p.shape().0).collect();
+    train_step(&mut fast, &mut AdamW::new(&sizes), &batch, &cfg, 0).unwrap();
+
+    let mut plain = new_model();
+    let mut ctx = Ctx::train(switch_data::fnv1a(b"step-0-0"));
+    let grads = plain.loss::<OwnedTape<f32, Dev>>(&batch, &mut ctx).total.backward();
+    let mut gs: Vec<Vec<f32>> = plain.params_mut().iter().map(|(_, p)| grads.get(&**p).as_vec()).collect();
+    let mut params = weights(&mut plain);
+    let norm = gs.iter().flatten().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(norm > cfg.train.grad_clip, "the test must clip");
+    gs.iter_mut().flatten().for_each(|g| *g *= (cfg.train.grad_clip / norm) as f32);
+    AdamW::new(&sizes).step(&mut params, &gs, 1, cfg.train.learning_rate_at(0), &cfg.train);
+    assert_eq!(weights(&mut fast), params);
+}

@@ -27,6 +27,20 @@ pub enum Bench {
         #[arg(long, default_value_t = 8)]
         steps: u64,
     },
+    /// One run of `bench engine`, in its own process (used by `bench engine`).
+    #[command(hide = true)]
+    EngineRun {
+        #[arg(long)]
+        tiny: bool,
+        #[arg(long)]
+        experts: usize,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        steps: u64,
+        #[arg(long)]
+        cache: String,
+    },
 }
 
 /// A copy of `grid` with fewer steps, evaluation only at the end, and the first `points` points.
@@ -120,6 +134,9 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }
         Bench::Engine { steps } => crate::engine::run(steps)?,
+        Bench::EngineRun { tiny, experts, threads, steps, cache } => {
+            crate::engine::run_one(tiny, experts, threads, steps, cache == "on")?
+        }
         Bench::Data { grid } => {
             let plan = short_plan(&grid, 4, 1)?;
             let cfg = &plan.runs[0].config;

@@ -43,30 +43,60 @@ fn cpu_times() -> (f64, f64) {
     (f.get(11).copied().unwrap_or(0.0) / 100.0, f.get(12).copied().unwrap_or(0.0) / 100.0)
 }
 
-/// Peak resident memory since the last reset, bytes (VmHWM); `reset` starts a new peak.
-fn peak_rss(reset: bool) -> u64 {
-    if reset {
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
-    }
+/// A field of /proc/self/status in bytes (`VmRSS`: resident now, `VmHWM`: peak resident).
+fn status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next());
+    let kib = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next());
     kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
 }
 
+/// What one measured run printed (its own process, so its peak memory is its own).
 pub struct Measured {
     pub tokens_per_s: f64,
     pub step_s: f64,
     pub sys_over_user: f64,
+    /// Peak resident memory of the process, and its resident memory before the model was built
+    /// (binary, corpus, token ids, batches).
     pub peak_rss: u64,
+    pub base_rss: u64,
     pub params: u64,
     pub flops_per_token: f64,
 }
 
+impl Measured {
+    fn to_line(&self) -> String {
+        format!(
+            "RESULT {} {} {} {} {} {} {}",
+            self.tokens_per_s,
+            self.step_s,
+            self.sys_over_user,
+            self.peak_rss,
+            self.base_rss,
+            self.params,
+            self.flops_per_token
+        )
+    }
+    fn parse(out: &str) -> Option<Self> {
+        let f: Vec<f64> =
+            out.lines().find_map(|l| l.strip_prefix("RESULT "))?.split(' ').filter_map(|x| x.parse().ok()).collect();
+        (f.len() == 7).then(|| Measured {
+            tokens_per_s: f[0],
+            step_s: f[1],
+            sys_over_user: f[2],
+            peak_rss: f[3] as u64,
+            base_rss: f[4] as u64,
+            params: f[5] as u64,
+            flops_per_token: f[6],
+        })
+    }
+}
+
 /// Trains `steps` real steps of `cfg` (after one warm-up step) on `threads` threads.
-pub fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: bool) -> anyhow::Result<Measured> {
+fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: bool) -> anyhow::Result<Measured> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     pool.install(|| {
-        peak_rss(true);
+        let batches: Vec<_> = (0..=steps).map(|s| to_batch(ds.train_batch(0, s, cfg.train.batch_size), cfg)).collect();
+        let base_rss = status_bytes("VmRSS");
         let dev = Dev::default();
         if cache {
             dev.enable_cache();
@@ -74,7 +104,6 @@ pub fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache:
         let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
         let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
         let mut opt = AdamW::new(&sizes);
-        let batches: Vec<_> = (0..=steps).map(|s| to_batch(ds.train_batch(0, s, cfg.train.batch_size), cfg)).collect();
         train_step(&mut model, &mut opt, &batches[0], cfg, 0)?;
         let (u0, s0) = cpu_times();
         let t = Instant::now();
@@ -89,11 +118,45 @@ pub fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache:
             tokens_per_s: (cfg.train.batch_size * (le + ld)) as f64 * steps as f64 / secs,
             step_s: secs / steps as f64,
             sys_over_user: (s1 - s0) / (u1 - u0).max(1e-9),
-            peak_rss: peak_rss(false),
+            peak_rss: status_bytes("VmHWM"),
+            base_rss,
             params: accounting.params_total,
             flops_per_token: accounting.flops_per_token,
         })
     })
+}
+
+/// The config of a measured run: the comparison shape, or the `tiny` preset (the default sweep's
+/// dense point), with `num_experts` experts.
+fn config(tiny: bool, num_experts: usize) -> anyhow::Result<RunConfig> {
+    if !tiny {
+        return Ok(shape(num_experts));
+    }
+    let mut c = switch_runner::plan(Path::new("experiments/experts.yaml"))?.runs[0].config.clone();
+    c.model.num_experts = num_experts;
+    Ok(c)
+}
+
+/// One measured run, in this process: prints its `RESULT` line (what `run` reads back).
+pub fn run_one(tiny: bool, num_experts: usize, threads: usize, steps: u64, cache: bool) -> anyhow::Result<()> {
+    let cfg = config(tiny, num_experts)?;
+    let ds = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
+    let ds = ds.into_values().next().expect("dataset");
+    println!("{}", measure(&cfg, &ds, threads, steps, cache)?.to_line());
+    Ok(())
+}
+
+/// Runs `run_one` in a child process, so that its peak memory and CPU times are its own.
+fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, cache: bool) -> anyhow::Result<Measured> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
+        .args(["--steps", &steps.to_string(), "--cache", if cache { "on" } else { "off" }])
+        .args(tiny.then_some("--tiny"))
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Measured::parse(&text)
+        .ok_or_else(|| anyhow::anyhow!("benchmark run failed: {}{}", text, String::from_utf8_lossy(&out.stderr)))
 }
 
 /// f32 matmul FLOP/s of dfdx at 1024³ on `threads` threads (the fastest kernel this build has).
@@ -120,47 +183,46 @@ fn mib(b: u64) -> f64 {
 
 fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
     println!(
-        "{name:<34} {threads} thr  {:>8.0} tokens/s  step {:>7.1} ms  model FLOPs/s ÷ matmul {:.3}  sys ÷ user {:.3}  peak RSS {:>6.0} MiB = {:.2} × (weights + grads + Adam m, v)",
+        "{name:<30} {threads} thr {:>7.0} tokens/s  step {:>7.1} ms  FLOPs/s ÷ matmul {:.3}  sys ÷ user {:.3}  peak RSS {:>5.0} MiB ({:>5.0} MiB above data) = {:.2} × 16 B/param",
         m.tokens_per_s,
         m.step_s * 1e3,
         3.0 * m.flops_per_token * m.tokens_per_s / matmul,
         m.sys_over_user,
         mib(m.peak_rss),
-        m.peak_rss as f64 / (16 * m.params) as f64
+        mib(m.peak_rss.saturating_sub(m.base_rss)),
+        m.peak_rss.saturating_sub(m.base_rss) as f64 / (16 * m.params) as f64
     );
 }
 
 /// Prints every figure of the engine benchmark, with dfdx's buffer cache on (as training runs)
-/// and off (dfdx's default) side by side.
+/// and off (dfdx's default) side by side; each run in its own process.
 pub fn run(steps: u64) -> anyhow::Result<()> {
-    let results = Path::new("results");
-    let dense = shape(1);
-    let ds = switch_runner::sweep::datasets(&[&dense.data], results)?.into_values().next().expect("dataset");
-    let tiny_plan = switch_runner::plan(Path::new("experiments/experts.yaml"))?;
-    let tiny = tiny_plan.runs[0].config.clone();
-    let tiny_ds = switch_runner::sweep::datasets(&[&tiny.data], results)?.into_values().next().expect("dataset");
     let matmul2 = matmul_flops_per_s(2);
     let matmul1 = matmul_flops_per_s(1);
-    println!("f32 matmul 1024³: {:.1} GFLOP/s on 2 threads, {:.1} on 1", matmul2 / 1e9, matmul1 / 1e9);
-    println!("model FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after one warm-up step\n");
+    println!(
+        "f32 matmul 1024³ (dfdx 0.13, gemm 0.15): {:.1} GFLOP/s on 2 threads, {:.1} on 1",
+        matmul2 / 1e9,
+        matmul1 / 1e9
+    );
+    println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data\n");
     for cache in [true, false] {
         println!(
             "dfdx buffer cache {}:",
             if cache { "on (as `switchlab sweep` trains)" } else { "off (dfdx's default)" }
         );
-        let d = measure(&dense, &ds, 2, steps, cache)?;
-        line("shape, dense", 2, &d, matmul2);
+        let dense = child(false, 1, 2, steps, cache)?;
+        line("shape, dense", 2, &dense, matmul2);
         for e in [8, 64] {
-            let s = measure(&shape(e), &ds, 2, steps, cache)?;
+            let s = child(false, e, 2, steps, cache)?;
             line(&format!("shape, Switch-{e} (every layer)"), 2, &s, matmul2);
-            println!("{:<34} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2}", "", s.step_s / d.step_s);
+            println!(
+                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2}",
+                "",
+                s.step_s / dense.step_s
+            );
         }
-        let t = measure(&tiny, &tiny_ds, 1, steps, cache)?;
-        line("tiny preset, dense", 1, &t, matmul1);
-        let mut tiny64 = tiny.clone();
-        tiny64.model.num_experts = 64;
-        let t64 = measure(&tiny64, &tiny_ds, 1, steps, cache)?;
-        line("tiny preset, Switch-64", 1, &t64, matmul1);
+        line("tiny preset, dense", 1, &child(true, 1, 1, steps, cache)?, matmul1);
+        line("tiny preset, Switch-64", 1, &child(true, 64, 1, steps, cache)?, matmul1);
         println!();
     }
     Ok(())
