@@ -36,6 +36,15 @@ impl Group<'_> {
     pub fn mean_curve(&self) -> Vec<(f64, f64, f64)> {
         stats::mean_curve(&self.evaluated().iter().map(|r| r.nlp_curve()).collect::<Vec<_>>())
     }
+    /// The seeds' mean wall-clock seconds at `step`, interpolated between evaluations.
+    fn mean_wall_at(&self, step: f64) -> Option<f64> {
+        let walls: Option<Vec<f64>> = self
+            .evaluated()
+            .iter()
+            .map(|r| stats::interpolate(&r.curve.iter().map(|p| (p.step, p.wall_s)).collect::<Vec<_>>(), step))
+            .collect();
+        walls.filter(|w| !w.is_empty()).map(|w| stats::mean_std(&w).0)
+    }
     pub fn final_quality(&self) -> Option<(f64, f64)> {
         let v: Vec<f64> = self.evaluated().iter().filter_map(|r| r.final_quality()).collect();
         (!v.is_empty()).then(|| stats::mean_std(&v))
@@ -93,6 +102,53 @@ fn fmt_q((m, s): (f64, f64), seeds: usize) -> String {
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "–".into())
+}
+
+/// Our row's counterpart in the paper's Table 1, by kind and capacity factor.
+fn table1_match(g: &Group) -> Option<paper::Table1Row> {
+    let r = g.first();
+    let widened = r.variant_items.iter().any(|i| i.contains("d_model="));
+    paper::table1_row_for(r.num_experts, r.top_k, r.capacity_factor, widened)
+}
+
+/// The Table 1 analog: quality after N steps, steps and seconds to the threshold on each group's
+/// seed-mean curve (interpolated between evaluations), speed; then the paper's rows, each once,
+/// with the rows of ours that correspond to it.
+fn table1(md: &mut String, groups: &[Group], threshold: Option<f64>, at_step: f64) -> anyhow::Result<()> {
+    writeln!(md, "## Switch vs MoE vs dense (paper: Table 1)\n")?;
+    writeln!(md, "| Model | Capacity factor | Quality @ {at_step:.0} steps | Steps to threshold | Time to threshold (s) | Speed (examples/s) | Paper row |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for g in groups {
+        let r = g.first();
+        let qs: Vec<f64> = g.evaluated().iter().filter_map(|r| stats::value_at(&r.nlp_curve(), at_step)).collect();
+        let steps_to = threshold.and_then(|t| stats::first_crossing(&g.mean_points(), t));
+        let time_to = steps_to.and_then(|s| g.mean_wall_at(s));
+        let speed: Vec<f64> = g.runs.iter().filter_map(|r| r.examples_per_s()).collect();
+        let reached =
+            |v: Option<f64>, digits| v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "not reached".into());
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.model_name(),
+            if r.num_experts > 1 { format!("{}", r.capacity_factor) } else { "–".into() },
+            if qs.is_empty() { "–".into() } else { fmt_q(stats::mean_std(&qs), qs.len()) },
+            reached(steps_to, 0),
+            reached(time_to, 1),
+            opt((!speed.is_empty()).then(|| stats::mean_std(&speed).0), 1),
+            table1_match(g).map_or("–", |p| p.model),
+        )?;
+    }
+    writeln!(md, "\nSteps and time to threshold are read off the seed-mean curve, interpolated between evaluations (time: the seeds' mean wall-clock at that step).\n")?;
+    writeln!(md, "The paper's Table 1 (128 experts, T5-Base FLOPs per token, 100k steps on 32 TPUv3 cores):\n")?;
+    writeln!(md, "| Paper model | Capacity factor | Quality @100k | Hours to −1.50 | Examples/s | Ours |\n|---|---|---|---|---|---|")?;
+    for p in paper::TABLE1 {
+        let ours: Vec<String> = groups.iter().filter(|g| table1_match(g) == Some(*p)).map(Group::label).collect();
+        let ours = if ours.is_empty() { "not in this grid".into() } else { ours.join("; ") };
+        let cf = p.capacity_factor.map_or("–".into(), |c| format!("{c:?}"));
+        writeln!(md, "| {} | {cf} | {} | {} | {} | {ours} |", p.model, p.quality, p.hours, p.speed)?;
+    }
+    writeln!(md)?;
+    Ok(())
 }
 
 /// Writes `report/report.md`, `report/summary.csv` and the figures for the sweep in `sweep_dir`.
@@ -194,49 +250,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         writeln!(md)?;
     }
 
-    // Table 1 analog.
-    writeln!(md, "## Switch vs MoE vs dense (paper: Table 1)\n")?;
-    writeln!(md, "| Model | Capacity factor | Quality @ {at_step:.0} steps | Steps to threshold | Time to threshold (s) | Speed (examples/s) | Paper: quality @100k | Paper: hours to −1.50 | Paper: examples/s |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
-    for g in &groups {
-        let r = g.first();
-        let qs: Vec<f64> = g.evaluated().iter().filter_map(|r| stats::value_at(&r.nlp_curve(), at_step)).collect();
-        let steps_to: Vec<f64> = g
-            .evaluated()
-            .iter()
-            .filter_map(|r| threshold.and_then(|t| stats::first_crossing(&r.nlp_curve(), t)))
-            .collect();
-        let time_to: Vec<f64> = g
-            .evaluated()
-            .iter()
-            .filter_map(|r| threshold.and_then(|t| stats::first_crossing(&r.wall_curve(), t)))
-            .collect();
-        let speed: Vec<f64> = g.runs.iter().filter_map(|r| r.examples_per_s()).collect();
-        let mean = |v: &[f64]| (!v.is_empty()).then(|| stats::mean_std(v).0);
-        let p = paper::table1_row(r.num_experts, r.top_k, r.capacity_factor);
-        writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.model_name(),
-            if r.num_experts > 1 { format!("{}", r.capacity_factor) } else { "–".into() },
-            if qs.is_empty() { "–".into() } else { fmt_q(stats::mean_std(&qs), qs.len()) },
-            if steps_to.len() == g.evaluated().len() && !steps_to.is_empty() {
-                opt(mean(&steps_to), 0)
-            } else {
-                "not reached".into()
-            },
-            if time_to.len() == g.evaluated().len() && !time_to.is_empty() {
-                opt(mean(&time_to), 1)
-            } else {
-                "not reached".into()
-            },
-            opt(mean(&speed), 1),
-            p.0,
-            p.1,
-            p.2
-        )?;
-    }
-    writeln!(md)?;
+    table1(&mut md, &groups, threshold, at_step)?;
 
     // Table 3 analog, when init scales differ.
     let scales: Vec<f64> = {
@@ -352,18 +366,18 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             })
             .collect()
     };
-    plots::write(
-        &out,
-        "quality_vs_step",
-        &Chart {
+    for (stem, frame_after_first) in [("quality_vs_step", true), ("quality_vs_step_full", false)] {
+        let chart = Chart {
             title: "Held-out quality vs training step (Fig. 4 right)",
             x_label: "training step",
             y_label: "neg log perplexity (nats)",
             log_x: false,
             legend_upper: false,
+            frame_after_first,
             series: series(&|g| g.mean_curve()),
-        },
-    )?;
+        };
+        plots::write(&out, stem, &chart)?;
+    }
     let wall = |g: &Group| -> Vec<(f64, f64, f64)> {
         g.evaluated().first().map(|r| r.wall_curve().iter().map(|p| (p.0, p.1, 0.0)).collect()).unwrap_or_default()
     };
@@ -376,6 +390,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "neg log perplexity (nats)",
             log_x: false,
             legend_upper: false,
+            frame_after_first: false,
             series: series(&wall),
         },
     )?;
@@ -393,6 +408,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "neg log perplexity (nats)",
             log_x: true,
             legend_upper: false,
+            frame_after_first: false,
             series: vec![Series {
                 name: "Switch (dense at the left)".into(),
                 points: by_params.iter().map(|p| (p.0, p.1)).collect(),
@@ -429,6 +445,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                 y_label: "neg log perplexity (nats)",
                 log_x: false,
                 legend_upper: false,
+                frame_after_first: false,
                 series: cap_series,
             },
         )?;
@@ -458,6 +475,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                 y_label: "Switch − dense (nats)",
                 log_x: false,
                 legend_upper: true,
+                frame_after_first: false,
                 series: gains,
             },
         )?;
@@ -494,6 +512,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "min expert load × experts",
             log_x: false,
             legend_upper: true,
+            frame_after_first: false,
             series: balance,
         },
     )?;
@@ -518,13 +537,15 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "dropped fraction",
             log_x: false,
             legend_upper: true,
+            frame_after_first: false,
             series: drops,
         },
     )?;
 
     writeln!(md, "\n## Figures\n")?;
     let mut figs = vec![
-        ("quality_vs_step", "Quality vs step"),
+        ("quality_vs_step", "Quality vs step (framed from the second evaluation on)"),
+        ("quality_vs_step_full", "Quality vs step, full range"),
         ("quality_vs_params", "Quality vs parameters"),
         ("quality_vs_time", "Quality vs wall-clock time"),
     ];

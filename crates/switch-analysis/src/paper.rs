@@ -16,19 +16,50 @@ pub fn experts_row(experts: u64) -> (String, String, String) {
     }
 }
 
-/// Table 1 (128 experts, 100k steps): quality, hours to −1.50, examples/s.
-pub fn table1_row(experts: u64, top_k: u64, capacity_factor: f64) -> (String, String, String) {
-    let r = |q: &str, h: &str, s: &str| (q.to_string(), h.to_string(), s.to_string());
-    match (experts > 1, top_k, (capacity_factor * 100.0).round() as i64) {
-        (false, _, _) => r("-1.731 (T5-Base)", "not achieved", "1600"),
-        (true, 1, 200) => r("-1.554", "72.8", "860"),
-        (true, 1, 125) => r("-1.553", "65.0", "910"),
-        (true, 1, 100) => r("-1.561", "62.8", "1000"),
-        (true, 2, 200) => r("-1.547", "68.7", "840"),
-        (true, 2, 125) => r("-1.559", "80.7", "790"),
-        (true, 2, 100) => r("-1.572", "80.1", "860"),
-        _ => r("–", "–", "–"),
-    }
+/// A row of Table 1 (128 experts, T5-Base FLOPs, 100k steps): quality, hours to −1.50, examples/s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Table1Row {
+    pub model: &'static str,
+    pub capacity_factor: Option<f64>,
+    pub quality: &'static str,
+    pub hours: &'static str,
+    pub speed: &'static str,
+}
+
+const fn t1(
+    model: &'static str,
+    cf: Option<f64>,
+    quality: &'static str,
+    hours: &'static str,
+    speed: &'static str,
+) -> Table1Row {
+    Table1Row { model, capacity_factor: cf, quality, hours, speed }
+}
+
+/// Table 1 as printed (T5-Large, at 3.5× the FLOPs, left out: no analog at equal FLOPs).
+pub const TABLE1: &[Table1Row] = &[
+    t1("T5-Base", None, "-1.731", "not achieved", "1600"),
+    t1("MoE-Base", Some(2.0), "-1.547", "68.7", "840"),
+    t1("Switch-Base", Some(2.0), "-1.554", "72.8", "860"),
+    t1("MoE-Base", Some(1.25), "-1.559", "80.7", "790"),
+    t1("Switch-Base", Some(1.25), "-1.553", "65.0", "910"),
+    t1("MoE-Base", Some(1.0), "-1.572", "80.1", "860"),
+    t1("Switch-Base", Some(1.0), "-1.561", "62.8", "1000"),
+    t1("Switch-Base+", Some(1.0), "-1.534", "67.6", "780"),
+];
+
+/// The Table 1 row of the same kind as ours: dense → T5-Base; top-2 → MoE-Base and top-1 →
+/// Switch-Base at the same capacity factor; a widened top-1 model (Switch+) → Switch-Base+.
+pub fn table1_row_for(experts: u64, top_k: u64, capacity_factor: f64, widened: bool) -> Option<Table1Row> {
+    let model = match (experts, top_k, widened) {
+        (1, _, _) => "T5-Base",
+        (_, 1, true) => "Switch-Base+",
+        (_, 1, false) => "Switch-Base",
+        (_, 2, _) => "MoE-Base",
+        _ => return None,
+    };
+    let same_cf = |c: Option<f64>| experts == 1 || c.is_some_and(|c| (c - capacity_factor).abs() < 1e-9);
+    TABLE1.iter().copied().find(|r| r.model == model && same_cf(r.capacity_factor))
 }
 
 /// Table 3 (32 experts, 3.5k steps, 3 seeds): mean and std of neg log perplexity.

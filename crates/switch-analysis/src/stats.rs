@@ -31,6 +31,17 @@ pub fn first_crossing(curve: &[(f64, f64)], threshold: f64) -> Option<f64> {
     None
 }
 
+/// The curve's value at `x`, linear between points; `None` outside its range.
+pub fn interpolate(curve: &[(f64, f64)], x: f64) -> Option<f64> {
+    let i = curve.iter().position(|p| p.0 >= x)?;
+    let (x1, y1) = curve[i];
+    if x1 == x {
+        return Some(y1);
+    }
+    let (x0, y0) = *curve.get(i.checked_sub(1)?)?;
+    Some(y0 + (x - x0) / (x1 - x0) * (y1 - y0))
+}
+
 /// Steps the baseline needs to reach its own final quality ÷ steps the run needs to reach it
 /// (the paper's "7.5× step speedup"); `None` if the run never gets there.
 pub fn step_speedup(baseline: &[(f64, f64)], run: &[(f64, f64)]) -> Option<f64> {

@@ -170,3 +170,57 @@ fn a_grid_without_a_dense_model_has_no_study_section() {
     assert!(!dir.join("report/gain_vs_step.png").exists());
     assert!(md.contains("| Switch-8, cf 1.25 [init_scale=1.0] | 8 | 8000 | 1000 | -3.700 | – |"), "{md}");
 }
+
+#[test]
+fn table1_reads_thresholds_off_seed_mean_curves_and_prints_each_paper_row_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synthetic");
+    // Dense, two seeds at −3 + s/1000 ∓ 0.05: the seed mean ends at −2.0 at step 1000, which the
+    // lower seed alone never reaches. Wall-clock is step/10 s.
+    write_run(&dir, "d0", 1, 0, 1000, |s| -3.0 + s / 1000.0 - 0.05, "done");
+    write_run(&dir, "d1", 1, 1, 1000, |s| -3.0 + s / 1000.0 + 0.05, "done");
+    // Switch-4 and Switch-8, seed means −3 + 1.6·s/1000: −2.0 at step 625, between evaluations 600 and 700.
+    for (e, id) in [(4, "s4"), (8, "s8")] {
+        write_run(&dir, &format!("{id}a"), e, 0, 1000, |s| -3.0 + 1.6 * s / 1000.0 - 0.02, "done");
+        write_run(&dir, &format!("{id}b"), e, 1, 1000, |s| -3.0 + 1.6 * s / 1000.0 + 0.02, "done");
+    }
+    report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
+    let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    let table = md.split("## Switch vs MoE vs dense").nth(1).unwrap();
+    let row = |name: &str| table.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap().to_string();
+    assert!(row("Dense").contains("| 1000 | 100.0 |"), "dense reaches its own mean: {}", row("Dense"));
+    assert!(row("Switch-4").contains("| 625 | 62.5 |"), "{}", row("Switch-4"));
+    assert!(row("Switch-4").ends_with("| Switch-Base |"), "{}", row("Switch-4"));
+    // The paper's rows, each once: Switch-Base at 1.25 names both of ours; rows we lack say so.
+    let paper = table.split("The paper's Table 1").nth(1).unwrap();
+    assert_eq!(paper.matches("| Switch-Base | 1.25 |").count(), 1);
+    assert!(
+        paper.contains("| Switch-Base | 1.25 | -1.553 | 65.0 | 910 | Switch-4, cf 1.25; Switch-8, cf 1.25 |"),
+        "{paper}"
+    );
+    assert!(paper.contains("| T5-Base | – | -1.731 | not achieved | 1600 | Dense |"));
+    assert!(paper.contains("| MoE-Base | 2.0 | -1.547 | 68.7 | 840 | not in this grid |"));
+    assert_eq!(md.matches("-1.553").count(), 1, "the paper's Switch-Base number appears once");
+}
+
+#[test]
+fn quality_vs_step_is_framed_after_the_first_evaluation_and_kept_in_full() {
+    use switch_analysis::plots::color;
+    use switch_analysis::plots::{y_range, Series};
+    // first evaluation at −9, the rest between −3 and −2
+    let s = vec![Series::line("a", vec![(100.0, -9.0), (200.0, -3.0), (300.0, -2.0)], color(0))];
+    assert_eq!(y_range(&s, true), Some((-3.0, -2.0)));
+    assert_eq!(y_range(&s, false), Some((-9.0, -2.0)));
+    // a one-point series falls back to its point
+    assert_eq!(y_range(&[Series::line("b", vec![(1.0, -4.0)], color(1))], true), Some((-4.0, -4.0)));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synthetic");
+    write_run(&dir, "d0", 1, 0, 500, |s| if s <= 100.0 { -9.0 } else { -3.0 + s / 1000.0 }, "done");
+    report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
+    for stem in ["quality_vs_step", "quality_vs_step_full"] {
+        assert!(dir.join(format!("report/{stem}.png")).exists() && dir.join(format!("report/{stem}.svg")).exists());
+    }
+    let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    assert!(md.contains("(quality_vs_step_full.png)"));
+}
