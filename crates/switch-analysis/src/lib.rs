@@ -366,15 +366,19 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             })
             .collect()
     };
-    for (stem, frame_after_first) in [("quality_vs_step", true), ("quality_vs_step_full", false)] {
+    for (stem, from_second) in [("quality_vs_step", true), ("quality_vs_step_full", false)] {
+        let curves = series(&|g| g.mean_curve());
         let chart = Chart {
-            title: "Held-out quality vs training step (Fig. 4 right)",
+            title: if from_second {
+                "Held-out quality vs training step, from the second evaluation (Fig. 4 right)"
+            } else {
+                "Held-out quality vs training step (Fig. 4 right)"
+            },
             x_label: "training step",
             y_label: "neg log perplexity (nats)",
             log_x: false,
             legend_upper: false,
-            frame_after_first,
-            series: series(&|g| g.mean_curve()),
+            series: if from_second { plots::after_first(curves) } else { curves },
         };
         plots::write(&out, stem, &chart)?;
     }
@@ -390,7 +394,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "neg log perplexity (nats)",
             log_x: false,
             legend_upper: false,
-            frame_after_first: false,
             series: series(&wall),
         },
     )?;
@@ -408,7 +411,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "neg log perplexity (nats)",
             log_x: true,
             legend_upper: false,
-            frame_after_first: false,
             series: vec![Series {
                 name: "Switch (dense at the left)".into(),
                 points: by_params.iter().map(|p| (p.0, p.1)).collect(),
@@ -445,7 +447,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                 y_label: "neg log perplexity (nats)",
                 log_x: false,
                 legend_upper: false,
-                frame_after_first: false,
                 series: cap_series,
             },
         )?;
@@ -475,7 +476,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
                 y_label: "Switch − dense (nats)",
                 log_x: false,
                 legend_upper: true,
-                frame_after_first: false,
                 series: gains,
             },
         )?;
@@ -512,7 +512,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "min expert load × experts",
             log_x: false,
             legend_upper: true,
-            frame_after_first: false,
             series: balance,
         },
     )?;
@@ -537,7 +536,6 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
             y_label: "dropped fraction",
             log_x: false,
             legend_upper: true,
-            frame_after_first: false,
             series: drops,
         },
     )?;

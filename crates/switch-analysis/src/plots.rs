@@ -39,29 +39,20 @@ pub struct Chart<'a> {
     pub log_x: bool,
     /// Legend in the upper right (for falling or flat curves) instead of the lower right.
     pub legend_upper: bool,
-    /// Frame the y axis on every point but each series' first (the first evaluation of a
-    /// training curve sits far below the rest); the lines still start there, clipped.
-    pub frame_after_first: bool,
     pub series: Vec<Series>,
 }
 
-/// The y range a chart frames: all points and bands, or all but each series' first point.
-pub fn y_range(series: &[Series], after_first: bool) -> Option<(f64, f64)> {
-    let ys = |skip: usize| -> Vec<f64> {
-        series
-            .iter()
-            .flat_map(|s| {
-                let points = s.points.iter().skip(skip).map(|p| p.1);
-                points.chain(s.band.iter().skip(skip).flat_map(|b| [b.1, b.2]))
-            })
-            .collect()
-    };
-    let mut v = if after_first { ys(1) } else { vec![] };
-    if v.is_empty() {
-        v = ys(0);
-    }
-    let lo = v.iter().copied().reduce(f64::min)?;
-    Some((lo, v.iter().copied().reduce(f64::max)?))
+/// The series without their first point (and band point): a training curve's first evaluation
+/// sits far below the rest and would take most of the height.
+pub fn after_first(series: Vec<Series>) -> Vec<Series> {
+    series
+        .into_iter()
+        .map(|s| Series {
+            points: s.points.into_iter().skip(1).collect(),
+            band: s.band.into_iter().skip(1).collect(),
+            ..s
+        })
+        .collect()
 }
 
 /// A palette that stays distinguishable for up to ~10 lines; the baseline is drawn in black.
@@ -104,7 +95,7 @@ where
         return root.present().map_err(e);
     }
     let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (mut y0, mut y1) = y_range(&chart.series, chart.frame_after_first).expect("points");
+    let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if x1 - x0 < 1e-9 {
         x0 -= 0.5;
         x1 += 0.5;

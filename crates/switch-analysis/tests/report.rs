@@ -205,14 +205,13 @@ fn table1_reads_thresholds_off_seed_mean_curves_and_prints_each_paper_row_once()
 
 #[test]
 fn quality_vs_step_is_framed_after_the_first_evaluation_and_kept_in_full() {
-    use switch_analysis::plots::color;
-    use switch_analysis::plots::{y_range, Series};
-    // first evaluation at −9, the rest between −3 and −2
-    let s = vec![Series::line("a", vec![(100.0, -9.0), (200.0, -3.0), (300.0, -2.0)], color(0))];
-    assert_eq!(y_range(&s, true), Some((-3.0, -2.0)));
-    assert_eq!(y_range(&s, false), Some((-9.0, -2.0)));
-    // a one-point series falls back to its point
-    assert_eq!(y_range(&[Series::line("b", vec![(1.0, -4.0)], color(1))], true), Some((-4.0, -4.0)));
+    use switch_analysis::plots::{after_first, color, Series};
+    // first evaluation at −9, the rest between −3 and −2: the framed figure starts at the second
+    let mut s = Series::line("a", vec![(100.0, -9.0), (200.0, -3.0), (300.0, -2.0)], color(0));
+    s.band = vec![(100.0, -9.5, -8.5), (200.0, -3.1, -2.9), (300.0, -2.1, -1.9)];
+    let framed = after_first(vec![s]);
+    assert_eq!(framed[0].points, vec![(200.0, -3.0), (300.0, -2.0)]);
+    assert_eq!(framed[0].band, vec![(200.0, -3.1, -2.9), (300.0, -2.1, -1.9)]);
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("synthetic");
