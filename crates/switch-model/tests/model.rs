@@ -476,3 +476,39 @@ fn evaluation_loss_does_not_depend_on_the_evaluation_batch() {
     let whole = ungrouped.loss::<NoneTape>(&all, &mut Ctx::eval()).cross_entropy;
     assert!((whole - parts).abs() > 1e-4, "drops must differ, or this test proves nothing");
 }
+
+#[test]
+fn routers_learn_from_the_cross_entropy_alone() {
+    // With no balance loss and no z-loss, the router's only gradient comes through the top-1
+    // gate that scales the expert output; it must be there and match finite differences.
+    let dev = Dev::default();
+    let cfg = ModelConfig { balance_loss_coef: 0.0, z_loss_coef: 0.0, ..tiny(4) };
+    let b = batch(&cfg, 2, 6, 4, 5);
+    let mut m = SwitchTransformer::new(&dev, &cfg, 8).unwrap();
+    let grads = m.loss::<OwnedTape<f32, Dev>>(&b, &mut Ctx::eval()).total.backward();
+    let routers: Vec<(usize, Vec<f32>)> = m
+        .params_mut()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (n, _))| n.ends_with("moe.router"))
+        .map(|(k, (_, p))| (k, grads.get(&*p).as_vec()))
+        .collect();
+    assert_eq!(routers.len(), 4, "every layer sparse");
+    for (k, g) in routers {
+        let i = (0..g.len()).max_by(|&a, &c| g[a].abs().total_cmp(&g[c].abs())).unwrap();
+        assert!(g[i].abs() > 1e-4, "router {k} gets no gradient from the cross-entropy");
+        let eps = 1e-3f32;
+        let mut at = |delta: f32| {
+            let mut v = m.params_mut()[k].1.as_vec();
+            let original = v[i];
+            v[i] = original + delta;
+            m.params_mut()[k].1.copy_from(&v);
+            let l = m.loss::<NoneTape>(&b, &mut Ctx::eval()).cross_entropy as f64;
+            v[i] = original;
+            m.params_mut()[k].1.copy_from(&v);
+            l
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        assert!((numeric - g[i] as f64).abs() < 0.05 * g[i].abs() as f64 + 2e-4, "{numeric} vs {}", g[i]);
+    }
+}
