@@ -1,0 +1,268 @@
+//! The report's Markdown tables, one function each, laid out like the paper's.
+use crate::{dense_for, fmt_q, opt, paper, plots, stats, Group, Sweep};
+use std::fmt::Write as _;
+
+/// Quality against the number of experts, beside the paper's Fig. 4 / Table 7.
+pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { groups, baseline, .. } = *s;
+    writeln!(md, "## Scaling with the number of experts (paper: Fig. 4, Table 7)\n")?;
+    writeln!(md, "| Model | Experts | Params | Active params | Quality | Gain over dense | Step speedup to dense quality | Paper params | Paper quality | Paper gain |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for g in groups.iter().filter(|g| g.first().top_k == 1) {
+        let r = g.first();
+        let q = g.final_quality();
+        let curve = g.mean_points();
+        let speedup = if r.num_experts > 1 {
+            let dense_curve = dense_for(&groups, g, baseline).map(Group::mean_points).unwrap_or_default();
+            stats::step_speedup(&dense_curve, &curve)
+                .map(|s| format!("{s:.2}×"))
+                .unwrap_or_else(|| "not reached".into())
+        } else {
+            "1.00×".into()
+        };
+        let paper = paper::experts_row(r.num_experts);
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            g.label(),
+            r.num_experts,
+            plots::format_si(r.params_total as f64),
+            plots::format_si(r.params_active as f64),
+            q.map(|q| fmt_q(q, g.runs.len())).unwrap_or_else(|| format!(
+                "{} ({})",
+                r.state,
+                r.problem.clone().unwrap_or_default()
+            )),
+            match (q, dense_for(&groups, g, baseline).and_then(|d| d.final_quality())) {
+                (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b.0),
+                _ => "–".into(),
+            },
+            speedup,
+            paper.0,
+            paper.1,
+            paper.2
+        )?;
+    }
+    writeln!(md, "\nPaper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
+
+    Ok(())
+}
+
+/// Our row's counterpart in the paper's Table 1, by kind and capacity factor.
+fn table1_match(g: &Group) -> Option<paper::Table1Row> {
+    let r = g.first();
+    let widened = r.variant_items.iter().any(|i| i.contains("d_model="));
+    paper::table1_row_for(r.num_experts, r.top_k, r.capacity_factor, widened)
+}
+
+/// The Table 1 analog: quality after N steps, steps and seconds to the threshold on each group's
+/// seed-mean curve (interpolated between evaluations), speed; then the paper's rows, each once,
+/// with the rows of ours that correspond to it.
+pub(crate) fn table1(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { groups, threshold, at_step, .. } = *s;
+    writeln!(md, "## Switch vs MoE vs dense (paper: Table 1)\n")?;
+    writeln!(md, "| Model | Capacity factor | Quality @ {at_step:.0} steps | Steps to threshold | Time to threshold (s) | Speed (examples/s) | Paper row |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for g in groups {
+        let r = g.first();
+        let qs: Vec<f64> = g.evaluated().iter().filter_map(|r| stats::value_at(&r.nlp_curve(), at_step)).collect();
+        let steps_to = threshold.and_then(|t| stats::first_crossing(&g.mean_points(), t));
+        let time_to = steps_to.and_then(|s| g.mean_wall_at(s));
+        let speed: Vec<f64> = g.runs.iter().filter_map(|r| r.examples_per_s()).collect();
+        let reached =
+            |v: Option<f64>, digits| v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "not reached".into());
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.model_name(),
+            if r.num_experts > 1 { format!("{}", r.capacity_factor) } else { "–".into() },
+            if qs.is_empty() { "–".into() } else { fmt_q(stats::mean_std(&qs), qs.len()) },
+            reached(steps_to, 0),
+            reached(time_to, 1),
+            opt((!speed.is_empty()).then(|| stats::mean_std(&speed).0), 1),
+            table1_match(g).map_or("–", |p| p.model),
+        )?;
+    }
+    writeln!(md, "\nSteps and time to threshold are read off the seed-mean curve, interpolated between evaluations (time: the seeds' mean wall-clock at that step).\n")?;
+    writeln!(md, "The paper's Table 1 (128 experts, T5-Base FLOPs per token, 100k steps on 32 TPUv3 cores):\n")?;
+    writeln!(md, "| Paper model | Capacity factor | Quality @100k | Hours to −1.50 | Examples/s | Ours |\n|---|---|---|---|---|---|")?;
+    for p in paper::TABLE1 {
+        let ours: Vec<String> = groups.iter().filter(|g| table1_match(g) == Some(*p)).map(Group::label).collect();
+        let ours = if ours.is_empty() { "not in this grid".into() } else { ours.join("; ") };
+        let cf = p.capacity_factor.map_or("–".into(), |c| format!("{c:?}"));
+        writeln!(md, "| {} | {cf} | {} | {} | {} | {ours} |", p.model, p.quality, p.hours, p.speed)?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// A lever study: each Switch setting against the dense model of the same setting.
+pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { groups, baseline, is_study, .. } = *s;
+    if is_study {
+        writeln!(md, "## Gain over dense, setting by setting\n")?;
+        writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise.\n")?;
+        writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|")?;
+        for g in groups.iter().filter(|g| g.first().num_experts > 1) {
+            let Some(d) = dense_for(&groups, g, baseline) else { continue };
+            let (Some(qd), Some(qs)) = (d.final_quality(), g.final_quality()) else { continue };
+            let n = g.evaluated().len().min(d.evaluated().len());
+            let noise = 2.0 * qd.1.max(qs.1);
+            let unfinished = g.runs.iter().chain(&d.runs).any(|r| r.state != "done");
+            writeln!(
+                md,
+                "| {}{} | {} | {n} | {} | {} | {:+.3} | {} | {:.3} |",
+                if g.first().variant_items.is_empty() { "preset".into() } else { g.first().variant() },
+                if unfinished { " (unfinished: last evaluation)" } else { "" },
+                g.first().model_name(),
+                fmt_q(qd, d.evaluated().len()),
+                fmt_q(qs, g.evaluated().len()),
+                qs.0 - qd.0,
+                if n > 1 && noise > 0.0 { format!("{:.2}", (qs.0 - qd.0) / noise) } else { "–".into() },
+                g.first().flops_per_token / d.first().flops_per_token.max(1.0),
+            )?;
+        }
+        writeln!(md)?;
+    }
+    Ok(())
+}
+
+/// The Table 3 analog, when init scales differ.
+pub(crate) fn table3(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { runs, .. } = *s;
+    let scales: Vec<f64> = {
+        let mut s: Vec<f64> = runs.iter().map(|r| r.init_scale).collect();
+        s.sort_by(f64::total_cmp);
+        s.dedup();
+        s
+    };
+    if scales.len() > 1 {
+        writeln!(md, "## Initialisation scale (paper: Table 3)\n")?;
+        writeln!(
+            md,
+            "| Init scale | Runs | Mean quality | Std over seeds | Paper mean | Paper std |\n|---|---|---|---|---|---|"
+        )?;
+        for s in &scales {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.init_scale == *s && r.num_experts > 1)
+                .filter_map(|r| r.final_quality())
+                .collect();
+            let failed = runs.iter().filter(|r| r.init_scale == *s && r.state == "failed").count();
+            let (m, sd) = if v.is_empty() { (f64::NAN, f64::NAN) } else { stats::mean_std(&v) };
+            let p = paper::table3_row(*s);
+            writeln!(
+                md,
+                "| {s} | {}{} | {m:.3} | {sd:.3} | {} | {} |",
+                v.len(),
+                if failed > 0 { format!(" ({failed} failed)") } else { String::new() },
+                p.0,
+                p.1
+            )?;
+        }
+        writeln!(md)?;
+    }
+
+    Ok(())
+}
+
+/// Routing health per sparse layer at the last evaluation.
+pub(crate) fn routing_health(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { runs, .. } = *s;
+    writeln!(md, "## Routing health\n")?;
+    writeln!(md, "Per sparse layer at the last evaluation: expert load relative to uniform (1.00 = perfectly balanced), fraction of tokens dropped at the evaluation capacity factor, and the router's mean entropy ÷ ln(experts) (1.00 = a uniform router, whose top-1 gate is 1/experts and so scales the expert output down by that much).\n")?;
+    writeln!(
+        md,
+        "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped | Router entropy ÷ ln E |\n|---|---|---|---|---|---|---|---|"
+    )?;
+    let mut dead_total = 0;
+    for r in runs.iter().filter(|r| r.num_experts > 1) {
+        let Some(last) = r.routing.iter().map(|x| x.step).reduce(f64::max) else { continue };
+        let mut layers: Vec<&str> = r.routing.iter().filter(|x| x.step == last).map(|x| x.layer.as_str()).collect();
+        layers.dedup();
+        for layer in layers {
+            let rows: Vec<_> = r.routing.iter().filter(|x| x.step == last && x.layer == layer).collect();
+            let e = rows.len() as f64;
+            let (lo, hi) = rows
+                .iter()
+                .fold((f64::MAX, 0f64), |(a, b), x| (a.min(x.load_fraction * e), b.max(x.load_fraction * e)));
+            let dead = rows.iter().filter(|x| x.load_fraction == 0.0).count();
+            dead_total += dead;
+            writeln!(
+                md,
+                "| {} | {} | {layer} | {lo:.2} | {hi:.2} | {dead} | {:.1}% | {:.2} |",
+                r.id,
+                r.model_name(),
+                rows[0].drop_fraction * 100.0,
+                rows[0].router_entropy / e.ln()
+            )?;
+        }
+    }
+    writeln!(
+        md,
+        "\n{}\n",
+        if dead_total == 0 {
+            "No expert has zero load at the end of training in any run.".to_string()
+        } else {
+            format!("**{dead_total} expert(s) have zero load at the end of training** (see the table).")
+        }
+    )?;
+
+    Ok(())
+}
+
+/// Every run, with its state and final numbers.
+pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { runs, .. } = *s;
+    writeln!(md, "## Runs\n\n| Run | Point | Seed | State | Steps | Final quality | Tokens/s | Note |\n|---|---|---|---|---|---|---|---|")?;
+    for r in runs {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0}/{} | {} | {} | {} |",
+            r.id,
+            r.group,
+            r.seed,
+            r.state,
+            r.final_step,
+            r.steps_total,
+            opt(r.final_quality(), 3),
+            opt(r.tokens_per_s(), 0),
+            r.error.clone().or_else(|| r.problem.clone()).unwrap_or_default().replace('|', "/").replace('\n', " ")
+        )?;
+    }
+    Ok(())
+}
+
+/// `summary.csv`: one row per run.
+pub(crate) fn summary_csv(s: &Sweep) -> anyhow::Result<String> {
+    let Sweep { runs, threshold, .. } = *s;
+    let mut csv = String::from("run_id,group,seed,state,is_baseline,num_experts,top_k,capacity_factor,init_scale,params_total,params_active,flops_per_token,final_step,final_neg_log_perplexity,steps_to_threshold,wall_s,tokens_per_s,examples_per_s\n");
+    for r in runs {
+        writeln!(
+            csv,
+            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            r.id,
+            r.group,
+            r.seed,
+            r.state,
+            r.is_baseline,
+            r.num_experts,
+            r.top_k,
+            r.capacity_factor,
+            r.init_scale,
+            r.params_total,
+            r.params_active,
+            r.flops_per_token,
+            r.final_step,
+            opt(r.final_quality(), 6),
+            threshold
+                .and_then(|t| stats::first_crossing(&r.nlp_curve(), t))
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_default(),
+            r.final_wall_s,
+            opt(r.tokens_per_s(), 1),
+            opt(r.examples_per_s(), 2)
+        )?;
+    }
+    Ok(csv)
+}
