@@ -155,11 +155,8 @@ pub fn plan(path: &Path) -> anyhow::Result<Plan> {
 }
 
 /// [`plan`] with the grid's `seeds:` replaced (the CLI's `--seeds 0,1,2`).
-pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Plan> {
-    let mut grid = read_grid(path)?;
-    if let Some(seeds) = seeds {
-        grid.seeds = Some(seeds.to_vec());
-    }
+/// The sweep's name (it names the results folder): `name:`, else the file stem.
+fn grid_name(path: &Path, grid: &GridFile) -> anyhow::Result<String> {
     let name = grid
         .name
         .clone()
@@ -168,6 +165,11 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Pla
         return Err(err(path, format!("name `{name}` must be letters, digits, - or _ (it names the results folder)")));
     }
 
+    Ok(name)
+}
+
+/// Defaults, then the preset, then inline settings, as one config tree.
+fn base_tree(path: &Path, grid: &GridFile) -> anyhow::Result<Value> {
     // Defaults, then the preset, then inline settings: each layer typed-checked against RunConfig.
     let mut tree = serde_json::to_value(RunConfig::default())?;
     if let Some(base) = &grid.base {
@@ -187,6 +189,11 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Pla
         merge(&mut tree, settings, "").map_err(|e| err(path, format!("settings: {e}")))?;
     }
 
+    Ok(tree)
+}
+
+/// The grid points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
+fn expand(path: &Path, grid: &GridFile) -> anyhow::Result<Vec<Map<String, Value>>> {
     // Points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
     let mut points: Vec<Map<String, Value>> = vec![Map::new()];
     for (key, values) in &grid.grid {
@@ -236,84 +243,99 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Pla
         return Err(err(path, "the grid is empty (after `exclude`): add values under `grid:`, `zip:` or `points:`"));
     }
 
-    let seeds = grid.seeds.clone().unwrap_or_else(|| vec![0]);
-    if seeds.is_empty() {
-        return Err(err(path, "seeds: give at least one seed, e.g. `seeds: [0]`"));
-    }
-    let baseline = grid.baseline.clone().unwrap_or_default();
-    let tolerance = grid.tolerance.unwrap_or(0.01);
+    Ok(points)
+}
 
-    // Resolve each point once (seed aside) to check and solve FLOPs.
-    let mut configs: Vec<RunConfig> = points.iter().map(|p| resolve(path, &tree, p)).collect::<Result<_, _>>()?;
-    let base_idx = points.iter().position(|p| matches(p, &baseline)).ok_or_else(|| {
-        err(path, format!("baseline {} matches no point of the grid", Value::Object(baseline.clone())))
-    })?;
+/// `match_baseline`: refuses points whose FLOPs per token differ from the baseline's by more
+/// than `tolerance`.
+fn check_flops(
+    path: &Path,
+    points: &[Map<String, Value>],
+    configs: &[RunConfig],
+    base_flops: f64,
+    tolerance: f64,
+) -> anyhow::Result<()> {
+    let bad: Vec<String> = points
+        .iter()
+        .zip(configs)
+        .filter(|(_, c)| (c.accounting().flops_per_token / base_flops - 1.0).abs() > tolerance)
+        .map(|(p, c)| {
+            format!("{} at {:.3}× the baseline", Value::Object(p.clone()), c.accounting().flops_per_token / base_flops)
+        })
+        .collect();
+    if !bad.is_empty() {
+        return Err(err(path, format!(
+            "flops_per_token: match_baseline refuses {} point(s) whose FLOPs per token differ from the baseline by more than {:.1}%: {}. Fix: make them match, use `flops_per_token: {{solve: model.d_ff}}` to size them, or `flops_per_token: free` for a deliberate mismatch",
+            bad.len(), tolerance * 100.0, bad.join("; "))));
+    }
+    Ok(())
+}
+
+/// `{solve: KEY}`: resizes the selected points (default: all but the baseline) until their FLOPs
+/// per token match the target point's (default: the baseline's).
+#[allow(clippy::too_many_arguments)]
+fn solve(
+    path: &Path,
+    tree: &Value,
+    points: &mut [Map<String, Value>],
+    configs: &mut [RunConfig],
+    base_idx: usize,
+    tolerance: f64,
+    (solve, selected, target): (&String, &Option<Map<String, Value>>, &Option<Map<String, Value>>),
+) -> anyhow::Result<()> {
     let base_flops = configs[base_idx].accounting().flops_per_token;
-    match grid.flops_per_token.clone().unwrap_or(FlopsRule::Mode(FlopsMode::MatchBaseline)) {
-        FlopsRule::Mode(FlopsMode::Free) => {}
-        FlopsRule::Mode(FlopsMode::MatchBaseline) => {
-            let bad: Vec<String> = points
-                .iter()
-                .zip(&configs)
-                .filter(|(_, c)| (c.accounting().flops_per_token / base_flops - 1.0).abs() > tolerance)
-                .map(|(p, c)| {
-                    format!(
-                        "{} at {:.3}× the baseline",
-                        Value::Object(p.clone()),
-                        c.accounting().flops_per_token / base_flops
-                    )
-                })
-                .collect();
-            if !bad.is_empty() {
-                return Err(err(path, format!(
-                    "flops_per_token: match_baseline refuses {} point(s) whose FLOPs per token differ from the baseline by more than {:.1}%: {}. Fix: make them match, use `flops_per_token: {{solve: model.d_ff}}` to size them, or `flops_per_token: free` for a deliberate mismatch",
-                    bad.len(), tolerance * 100.0, bad.join("; "))));
-            }
-        }
-        FlopsRule::Solve { solve, points: selected, target } => {
-            if !["model.d_model", "model.d_ff"].contains(&solve.as_str()) {
-                return Err(err(
-                    path,
-                    format!("flops_per_token.solve = `{solve}`: allowed keys are model.d_model and model.d_ff"),
-                ));
-            }
-            let target_flops = match &target {
-                None => base_flops,
-                Some(sel) => {
-                    let i = points.iter().position(|p| matches(p, sel)).ok_or_else(|| {
-                        err(path, format!("flops_per_token.target {} matches no point", Value::Object(sel.clone())))
-                    })?;
-                    configs[i].accounting().flops_per_token
-                }
-            };
-            for (i, p) in points.iter_mut().enumerate() {
-                let chosen = match &selected {
-                    Some(sel) => matches(p, sel),
-                    None => i != base_idx,
-                };
-                if !chosen {
-                    continue;
-                }
-                let (value, flops) = solve_size(&configs[i], &solve, target_flops);
-                if (flops / target_flops - 1.0).abs() > tolerance {
-                    return Err(err(path, format!("flops_per_token.solve: no {solve} brings point {} within {:.1}% of the target FLOPs (best {value}: {:.3}×)", Value::Object(p.clone()), tolerance * 100.0, flops / target_flops)));
-                }
-                p.insert(solve.clone(), Value::from(value));
-                configs[i] = resolve(path, &tree, p)?;
-            }
-        }
+    if !["model.d_model", "model.d_ff"].contains(&solve.as_str()) {
+        return Err(err(
+            path,
+            format!("flops_per_token.solve = `{solve}`: allowed keys are model.d_model and model.d_ff"),
+        ));
     }
+    let target_flops = match &target {
+        None => base_flops,
+        Some(sel) => {
+            let i = points.iter().position(|p| matches(p, sel)).ok_or_else(|| {
+                err(path, format!("flops_per_token.target {} matches no point", Value::Object(sel.clone())))
+            })?;
+            configs[i].accounting().flops_per_token
+        }
+    };
+    for (i, p) in points.iter_mut().enumerate() {
+        let chosen = match &selected {
+            Some(sel) => matches(p, sel),
+            None => i != base_idx,
+        };
+        if !chosen {
+            continue;
+        }
+        let (value, flops) = solve_size(&configs[i], &solve, target_flops);
+        if (flops / target_flops - 1.0).abs() > tolerance {
+            return Err(err(path, format!("flops_per_token.solve: no {solve} brings point {} within {:.1}% of the target FLOPs (best {value}: {:.3}×)", Value::Object(p.clone()), tolerance * 100.0, flops / target_flops)));
+        }
+        p.insert(solve.clone(), Value::from(value));
+        configs[i] = resolve(path, &tree, p)?;
+    }
+    Ok(())
+}
 
+/// One run per point and seed, each resolved, accounted and named; refuses duplicate configs.
+fn seeded_runs(
+    path: &Path,
+    tree: &Value,
+    points: &[Map<String, Value>],
+    seeds: &[u64],
+    baseline: &Map<String, Value>,
+    base_flops: f64,
+) -> anyhow::Result<Vec<PlannedRun>> {
     let mut runs = Vec::new();
-    for p in &points {
-        for &seed in &seeds {
+    for p in points {
+        for &seed in seeds {
             let mut point = p.clone();
             point.insert("train.seed".into(), Value::from(seed));
             let config = resolve(path, &tree, &point)?;
             let accounting = config.accounting();
             runs.push(PlannedRun {
                 run_id: run_id(&config),
-                is_baseline: matches(p, &baseline),
+                is_baseline: matches(p, baseline),
                 flops_ratio: accounting.flops_per_token / base_flops,
                 memory: memory_bytes(&config),
                 point,
@@ -333,6 +355,39 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Pla
             ),
         ));
     }
+
+    Ok(runs)
+}
+
+pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Plan> {
+    let mut grid = read_grid(path)?;
+    if let Some(seeds) = seeds {
+        grid.seeds = Some(seeds.to_vec());
+    }
+    let name = grid_name(path, &grid)?;
+    let tree = base_tree(path, &grid)?;
+    let mut points = expand(path, &grid)?;
+    let seeds = grid.seeds.clone().unwrap_or_else(|| vec![0]);
+    if seeds.is_empty() {
+        return Err(err(path, "seeds: give at least one seed, e.g. `seeds: [0]`"));
+    }
+    let baseline = grid.baseline.clone().unwrap_or_default();
+    let tolerance = grid.tolerance.unwrap_or(0.01);
+
+    // Resolve each point once (seed aside) to check and solve FLOPs.
+    let mut configs: Vec<RunConfig> = points.iter().map(|p| resolve(path, &tree, p)).collect::<Result<_, _>>()?;
+    let base_idx = points.iter().position(|p| matches(p, &baseline)).ok_or_else(|| {
+        err(path, format!("baseline {} matches no point of the grid", Value::Object(baseline.clone())))
+    })?;
+    let base_flops = configs[base_idx].accounting().flops_per_token;
+    match grid.flops_per_token.clone().unwrap_or(FlopsRule::Mode(FlopsMode::MatchBaseline)) {
+        FlopsRule::Mode(FlopsMode::Free) => {}
+        FlopsRule::Mode(FlopsMode::MatchBaseline) => check_flops(path, &points, &configs, base_flops, tolerance)?,
+        FlopsRule::Solve { solve: key, points: selected, target } => {
+            solve(path, &tree, &mut points, &mut configs, base_idx, tolerance, (&key, &selected, &target))?
+        }
+    }
+    let runs = seeded_runs(path, &tree, &points, &seeds, &baseline, base_flops)?;
     Ok(Plan { name, path: path.to_path_buf(), runs, slurm: grid.slurm.clone() })
 }
 
