@@ -200,6 +200,78 @@ pub fn train_step(
     Ok((losses, ctx, lr))
 }
 
+/// One logged step: the columns of `metrics.csv` that are not losses.
+struct LogRow {
+    done: u64,
+    tokens: u64,
+    wall: f64,
+    lr: f64,
+    drop_fraction: f32,
+}
+
+/// The run's two CSV logs, appended and flushed as training goes.
+struct Logs {
+    metrics: std::io::BufWriter<std::fs::File>,
+    routing: std::io::BufWriter<std::fs::File>,
+    layer_names: Vec<String>,
+}
+
+impl Logs {
+    /// A `metrics.csv` row, and at evaluations the `routing.csv` rows of every sparse layer.
+    fn write(
+        &mut self,
+        row: &LogRow,
+        out: &StepLosses,
+        eval_loss: Option<f64>,
+        routing: &[switch_model::RoutingStats],
+    ) -> std::io::Result<()> {
+        let LogRow { done, tokens, wall, lr, drop_fraction } = *row;
+        let eval_cols = eval_loss.map(|l| format!("{l:.6},{:.6}", -l)).unwrap_or_else(|| ",".into());
+        writeln!(
+            self.metrics,
+            "{done},{tokens},{wall:.3},{lr:.6e},{:.6},{:.6},{:.6},{drop_fraction:.6},{eval_cols}",
+            out.cross_entropy, out.balance_loss, out.z_loss
+        )?;
+        self.metrics.flush()?;
+        for (name, r) in self.layer_names.iter().zip(routing) {
+            for (e, load) in r.load_fraction.iter().enumerate() {
+                writeln!(self.routing, "{done},{name},{e},{load:.6},{:.6},{:.6}", r.drop_fraction, r.router_entropy)?;
+            }
+        }
+        self.routing.flush()
+    }
+}
+
+/// A run's model, optimizer and status at its last checkpoint (or fresh), marked `running`.
+struct Resumed {
+    model: SwitchTransformer<Dev>,
+    opt: AdamW,
+    status: Status,
+    start_step: u64,
+    wall_offset: f64,
+}
+
+fn resume(cfg: &RunConfig, dir: &RunDir) -> anyhow::Result<Resumed> {
+    let dev = Dev::default();
+    // dfdx's buffer cache: every step allocates the same shapes, so reusing freed buffers spares
+    // the kernel a page fault per fresh page (the numbers are unchanged).
+    dev.enable_cache();
+    let mut model = SwitchTransformer::new(&dev, &cfg.model, cfg.train.seed)?;
+    let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
+    let mut opt = AdamW::new(&sizes);
+    let mut status = dir.read_status().unwrap_or_else(|| Status::new(cfg));
+    let (mut start_step, mut wall_offset) = (0, 0.0);
+    if let Some(ck) = dir.load_checkpoint(&mut model, &mut opt)? {
+        (start_step, wall_offset) = (ck.step, ck.wall_s);
+    }
+    dir.truncate_logs(start_step)?;
+    status.state = "running".into();
+    status.error = None;
+    status.steps_done = start_step;
+    dir.write_status(&status)?;
+    Ok(Resumed { model, opt, status, start_step, wall_offset })
+}
+
 /// Trains (or resumes) the run in `dir` to its last step. Errors and non-finite losses are
 /// returned as `Err` for the caller to record as `failed`.
 pub fn train(
@@ -209,32 +281,16 @@ pub fn train(
     stop: &AtomicBool,
     progress: Progress,
 ) -> anyhow::Result<Outcome> {
-    let dev = Dev::default();
-    // dfdx's buffer cache: every step allocates the same shapes, so reusing freed buffers spares
-    // the kernel a page fault per fresh page (the numbers are unchanged).
-    dev.enable_cache();
     let t = &cfg.train;
-    let mut model = SwitchTransformer::new(&dev, &cfg.model, t.seed)?;
-    let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-    let mut opt = AdamW::new(&sizes);
-    let mut status = dir.read_status().unwrap_or_else(|| Status::new(cfg));
-    let mut start_step = 0;
-    let mut wall_offset = 0.0;
-    if let Some(ck) = dir.load_checkpoint(&mut model, &mut opt)? {
-        start_step = ck.step;
-        wall_offset = ck.wall_s;
-    }
-    dir.truncate_logs(start_step)?;
-    status.state = "running".into();
-    status.error = None;
-    status.steps_done = start_step;
-    dir.write_status(&status)?;
+    let Resumed { mut model, mut opt, mut status, start_step, wall_offset } = resume(cfg, dir)?;
 
     let (le, ld) = cfg.lengths();
     let tokens_per_step = (t.batch_size * (le + ld)) as u64;
-    let mut metrics = dir.metrics_writer()?;
-    let mut routing_log = dir.routing_writer()?;
-    let layer_names = sparse_layer_names(&cfg.model);
+    let mut logs = Logs {
+        metrics: dir.metrics_writer()?,
+        routing: dir.routing_writer()?,
+        layer_names: sparse_layer_names(&cfg.model),
+    };
     let started = Instant::now();
     let mut window = (Instant::now(), start_step);
     let mut tokens_per_s = 0.0;
@@ -258,26 +314,8 @@ pub fn train(
             } else {
                 (None, vec![])
             };
-            let eval_cols = eval_loss.map(|l| format!("{l:.6},{:.6}", -l)).unwrap_or_else(|| ",".into());
-            writeln!(
-                metrics,
-                "{done},{},{wall:.3},{lr:.6e},{:.6},{:.6},{:.6},{drop_fraction:.6},{eval_cols}",
-                done * tokens_per_step,
-                out.cross_entropy,
-                out.balance_loss,
-                out.z_loss
-            )?;
-            metrics.flush()?;
-            for (name, r) in layer_names.iter().zip(&routing) {
-                for (e, load) in r.load_fraction.iter().enumerate() {
-                    writeln!(
-                        routing_log,
-                        "{done},{name},{e},{load:.6},{:.6},{:.6}",
-                        r.drop_fraction, r.router_entropy
-                    )?;
-                }
-            }
-            routing_log.flush()?;
+            let row = LogRow { done, tokens: done * tokens_per_step, wall, lr, drop_fraction };
+            logs.write(&row, &out, eval_loss, &routing)?;
             if let Some(l) = eval_loss {
                 status.final_eval_loss = Some(l);
                 status.final_eval_neg_log_perplexity = Some(-l);
