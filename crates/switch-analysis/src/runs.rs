@@ -4,6 +4,7 @@
 use polars::prelude::*;
 use serde_json::Value;
 use std::path::Path;
+use switch_rundir::State;
 
 /// One evaluation point of a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,12 +37,15 @@ pub struct Run {
     /// shares with its dense comparison in a lever study (empty in a plain experts sweep).
     pub variant_items: Vec<String>,
     pub seed: u64,
-    pub state: String,
+    /// `None` when `status.json` is missing or unreadable.
+    pub state: Option<State>,
     pub error: Option<String>,
     pub is_baseline: bool,
     pub num_experts: u64,
     pub top_k: u64,
     pub capacity_factor: f64,
+    /// `model.d_model` as resolved (0 when the config lacks it).
+    pub d_model: u64,
     pub init_scale: f64,
     pub batch_size: u64,
     pub steps_total: u64,
@@ -65,6 +69,10 @@ impl Run {
     /// The lever-study setting as one label, e.g. `learning_rate=0.01 expert_every=1`.
     pub fn variant(&self) -> String {
         self.variant_items.join(" ")
+    }
+    /// The state as the report prints it (`unknown` without a readable `status.json`).
+    pub fn state_label(&self) -> String {
+        self.state.map_or("unknown".into(), |s| s.to_string())
     }
     pub fn nlp_curve(&self) -> Vec<(f64, f64)> {
         self.curve.iter().map(|p| (p.step, p.neg_log_perplexity)).collect()
@@ -95,32 +103,23 @@ fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(v, |v, k| v.get(k))
 }
 
+/// A Polars schema over a CSV header of the run-folder format: integer step (and expert),
+/// string layer, floats elsewhere.
+fn schema(header: &str) -> SchemaRef {
+    let dtype = |name: &str| match name {
+        "step" | "expert" => DataType::Int64,
+        "layer" => DataType::String,
+        _ => DataType::Float64,
+    };
+    Arc::new(Schema::from_iter(header.split(',').map(|n| Field::new(n.into(), dtype(n)))))
+}
+
 fn metrics_schema() -> SchemaRef {
-    let f = |n: &str, t: DataType| Field::new(n.into(), t);
-    Arc::new(Schema::from_iter([
-        f("step", DataType::Int64),
-        f("tokens", DataType::Float64),
-        f("wall_s", DataType::Float64),
-        f("lr", DataType::Float64),
-        f("train_loss", DataType::Float64),
-        f("aux_loss", DataType::Float64),
-        f("z_loss", DataType::Float64),
-        f("drop_fraction", DataType::Float64),
-        f("eval_loss", DataType::Float64),
-        f("eval_neg_log_perplexity", DataType::Float64),
-    ]))
+    schema(switch_rundir::METRICS_HEADER)
 }
 
 fn routing_schema() -> SchemaRef {
-    let f = |n: &str, t: DataType| Field::new(n.into(), t);
-    Arc::new(Schema::from_iter([
-        f("step", DataType::Int64),
-        f("layer", DataType::String),
-        f("expert", DataType::Int64),
-        f("load_fraction", DataType::Float64),
-        f("drop_fraction", DataType::Float64),
-        f("router_entropy", DataType::Float64),
-    ]))
+    schema(switch_rundir::ROUTING_HEADER)
 }
 
 fn scan(path: &Path, schema: SchemaRef, run_id: &str) -> LazyFrame {
@@ -171,10 +170,7 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             .ok()
             .and_then(|t| serde_saphyr::from_str(&t).ok())
             .unwrap_or(Value::Null);
-        let status: Value = std::fs::read(dir.join("status.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(Value::Null);
+        let status = switch_rundir::RunDir::new(dir).read_status();
         let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
         let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
         let items = |skip: &[&str]| {
@@ -199,12 +195,13 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             group: if group.is_empty() { "base".into() } else { group },
             variant_items,
             seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
-            state: get(&status, "state").and_then(Value::as_str).unwrap_or("unknown").to_string(),
-            error: get(&status, "error").and_then(Value::as_str).map(String::from),
+            state: status.as_ref().map(|s| s.state),
+            error: status.and_then(|s| s.error),
             is_baseline: get(&cfg, "is_baseline").and_then(Value::as_bool).unwrap_or(false),
             num_experts: num(&cfg, "model.num_experts").unwrap_or(1.0) as u64,
             top_k: num(&cfg, "model.top_k").unwrap_or(1.0) as u64,
             capacity_factor: num(&cfg, "model.capacity_factor").unwrap_or(0.0),
+            d_model: num(&cfg, "model.d_model").unwrap_or(0.0) as u64,
             init_scale: num(&cfg, "model.init_scale").unwrap_or(0.0),
             batch_size: num(&cfg, "train.batch_size").unwrap_or(0.0) as u64,
             steps_total: num(&cfg, "train.steps").unwrap_or(0.0) as u64,

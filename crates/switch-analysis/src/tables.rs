@@ -1,6 +1,7 @@
 //! The report's Markdown tables, one function each, laid out like the paper's.
 use crate::{dense_for, fmt_q, opt, paper, plots, stats, Group, Sweep};
 use std::fmt::Write as _;
+use switch_rundir::State;
 
 /// Quality against the number of experts, beside the paper's Fig. 4 / Table 7.
 pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
@@ -13,7 +14,7 @@ pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         let q = g.final_quality();
         let curve = g.mean_points();
         let speedup = if r.num_experts > 1 {
-            let dense_curve = dense_for(&groups, g, baseline).map(Group::mean_points).unwrap_or_default();
+            let dense_curve = dense_for(groups, g, baseline).map(Group::mean_points).unwrap_or_default();
             stats::step_speedup(&dense_curve, &curve)
                 .map(|s| format!("{s:.2}×"))
                 .unwrap_or_else(|| "not reached".into())
@@ -30,10 +31,10 @@ pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             plots::format_si(r.params_active as f64),
             q.map(|q| fmt_q(q, g.runs.len())).unwrap_or_else(|| format!(
                 "{} ({})",
-                r.state,
+                r.state_label(),
                 r.problem.clone().unwrap_or_default()
             )),
-            match (q, dense_for(&groups, g, baseline).and_then(|d| d.final_quality())) {
+            match (q, dense_for(groups, g, baseline).and_then(|d| d.final_quality())) {
                 (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b.0),
                 _ => "–".into(),
             },
@@ -48,10 +49,13 @@ pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Our row's counterpart in the paper's Table 1, by kind and capacity factor.
-fn table1_match(g: &Group) -> Option<paper::Table1Row> {
+/// Our row's counterpart in the paper's Table 1, by kind and capacity factor. Switch+ is a
+/// Switch point that sets `model.d_model` wider than its dense comparison (experiments/capacity.yaml).
+fn table1_match(s: &Sweep, g: &Group) -> Option<paper::Table1Row> {
     let r = g.first();
-    let widened = r.variant_items.iter().any(|i| i.contains("d_model="));
+    let dense_width = dense_for(s.groups, g, s.baseline).map_or(0, |d| d.first().d_model);
+    let sets_width = r.variant_items.iter().any(|i| i.starts_with("d_model="));
+    let widened = r.num_experts > 1 && sets_width && r.d_model > dense_width;
     paper::table1_row_for(r.num_experts, r.top_k, r.capacity_factor, widened)
 }
 
@@ -80,14 +84,14 @@ pub(crate) fn table1(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             reached(steps_to, 0),
             reached(time_to, 1),
             opt((!speed.is_empty()).then(|| stats::mean_std(&speed).0), 1),
-            table1_match(g).map_or("–", |p| p.model),
+            table1_match(s, g).map_or("–", |p| p.model),
         )?;
     }
     writeln!(md, "\nSteps and time to threshold are read off the seed-mean curve, interpolated between evaluations (time: the seeds' mean wall-clock at that step).\n")?;
     writeln!(md, "The paper's Table 1 (128 experts, T5-Base FLOPs per token, 100k steps on 32 TPUv3 cores):\n")?;
     writeln!(md, "| Paper model | Capacity factor | Quality @100k | Hours to −1.50 | Examples/s | Ours |\n|---|---|---|---|---|---|")?;
     for p in paper::TABLE1 {
-        let ours: Vec<String> = groups.iter().filter(|g| table1_match(g) == Some(*p)).map(Group::label).collect();
+        let ours: Vec<String> = groups.iter().filter(|g| table1_match(s, g) == Some(*p)).map(Group::label).collect();
         let ours = if ours.is_empty() { "not in this grid".into() } else { ours.join("; ") };
         let cf = p.capacity_factor.map_or("–".into(), |c| format!("{c:?}"));
         writeln!(md, "| {} | {cf} | {} | {} | {} | {ours} |", p.model, p.quality, p.hours, p.speed)?;
@@ -104,11 +108,11 @@ pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise.\n")?;
         writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|")?;
         for g in groups.iter().filter(|g| g.first().num_experts > 1) {
-            let Some(d) = dense_for(&groups, g, baseline) else { continue };
+            let Some(d) = dense_for(groups, g, baseline) else { continue };
             let (Some(qd), Some(qs)) = (d.final_quality(), g.final_quality()) else { continue };
             let n = g.evaluated().len().min(d.evaluated().len());
             let noise = 2.0 * qd.1.max(qs.1);
-            let unfinished = g.runs.iter().chain(&d.runs).any(|r| r.state != "done");
+            let unfinished = g.runs.iter().chain(&d.runs).any(|r| r.state != Some(State::Done));
             writeln!(
                 md,
                 "| {}{} | {} | {n} | {} | {} | {:+.3} | {} | {:.3} |",
@@ -148,7 +152,7 @@ pub(crate) fn table3(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
                 .filter(|r| r.init_scale == *s && r.num_experts > 1)
                 .filter_map(|r| r.final_quality())
                 .collect();
-            let failed = runs.iter().filter(|r| r.init_scale == *s && r.state == "failed").count();
+            let failed = runs.iter().filter(|r| r.init_scale == *s && r.state == Some(State::Failed)).count();
             let (m, sd) = if v.is_empty() { (f64::NAN, f64::NAN) } else { stats::mean_std(&v) };
             let p = paper::table3_row(*s);
             writeln!(
@@ -222,7 +226,7 @@ pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             r.id,
             r.group,
             r.seed,
-            r.state,
+            r.state_label(),
             r.final_step,
             r.steps_total,
             opt(r.final_quality(), 3),
@@ -244,7 +248,7 @@ pub(crate) fn summary_csv(s: &Sweep) -> anyhow::Result<String> {
             r.id,
             r.group,
             r.seed,
-            r.state,
+            r.state_label(),
             r.is_baseline,
             r.num_experts,
             r.top_k,

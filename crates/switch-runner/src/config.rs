@@ -116,6 +116,12 @@ impl RunConfig {
         (sc.encoder_len, sc.decoder_len)
     }
 
+    /// A fresh `running` status for this run.
+    pub fn new_status(&self) -> switch_rundir::Status {
+        let a = self.accounting();
+        switch_rundir::Status::new(self.train.steps, a.params_total, a.params_active, a.flops_per_token)
+    }
+
     pub fn accounting(&self) -> switch_model::Accounting {
         let (le, ld) = self.lengths();
         self.model.accounting(le, ld)

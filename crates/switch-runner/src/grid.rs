@@ -58,7 +58,7 @@ pub struct GridFile {
     /// Relative FLOPs tolerance of `match_baseline` and `solve` (default 0.01).
     pub tolerance: Option<f64>,
     /// Cluster settings for `--backend slurm`.
-    pub slurm: Option<crate::slurm::SlurmConfig>,
+    pub slurm: Option<crate::cluster::SlurmConfig>,
 }
 
 /// One run of a sweep, fully resolved.
@@ -81,7 +81,7 @@ pub struct Plan {
     pub name: String,
     pub path: PathBuf,
     pub runs: Vec<PlannedRun>,
-    pub slurm: Option<crate::slurm::SlurmConfig>,
+    pub slurm: Option<crate::cluster::SlurmConfig>,
 }
 
 /// A grid problem, naming the file and what to change.
@@ -549,7 +549,7 @@ impl Plan {
         let fix = "fewer experts or a smaller model (model.num_experts, d_model, d_ff, layers), a smaller train.batch_size or train.eval_batch_size, or a larger --max-memory if you know the machine has it (the README's Memory section has the formula)";
         let have = format!("{} {}", human_bytes(limit.bytes), limit.source);
         if big.memory > limit.bytes {
-            let (id, label, need) = (&big.run_id, crate::sweep::label(&big.point), human_bytes(big.memory));
+            let (id, label, need) = (&big.run_id, label(&big.point), human_bytes(big.memory));
             let what = "weights, gradients, AdamW moments and activations";
             let msg =
                 format!("run {id} ({label}) needs about {need} of memory ({what}), more than the {have}. Fix: {fix}");
@@ -566,4 +566,9 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// `model.num_experts=8 train.seed=0` style label of a grid point.
+pub fn label(point: &serde_json::Map<String, serde_json::Value>) -> String {
+    point.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v)).collect::<Vec<_>>().join(" ")
 }

@@ -6,9 +6,9 @@
 //! - [`train`]: the training loop and optimizer;
 //! - [`rundir`]: the run-folder contract with the analysis crate;
 //! - [`sweep`]: local execution with resume, failure isolation and progress.
+pub mod cluster;
 pub mod config;
 pub mod grid;
-pub mod rundir;
 pub mod slurm;
 pub mod sweep;
 pub mod train;
@@ -16,3 +16,5 @@ pub mod train;
 pub use config::RunConfig;
 pub use grid::{plan, Plan};
 pub use sweep::{sweep, SweepOptions};
+/// The run-folder format, from its own crate (the analysis reads the same definitions).
+pub use switch_rundir as rundir;

@@ -1,7 +1,7 @@
 //! Running a planned sweep on this machine: skip finished runs, resume interrupted ones, run
 //! the rest concurrently (one rayon pool per run), isolate failures, show progress.
-use crate::grid::{Plan, PlannedRun};
-use crate::rundir::{self, RunDir, Status};
+use crate::grid::{label, Plan, PlannedRun};
+use crate::rundir::{self, RunDir, State};
 use crate::train::{self, Outcome};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -144,8 +144,8 @@ pub fn pending_runs<'a>(
     let mut pending = Vec::new();
     for r in &plan.runs {
         match RunDir::new(sweep_dir.join("runs").join(&r.run_id)).read_status().map(|s| s.state) {
-            Some(s) if s == "done" => summary.skipped_done.push(r.run_id.clone()),
-            Some(s) if s == "failed" && !retry_failed => summary.skipped_failed.push(r.run_id.clone()),
+            Some(State::Done) => summary.skipped_done.push(r.run_id.clone()),
+            Some(State::Failed) if !retry_failed => summary.skipped_failed.push(r.run_id.clone()),
             _ => pending.push(r),
         }
     }
@@ -189,8 +189,8 @@ pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progr
                 .unwrap_or_default()
         ),
     };
-    let mut status = dir.read_status().unwrap_or_else(|| Status::new(&run.config));
-    status.state = "failed".into();
+    let mut status = dir.read_status().unwrap_or_else(|| run.config.new_status());
+    status.state = State::Failed;
     status.error = Some(err.clone());
     status.finished_at = Some(rundir::now());
     dir.write_status(&status)?;
@@ -317,9 +317,4 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         }
     }
     Ok(summary)
-}
-
-/// `model.num_experts=8 train.seed=0` style label of a grid point.
-pub fn label(point: &serde_json::Map<String, serde_json::Value>) -> String {
-    point.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v)).collect::<Vec<_>>().join(" ")
 }

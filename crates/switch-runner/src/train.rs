@@ -5,7 +5,7 @@
 //! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
 //! to the same numbers as an uninterrupted one.
 use crate::config::RunConfig;
-use crate::rundir::{self, RunDir, Status};
+use crate::rundir::{self, RunDir, State, Status};
 use dfdx::prelude::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -242,6 +242,40 @@ impl Logs {
     }
 }
 
+/// Writes weights and AdamW moments (per parameter: weights, m, v) as the run's checkpoint.
+pub fn save_checkpoint(
+    dir: &RunDir,
+    model: &mut SwitchTransformer<Dev>,
+    opt: &AdamW,
+    step: u64,
+    wall_s: f64,
+) -> std::io::Result<()> {
+    let mut w = dir.checkpoint_writer()?;
+    for (i, (name, p)) in model.params_mut().into_iter().enumerate() {
+        w.tensor(name, &[&p.as_vec(), &opt.m[i], &opt.v[i]])?;
+    }
+    w.finish(step, wall_s)
+}
+
+/// Restores weights and AdamW moments from the run's checkpoint, if it has one.
+pub fn load_checkpoint(
+    dir: &RunDir,
+    model: &mut SwitchTransformer<Dev>,
+    opt: &mut AdamW,
+) -> anyhow::Result<Option<rundir::CheckpointState>> {
+    let Some(mut r) = dir.checkpoint_reader()? else { return Ok(None) };
+    let mut params = model.params_mut();
+    r.expect_tensors(params.len()).map_err(anyhow::Error::msg)?;
+    for (i, (name, p)) in params.iter_mut().enumerate() {
+        let n = p.shape().0;
+        let floats = r.tensor(name, n, 3).map_err(anyhow::Error::msg)?;
+        p.copy_from(&floats[..n]);
+        opt.m[i].copy_from_slice(&floats[n..2 * n]);
+        opt.v[i].copy_from_slice(&floats[2 * n..]);
+    }
+    Ok(Some(r.state))
+}
+
 /// A run's model, optimizer and status at its last checkpoint (or fresh), marked `running`.
 struct Resumed {
     model: SwitchTransformer<Dev>,
@@ -259,13 +293,13 @@ fn resume(cfg: &RunConfig, dir: &RunDir) -> anyhow::Result<Resumed> {
     let mut model = SwitchTransformer::new(&dev, &cfg.model, cfg.train.seed)?;
     let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
     let mut opt = AdamW::new(&sizes);
-    let mut status = dir.read_status().unwrap_or_else(|| Status::new(cfg));
+    let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
     let (mut start_step, mut wall_offset) = (0, 0.0);
-    if let Some(ck) = dir.load_checkpoint(&mut model, &mut opt)? {
+    if let Some(ck) = load_checkpoint(dir, &mut model, &mut opt)? {
         (start_step, wall_offset) = (ck.step, ck.wall_s);
     }
     dir.truncate_logs(start_step)?;
-    status.state = "running".into();
+    status.state = State::Running;
     status.error = None;
     status.steps_done = start_step;
     dir.write_status(&status)?;
@@ -331,7 +365,7 @@ pub fn train(
         }
         let stopping = stop.load(Ordering::SeqCst);
         if done % t.checkpoint_every == 0 || last || stopping {
-            dir.save_checkpoint(&mut model, &opt, done, wall_offset + started.elapsed().as_secs_f64())?;
+            save_checkpoint(dir, &mut model, &opt, done, wall_offset + started.elapsed().as_secs_f64())?;
             status.steps_done = done;
             dir.write_status(&status)?;
         }
@@ -339,7 +373,7 @@ pub fn train(
             return Ok(Outcome::Interrupted);
         }
     }
-    status.state = "done".into();
+    status.state = State::Done;
     status.steps_done = t.steps;
     status.finished_at = Some(rundir::now());
     status.wall_s = Some(wall_offset + started.elapsed().as_secs_f64());

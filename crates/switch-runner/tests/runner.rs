@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use switch_runner::rundir::RunDir;
+use switch_runner::rundir::{RunDir, State};
 use switch_runner::sweep::{self, SweepOptions};
 use switch_runner::train::{self, Outcome};
 
@@ -136,7 +136,7 @@ fn an_interrupted_run_resumes_to_the_same_numbers() {
     })
     .unwrap();
     assert_eq!(out, Outcome::Interrupted);
-    assert_eq!(resumed.read_status().unwrap().state, "running");
+    assert_eq!(resumed.read_status().unwrap().state, State::Running);
     assert_eq!(resumed.read_status().unwrap().steps_done, 6);
     // A crash after the checkpoint may leave extra log rows: they are dropped on resume.
     std::fs::write(
@@ -151,7 +151,7 @@ fn an_interrupted_run_resumes_to_the_same_numbers() {
         std::fs::read_to_string(resumed.path.join("routing.csv")).unwrap()
     );
     let s = resumed.read_status().unwrap();
-    assert_eq!((s.state.as_str(), s.steps_done), ("done", 12));
+    assert_eq!((s.state, s.steps_done), (State::Done, 12));
     assert_eq!(s.final_eval_loss, straight.read_status().unwrap().final_eval_loss);
 }
 
@@ -172,10 +172,10 @@ fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
     assert_eq!(summary.failed.len(), 1);
     assert!(!summary.ok());
     let failed = RunDir::new(tmp.path().join("results/f/runs").join(&summary.failed[0].0)).read_status().unwrap();
-    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.state, State::Failed);
     assert!(failed.error.unwrap().contains("loss became"));
     let done = RunDir::new(tmp.path().join("results/f/runs").join(&summary.done[0])).read_status().unwrap();
-    assert_eq!(done.state, "done");
+    assert_eq!(done.state, State::Done);
     // Rerunning skips the finished run and leaves the failed one alone unless asked.
     let again = sweep::sweep(&plan, &opts).unwrap();
     assert_eq!((again.done.len(), again.skipped_done.len(), again.skipped_failed.len()), (0, 1, 1));

@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use switch_runner::grid::{human_bytes, MemoryLimit};
-use switch_runner::rundir::{self, RunDir, Status};
+use switch_runner::rundir::{self, RunDir, State};
 use switch_runner::slurm;
 use switch_runner::sweep::{self, RunFile, SweepOptions};
 
@@ -159,8 +159,8 @@ fn check_run_memory(config: &Path, run: &RunFile) -> anyhow::Result<()> {
         limit.source
     );
     let dir = RunDir::new(config.parent().unwrap_or(Path::new(".")));
-    let mut status = dir.read_status().unwrap_or_else(|| Status::new(&run.config));
-    (status.state, status.error, status.finished_at) = ("failed".into(), Some(msg.clone()), Some(rundir::now()));
+    let mut status = dir.read_status().unwrap_or_else(|| run.config.new_status());
+    (status.state, status.error, status.finished_at) = (State::Failed, Some(msg.clone()), Some(rundir::now()));
     dir.write_status(&status)?;
     anyhow::bail!(msg)
 }

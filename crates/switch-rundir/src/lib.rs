@@ -1,4 +1,5 @@
-//! The run directory, the contract with the analysis crate:
+//! The run folder, the one contract between the runner (which writes it) and the analysis and
+//! Slurm status (which read it). A schema change here is a compile error in every reader.
 //!
 //! ```text
 //! results/<sweep>/runs/<run_id>/
@@ -8,14 +9,10 @@
 //!   status.json   state (running | done | failed), error, times, steps_done, params, FLOPs, final metrics
 //!   checkpoint/   state.json + tensors.bin (weights, AdamW moments), replaced atomically
 //! ```
-use crate::config::RunConfig;
-use crate::train::{AdamW, Dev};
-use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use switch_model::SwitchTransformer;
 
 pub const METRICS_HEADER: &str =
     "step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity";
@@ -26,9 +23,32 @@ pub fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Where a run is: `running` (also an interrupted run, resumable), `done` or `failed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    #[default]
+    Running,
+    Done,
+    Failed,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+        })
+    }
+}
+
+/// `status.json`, written atomically. Every field has a default, so a reader accepts a file
+/// written by an older version or by hand.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Status {
-    pub state: String,
+    pub state: State,
     pub error: Option<String>,
     /// Unix seconds.
     pub started_at: f64,
@@ -46,24 +66,9 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn new(cfg: &RunConfig) -> Self {
-        let a = cfg.accounting();
-        Self {
-            state: "running".into(),
-            error: None,
-            started_at: now(),
-            finished_at: None,
-            steps_done: 0,
-            steps_total: cfg.train.steps,
-            params_total: a.params_total,
-            params_active: a.params_active,
-            flops_per_token: a.flops_per_token,
-            final_train_loss: None,
-            final_eval_loss: None,
-            final_eval_neg_log_perplexity: None,
-            tokens_per_s: None,
-            wall_s: None,
-        }
+    /// A fresh `running` status of a run with these totals, started now.
+    pub fn new(steps_total: u64, params_total: u64, params_active: u64, flops_per_token: f64) -> Self {
+        Self { started_at: now(), steps_total, params_total, params_active, flops_per_token, ..Default::default() }
     }
 }
 
@@ -155,48 +160,18 @@ impl RunDir {
         Ok(())
     }
 
-    /// Writes weights and optimizer moments to `checkpoint/` via a temporary folder and renames.
-    /// Streamed parameter by parameter, so saving needs no second copy of the model in memory.
-    pub fn save_checkpoint(
-        &self,
-        model: &mut SwitchTransformer<Dev>,
-        opt: &AdamW,
-        step: u64,
-        wall_s: f64,
-    ) -> std::io::Result<()> {
+    /// Starts a checkpoint in `checkpoint.tmp/`; [`CheckpointWriter::finish`] swaps it in.
+    pub fn checkpoint_writer(&self) -> std::io::Result<CheckpointWriter> {
         let tmp = self.path.join("checkpoint.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let mut names = Vec::new();
-        let mut out = BufWriter::new(File::create(tmp.join("tensors.bin"))?);
-        for (i, (name, p)) in model.params_mut().into_iter().enumerate() {
-            let v = p.as_vec();
-            names.push((name, v.len()));
-            for x in v.iter().chain(&opt.m[i]).chain(&opt.v[i]) {
-                out.write_all(&x.to_le_bytes())?;
-            }
-        }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        let state = CheckpointState { step, wall_s, params: names };
-        std::fs::write(tmp.join("state.json"), serde_json::to_string(&state).expect("serializable"))?;
-        let dst = self.path.join("checkpoint");
-        let old = self.path.join("checkpoint.old");
-        let _ = std::fs::remove_dir_all(&old);
-        if dst.exists() {
-            std::fs::rename(&dst, &old)?;
-        }
-        std::fs::rename(&tmp, &dst)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        let out = BufWriter::new(File::create(tmp.join("tensors.bin"))?);
+        Ok(CheckpointWriter { run: self.path.clone(), tmp, out, names: vec![] })
     }
 
-    /// Restores weights and optimizer state if a checkpoint exists (also one left as `checkpoint.old`
-    /// by a crash between the two renames).
-    pub fn load_checkpoint(
-        &self,
-        model: &mut SwitchTransformer<Dev>,
-        opt: &mut AdamW,
-    ) -> anyhow::Result<Option<CheckpointState>> {
+    /// Opens the last checkpoint, if any (also one left as `checkpoint.old` by a crash between
+    /// the two renames of [`CheckpointWriter::finish`]).
+    pub fn checkpoint_reader(&self) -> std::io::Result<Option<CheckpointReader>> {
         let dir = [self.path.join("checkpoint"), self.path.join("checkpoint.old")]
             .into_iter()
             .find(|d| d.join("state.json").exists());
@@ -204,30 +179,76 @@ impl RunDir {
         let state: CheckpointState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
         let file = dir.join("tensors.bin");
         let len = std::fs::metadata(&file)?.len();
-        let mut input = BufReader::new(File::open(&file)?);
-        let mut params = model.params_mut();
-        anyhow::ensure!(
-            params.len() == state.params.len(),
-            "checkpoint in {} does not match this config's model",
-            dir.display()
-        );
-        let mut at = 0u64;
-        for (i, ((name, p), (saved, n))) in params.iter_mut().zip(&state.params).enumerate() {
-            anyhow::ensure!(
-                name == saved && p.shape().0 == *n && at + 12 * *n as u64 <= len,
-                "checkpoint in {} does not match parameter {name}",
-                dir.display()
-            );
-            // One parameter at a time: weights, then m, then v.
-            let mut bytes = vec![0u8; 12 * n];
-            input.read_exact(&mut bytes)?;
-            let floats: Vec<f32> =
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            p.copy_from(&floats[..*n]);
-            opt.m[i].copy_from_slice(&floats[*n..2 * n]);
-            opt.v[i].copy_from_slice(&floats[2 * n..]);
-            at += 12 * *n as u64;
+        Ok(Some(CheckpointReader { dir, state, input: BufReader::new(File::open(&file)?), len, at: 0, next: 0 }))
+    }
+}
+
+/// Writes a checkpoint tensor by tensor (each as consecutive blocks of f32, e.g. weights then
+/// AdamW's m and v), so saving needs no second copy of the model in memory.
+pub struct CheckpointWriter {
+    run: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    names: Vec<(String, usize)>,
+}
+
+impl CheckpointWriter {
+    /// Appends tensor `name`: its blocks, all of one length.
+    pub fn tensor(&mut self, name: String, blocks: &[&[f32]]) -> std::io::Result<()> {
+        self.names.push((name, blocks.first().map_or(0, |b| b.len())));
+        for x in blocks.iter().flat_map(|b| b.iter()) {
+            self.out.write_all(&x.to_le_bytes())?;
         }
-        Ok(Some(state))
+        Ok(())
+    }
+
+    /// Syncs, writes `state.json` and replaces `checkpoint/` by two renames.
+    pub fn finish(self, step: u64, wall_s: f64) -> std::io::Result<()> {
+        self.out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let state = CheckpointState { step, wall_s, params: self.names };
+        std::fs::write(self.tmp.join("state.json"), serde_json::to_string(&state).expect("serializable"))?;
+        let dst = self.run.join("checkpoint");
+        let old = self.run.join("checkpoint.old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dst.exists() {
+            std::fs::rename(&dst, &old)?;
+        }
+        std::fs::rename(&self.tmp, &dst)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
+
+/// Reads a checkpoint back tensor by tensor, checking names and sizes.
+pub struct CheckpointReader {
+    dir: PathBuf,
+    pub state: CheckpointState,
+    input: BufReader<File>,
+    len: u64,
+    at: u64,
+    next: usize,
+}
+
+impl CheckpointReader {
+    /// The next tensor, which must be `name` with `blocks` blocks of `n` floats each.
+    pub fn tensor(&mut self, name: &str, n: usize, blocks: usize) -> Result<Vec<f32>, String> {
+        let bytes_len = 4 * blocks * n;
+        match self.state.params.get(self.next) {
+            Some((saved, m)) if saved == name && *m == n && self.at + bytes_len as u64 <= self.len => {}
+            _ => return Err(format!("checkpoint in {} does not match parameter {name}", self.dir.display())),
+        }
+        let mut bytes = vec![0u8; bytes_len];
+        self.input.read_exact(&mut bytes).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        (self.at, self.next) = (self.at + bytes_len as u64, self.next + 1);
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    /// Checks that the checkpoint holds exactly `count` tensors.
+    pub fn expect_tensors(&self, count: usize) -> Result<(), String> {
+        if self.state.params.len() == count {
+            Ok(())
+        } else {
+            Err(format!("checkpoint in {} does not match this config's model", self.dir.display()))
+        }
     }
 }
