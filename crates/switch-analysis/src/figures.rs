@@ -4,8 +4,11 @@ use crate::{dense_for, Group, Sweep};
 use plotters::style::RGBColor;
 use std::path::Path;
 
+/// A group's curve: `(x, seed mean, seed std)` points.
+type GroupCurve = dyn Fn(&Group) -> Vec<(f64, f64, f64)>;
+
 /// One line per group (the baseline in black), with a ± std band when it has several seeds.
-fn group_series(groups: &[Group], f: &dyn Fn(&Group) -> Vec<(f64, f64, f64)>) -> Vec<Series> {
+fn group_series(groups: &[Group], f: &GroupCurve) -> Vec<Series> {
     groups
         .iter()
         .enumerate()
@@ -27,40 +30,36 @@ fn group_series(groups: &[Group], f: &dyn Fn(&Group) -> Vec<(f64, f64, f64)>) ->
         .collect()
 }
 
-/// Quality vs step (framed from the second evaluation, and in full) and vs wall-clock time.
+/// Quality vs step and vs wall-clock time, each framed from the second evaluation on (the first
+/// sits far below the rest) and in full (`<stem>_full`).
 pub(crate) fn quality_figures(out: &Path, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { groups, .. } = *s;
-    for (stem, from_second) in [("quality_vs_step", true), ("quality_vs_step_full", false)] {
-        let curves = group_series(groups, &|g| g.mean_curve());
-        let chart = Chart {
-            title: if from_second {
-                "Held-out quality vs training step, from the second evaluation (Fig. 4 right)"
-            } else {
-                "Held-out quality vs training step (Fig. 4 right)"
-            },
-            x_label: "training step",
-            y_label: "neg log perplexity (nats)",
-            log_x: false,
-            legend_upper: false,
-            series: if from_second { plots::after_first(curves) } else { curves },
-        };
-        plots::write(out, stem, &chart)?;
-    }
     let wall = |g: &Group| -> Vec<(f64, f64, f64)> {
         g.evaluated().first().map(|r| r.wall_curve().iter().map(|p| (p.0, p.1, 0.0)).collect()).unwrap_or_default()
     };
-    plots::write(
-        out,
-        "quality_vs_time",
-        &Chart {
-            title: "Held-out quality vs wall-clock time (Fig. 5)",
-            x_label: "seconds",
-            y_label: "neg log perplexity (nats)",
-            log_x: false,
-            legend_upper: false,
-            series: group_series(groups, &wall),
-        },
-    )?;
+    let figures: [(&str, &str, &str, &GroupCurve); 2] = [
+        ("quality_vs_step", "Held-out quality vs training step", "training step", &|g| g.mean_curve()),
+        ("quality_vs_time", "Held-out quality vs wall-clock time", "seconds", &wall),
+    ];
+    for (stem, title, x_label, curve) in figures {
+        let paper = if stem == "quality_vs_step" { "Fig. 4 right" } else { "Fig. 5" };
+        for from_second in [true, false] {
+            let curves = group_series(groups, curve);
+            let chart = Chart {
+                title: &if from_second {
+                    format!("{title}, from the second evaluation ({paper})")
+                } else {
+                    format!("{title} ({paper})")
+                },
+                x_label,
+                y_label: "neg log perplexity (nats)",
+                log_x: false,
+                legend_upper: false,
+                series: if from_second { plots::after_first(curves) } else { curves },
+            };
+            plots::write(out, &if from_second { stem.to_string() } else { format!("{stem}_full") }, &chart)?;
+        }
+    }
     Ok(())
 }
 
@@ -139,7 +138,7 @@ pub(crate) fn gain_figure(out: &Path, s: &Sweep) -> anyhow::Result<()> {
             .filter(|g| g.first().num_experts > 1)
             .enumerate()
             .filter_map(|(i, g)| {
-                let dense = dense_for(&groups, g, baseline)?.mean_curve();
+                let dense = dense_for(groups, g, baseline)?.mean_curve();
                 let pts = g
                     .mean_curve()
                     .iter()

@@ -166,7 +166,8 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
         ("quality_vs_step", "Quality vs step (framed from the second evaluation on)"),
         ("quality_vs_step_full", "Quality vs step, full range"),
         ("quality_vs_params", "Quality vs parameters"),
-        ("quality_vs_time", "Quality vs wall-clock time"),
+        ("quality_vs_time", "Quality vs wall-clock time (framed from the second evaluation on)"),
+        ("quality_vs_time_full", "Quality vs wall-clock time, full range"),
     ];
     if has_capacity_plot {
         figs.push(("capacity_factor", "Capacity factor"));

@@ -13,7 +13,7 @@
 
 /// Value at the last point with x ≤ `at` (the quality "after N steps").
 pub fn value_at(curve: &[(f64, f64)], at: f64) -> Option<f64> {
-    curve.iter().filter(|(x, _)| *x <= at).last().map(|p| p.1)
+    curve.iter().rev().find(|(x, _)| *x <= at).map(|p| p.1)
 }
 
 /// First x where the curve reaches `threshold` (rising), interpolated linearly between points.

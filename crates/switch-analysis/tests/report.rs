@@ -223,3 +223,85 @@ fn quality_vs_step_is_framed_after_the_first_evaluation_and_kept_in_full() {
     let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
     assert!(md.contains("(quality_vs_step_full.png)"));
 }
+
+/// Sets `model.<key>` in a synthetic run's resolved config (adding it when absent).
+fn set_model(dir: &Path, id: &str, key: &str, value: &str) {
+    let path = dir.join("runs").join(id).join("config.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let model = lines.iter().position(|l| l == "model:").unwrap();
+    let line = format!("  {key}: {value}");
+    match lines.iter().skip(model).position(|l| l.starts_with(&format!("  {key}:"))) {
+        Some(i) => lines[model + i] = line,
+        None => lines.insert(model + 1, line),
+    }
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn table1_matches_paper_rows_by_kind_capacity_factor_and_width() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("capacity");
+    let q = |s: f64| -3.0 + s / 1000.0;
+    // As experiments/capacity.yaml: dense at d_model 64, Switch and top-2 MoE at capacity factor 1.0,
+    // and Switch+, whose point sets a wider d_model (solved to the MoE's FLOPs).
+    write_run(&dir, "dense", 1, 0, 300, q, "done");
+    write_run_at(&dir, "sw", "  model.capacity_factor: 1.0\n", 8, 0, 300, q, "done");
+    write_run_at(&dir, "moe", "  model.top_k: 2\n  model.capacity_factor: 1.0\n", 8, 0, 300, q, "done");
+    write_run_at(&dir, "plus", "  model.capacity_factor: 1.0\n  model.d_model: 80\n", 8, 0, 300, q, "done");
+    // As experiments/study.yaml: a narrower dense and Switch pair, both setting d_model 32.
+    write_run_at(&dir, "nd", "  model.d_model: 32\n", 1, 0, 300, q, "done");
+    write_run_at(&dir, "ns", "  model.d_model: 32\n", 8, 0, 300, q, "done");
+    for id in ["dense", "sw", "moe", "plus", "nd", "ns"] {
+        set_model(
+            &dir,
+            id,
+            "d_model",
+            if id.starts_with('n') {
+                "32"
+            } else if id == "plus" {
+                "80"
+            } else {
+                "64"
+            },
+        );
+    }
+    for id in ["sw", "moe", "plus"] {
+        set_model(&dir, id, "capacity_factor", "1.0");
+    }
+    set_model(&dir, "moe", "top_k", "2");
+    report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
+    let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    let paper = md.split("The paper's Table 1").nth(1).unwrap();
+    let row = |start: &str| paper.lines().find(|l| l.starts_with(start)).unwrap_or_else(|| panic!("{start}: {paper}"));
+    assert!(row("| Switch-Base+ | 1.0 |").ends_with("| Switch-8, cf 1 [capacity_factor=1.0 d_model=80] |"), "{paper}");
+    assert!(row("| Switch-Base | 1.0 |").ends_with("| Switch-8, cf 1 [capacity_factor=1.0] |"), "{paper}");
+    assert!(row("| MoE-Base | 1.0 |").ends_with("| MoE-8 (top-2), cf 1 [top_k=2 capacity_factor=1.0] |"), "{paper}");
+    // The narrow Switch is as wide as its own dense: Switch-Base at its capacity factor, not Switch+.
+    assert!(row("| Switch-Base | 1.25 |").ends_with("| Switch-8, cf 1.25 [d_model=32] |"), "{paper}");
+    assert!(row("| T5-Base | – |").ends_with("| Dense; Dense [d_model=32] |"), "{paper}");
+}
+
+/// The y tick labels of a figure's SVG (formatted with two decimals; x labels have none).
+fn y_labels(svg_path: &Path) -> Vec<f64> {
+    let svg = std::fs::read_to_string(svg_path).unwrap();
+    let is_label = |l: &&str| l.len() > 3 && l.as_bytes()[l.len() - 3] == b'.';
+    svg.lines().map(str::trim).filter(is_label).filter_map(|l| l.parse().ok()).collect()
+}
+
+#[test]
+fn quality_vs_time_is_framed_after_the_first_evaluation_and_kept_in_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synthetic");
+    // First evaluation at −9, the rest between −2.8 and −2.5.
+    write_run(&dir, "d0", 1, 0, 500, |s| if s <= 100.0 { -9.0 } else { -3.0 + s / 1000.0 }, "done");
+    report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
+    for stem in ["quality_vs_step", "quality_vs_time"] {
+        let framed = y_labels(&dir.join(format!("report/{stem}.svg")));
+        let full = y_labels(&dir.join(format!("report/{stem}_full.svg")));
+        assert!(framed.iter().all(|&y| y > -3.0) && !framed.is_empty(), "{stem}: {framed:?}");
+        assert!(full.iter().any(|&y| y < -8.0), "{stem}_full: {full:?}");
+    }
+    let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    assert!(md.contains("(quality_vs_time_full.png)"), "{md}");
+}
