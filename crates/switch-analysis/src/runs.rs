@@ -152,6 +152,135 @@ fn usable(path: &Path) -> Result<(), String> {
 }
 
 /// Loads every run folder under `sweep_dir/runs`, sorted by (baseline first, experts, group, seed).
+/// A run as its `config.yaml` and `status.json` describe it, before its logs are read.
+fn run_from_folder(dir: &Path, id: String) -> Run {
+    let cfg: Value = std::fs::read_to_string(dir.join("config.yaml"))
+        .ok()
+        .and_then(|t| serde_saphyr::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let status = switch_rundir::RunDir::new(dir).read_status();
+    let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
+    let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
+    let items = |skip: &[&str]| {
+        point
+            .iter()
+            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
+            .collect::<Vec<_>>()
+    };
+    let group = items(&["train.seed"]).join(" ");
+    let variant_items = items(&["train.seed", "model.num_experts"]);
+    let problem = None;
+    Run {
+        id,
+        group: if group.is_empty() { "base".into() } else { group },
+        variant_items,
+        seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
+        state: status.as_ref().map(|s| s.state),
+        error: status.and_then(|s| s.error),
+        is_baseline: get(&cfg, "is_baseline").and_then(Value::as_bool).unwrap_or(false),
+        num_experts: num(&cfg, "model.num_experts").unwrap_or(1.0) as u64,
+        top_k: num(&cfg, "model.top_k").unwrap_or(1.0) as u64,
+        capacity_factor: num(&cfg, "model.capacity_factor").unwrap_or(0.0),
+        d_model: num(&cfg, "model.d_model").unwrap_or(0.0) as u64,
+        init_scale: num(&cfg, "model.init_scale").unwrap_or(0.0),
+        batch_size: num(&cfg, "train.batch_size").unwrap_or(0.0) as u64,
+        steps_total: num(&cfg, "train.steps").unwrap_or(0.0) as u64,
+        params_total: num(&cfg, "params_total").unwrap_or(0.0) as u64,
+        params_active: num(&cfg, "params_active").unwrap_or(0.0) as u64,
+        flops_per_token: num(&cfg, "flops_per_token").unwrap_or(0.0),
+        vocabulary: format!(
+            "{}-entry {}",
+            num(&cfg, "model.vocab_size").unwrap_or(0.0),
+            get(&cfg, "data.tokenizer").and_then(Value::as_str).unwrap_or("?")
+        ),
+        corpus: match get(&cfg, "data.corpus").and_then(Value::as_str) {
+            Some("default") | None => "the embedded public-domain books and Brown corpus (19 MB)".into(),
+            Some(path) => format!("the corpus `{path}`"),
+        },
+        curve: vec![],
+        final_step: 0.0,
+        final_wall_s: 0.0,
+        final_tokens: 0.0,
+        routing: vec![],
+        problem,
+    }
+}
+
+/// Each run's last logged step, tokens and wall time, and its evaluation curve.
+fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()> {
+    let all = concat(frames, UnionArgs::default())?;
+    // Last logged row of each run: steps, tokens and wall time so far.
+    let last = all
+        .clone()
+        .group_by([col("run_id")])
+        .agg([
+            col("step").max().alias("step"),
+            col("tokens").max().alias("tokens"),
+            col("wall_s").max().alias("wall_s"),
+        ])
+        .collect()?;
+    let (ids, steps, tokens, walls) =
+        (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?, f64s(&last, "wall_s")?);
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(r) = runs.iter_mut().find(|r| &r.id == id) {
+            (r.final_step, r.final_tokens, r.final_wall_s) =
+                (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0), walls[i].unwrap_or(0.0));
+        }
+    }
+    let evals = all
+        .filter(col("eval_neg_log_perplexity").is_not_null())
+        .sort(["run_id", "step"], SortMultipleOptions::default())
+        .collect()?;
+    let (ids, steps, tokens, walls, nlp, drops) = (
+        strs(&evals, "run_id")?,
+        f64s(&evals, "step")?,
+        f64s(&evals, "tokens")?,
+        f64s(&evals, "wall_s")?,
+        f64s(&evals, "eval_neg_log_perplexity")?,
+        f64s(&evals, "drop_fraction")?,
+    );
+    for i in 0..ids.len() {
+        if let (Some(r), Some(step), Some(q)) = (runs.iter_mut().find(|r| r.id == ids[i]), steps[i], nlp[i]) {
+            r.curve.push(EvalPoint {
+                step,
+                tokens: tokens[i].unwrap_or(0.0),
+                wall_s: walls[i].unwrap_or(0.0),
+                neg_log_perplexity: q,
+                drop_fraction: drops[i].unwrap_or(0.0),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Each run's routing rows.
+fn attach_routing(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()> {
+    let all = concat(frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
+    let (ids, steps, layers, experts, loads, drops, entropies) = (
+        strs(&all, "run_id")?,
+        f64s(&all, "step")?,
+        strs(&all, "layer")?,
+        f64s(&all, "expert")?,
+        f64s(&all, "load_fraction")?,
+        f64s(&all, "drop_fraction")?,
+        f64s(&all, "router_entropy")?,
+    );
+    for i in 0..ids.len() {
+        if let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) {
+            r.routing.push(RoutingRow {
+                step: steps[i].unwrap_or(0.0),
+                layer: layers[i].clone(),
+                expert: experts[i].unwrap_or(0.0) as i64,
+                load_fraction: loads[i].unwrap_or(0.0),
+                drop_fraction: drops[i].unwrap_or(0.0),
+                router_entropy: entropies[i].unwrap_or(f64::NAN),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     let runs_dir = sweep_dir.join("runs");
     let mut dirs: Vec<_> = std::fs::read_dir(&runs_dir)
@@ -166,22 +295,6 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     let (mut metric_frames, mut routing_frames) = (Vec::new(), Vec::new());
     for dir in &dirs {
         let id = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
-        let cfg: Value = std::fs::read_to_string(dir.join("config.yaml"))
-            .ok()
-            .and_then(|t| serde_saphyr::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let status = switch_rundir::RunDir::new(dir).read_status();
-        let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
-        let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
-        let items = |skip: &[&str]| {
-            point
-                .iter()
-                .filter(|(k, _)| !skip.contains(&k.as_str()))
-                .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
-                .collect::<Vec<_>>()
-        };
-        let group = items(&["train.seed"]).join(" ");
-        let variant_items = items(&["train.seed", "model.num_experts"]);
         let mut problem = None;
         match usable(&dir.join("metrics.csv")) {
             Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
@@ -190,109 +303,13 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         if usable(&dir.join("routing.csv")).is_ok() {
             routing_frames.push(scan(&dir.join("routing.csv"), routing_schema(), &id));
         }
-        runs.push(Run {
-            id,
-            group: if group.is_empty() { "base".into() } else { group },
-            variant_items,
-            seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
-            state: status.as_ref().map(|s| s.state),
-            error: status.and_then(|s| s.error),
-            is_baseline: get(&cfg, "is_baseline").and_then(Value::as_bool).unwrap_or(false),
-            num_experts: num(&cfg, "model.num_experts").unwrap_or(1.0) as u64,
-            top_k: num(&cfg, "model.top_k").unwrap_or(1.0) as u64,
-            capacity_factor: num(&cfg, "model.capacity_factor").unwrap_or(0.0),
-            d_model: num(&cfg, "model.d_model").unwrap_or(0.0) as u64,
-            init_scale: num(&cfg, "model.init_scale").unwrap_or(0.0),
-            batch_size: num(&cfg, "train.batch_size").unwrap_or(0.0) as u64,
-            steps_total: num(&cfg, "train.steps").unwrap_or(0.0) as u64,
-            params_total: num(&cfg, "params_total").unwrap_or(0.0) as u64,
-            params_active: num(&cfg, "params_active").unwrap_or(0.0) as u64,
-            flops_per_token: num(&cfg, "flops_per_token").unwrap_or(0.0),
-            vocabulary: format!(
-                "{}-entry {}",
-                num(&cfg, "model.vocab_size").unwrap_or(0.0),
-                get(&cfg, "data.tokenizer").and_then(Value::as_str).unwrap_or("?")
-            ),
-            corpus: match get(&cfg, "data.corpus").and_then(Value::as_str) {
-                Some("default") | None => "the embedded public-domain books and Brown corpus (19 MB)".into(),
-                Some(path) => format!("the corpus `{path}`"),
-            },
-            curve: vec![],
-            final_step: 0.0,
-            final_wall_s: 0.0,
-            final_tokens: 0.0,
-            routing: vec![],
-            problem,
-        });
+        runs.push(Run { problem, ..run_from_folder(dir, id) });
     }
-
     if !metric_frames.is_empty() {
-        let all = concat(metric_frames, UnionArgs::default())?;
-        // Last logged row of each run: steps, tokens and wall time so far.
-        let last = all
-            .clone()
-            .group_by([col("run_id")])
-            .agg([
-                col("step").max().alias("step"),
-                col("tokens").max().alias("tokens"),
-                col("wall_s").max().alias("wall_s"),
-            ])
-            .collect()?;
-        let (ids, steps, tokens, walls) =
-            (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?, f64s(&last, "wall_s")?);
-        for (i, id) in ids.iter().enumerate() {
-            if let Some(r) = runs.iter_mut().find(|r| &r.id == id) {
-                (r.final_step, r.final_tokens, r.final_wall_s) =
-                    (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0), walls[i].unwrap_or(0.0));
-            }
-        }
-        let evals = all
-            .filter(col("eval_neg_log_perplexity").is_not_null())
-            .sort(["run_id", "step"], SortMultipleOptions::default())
-            .collect()?;
-        let (ids, steps, tokens, walls, nlp, drops) = (
-            strs(&evals, "run_id")?,
-            f64s(&evals, "step")?,
-            f64s(&evals, "tokens")?,
-            f64s(&evals, "wall_s")?,
-            f64s(&evals, "eval_neg_log_perplexity")?,
-            f64s(&evals, "drop_fraction")?,
-        );
-        for i in 0..ids.len() {
-            if let (Some(r), Some(step), Some(q)) = (runs.iter_mut().find(|r| r.id == ids[i]), steps[i], nlp[i]) {
-                r.curve.push(EvalPoint {
-                    step,
-                    tokens: tokens[i].unwrap_or(0.0),
-                    wall_s: walls[i].unwrap_or(0.0),
-                    neg_log_perplexity: q,
-                    drop_fraction: drops[i].unwrap_or(0.0),
-                });
-            }
-        }
+        attach_metrics(&mut runs, metric_frames)?;
     }
     if !routing_frames.is_empty() {
-        let all = concat(routing_frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
-        let (ids, steps, layers, experts, loads, drops, entropies) = (
-            strs(&all, "run_id")?,
-            f64s(&all, "step")?,
-            strs(&all, "layer")?,
-            f64s(&all, "expert")?,
-            f64s(&all, "load_fraction")?,
-            f64s(&all, "drop_fraction")?,
-            f64s(&all, "router_entropy")?,
-        );
-        for i in 0..ids.len() {
-            if let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) {
-                r.routing.push(RoutingRow {
-                    step: steps[i].unwrap_or(0.0),
-                    layer: layers[i].clone(),
-                    expert: experts[i].unwrap_or(0.0) as i64,
-                    load_fraction: loads[i].unwrap_or(0.0),
-                    drop_fraction: drops[i].unwrap_or(0.0),
-                    router_entropy: entropies[i].unwrap_or(f64::NAN),
-                });
-            }
-        }
+        attach_routing(&mut runs, routing_frames)?;
     }
     for r in &mut runs {
         if r.problem.is_none() && r.curve.is_empty() {
