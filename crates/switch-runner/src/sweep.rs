@@ -197,6 +197,88 @@ pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progr
     anyhow::bail!(err)
 }
 
+/// Run folders: `runs/`, the lock (held while the sweep trains), the grid and plan as run.
+fn prepare_folder(plan: &Plan, sweep_dir: &Path) -> anyhow::Result<SweepLock> {
+    std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the results folder {} ({e}): choose a writable --results folder",
+            sweep_dir.display()
+        )
+    })?;
+    let lock = SweepLock::acquire(sweep_dir)?;
+    if let Ok(grid) = std::fs::read(&plan.path) {
+        rundir::write_atomic(&sweep_dir.join("grid.yaml"), &grid)?;
+    }
+    rundir::write_atomic(&sweep_dir.join("plan.csv"), plan.table(true).as_bytes())?;
+    Ok(lock)
+}
+
+/// The sweep's progress: one bar for all steps (drawn only on a terminal).
+fn overall_bar(plan: &Plan, pending: &[&PlannedRun]) -> (MultiProgress, ProgressBar) {
+    let bars = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let total_steps: u64 = pending.iter().map(|r| r.config.train.steps).sum();
+    let overall = bars.add(ProgressBar::new(total_steps));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps, ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    overall.set_prefix(plan.name.clone());
+    (bars, overall)
+}
+
+/// Trains one pending run in its folder, with its own progress bar (or log lines when stderr
+/// is not a terminal).
+fn train_pending(
+    plan: &Plan,
+    run: &PlannedRun,
+    data: &HashMap<String, Arc<Dataset>>,
+    sweep_dir: &Path,
+    (bars, overall): (&MultiProgress, &ProgressBar),
+    pool: &rayon::ThreadPool,
+) -> anyhow::Result<Outcome> {
+    let plain = !std::io::stderr().is_terminal();
+    let file = RunFile::new(plan, run);
+    let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
+    let dir = RunDir::new(sweep_dir.join("runs").join(&run.run_id));
+    let bar = bars.insert_before(&overall, ProgressBar::new(run.config.train.steps));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:20}] {pos}/{len} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(run.run_id.clone());
+    let steps_before = dir.read_status().map(|s| s.steps_done).unwrap_or(0);
+    bar.set_position(steps_before);
+    overall.inc(steps_before);
+    let last = AtomicUsize::new(steps_before as usize);
+    let eval_every = run.config.train.eval_every;
+    let label = label(&run.point);
+    let progress = |step: u64, loss: f32, tps: f64| {
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.3}, {tps:.0} tok/s"));
+        let prev = last.swap(step as usize, Ordering::SeqCst) as u64;
+        overall.inc(step.saturating_sub(prev));
+        if plain && (step % eval_every == 0 || step == run.config.train.steps) {
+            tracing::info!(
+                "{} {label}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
+                run.run_id,
+                run.config.train.steps
+            );
+        }
+    };
+    let outcome = pool.install(|| run_one(&file, ds, &dir, &progress));
+    bar.finish_and_clear();
+    if let Err(e) = &outcome {
+        tracing::warn!("{} {label} failed: {e:#}", run.run_id);
+    }
+    outcome
+}
+
 /// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`.
 pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let sweep_dir = opts.results_root.join(&plan.name);
@@ -209,17 +291,7 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let limit = opts.max_memory.clone().or_else(crate::grid::MemoryLimit::available);
     plan.check_memory(&pending, jobs, limit.as_ref())?;
     let data = datasets(&pending.iter().map(|r| &r.config.data).collect::<Vec<_>>(), &opts.results_root)?;
-    std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create the results folder {} ({e}): choose a writable --results folder",
-            sweep_dir.display()
-        )
-    })?;
-    let _lock = SweepLock::acquire(&sweep_dir)?;
-    if let Ok(grid) = std::fs::read(&plan.path) {
-        rundir::write_atomic(&sweep_dir.join("grid.yaml"), &grid)?;
-    }
-    rundir::write_atomic(&sweep_dir.join("plan.csv"), plan.table(true).as_bytes())?;
+    let _lock = prepare_folder(plan, &sweep_dir)?;
 
     if pending.is_empty() {
         return Ok(summary);
@@ -231,67 +303,16 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         summary.skipped_done.len()
     );
 
-    let bars = MultiProgress::with_draw_target(if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let plain = !std::io::stderr().is_terminal();
-    let total_steps: u64 = pending.iter().map(|r| r.config.train.steps).sum();
-    let overall = bars.add(ProgressBar::new(total_steps));
-    overall.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} steps, ETA {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    overall.set_prefix(plan.name.clone());
-
+    let (bars, overall) = overall_bar(plan, &pending);
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(pending.len()) {
             scope.spawn(|| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
-                loop {
-                    if stop_flag().load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(run) = pending.get(i) else { break };
-                    let file = RunFile::new(plan, run);
-                    let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
-                    let dir = RunDir::new(sweep_dir.join("runs").join(&run.run_id));
-                    let bar = bars.insert_before(&overall, ProgressBar::new(run.config.train.steps));
-                    bar.set_style(
-                        ProgressStyle::with_template("{prefix:>14} [{bar:20}] {pos}/{len} {msg}")
-                            .expect("template")
-                            .progress_chars("=> "),
-                    );
-                    bar.set_prefix(run.run_id.clone());
-                    let steps_before = dir.read_status().map(|s| s.steps_done).unwrap_or(0);
-                    bar.set_position(steps_before);
-                    overall.inc(steps_before);
-                    let last = AtomicUsize::new(steps_before as usize);
-                    let eval_every = run.config.train.eval_every;
-                    let label = label(&run.point);
-                    let progress = |step: u64, loss: f32, tps: f64| {
-                        bar.set_position(step);
-                        bar.set_message(format!("loss {loss:.3}, {tps:.0} tok/s"));
-                        let prev = last.swap(step as usize, Ordering::SeqCst) as u64;
-                        overall.inc(step.saturating_sub(prev));
-                        if plain && (step % eval_every == 0 || step == run.config.train.steps) {
-                            tracing::info!(
-                                "{} {label}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
-                                run.run_id,
-                                run.config.train.steps
-                            );
-                        }
-                    };
-                    let outcome = pool.install(|| run_one(&file, ds, &dir, &progress));
-                    bar.finish_and_clear();
-                    if let Err(e) = &outcome {
-                        tracing::warn!("{} {label} failed: {e:#}", run.run_id);
-                    }
+                while !stop_flag().load(Ordering::SeqCst) {
+                    let Some(run) = pending.get(next.fetch_add(1, Ordering::SeqCst)) else { break };
+                    let outcome = train_pending(plan, run, &data, &sweep_dir, (&bars, &overall), &pool);
                     results
                         .lock()
                         .expect("no poisoning")
