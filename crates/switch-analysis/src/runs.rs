@@ -10,7 +10,6 @@ use switch_rundir::State;
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalPoint {
     pub step: f64,
-    pub tokens: f64,
     pub wall_s: f64,
     pub neg_log_perplexity: f64,
     pub drop_fraction: f64,
@@ -21,7 +20,6 @@ pub struct EvalPoint {
 pub struct RoutingRow {
     pub step: f64,
     pub layer: String,
-    pub expert: i64,
     pub load_fraction: f64,
     pub drop_fraction: f64,
     /// Mean over tokens of the router distribution's entropy (nats); ln E = a uniform router.
@@ -232,10 +230,9 @@ fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()
         .filter(col("eval_neg_log_perplexity").is_not_null())
         .sort(["run_id", "step"], SortMultipleOptions::default())
         .collect()?;
-    let (ids, steps, tokens, walls, nlp, drops) = (
+    let (ids, steps, walls, nlp, drops) = (
         strs(&evals, "run_id")?,
         f64s(&evals, "step")?,
-        f64s(&evals, "tokens")?,
         f64s(&evals, "wall_s")?,
         f64s(&evals, "eval_neg_log_perplexity")?,
         f64s(&evals, "drop_fraction")?,
@@ -244,7 +241,6 @@ fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()
         if let (Some(r), Some(step), Some(q)) = (runs.iter_mut().find(|r| r.id == ids[i]), steps[i], nlp[i]) {
             r.curve.push(EvalPoint {
                 step,
-                tokens: tokens[i].unwrap_or(0.0),
                 wall_s: walls[i].unwrap_or(0.0),
                 neg_log_perplexity: q,
                 drop_fraction: drops[i].unwrap_or(0.0),
@@ -257,11 +253,10 @@ fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()
 /// Each run's routing rows.
 fn attach_routing(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()> {
     let all = concat(frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
-    let (ids, steps, layers, experts, loads, drops, entropies) = (
+    let (ids, steps, layers, loads, drops, entropies) = (
         strs(&all, "run_id")?,
         f64s(&all, "step")?,
         strs(&all, "layer")?,
-        f64s(&all, "expert")?,
         f64s(&all, "load_fraction")?,
         f64s(&all, "drop_fraction")?,
         f64s(&all, "router_entropy")?,
@@ -271,7 +266,6 @@ fn attach_routing(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()
             r.routing.push(RoutingRow {
                 step: steps[i].unwrap_or(0.0),
                 layer: layers[i].clone(),
-                expert: experts[i].unwrap_or(0.0) as i64,
                 load_fraction: loads[i].unwrap_or(0.0),
                 drop_fraction: drops[i].unwrap_or(0.0),
                 router_entropy: entropies[i].unwrap_or(f64::NAN),
