@@ -16,12 +16,13 @@ plan NAME:
 test:
     cargo test --workspace
 
-# Speed figures: Switch ÷ dense layer, sweep parallelism, data pipeline, report.
+# Speed figures: Switch ÷ dense layer, sweep parallelism, data pipeline, report, training engine.
 bench:
     cargo bench -p switch-model --bench switch_layer
     cargo run --release -q -p switchlab -- bench sweep
     cargo run --release -q -p switchlab -- bench data
     cargo run --release -q -p switchlab -- bench report
+    cargo run --release -q -p switchlab -- bench engine
 
 # Delete results/NAME (runs, checkpoints and report).
 clean NAME:
