@@ -62,7 +62,7 @@ impl AdamW {
         let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
         let (m, v) = (&mut self.m[k], &mut self.v[k]);
         for i in 0..p.len() {
-            let g = if grad_scale == 1.0 { g[i] } else { g[i] * grad_scale };
+            let g = g[i] * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
             m[i] = b1 * m[i] + (1.0 - b1) * g;
             v[i] = b2 * v[i] + (1.0 - b2) * g * g;
             p[i] -= lr * ((m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8) + wd * p[i]);

@@ -11,7 +11,7 @@ use switch_runner::RunConfig;
 
 /// The comparison shape: d_model 256, d_ff 1024, 4 heads of 64, 2+2 layers, byte vocabulary,
 /// 16 × 128 encoder tokens, capacity factor 1.0, experts in every feed-forward layer.
-pub fn shape(num_experts: usize) -> RunConfig {
+fn shape(num_experts: usize) -> RunConfig {
     let mut c = RunConfig::default();
     c.data.tokenizer = TokenizerKind::Byte;
     c.data.encoder_len = 128;
@@ -51,16 +51,16 @@ fn status_bytes(field: &str) -> u64 {
 }
 
 /// What one measured run printed (its own process, so its peak memory is its own).
-pub struct Measured {
-    pub tokens_per_s: f64,
-    pub step_s: f64,
-    pub sys_over_user: f64,
+struct Measured {
+    tokens_per_s: f64,
+    step_s: f64,
+    sys_over_user: f64,
     /// Peak resident memory of the process, and its resident memory before the model was built
     /// (binary, corpus, token ids, batches).
-    pub peak_rss: u64,
-    pub base_rss: u64,
-    pub params: u64,
-    pub flops_per_token: f64,
+    peak_rss: u64,
+    base_rss: u64,
+    params: u64,
+    flops_per_token: f64,
 }
 
 impl Measured {
