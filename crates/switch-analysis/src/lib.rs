@@ -49,6 +49,12 @@ impl Group<'_> {
         let v: Vec<f64> = self.evaluated().iter().filter_map(|r| r.final_quality()).collect();
         (!v.is_empty()).then(|| stats::mean_std(&v))
     }
+    /// Final quality minus `base`'s, seed by seed, over the seeds both have evaluated: with
+    /// paired seeds (same data order, same shared init) most of the seed noise cancels.
+    pub fn paired_differences(&self, base: &Group) -> Vec<f64> {
+        let base_q = |seed| base.evaluated().into_iter().find(|r| r.seed == seed).and_then(|r| r.final_quality());
+        self.evaluated().iter().filter_map(|r| Some(r.final_quality()? - base_q(r.seed)?)).collect()
+    }
     pub fn label(&self) -> String {
         let r = self.first();
         let mut s = r.model_name();
@@ -151,6 +157,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     let s = Sweep { runs: &runs, groups: &groups, baseline, threshold, at_step, seeds, is_study };
     tables::experts_table(&mut md, &s)?;
     tables::study_table(&mut md, &s)?;
+    tables::width_ceiling(&mut md, &s)?;
     tables::table1(&mut md, &s)?;
     tables::table3(&mut md, &s)?;
     tables::routing_health(&mut md, &s)?;

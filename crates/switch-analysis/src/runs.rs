@@ -44,6 +44,8 @@ pub struct Run {
     pub capacity_factor: f64,
     /// `model.d_model` as resolved (0 when the config lacks it).
     pub d_model: u64,
+    /// `model.d_ff` as resolved (0 when the config lacks it).
+    pub d_ff: u64,
     pub init_scale: f64,
     pub batch_size: u64,
     pub steps_total: u64,
@@ -67,6 +69,14 @@ impl Run {
     /// The lever-study setting as one label, e.g. `learning_rate=0.01 expert_every=1`.
     pub fn variant(&self) -> String {
         self.variant_items.join(" ")
+    }
+    /// The setting without the feed-forward width: what a dense model of any width shares with
+    /// the Switch models of its width-ceiling comparison.
+    pub fn setting_without_width(&self) -> Vec<&str> {
+        let mut items: Vec<&str> =
+            self.variant_items.iter().map(String::as_str).filter(|i| !i.starts_with("d_ff=")).collect();
+        items.sort_unstable();
+        items
     }
     /// The state as the report prints it (`unknown` without a readable `status.json`).
     pub fn state_label(&self) -> String {
@@ -181,6 +191,7 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         top_k: num(&cfg, "model.top_k").unwrap_or(1.0) as u64,
         capacity_factor: num(&cfg, "model.capacity_factor").unwrap_or(0.0),
         d_model: num(&cfg, "model.d_model").unwrap_or(0.0) as u64,
+        d_ff: num(&cfg, "model.d_ff").unwrap_or(0.0) as u64,
         init_scale: num(&cfg, "model.init_scale").unwrap_or(0.0),
         batch_size: num(&cfg, "train.batch_size").unwrap_or(0.0) as u64,
         steps_total: num(&cfg, "train.steps").unwrap_or(0.0) as u64,

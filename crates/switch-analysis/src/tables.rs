@@ -7,8 +7,8 @@ use switch_rundir::State;
 pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { groups, baseline, .. } = *s;
     writeln!(md, "## Scaling with the number of experts (paper: Fig. 4, Table 7)\n")?;
-    writeln!(md, "| Model | Experts | Params | Active params | Quality | Gain over dense | Step speedup to dense quality | Paper params | Paper quality | Paper gain |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| Model | Experts | Params | Active params | Quality | Gain over dense | Paired gain | Step speedup to dense quality | Paper params | Paper quality | Paper gain |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for g in groups.iter().filter(|g| g.first().top_k == 1) {
         let r = g.first();
         let q = g.final_quality();
@@ -22,9 +22,14 @@ pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             "1.00×".into()
         };
         let paper = paper::experts_row(r.num_experts);
+        let dense = dense_for(groups, g, baseline);
+        let paired_gain = match dense {
+            Some(d) if r.num_experts > 1 => paired(&g.paired_differences(d)).0,
+            _ => "–".into(),
+        };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {paired_gain} | {} | {} | {} | {} |",
             g.label(),
             r.num_experts,
             plots::format_si(r.params_total as f64),
@@ -34,7 +39,7 @@ pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
                 r.state_label(),
                 r.problem.clone().unwrap_or_default()
             )),
-            match (q, dense_for(groups, g, baseline).and_then(|d| d.final_quality())) {
+            match (q, dense.and_then(|d| d.final_quality())) {
                 (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b.0),
                 _ => "–".into(),
             },
@@ -100,22 +105,38 @@ pub(crate) fn table1(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mean ± std` of per-seed differences and their separation, mean ÷ (2 · std): above 1 the
+/// gain is outside the paired seed noise ("exact" when every seed gives the same difference).
+fn paired(diffs: &[f64]) -> (String, String) {
+    if diffs.len() < 2 {
+        return ("–".into(), "–".into());
+    }
+    let (m, sd) = stats::mean_std(diffs);
+    let sep = if sd > 0.0 { format!("{:.2}", m / (2.0 * sd)) } else { "exact".into() };
+    (format!("{m:+.3} ± {sd:.3}"), sep)
+}
+
 /// A lever study: each Switch setting against the dense model of the same setting.
 pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { groups, baseline, is_study, .. } = *s;
     if is_study {
-        writeln!(md, "## Gain over dense, setting by setting\n")?;
-        writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise.\n")?;
-        writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            md,
+            "## Gain over dense, setting by setting
+"
+        )?;
+        writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise. **Paired gain** is the mean ± std of the per-seed differences (both arms of a seed see the same batches and start from the same shared weights), and its separation the mean ÷ twice that std.\n")?;
+        writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | Paired gain | Paired separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|---|---|")?;
         for g in groups.iter().filter(|g| g.first().num_experts > 1) {
             let Some(d) = dense_for(groups, g, baseline) else { continue };
             let (Some(qd), Some(qs)) = (d.final_quality(), g.final_quality()) else { continue };
             let n = g.evaluated().len().min(d.evaluated().len());
             let noise = 2.0 * qd.1.max(qs.1);
             let unfinished = g.runs.iter().chain(&d.runs).any(|r| r.state != Some(State::Done));
+            let (paired_gain, paired_sep) = paired(&g.paired_differences(d));
             writeln!(
                 md,
-                "| {}{} | {} | {n} | {} | {} | {:+.3} | {} | {:.3} |",
+                "| {}{} | {} | {n} | {} | {} | {:+.3} | {} | {paired_gain} | {paired_sep} | {:.3} |",
                 if g.first().variant_items.is_empty() { "preset".into() } else { g.first().variant() },
                 if unfinished { " (unfinished: last evaluation)" } else { "" },
                 g.first().model_name(),
@@ -129,6 +150,78 @@ pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         writeln!(md)?;
     }
     Ok(())
+}
+
+/// The width ceiling: in each setting, a dense model with E× the feed-forward width (not
+/// FLOP-matched) bounds roughly what Switch-E at the base width can gain; the table gives that
+/// ceiling and the share of it Switch-E recovers, seed by seed.
+pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let dense: Vec<&Group> = s.groups.iter().filter(|g| g.first().num_experts == 1).collect();
+    let mut rows = Vec::new();
+    for base in &dense {
+        let (setting, width) = (base.first().setting_without_width(), base.first().d_ff);
+        let same_setting = |g: &Group| g.first().setting_without_width() == setting;
+        let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff % width.max(1) == 0;
+        for wide in dense.iter().filter(wider) {
+            let e = wide.first().d_ff / width;
+            let switch = s.groups.iter().find(|g| {
+                let r = g.first();
+                r.num_experts == e && r.top_k == 1 && r.d_ff == width && same_setting(g)
+            });
+            rows.push(ceiling_row(base, wide, switch, e));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "## How much of the width ceiling do experts recover
+"
+    )?;
+    writeln!(md, "In each setting (what the points set besides experts and width), **Dense E×** is the dense model with E× the feed-forward width: same depth, E× the feed-forward FLOPs, **not FLOP-matched — it is the ceiling**, about the most Switch-E at the base width can gain. **Ceiling** = Dense E× − dense and **Switch gain** = Switch-E − dense, as mean ± std of per-seed differences; **Recovered** = Switch gain ÷ ceiling, seed by seed.\n")?;
+    writeln!(md, "| Setting | E | Seeds | Dense | Ceiling (Dense E× − dense) | FLOPs ÷ dense | Switch-E gain | Recovered |\n|---|---|---|---|---|---|---|---|")?;
+    for row in rows {
+        writeln!(md, "{row}")?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn ceiling_row(base: &Group, wide: &Group, switch: Option<&Group>, e: u64) -> String {
+    let setting = base.first().setting_without_width().join(" ");
+    let ceiling = wide.paired_differences(base);
+    let gains = switch.map(|g| g.paired_differences(base)).unwrap_or_default();
+    let recovered: Vec<f64> = switch
+        .map(|g| {
+            g.evaluated()
+                .iter()
+                .filter_map(|r| {
+                    let of = |grp: &Group| grp.evaluated().into_iter().find(|x| x.seed == r.seed)?.final_quality();
+                    let (d, w, q) = (of(base)?, of(wide)?, r.final_quality()?);
+                    Some((q - d) / (w - d))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let pm = |v: &[f64], digits: usize| match v.len() {
+        0 => "–".to_string(),
+        1 => format!("{:+.digits$}", v[0]),
+        _ => {
+            let (m, sd) = stats::mean_std(v);
+            format!("{m:+.digits$} ± {sd:.digits$}")
+        }
+    };
+    format!(
+        "| {} | {e} | {} | {} | {} | {:.2} | {} | {} |",
+        if setting.is_empty() { "preset".into() } else { setting },
+        ceiling.len(),
+        base.final_quality().map_or("–".into(), |q| fmt_q(q, base.evaluated().len())),
+        pm(&ceiling, 3),
+        wide.first().flops_per_token / base.first().flops_per_token.max(1.0),
+        pm(&gains, 3),
+        pm(&recovered, 2),
+    )
 }
 
 /// The Table 3 analog, when init scales differ.

@@ -94,7 +94,8 @@ fn report_on_synthetic_runs() {
     let md = std::fs::read_to_string(&md_path).unwrap();
     // Switch-4's seed mean is −3 + 2s/1000: it reaches dense's final −2.0 at step 500, a 2× speedup,
     // and its final quality is −1.0 ± 0.071 (two seeds ±0.05).
-    assert!(md.contains("| Switch-4, cf 1.25 | 4 | 4000 | 1000 | -1.000 ± 0.071 | +1.000 | 2.00× |"), "{md}");
+    // One dense seed: no paired gain (it needs two seeds for a std).
+    assert!(md.contains("| Switch-4, cf 1.25 | 4 | 4000 | 1000 | -1.000 ± 0.071 | +1.000 | – | 2.00× |"), "{md}");
     assert!(md.contains("| Dense | 1 |"), "{md}");
     // Table 1 analog: quality @1000 steps, steps to the dense final quality (mean over seeds: 525 and 475).
     assert!(md.contains("| Switch-4 | 1.25 | -1.000 ± 0.071 | 500 |"), "{md}");
@@ -154,6 +155,59 @@ fn lever_study_compares_each_setting_with_its_own_dense() {
     assert!(std::fs::metadata(dir.join("report/gain_vs_step.svg")).map(|m| m.len() > 1000).unwrap_or(false));
     // The experts table uses the same pairing.
     assert!(md.contains("| Switch-8, cf 1.25 [learning_rate=0.01] | 8 |"), "{md}");
+}
+
+/// Per-seed differences, and the width ceiling: dense at the base width (d_ff 4), dense 2× and
+/// 4× wider (the ceilings) and Switch-2 / Switch-4 at the base width, three seeds.
+#[test]
+fn paired_gains_and_the_width_ceiling_are_computed_seed_by_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ceiling");
+    let noise = [0.0, 0.3, -0.3]; // seed noise shared by every arm of a seed: cancels when paired
+    for (seed, n) in noise.into_iter().enumerate() {
+        let seed = seed as u64;
+        let arm = |id: &str, experts: u64, d_ff: u64, end: f64| {
+            let setting = if d_ff == 4 { String::new() } else { format!("  model.d_ff: {d_ff}\n") };
+            let id = format!("{id}{seed}");
+            // At seed 2, Switch-4 gains 0.03 more than at the other seeds.
+            let extra = if id == "s42" { 0.03 } else { 0.0 };
+            write_run_at(
+                &dir,
+                &id,
+                &setting,
+                experts,
+                seed,
+                200,
+                move |s| end + n + extra + (s - 200.0) / 1000.0,
+                "done",
+            );
+            set_model(&dir, &id, "d_ff", &d_ff.to_string());
+        };
+        arm("d", 1, 4, -2.0);
+        arm("w2", 1, 8, -1.8); // ceiling for 2 experts: +0.2
+        arm("w4", 1, 16, -1.6); // ceiling for 4 experts: +0.4
+        arm("s2", 2, 4, -1.9); // recovers half of it
+        arm("s4", 4, 4, -1.9); // +0.1 (+0.13 at seed 2): a quarter (0.325 at seed 2)
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    // Unpaired, the seed noise (std 0.3) swamps the +0.1 gain; paired, it is exact for Switch-2.
+    let study = md.split("## Gain over dense, setting by setting").nth(1).expect("study section").to_string();
+    let s2 = study.lines().find(|l| l.starts_with("| preset | Switch-2 |")).unwrap_or_else(|| panic!("{study}"));
+    assert!(s2.contains("| -2.000 ± 0.300 | -1.900 ± 0.300 | +0.100 | 0.17 | +0.100 ± 0.000 | exact |"), "{s2}");
+    // Switch-4: differences 0.1, 0.1, 0.13: mean 0.11, std 0.0173, separation 0.11 / 0.0346 = 3.18.
+    let s4 = study.lines().find(|l| l.starts_with("| preset | Switch-4 |")).unwrap();
+    assert!(s4.contains("| +0.110 ± 0.017 | 3.18 |"), "{s4}");
+    let ceiling = md.split("## How much of the width ceiling do experts recover").nth(1).expect("ceiling").to_string();
+    let row = |e: &str| ceiling.lines().find(|l| l.starts_with(&format!("| preset | {e} |"))).unwrap().to_string();
+    assert!(row("2").contains("| 3 | -2.000 ± 0.300 | +0.200 ± 0.000 |"), "{ceiling}");
+    assert!(row("2").ends_with("| +0.100 ± 0.000 | +0.50 ± 0.00 |"), "{ceiling}");
+    // Recovered at seed 2: 0.13 / 0.4 = 0.325; mean of 0.25, 0.25, 0.325 = 0.275, std 0.043.
+    assert!(
+        row("4").contains("| +0.400 ± 0.000 |") && row("4").ends_with("| +0.110 ± 0.017 | +0.28 ± 0.04 |"),
+        "{ceiling}"
+    );
+    // The ceiling rows are in the experts table too, marked as dense; the paired column there.
+    assert!(md.contains("| +0.100 | +0.100 ± 0.000 |"), "{md}");
 }
 
 #[test]

@@ -146,8 +146,11 @@ pub struct Batch {
     pub targets: Vec<usize>,
 }
 
-/// The whole model. Parameters are created from one seed, so the same config and seed give the
-/// same weights bit for bit.
+/// The whole model. Every parameter group draws its init from its own stream, seeded by the
+/// run's seed and the group's name (`encoder.0.self_attn`, `decoder.1.moe`, …): the same config
+/// and seed give the same weights bit for bit, and models that differ only in their feed-forward
+/// layers (dense vs Switch, any number of experts) start with identical shared weights — paired
+/// seeds, so a per-seed difference between them cancels most of the initialisation noise.
 pub struct SwitchTransformer<D: Device<f32>> {
     pub cfg: ModelConfig,
     pub embedding: Param<D>,
@@ -156,34 +159,50 @@ pub struct SwitchTransformer<D: Device<f32>> {
     pub dev: D,
 }
 
+/// The init stream of the parameter group `name` for seed `seed`.
+fn init_rng(seed: u64, name: &str) -> StdRng {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    StdRng::seed_from_u64(h)
+}
+
 impl<D: Device<f32>> SwitchTransformer<D> {
     pub fn new(dev: &D, cfg: &ModelConfig, seed: u64) -> Result<Self, crate::ConfigError> {
         cfg.validate()?;
-        let mut rng = StdRng::seed_from_u64(seed);
-        let rng = &mut rng;
         let (d, s) = (cfg.d_model, cfg.init_scale);
+        let rng = |name: String| init_rng(seed, &name);
         // An embedding row is selected by a one-hot input: fan-in 1.
-        let embedding = truncated_normal(dev, rng, cfg.vocab_size * d, s, 1);
-        let mut stack = |layers: usize, is_decoder: bool| Stack {
+        let embedding = truncated_normal(dev, &mut rng("embedding".into()), cfg.vocab_size * d, s, 1);
+        let stack = |prefix: &str, layers: usize, is_decoder: bool| Stack {
             blocks: (0..layers)
                 .map(|i| Block {
                     self_attn_norm: RmsNorm::new(dev, d),
-                    self_attn: Attention::new(dev, rng, cfg),
-                    cross_attn: is_decoder.then(|| (RmsNorm::new(dev, d), Attention::new(dev, rng, cfg))),
+                    self_attn: Attention::new(dev, &mut rng(format!("{prefix}.{i}.self_attn")), cfg),
+                    cross_attn: is_decoder.then(|| {
+                        (RmsNorm::new(dev, d), Attention::new(dev, &mut rng(format!("{prefix}.{i}.cross_attn")), cfg))
+                    }),
                     ffn_norm: RmsNorm::new(dev, d),
                     ffn: if cfg.is_sparse_layer(i) {
-                        FeedForward::Sparse(MoeLayer::new(dev, rng, cfg))
+                        FeedForward::Sparse(MoeLayer::new(dev, &mut rng(format!("{prefix}.{i}.moe")), cfg))
                     } else {
-                        FeedForward::Dense(ExpertFfn::new(dev, rng, cfg, 1))
+                        FeedForward::Dense(ExpertFfn::new(dev, &mut rng(format!("{prefix}.{i}.ffn")), cfg, 1))
                     },
                 })
                 .collect(),
             final_norm: RmsNorm::new(dev, d),
-            relative_bias: truncated_normal(dev, rng, cfg.relative_attention_num_buckets * cfg.num_heads, s, 1),
+            relative_bias: truncated_normal(
+                dev,
+                &mut rng(format!("{prefix}.relative_bias")),
+                cfg.relative_attention_num_buckets * cfg.num_heads,
+                s,
+                1,
+            ),
             is_decoder,
         };
-        let encoder = stack(cfg.num_encoder_layers, false);
-        let decoder = stack(cfg.num_decoder_layers, true);
+        let encoder = stack("encoder", cfg.num_encoder_layers, false);
+        let decoder = stack("decoder", cfg.num_decoder_layers, true);
         Ok(Self { cfg: cfg.clone(), embedding, encoder, decoder, dev: dev.clone() })
     }
 

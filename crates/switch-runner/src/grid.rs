@@ -107,10 +107,15 @@ fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> anyhow::Resu
     }
 }
 
-/// The run id: a short stable hash of the resolved config (seed included).
+/// Bumped whenever the code changes what a config trains to (init, numerics), so that a sweep
+/// never resumes or reuses a run folder written by code that gives different results.
+/// 2: per-group init streams (paired seeds).
+pub const RESULTS_VERSION: u32 = 2;
+
+/// The run id: a short stable hash of the resolved config (seed included) and [`RESULTS_VERSION`].
 pub fn run_id(cfg: &RunConfig) -> String {
     let json = serde_json::to_string(cfg).expect("serializable");
-    format!("{:012x}", switch_data::fnv1a(json.as_bytes()) >> 16)
+    format!("{:012x}", switch_data::fnv1a(format!("results-v{RESULTS_VERSION} {json}").as_bytes()) >> 16)
 }
 
 fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> anyhow::Result<RunConfig> {
