@@ -162,13 +162,14 @@ fn usable(path: &Path) -> Result<(), String> {
 /// Loads every run folder under `sweep_dir/runs`, sorted by (baseline first, experts, group, seed).
 /// A run as its `config.yaml` and `status.json` describe it, before its logs are read.
 fn run_from_folder(dir: &Path, id: String) -> Run {
-    let cfg: Value = std::fs::read_to_string(dir.join("config.yaml"))
-        .ok()
-        .and_then(|t| serde_saphyr::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    let (file, problem) = match switch_rundir::RunFile::<Value>::read(&dir.join("config.yaml")) {
+        Ok(f) => (Some(f), None),
+        Err(e) => (None, Some(e)),
+    };
+    let cfg = file.as_ref().map_or(&Value::Null, |f| &f.config);
     let status = switch_rundir::RunDir::new(dir).read_status();
     let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
-    let point = get(&cfg, "point").and_then(Value::as_object).cloned().unwrap_or_default();
+    let point = file.as_ref().map(|f| f.point.clone()).unwrap_or_default();
     let items = |skip: &[&str]| {
         point
             .iter()
@@ -178,32 +179,31 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
     };
     let group = items(&["train.seed"]).join(" ");
     let variant_items = items(&["train.seed", "model.num_experts"]);
-    let problem = None;
     Run {
         id,
         group: if group.is_empty() { "base".into() } else { group },
         variant_items,
-        seed: num(&cfg, "train.seed").unwrap_or(0.0) as u64,
+        seed: num(cfg, "train.seed").unwrap_or(0.0) as u64,
         state: status.as_ref().map(|s| s.state),
         error: status.and_then(|s| s.error),
-        is_baseline: get(&cfg, "is_baseline").and_then(Value::as_bool).unwrap_or(false),
-        num_experts: num(&cfg, "model.num_experts").unwrap_or(1.0) as u64,
-        top_k: num(&cfg, "model.top_k").unwrap_or(1.0) as u64,
-        capacity_factor: num(&cfg, "model.capacity_factor").unwrap_or(0.0),
-        d_model: num(&cfg, "model.d_model").unwrap_or(0.0) as u64,
-        d_ff: num(&cfg, "model.d_ff").unwrap_or(0.0) as u64,
-        init_scale: num(&cfg, "model.init_scale").unwrap_or(0.0),
-        batch_size: num(&cfg, "train.batch_size").unwrap_or(0.0) as u64,
-        steps_total: num(&cfg, "train.steps").unwrap_or(0.0) as u64,
-        params_total: num(&cfg, "params_total").unwrap_or(0.0) as u64,
-        params_active: num(&cfg, "params_active").unwrap_or(0.0) as u64,
-        flops_per_token: num(&cfg, "flops_per_token").unwrap_or(0.0),
+        is_baseline: file.as_ref().is_some_and(|f| f.is_baseline),
+        num_experts: num(cfg, "model.num_experts").unwrap_or(1.0) as u64,
+        top_k: num(cfg, "model.top_k").unwrap_or(1.0) as u64,
+        capacity_factor: num(cfg, "model.capacity_factor").unwrap_or(0.0),
+        d_model: num(cfg, "model.d_model").unwrap_or(0.0) as u64,
+        d_ff: num(cfg, "model.d_ff").unwrap_or(0.0) as u64,
+        init_scale: num(cfg, "model.init_scale").unwrap_or(0.0),
+        batch_size: num(cfg, "train.batch_size").unwrap_or(0.0) as u64,
+        steps_total: num(cfg, "train.steps").unwrap_or(0.0) as u64,
+        params_total: file.as_ref().map_or(0, |f| f.params_total),
+        params_active: file.as_ref().map_or(0, |f| f.params_active),
+        flops_per_token: file.as_ref().map_or(0.0, |f| f.flops_per_token),
         vocabulary: format!(
             "{}-entry {}",
-            num(&cfg, "model.vocab_size").unwrap_or(0.0),
-            get(&cfg, "data.tokenizer").and_then(Value::as_str).unwrap_or("?")
+            num(cfg, "model.vocab_size").unwrap_or(0.0),
+            get(cfg, "data.tokenizer").and_then(Value::as_str).unwrap_or("?")
         ),
-        corpus: match get(&cfg, "data.corpus").and_then(Value::as_str) {
+        corpus: match get(cfg, "data.corpus").and_then(Value::as_str) {
             Some("default") | None => "the embedded public-domain books and Brown corpus (19 MB)".into(),
             Some(path) => format!("the corpus `{path}`"),
         },
@@ -308,7 +308,9 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         if usable(&dir.join("routing.csv")).is_ok() {
             routing_frames.push(scan(&dir.join("routing.csv"), routing_schema(), &id));
         }
-        runs.push(Run { problem, ..run_from_folder(dir, id) });
+        let mut run = run_from_folder(dir, id);
+        run.problem = run.problem.or(problem);
+        runs.push(run);
     }
     if !metric_frames.is_empty() {
         attach_metrics(&mut runs, metric_frames)?;

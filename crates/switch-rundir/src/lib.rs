@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! results/<sweep>/runs/<run_id>/
-//!   config.yaml   resolved config + run_id, sweep, point, is_baseline, accounting
+//!   config.yaml   resolved config + run_id, sweep, point, is_baseline, accounting ([`RunFile`])
 //!   metrics.csv   step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity
 //!   routing.csv   step,layer,expert,load_fraction,drop_fraction,router_entropy
 //!   status.json   state (running | done | failed), error, times, steps_done, params, FLOPs, final metrics
@@ -81,6 +81,57 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
+}
+
+/// `config.yaml`: a run's resolved config `C` plus its identity and accounting. The runner
+/// writes it with its typed config; the analysis reads the config part as plain YAML values.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunFile<C> {
+    pub run_id: String,
+    pub sweep: String,
+    pub is_baseline: bool,
+    /// The grid keys this point sets (seed included), in grid order.
+    pub point: serde_json::Map<String, serde_json::Value>,
+    pub params_total: u64,
+    pub params_active: u64,
+    pub flops_per_token: f64,
+    #[serde(flatten)]
+    pub config: C,
+}
+
+impl<C: Serialize + serde::de::DeserializeOwned> RunFile<C> {
+    /// Reads `config.yaml`; the error names the file and what is wrong.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot be read ({e})", path.display()))?;
+        serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+    pub fn yaml(&self) -> String {
+        serde_saphyr::to_string(self).expect("serializable")
+    }
+}
+
+/// A sweep's runs sorted by what their folders under `runs/` say.
+#[derive(Debug, Default, PartialEq)]
+pub struct Triage {
+    /// New, running, interrupted (resumable) or unreadable: to train.
+    pub pending: Vec<String>,
+    pub done: Vec<String>,
+    /// Failed and not retried.
+    pub failed: Vec<String>,
+}
+
+/// Sorts `run_ids` by the state recorded in `runs_dir/<id>/status.json`: done runs are skipped,
+/// failed runs too unless `retry_failed`; everything else is pending.
+pub fn triage<'a>(runs_dir: &Path, run_ids: impl IntoIterator<Item = &'a str>, retry_failed: bool) -> Triage {
+    let mut t = Triage::default();
+    for id in run_ids {
+        match RunDir::new(runs_dir.join(id)).read_status().map(|s| s.state) {
+            Some(State::Done) => t.done.push(id.to_string()),
+            Some(State::Failed) if !retry_failed => t.failed.push(id.to_string()),
+            _ => t.pending.push(id.to_string()),
+        }
+    }
+    t
 }
 
 #[derive(Serialize, Deserialize)]

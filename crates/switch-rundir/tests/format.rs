@@ -48,3 +48,40 @@ fn checkpoints_round_trip_tensor_by_tensor_and_refuse_another_model() {
     assert_eq!(dir.checkpoint_reader().unwrap().unwrap().state.step, 24);
     assert!(!tmp.path().join("checkpoint.tmp").exists() && !tmp.path().join("checkpoint.old").exists());
 }
+
+#[test]
+fn run_files_round_trip_and_triage_follows_each_folders_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let file = switch_rundir::RunFile {
+        run_id: "a".into(),
+        sweep: "s".into(),
+        is_baseline: true,
+        point: serde_json::json!({"model.num_experts": 1, "train.seed": 0}).as_object().unwrap().clone(),
+        params_total: 10,
+        params_active: 10,
+        flops_per_token: 20.0,
+        config: serde_json::json!({"model": {"d_ff": 8}}),
+    };
+    for (id, state) in [("a", Some(State::Done)), ("b", Some(State::Failed)), ("c", Some(State::Running)), ("d", None)]
+    {
+        let dir = RunDir::new(runs.join(id));
+        dir.create(&switch_rundir::RunFile { run_id: id.into(), ..file.clone() }.yaml()).unwrap();
+        if let Some(state) = state {
+            dir.write_status(&Status { state, ..Default::default() }).unwrap();
+        }
+    }
+    let read = switch_rundir::RunFile::<serde_json::Value>::read(&runs.join("a/config.yaml")).unwrap();
+    assert_eq!((read.run_id.as_str(), read.point, read.config), ("a", file.point.clone(), file.config.clone()));
+    let err = switch_rundir::RunFile::<serde_json::Value>::read(&runs.join("e/config.yaml")).unwrap_err();
+    assert!(err.contains("e/config.yaml: cannot be read"), "{err}");
+
+    let ids = ["a", "b", "c", "d", "new"];
+    let t = switch_rundir::triage(&runs, ids, false);
+    assert_eq!(
+        (t.done, t.failed, t.pending),
+        (vec!["a".into()], vec!["b".into()], vec!["c".into(), "d".into(), "new".into()])
+    );
+    let retry = switch_rundir::triage(&runs, ids, true);
+    assert_eq!(retry.pending, ["b", "c", "d", "new"]);
+}

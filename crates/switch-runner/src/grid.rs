@@ -84,6 +84,32 @@ pub struct Plan {
     pub slurm: Option<crate::cluster::SlurmConfig>,
 }
 
+/// `config.yaml` of one of this runner's run folders.
+pub type RunFile = switch_rundir::RunFile<RunConfig>;
+
+impl Plan {
+    /// The `config.yaml` of planned run `r`.
+    pub fn run_file(&self, r: &PlannedRun) -> RunFile {
+        RunFile {
+            run_id: r.run_id.clone(),
+            sweep: self.name.clone(),
+            is_baseline: r.is_baseline,
+            point: r.point.clone(),
+            params_total: r.accounting.params_total,
+            params_active: r.accounting.params_active,
+            flops_per_token: r.accounting.flops_per_token,
+            config: r.config.clone(),
+        }
+    }
+
+    /// The runs still to train in `sweep_dir` (in plan order), and every run's triage.
+    pub fn pending(&self, sweep_dir: &Path, retry_failed: bool) -> (Vec<&PlannedRun>, switch_rundir::Triage) {
+        let triage =
+            switch_rundir::triage(&sweep_dir.join("runs"), self.runs.iter().map(|r| r.run_id.as_str()), retry_failed);
+        (self.runs.iter().filter(|r| triage.pending.contains(&r.run_id)).collect(), triage)
+    }
+}
+
 /// A grid problem, naming the file and what to change.
 fn err(path: &Path, msg: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{}: {msg}", path.display())

@@ -3,8 +3,7 @@
 //! independent, so no coordination is needed beyond the run-folder contract.
 pub use crate::cluster::SlurmConfig;
 use crate::grid::Plan;
-use crate::rundir::{write_atomic, RunDir};
-use crate::sweep::{pending_runs, RunFile, SweepSummary};
+use crate::rundir::{write_atomic, RunDir, Triage};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,7 +13,8 @@ pub struct Submission {
     pub command: String,
     pub job_id: Option<String>,
     pub tasks: usize,
-    pub summary: SweepSummary,
+    /// The plan's runs by state: `pending` were submitted.
+    pub triage: Triage,
 }
 
 /// Creates the pending runs' folders, writes the array script and submits it with `sbatch --parsable`.
@@ -26,12 +26,11 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
         anyhow::anyhow!("cannot create {} ({e}): choose a writable --results folder", sweep_dir.display())
     })?;
     let sweep_dir = std::fs::canonicalize(&sweep_dir)?;
-    let mut summary = SweepSummary::default();
-    let pending = pending_runs(plan, &sweep_dir, retry_failed, &mut summary);
+    let (pending, triage) = plan.pending(&sweep_dir, retry_failed);
     let mut configs = String::new();
     for r in &pending {
         let dir = RunDir::new(sweep_dir.join("runs").join(&r.run_id));
-        dir.create(&RunFile::new(plan, r).yaml())?;
+        dir.create(&plan.run_file(r).yaml())?;
         configs.push_str(&format!("{}\n", dir.path.join("config.yaml").display()));
     }
     if let Ok(grid) = std::fs::read(&plan.path) {
@@ -62,7 +61,7 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
     write_atomic(&path, script.as_bytes())?;
     let command = format!("sbatch --parsable {}", path.display());
     if pending.is_empty() || dry_run {
-        return Ok(Submission { script: path, command, job_id: None, tasks: pending.len(), summary });
+        return Ok(Submission { script: path, command, job_id: None, tasks: pending.len(), triage });
     }
     let out = Command::new("sbatch").arg("--parsable").arg(&path).output().map_err(|e| {
         anyhow::anyhow!("cannot run sbatch ({e}): is Slurm installed here? Use --dry-run to only write the script")
@@ -73,7 +72,7 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
     let mut all = std::fs::read_to_string(&jobs).unwrap_or_default();
     all.push_str(&format!("{job_id}\n"));
     write_atomic(&jobs, all.as_bytes())?;
-    Ok(Submission { script: path, command, job_id: Some(job_id), tasks: pending.len(), summary })
+    Ok(Submission { script: path, command, job_id: Some(job_id), tasks: pending.len(), triage })
 }
 
 /// Job ids submitted for a sweep folder.

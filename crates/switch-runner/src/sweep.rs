@@ -1,10 +1,9 @@
 //! Running a planned sweep on this machine: skip finished runs, resume interrupted ones, run
 //! the rest concurrently (one rayon pool per run), isolate failures, show progress.
-use crate::grid::{label, Plan, PlannedRun};
+use crate::grid::{label, Plan, PlannedRun, RunFile};
 use crate::rundir::{self, RunDir, State};
 use crate::train::{self, Outcome};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -17,43 +16,6 @@ static STOP: AtomicBool = AtomicBool::new(false);
 /// Set by Ctrl-C: active runs checkpoint and stop; the sweep can be resumed by running it again.
 pub fn stop_flag() -> &'static AtomicBool {
     &STOP
-}
-
-/// `config.yaml` of a run folder: the resolved config plus its identity and accounting.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunFile {
-    pub run_id: String,
-    pub sweep: String,
-    pub is_baseline: bool,
-    pub point: serde_json::Map<String, serde_json::Value>,
-    pub params_total: u64,
-    pub params_active: u64,
-    pub flops_per_token: f64,
-    #[serde(flatten)]
-    pub config: crate::config::RunConfig,
-}
-
-impl RunFile {
-    pub fn new(plan: &Plan, r: &PlannedRun) -> Self {
-        Self {
-            run_id: r.run_id.clone(),
-            sweep: plan.name.clone(),
-            is_baseline: r.is_baseline,
-            point: r.point.clone(),
-            params_total: r.accounting.params_total,
-            params_active: r.accounting.params_active,
-            flops_per_token: r.accounting.flops_per_token,
-            config: r.config.clone(),
-        }
-    }
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot be read ({e})", path.display()))?;
-        serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-    }
-    pub fn yaml(&self) -> String {
-        serde_saphyr::to_string(self).expect("serializable")
-    }
 }
 
 pub struct SweepOptions {
@@ -132,24 +94,6 @@ impl Drop for SweepLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-/// The run folders of a sweep and what each one's state asks for.
-pub fn pending_runs<'a>(
-    plan: &'a Plan,
-    sweep_dir: &Path,
-    retry_failed: bool,
-    summary: &mut SweepSummary,
-) -> Vec<&'a PlannedRun> {
-    let mut pending = Vec::new();
-    for r in &plan.runs {
-        match RunDir::new(sweep_dir.join("runs").join(&r.run_id)).read_status().map(|s| s.state) {
-            Some(State::Done) => summary.skipped_done.push(r.run_id.clone()),
-            Some(State::Failed) if !retry_failed => summary.skipped_failed.push(r.run_id.clone()),
-            _ => pending.push(r),
-        }
-    }
-    pending
 }
 
 /// Builds each distinct dataset once (tokenizer trained or loaded from `<results>/.cache`).
@@ -242,7 +186,7 @@ fn train_pending(
     pool: &rayon::ThreadPool,
 ) -> anyhow::Result<Outcome> {
     let plain = !std::io::stderr().is_terminal();
-    let file = RunFile::new(plan, run);
+    let file = plan.run_file(run);
     let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
     let dir = RunDir::new(sweep_dir.join("runs").join(&run.run_id));
     let bar = bars.insert_before(&overall, ProgressBar::new(run.config.train.steps));
@@ -283,8 +227,8 @@ fn train_pending(
 pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let sweep_dir = opts.results_root.join(&plan.name);
     // Corpus and tokenizer problems surface here, before the sweep folder is written to.
-    let mut summary = SweepSummary::default();
-    let pending = pending_runs(plan, &sweep_dir, opts.retry_failed, &mut summary);
+    let (pending, triage) = plan.pending(&sweep_dir, opts.retry_failed);
+    let mut summary = SweepSummary { skipped_done: triage.done, skipped_failed: triage.failed, ..Default::default() };
     let (jobs, threads) = default_split(pending.len());
     let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
     // The `jobs` largest pending runs at once must fit, before anything is written.

@@ -117,7 +117,7 @@ fn an_interrupted_run_resumes_to_the_same_numbers() {
         "grid:\n  model.num_experts: [4]\nbaseline: { model.num_experts: 4 }\n",
     ))
     .unwrap();
-    let run = sweep::RunFile::new(&plan, &plan.runs[0]);
+    let run = plan.run_file(&plan.runs[0]);
     let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
     let ds = data.values().next().unwrap();
     let never = AtomicBool::new(false);

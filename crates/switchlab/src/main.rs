@@ -2,10 +2,11 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use switch_runner::grid::RunFile;
 use switch_runner::grid::{human_bytes, MemoryLimit};
 use switch_runner::rundir::{self, RunDir, State};
 use switch_runner::slurm;
-use switch_runner::sweep::{self, RunFile, SweepOptions};
+use switch_runner::sweep::{self, SweepOptions};
 
 mod bench;
 mod engine;
@@ -184,7 +185,7 @@ fn slurm_sweep(
     sweep::datasets(&plan.runs.iter().map(|r| &r.config.data).collect::<Vec<_>>(), results)?;
     let sub = slurm::submit(plan, results, retry_failed, dry_run)?;
     let sweep_dir = results.join(&plan.name);
-    eprintln!("sweep {}: {} run(s) to submit, {} already done", plan.name, sub.tasks, sub.summary.skipped_done.len());
+    eprintln!("sweep {}: {} run(s) to submit, {} already done", plan.name, sub.tasks, sub.triage.done.len());
     match &sub.job_id {
         Some(id) => eprintln!("submitted array job {id} ({} tasks): {}", sub.tasks, sub.command),
         None if dry_run => println!("{}", sub.command),
@@ -252,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Train { config } => {
-            let run = RunFile::read(&config)?;
+            let run = RunFile::read(&config).map_err(anyhow::Error::msg)?;
             check_run_memory(&config, &run)?;
             let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
             let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
