@@ -188,12 +188,13 @@ pub struct MoeLayer<D: Device<f32>> {
     pub expert_dropout: f64,
 }
 
-/// Output of a sparse layer: the layer output (zero for dropped tokens) and its two losses,
-/// already multiplied by their coefficients.
+/// Output of a sparse layer: the layer output (zero for dropped tokens), its two losses
+/// (already multiplied by their coefficients) and what its routing did.
 pub struct MoeOutput<D: Device<f32>, T> {
     pub output: Act<D, T>,
     pub balance_loss: Tensor<(), f32, D, T>,
     pub z_loss: Tensor<(), f32, D, T>,
+    pub routing: RoutingStats,
 }
 
 impl<D: Device<f32>> MoeLayer<D> {
@@ -294,12 +295,12 @@ impl<D: Device<f32>> MoeLayer<D> {
 
         let dropped = routing.slot_of.iter().filter(|s| s.is_none()).count();
         let entropy: f32 = probs_host.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32;
-        ctx.routing.push(RoutingStats {
+        let stats = RoutingStats {
             load_fraction: routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect(),
             drop_fraction: dropped as f32 / (n * k) as f32,
             router_entropy: entropy,
-        });
-        MoeOutput { output: output.expect("top_k >= 1"), balance_loss, z_loss }
+        };
+        MoeOutput { output: output.expect("top_k >= 1"), balance_loss, z_loss, routing: stats }
     }
 
     pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {

@@ -26,19 +26,18 @@ pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
 pub trait Tp<D: Device<f32>>: Tape<f32, D> + Merge<Self> + 'static {}
 impl<D: Device<f32>, T: Tape<f32, D> + Merge<T> + 'static> Tp<D> for T {}
 
-/// Per-forward state: training mode, the randomness of this step, routing statistics gathered.
+/// Per-forward state: training mode and the randomness of this step.
 pub struct Ctx {
     pub train: bool,
     pub rng: StdRng,
-    pub routing: Vec<crate::moe::RoutingStats>,
 }
 
 impl Ctx {
     pub fn train(seed: u64) -> Self {
-        Self { train: true, rng: StdRng::seed_from_u64(seed), routing: Vec::new() }
+        Self { train: true, rng: StdRng::seed_from_u64(seed) }
     }
     pub fn eval() -> Self {
-        Self { train: false, rng: StdRng::seed_from_u64(0), routing: Vec::new() }
+        Self { train: false, rng: StdRng::seed_from_u64(0) }
     }
 }
 

@@ -131,6 +131,15 @@ pub struct LossOutput<D: Device<f32>, T> {
     pub cross_entropy: f32,
     pub balance_loss: f32,
     pub z_loss: f32,
+    /// Each sparse layer's routing, tagged with its name (`encoder.1`, `decoder.1`, …), in order.
+    pub routing: Vec<(String, crate::moe::RoutingStats)>,
+}
+
+/// What the sparse layers of one forward pass hand back: their losses (tapes still attached)
+/// and their routing statistics by layer name.
+struct SparseOutputs<D: Device<f32>, T> {
+    losses: Vec<(Tensor<(), f32, D, T>, Tensor<(), f32, D, T>)>,
+    routing: Vec<(String, crate::moe::RoutingStats)>,
 }
 
 /// One batch of span-corruption examples, all of the same lengths (no padding).
@@ -272,7 +281,7 @@ impl<D: Device<f32>> SwitchTransformer<D> {
         memory: Option<&Act<D, NoneTape>>,
         mut memory_tape: Option<T>,
         ctx: &mut Ctx,
-        router_losses: &mut Vec<(Tensor<(), f32, D, T>, Tensor<(), f32, D, T>)>,
+        sparse: &mut SparseOutputs<D, T>,
     ) -> Act<D, T> {
         let len = x.shape().0 / batch;
         let rate = self.cfg.dropout;
@@ -281,7 +290,7 @@ impl<D: Device<f32>> SwitchTransformer<D> {
         // travels with the first block's use, the others add their gradients by tensor id.
         let (bias, bias_tape) = self.position_bias::<T>(stack, batch, len).split_tape();
         let mut bias_tape = Some(bias_tape);
-        for b in &stack.blocks {
+        for (i, b) in stack.blocks.iter().enumerate() {
             let (res, tape) = x.split_tape();
             let h = b.self_attn_norm.forward(res.clone().put_tape(tape));
             let (h, h_tape) = h.split_tape();
@@ -314,7 +323,9 @@ impl<D: Device<f32>> SwitchTransformer<D> {
                 FeedForward::Sparse(m) => {
                     let group_tokens = self.cfg.group_size.unwrap_or(batch).min(batch) * len;
                     let out = m.forward(h, group_tokens, ctx);
-                    router_losses.push((out.balance_loss, out.z_loss));
+                    let name = format!("{}.{i}", if stack.is_decoder { "decoder" } else { "encoder" });
+                    sparse.losses.push((out.balance_loss, out.z_loss));
+                    sparse.routing.push((name, out.routing));
                     out.output
                 }
             };
@@ -324,38 +335,38 @@ impl<D: Device<f32>> SwitchTransformer<D> {
     }
 
     /// Cross-entropy per target token plus the router losses. Pass `OwnedTape` to train,
-    /// `NoneTape` to evaluate; routing statistics accumulate in `ctx.routing`.
+    /// `NoneTape` to evaluate.
     pub fn loss<T: Tp<D>>(&self, batch: &Batch, ctx: &mut Ctx) -> LossOutput<D, T> {
         let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
         let b = batch.batch_size;
         let emb = self.embedding.clone().reshape_like(&(v, d));
         let ids = |x: &[usize]| self.dev.tensor_from_vec(x.to_vec(), (x.len(),));
-        let mut router_losses = Vec::new();
+        let mut sparse = SparseOutputs { losses: Vec::new(), routing: Vec::new() };
 
         let enc_in = emb.clone().retaped::<T>().gather(ids(&batch.encoder_ids));
-        let enc_out = self.run_stack(&self.encoder, enc_in, b, None, None, ctx, &mut router_losses);
+        let enc_out = self.run_stack(&self.encoder, enc_in, b, None, None, ctx, &mut sparse);
         let (enc_out, enc_tape) = enc_out.split_tape();
 
         let dec_in = emb.clone().retaped::<T>().gather(ids(&batch.decoder_input_ids));
-        let dec_out = self.run_stack(&self.decoder, dec_in, b, Some(&enc_out), Some(enc_tape), ctx, &mut router_losses);
+        let dec_out = self.run_stack(&self.decoder, dec_in, b, Some(&enc_out), Some(enc_tape), ctx, &mut sparse);
 
         // Tied output layer, scaled by d_model^-1/2 as in T5 v1.0.
         let logits = (dec_out * (d as f32).powf(-0.5)).matmul(emb.permute::<_, Axes2<1, 0>>());
         let ce = -logits.log_softmax::<Axis<1>>().select(ids(&batch.targets)).mean();
         let cross_entropy = ce.as_vec()[0];
 
-        let layers = router_losses.len().max(1) as f32;
+        let layers = sparse.losses.len().max(1) as f32;
         let scale = match self.cfg.router_loss_reduction {
             LossReduction::Sum => 1.0,
             LossReduction::Mean => 1.0 / layers,
         };
         let mut total = ce;
         let (mut balance_sum, mut z_sum) = (0.0f32, 0.0f32);
-        for (balance, z) in router_losses {
+        for (balance, z) in sparse.losses {
             balance_sum += balance.as_vec()[0] * scale;
             z_sum += z.as_vec()[0] * scale;
             total = total + (balance + z) * scale;
         }
-        LossOutput { total, cross_entropy, balance_loss: balance_sum, z_loss: z_sum }
+        LossOutput { total, cross_entropy, balance_loss: balance_sum, z_loss: z_sum, routing: sparse.routing }
     }
 }

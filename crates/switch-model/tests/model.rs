@@ -151,14 +151,14 @@ fn hand_worked_routing_drops_the_right_tokens() {
 
     // Position priority: expert 0 gets tokens 0, 2 (3 dropped), expert 1 gets 1, 4 (5 dropped).
     let layer = hand_layer(&dev, RoutingPriority::Position);
-    let mut ctx = Ctx::eval();
-    let y = layer.forward(x(), usize::MAX, &mut ctx).output.as_vec();
+    let out = layer.forward(x(), usize::MAX, &mut Ctx::eval());
+    let y = out.output.as_vec();
     let expected =
         [2.0 * s(1.0), s(1.0), 2.0 * s(2.0), 6.0 * s(2.0), 3.0 * s(2.0), s(2.0), 0.0, 0.0, 0.0, 2.0 * s(1.0), 0.0, 0.0];
     for (a, b) in y.iter().zip(expected) {
         assert!((a - b).abs() < 1e-6, "{y:?} vs {expected:?}");
     }
-    let stats = &ctx.routing[0];
+    let stats = &out.routing;
     assert_eq!(stats.load_fraction, vec![0.5, 0.5]);
     assert!((stats.drop_fraction - 2.0 / 6.0).abs() < 1e-6);
 
@@ -281,6 +281,23 @@ fn same_seed_same_bits() {
     assert_eq!(run(), run());
     let other = SwitchTransformer::new(&dev, &cfg, 8).unwrap();
     assert_ne!(run().0, other.loss::<OwnedTape<f32, Dev>>(&b, &mut Ctx::train(11)).total.as_vec());
+}
+
+/// Each sparse layer hands back its routing statistics tagged with its name, in model order.
+#[test]
+fn routing_statistics_come_back_named_by_layer() {
+    let dev = Dev::default();
+    for (every, names) in
+        [(1, vec!["encoder.0", "encoder.1", "decoder.0", "decoder.1"]), (2, vec!["encoder.1", "decoder.1"])]
+    {
+        let cfg = ModelConfig { expert_every: every, ..tiny(4) };
+        let out =
+            SwitchTransformer::new(&dev, &cfg, 0).unwrap().loss::<NoneTape>(&batch(&cfg, 2, 6, 4, 1), &mut Ctx::eval());
+        assert_eq!(out.routing.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), names);
+        for (_, r) in &out.routing {
+            assert!((r.load_fraction.iter().sum::<f32>() - 1.0).abs() < 1e-6 && r.load_fraction.len() == 4);
+        }
+    }
 }
 
 /// Paired seeds: at one seed, dense and Switch models of any expert count start with the same

@@ -90,55 +90,41 @@ pub fn eval_batch_examples(cfg: &RunConfig) -> usize {
     (cfg.train.eval_batch_size / group).max(1) * group
 }
 
-/// Held-out cross-entropy per target token, and per-layer routing statistics averaged over the batches.
-pub fn evaluate(
-    model: &SwitchTransformer<Dev>,
-    ds: &Dataset,
-    cfg: &RunConfig,
-) -> (f64, Vec<switch_model::RoutingStats>) {
+/// Routing statistics of each sparse layer, by name.
+pub type LayerRouting = Vec<(String, switch_model::RoutingStats)>;
+
+/// Held-out cross-entropy per target token, and per-layer routing statistics averaged over the
+/// batches (weighted by target tokens).
+pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig) -> (f64, LayerRouting) {
     let batches = ds.eval_batches(eval_batch_examples(cfg));
     let (mut total, mut count) = (0.0f64, 0usize);
-    let mut routing: Vec<switch_model::RoutingStats> = Vec::new();
+    let mut routing: LayerRouting = Vec::new();
     for b in batches {
         let n = b.targets.len();
-        let mut ctx = Ctx::eval();
-        let out = model.loss::<NoneTape>(&to_batch(b, cfg), &mut ctx);
+        let out = model.loss::<NoneTape>(&to_batch(b, cfg), &mut Ctx::eval());
         total += out.cross_entropy as f64 * n as f64;
         count += n;
         if routing.is_empty() {
-            routing = ctx
-                .routing
-                .iter()
-                .map(|s| switch_model::RoutingStats {
-                    load_fraction: vec![0.0; s.load_fraction.len()],
-                    drop_fraction: 0.0,
-                    router_entropy: 0.0,
-                })
-                .collect();
+            routing = out.routing.iter().map(|(name, s)| (name.clone(), scaled(s, 0.0))).collect();
         }
-        for (acc, s) in routing.iter_mut().zip(&ctx.routing) {
-            let w = n as f32;
-            acc.drop_fraction += s.drop_fraction * w;
-            acc.router_entropy += s.router_entropy * w;
-            for (a, l) in acc.load_fraction.iter_mut().zip(&s.load_fraction) {
-                *a += l * w;
-            }
+        for ((_, acc), (_, s)) in routing.iter_mut().zip(&out.routing) {
+            let s = scaled(s, n as f32);
+            acc.drop_fraction += s.drop_fraction;
+            acc.router_entropy += s.router_entropy;
+            acc.load_fraction.iter_mut().zip(&s.load_fraction).for_each(|(a, l)| *a += l);
         }
     }
-    for acc in &mut routing {
-        let w = count as f32;
-        acc.drop_fraction /= w;
-        acc.router_entropy /= w;
-        acc.load_fraction.iter_mut().for_each(|l| *l /= w);
-    }
+    let routing = routing.into_iter().map(|(name, s)| (name, scaled(&s, 1.0 / count as f32))).collect();
     (total / count as f64, routing)
 }
 
-/// Names of the sparse layers, in the order the model reports their statistics.
-pub fn sparse_layer_names(cfg: &switch_model::ModelConfig) -> Vec<String> {
-    let enc = (0..cfg.num_encoder_layers).filter(|&i| cfg.is_sparse_layer(i)).map(|i| format!("encoder.{i}"));
-    let dec = (0..cfg.num_decoder_layers).filter(|&i| cfg.is_sparse_layer(i)).map(|i| format!("decoder.{i}"));
-    enc.chain(dec).collect()
+/// Every statistic of `s` times `w`.
+fn scaled(s: &switch_model::RoutingStats, w: f32) -> switch_model::RoutingStats {
+    switch_model::RoutingStats {
+        load_fraction: s.load_fraction.iter().map(|l| l * w).collect(),
+        drop_fraction: s.drop_fraction * w,
+        router_entropy: s.router_entropy * w,
+    }
 }
 
 /// What happened to a run.
@@ -160,17 +146,18 @@ pub struct StepLosses {
 }
 
 /// One optimizer step on `batch` at step `step` (0-based): forward, backward, global-norm
-/// clipping, AdamW. Returns the losses, the step's context (routing statistics) and the learning rate.
+/// clipping, AdamW. Returns the losses, each sparse layer's routing and the learning rate.
 pub fn train_step(
     model: &mut SwitchTransformer<Dev>,
     opt: &mut AdamW,
     batch: &Batch,
     cfg: &RunConfig,
     step: u64,
-) -> anyhow::Result<(StepLosses, Ctx, f64)> {
+) -> anyhow::Result<(StepLosses, LayerRouting, f64)> {
     let t = &cfg.train;
     let mut ctx = Ctx::train(switch_data::fnv1a(format!("step-{}-{step}", t.seed).as_bytes()));
     let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut ctx);
+    let routing = out.routing;
     let losses = StepLosses { cross_entropy: out.cross_entropy, balance_loss: out.balance_loss, z_loss: out.z_loss };
     let loss = out.total.as_vec()[0];
     if !loss.is_finite() {
@@ -197,7 +184,7 @@ pub fn train_step(
         p.copy_from(&host);
         opt.scratch[k] = host;
     }
-    Ok((losses, ctx, lr))
+    Ok((losses, routing, lr))
 }
 
 /// One logged step: the columns of `metrics.csv` that are not losses.
@@ -213,7 +200,6 @@ struct LogRow {
 struct Logs {
     metrics: std::io::BufWriter<std::fs::File>,
     routing: std::io::BufWriter<std::fs::File>,
-    layer_names: Vec<String>,
 }
 
 impl Logs {
@@ -223,7 +209,7 @@ impl Logs {
         row: &LogRow,
         out: &StepLosses,
         eval_loss: Option<f64>,
-        routing: &[switch_model::RoutingStats],
+        routing: &[(String, switch_model::RoutingStats)],
     ) -> std::io::Result<()> {
         let LogRow { done, tokens, wall, lr, drop_fraction } = *row;
         let eval_cols = eval_loss.map(|l| format!("{l:.6},{:.6}", -l)).unwrap_or_else(|| ",".into());
@@ -233,7 +219,7 @@ impl Logs {
             out.cross_entropy, out.balance_loss, out.z_loss
         )?;
         self.metrics.flush()?;
-        for (name, r) in self.layer_names.iter().zip(routing) {
+        for (name, r) in routing {
             for (e, load) in r.load_fraction.iter().enumerate() {
                 writeln!(self.routing, "{done},{name},{e},{load:.6},{:.6},{:.6}", r.drop_fraction, r.router_entropy)?;
             }
@@ -320,25 +306,21 @@ pub fn train(
 
     let (le, ld) = cfg.lengths();
     let tokens_per_step = (t.batch_size * (le + ld)) as u64;
-    let mut logs = Logs {
-        metrics: dir.metrics_writer()?,
-        routing: dir.routing_writer()?,
-        layer_names: sparse_layer_names(&cfg.model),
-    };
+    let mut logs = Logs { metrics: dir.metrics_writer()?, routing: dir.routing_writer()? };
     let started = Instant::now();
     let mut window = (Instant::now(), start_step);
     let mut tokens_per_s = 0.0;
 
     for step in start_step..t.steps {
         let batch = to_batch(ds.train_batch(t.seed, step, t.batch_size), cfg);
-        let (out, ctx, lr) = train_step(&mut model, &mut opt, &batch, cfg, step)?;
+        let (out, step_routing, lr) = train_step(&mut model, &mut opt, &batch, cfg, step)?;
 
         let done = step + 1;
         let last = done == t.steps;
-        let drop_fraction = if ctx.routing.is_empty() {
+        let drop_fraction = if step_routing.is_empty() {
             0.0
         } else {
-            ctx.routing.iter().map(|r| r.drop_fraction).sum::<f32>() / ctx.routing.len() as f32
+            step_routing.iter().map(|(_, r)| r.drop_fraction).sum::<f32>() / step_routing.len() as f32
         };
         if done % t.eval_every == 0 || done % t.log_every == 0 || last {
             let wall = wall_offset + started.elapsed().as_secs_f64();
