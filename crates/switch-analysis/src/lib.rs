@@ -8,6 +8,7 @@ pub mod paper;
 pub mod plots;
 pub mod runs;
 pub mod stats;
+pub mod synthetic;
 mod tables;
 
 use runs::Run;

@@ -130,9 +130,11 @@ fn routing_schema() -> SchemaRef {
     schema(switch_rundir::ROUTING_HEADER)
 }
 
-fn scan(path: &Path, schema: SchemaRef, run_id: &str) -> LazyFrame {
+/// The first `rows` data rows of a CSV log, tagged with the run id.
+fn scan(path: &Path, schema: SchemaRef, run_id: &str, rows: usize) -> LazyFrame {
     LazyCsvReader::new(PlRefPath::from(path.to_string_lossy().as_ref()))
         .with_has_header(true)
+        .with_n_rows(Some(rows))
         .with_schema(Some(schema))
         .with_ignore_errors(true)
         .with_truncate_ragged_lines(true)
@@ -149,14 +151,16 @@ fn strs(df: &DataFrame, name: &str) -> PolarsResult<Vec<String>> {
     Ok(df.column(name)?.str()?.iter().map(|s| s.unwrap_or_default().to_string()).collect())
 }
 
-/// A readable file: exists and ends with a complete header line.
-fn usable(path: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|_| format!("{} is missing", path.file_name().unwrap_or_default().to_string_lossy()))?;
-    if text.lines().count() < 2 {
-        return Err(format!("{} has no rows", path.file_name().unwrap_or_default().to_string_lossy()));
+/// The number of complete data rows of a log: a last line without its newline is a write cut
+/// short (a killed run) and is left out, however much of it parses.
+fn complete_rows(path: &Path) -> Result<usize, String> {
+    let name = || path.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let text = std::fs::read(path).map_err(|_| format!("{} is missing", name()))?;
+    let lines = text.iter().filter(|&&b| b == b'\n').count();
+    if lines < 2 {
+        return Err(format!("{} has no rows", name()));
     }
-    Ok(())
+    Ok(lines - 1)
 }
 
 /// Loads every run folder under `sweep_dir/runs`, sorted by (baseline first, experts, group, seed).
@@ -301,12 +305,12 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
     for dir in &dirs {
         let id = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
         let mut problem = None;
-        match usable(&dir.join("metrics.csv")) {
-            Ok(()) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id)),
+        match complete_rows(&dir.join("metrics.csv")) {
+            Ok(rows) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id, rows)),
             Err(e) => problem = Some(e),
         }
-        if usable(&dir.join("routing.csv")).is_ok() {
-            routing_frames.push(scan(&dir.join("routing.csv"), routing_schema(), &id));
+        if let Ok(rows) = complete_rows(&dir.join("routing.csv")) {
+            routing_frames.push(scan(&dir.join("routing.csv"), routing_schema(), &id, rows));
         }
         let mut run = run_from_folder(dir, id);
         run.problem = run.problem.or(problem);

@@ -112,7 +112,8 @@ fn paired(diffs: &[f64]) -> (String, String) {
         return ("–".into(), "–".into());
     }
     let (m, sd) = stats::mean_std(diffs);
-    let sep = if sd > 0.0 { format!("{:.2}", m / (2.0 * sd)) } else { "exact".into() };
+    // Below 1e-9 the spread is the logs' rounding, not seed noise.
+    let sep = if sd > 1e-9 { format!("{:.2}", m / (2.0 * sd)) } else { "exact".into() };
     (format!("{m:+.3} ± {sd:.3}"), sep)
 }
 
@@ -161,6 +162,9 @@ pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     for base in &dense {
         let (setting, width) = (base.first().setting_without_width(), base.first().d_ff);
         let same_setting = |g: &Group| g.first().setting_without_width() == setting;
+        if dense.iter().any(|d| same_setting(d) && d.first().d_ff < width) {
+            continue; // the ceiling is measured from the narrowest dense model of a setting
+        }
         let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff % width.max(1) == 0;
         for wide in dense.iter().filter(wider) {
             let e = wide.first().d_ff / width;

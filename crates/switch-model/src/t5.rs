@@ -243,11 +243,6 @@ impl<D: Device<f32>> SwitchTransformer<D> {
         out
     }
 
-    /// Parameter count of the built model (equals [`ModelConfig::accounting`]'s `params_total`).
-    pub fn num_params(&mut self) -> usize {
-        self.params_mut().iter().map(|(_, t)| t.shape().0).sum()
-    }
-
     /// `[batch, heads, Lq, Lk]` relative-position bias (plus the causal mask in the decoder).
     fn position_bias<T: Tp<D>>(&self, stack: &Stack<D>, batch: usize, len: usize) -> T4<D, T> {
         let (nb, h) = (self.cfg.relative_attention_num_buckets, self.cfg.num_heads);

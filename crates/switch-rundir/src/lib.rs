@@ -18,6 +18,54 @@ pub const METRICS_HEADER: &str =
     "step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity";
 pub const ROUTING_HEADER: &str = "step,layer,expert,load_fraction,drop_fraction,router_entropy";
 
+/// One row of `metrics.csv`; `eval_loss` only at evaluations (its neg log perplexity follows).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsRow {
+    pub step: u64,
+    pub tokens: u64,
+    pub wall_s: f64,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub aux_loss: f64,
+    pub z_loss: f64,
+    pub drop_fraction: f64,
+    pub eval_loss: Option<f64>,
+}
+
+impl std::fmt::Display for MetricsRow {
+    /// The CSV line, without its newline, in [`METRICS_HEADER`]'s column order.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let Self { step, tokens, wall_s, lr, train_loss, aux_loss, z_loss, drop_fraction, eval_loss } = self;
+        write!(
+            f,
+            "{step},{tokens},{wall_s:.3},{lr:.6e},{train_loss:.6},{aux_loss:.6},{z_loss:.6},{drop_fraction:.6},"
+        )?;
+        match eval_loss {
+            Some(l) => write!(f, "{l:.6},{:.6}", -l),
+            None => write!(f, ","),
+        }
+    }
+}
+
+/// One row of `routing.csv`: one expert of one sparse layer at one evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingRow<'a> {
+    pub step: u64,
+    pub layer: &'a str,
+    pub expert: usize,
+    pub load_fraction: f64,
+    pub drop_fraction: f64,
+    pub router_entropy: f64,
+}
+
+impl std::fmt::Display for RoutingRow<'_> {
+    /// The CSV line, without its newline, in [`ROUTING_HEADER`]'s column order.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let Self { step, layer, expert, load_fraction, drop_fraction, router_entropy } = self;
+        write!(f, "{step},{layer},{expert},{load_fraction:.6},{drop_fraction:.6},{router_entropy:.6}")
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)

@@ -5,7 +5,7 @@
 //! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
 //! to the same numbers as an uninterrupted one.
 use crate::config::RunConfig;
-use crate::rundir::{self, RunDir, State, Status};
+use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status};
 use dfdx::prelude::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,15 +187,6 @@ pub fn train_step(
     Ok((losses, routing, lr))
 }
 
-/// One logged step: the columns of `metrics.csv` that are not losses.
-struct LogRow {
-    done: u64,
-    tokens: u64,
-    wall: f64,
-    lr: f64,
-    drop_fraction: f32,
-}
-
 /// The run's two CSV logs, appended and flushed as training goes.
 struct Logs {
     metrics: std::io::BufWriter<std::fs::File>,
@@ -204,24 +195,21 @@ struct Logs {
 
 impl Logs {
     /// A `metrics.csv` row, and at evaluations the `routing.csv` rows of every sparse layer.
-    fn write(
-        &mut self,
-        row: &LogRow,
-        out: &StepLosses,
-        eval_loss: Option<f64>,
-        routing: &[(String, switch_model::RoutingStats)],
-    ) -> std::io::Result<()> {
-        let LogRow { done, tokens, wall, lr, drop_fraction } = *row;
-        let eval_cols = eval_loss.map(|l| format!("{l:.6},{:.6}", -l)).unwrap_or_else(|| ",".into());
-        writeln!(
-            self.metrics,
-            "{done},{tokens},{wall:.3},{lr:.6e},{:.6},{:.6},{:.6},{drop_fraction:.6},{eval_cols}",
-            out.cross_entropy, out.balance_loss, out.z_loss
-        )?;
+    fn write(&mut self, row: &MetricsRow, routing: &[(String, switch_model::RoutingStats)]) -> std::io::Result<()> {
+        writeln!(self.metrics, "{row}")?;
         self.metrics.flush()?;
-        for (name, r) in routing {
-            for (e, load) in r.load_fraction.iter().enumerate() {
-                writeln!(self.routing, "{done},{name},{e},{load:.6},{:.6},{:.6}", r.drop_fraction, r.router_entropy)?;
+        for (layer, r) in routing {
+            for (expert, &load) in r.load_fraction.iter().enumerate() {
+                let (drop_fraction, router_entropy) = (r.drop_fraction as f64, r.router_entropy as f64);
+                let line = RoutingRow {
+                    step: row.step,
+                    layer,
+                    expert,
+                    load_fraction: load as f64,
+                    drop_fraction,
+                    router_entropy,
+                };
+                writeln!(self.routing, "{line}")?;
             }
         }
         self.routing.flush()
@@ -330,8 +318,18 @@ pub fn train(
             } else {
                 (None, vec![])
             };
-            let row = LogRow { done, tokens: done * tokens_per_step, wall, lr, drop_fraction };
-            logs.write(&row, &out, eval_loss, &routing)?;
+            let row = MetricsRow {
+                step: done,
+                tokens: done * tokens_per_step,
+                wall_s: wall,
+                lr,
+                train_loss: out.cross_entropy as f64,
+                aux_loss: out.balance_loss as f64,
+                z_loss: out.z_loss as f64,
+                drop_fraction: drop_fraction as f64,
+                eval_loss,
+            };
+            logs.write(&row, &routing)?;
             if let Some(l) = eval_loss {
                 status.final_eval_loss = Some(l);
                 status.final_eval_neg_log_perplexity = Some(-l);

@@ -155,27 +155,14 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
         Bench::Report => {
             let dir = tempfile_dir()?.join("synthetic");
             for i in 0..6u64 {
-                let run = dir.join("runs").join(format!("run{i}"));
-                std::fs::create_dir_all(&run)?;
-                let experts = 1 << i;
-                std::fs::write(run.join("config.yaml"), format!("run_id: run{i}\nis_baseline: {}\npoint:\n  model.num_experts: {experts}\nparams_total: {}\nparams_active: 1000\nflops_per_token: 1.0\nmodel:\n  num_experts: {experts}\n  top_k: 1\n  capacity_factor: 1.25\ntrain:\n  steps: 2000\n  batch_size: 32\n", i == 0, 1000 * experts))?;
-                let mut m = String::from(switch_runner::rundir::METRICS_HEADER);
-                m.push('\n');
-                let mut r = String::from(switch_runner::rundir::ROUTING_HEADER);
-                r.push('\n');
-                for s in 1..=2000u64 {
-                    let q = -3.0 + (s as f64).ln() * 0.1 * (1.0 + i as f64 * 0.05);
-                    let eval = if s % 50 == 0 { format!("{},{q}", -q) } else { ",".into() };
-                    m.push_str(&format!("{s},{},{},0.001,{},0.01,0,0.01,{eval}\n", s * 4000, s as f64 * 0.1, -q));
-                    if s % 50 == 0 && experts > 1 {
-                        for e in 0..experts {
-                            r.push_str(&format!("{s},encoder.1,{e},{},0.01,1.0\n", 1.0 / experts as f64));
-                        }
-                    }
-                }
-                std::fs::write(run.join("metrics.csv"), m)?;
-                std::fs::write(run.join("routing.csv"), r)?;
-                std::fs::write(run.join("status.json"), "{\"state\": \"done\"}")?;
+                let id = format!("run{i}");
+                let run = switch_analysis::synthetic::SyntheticRun {
+                    eval_every: 50,
+                    log_every: 1,
+                    batch_size: 32,
+                    ..switch_analysis::synthetic::SyntheticRun::new(&id, 1 << i, 0, 2000)
+                };
+                run.write(&dir, |s| -3.0 + s.ln() * 0.1 * (1.0 + i as f64 * 0.05))?;
             }
             let t = Instant::now();
             switch_analysis::report(&dir, &switch_analysis::ReportOptions { threshold: None, at_step: None })?;

@@ -131,6 +131,16 @@ fn grid_path(arg: &Path) -> PathBuf {
     }
 }
 
+/// `experts` → `results/experts` when no such folder exists as given.
+fn sweep_path(arg: PathBuf) -> PathBuf {
+    let named = Path::new("results").join(&arg);
+    if !arg.exists() && named.exists() {
+        named
+    } else {
+        arg
+    }
+}
+
 /// `--max-memory SIZE`, else MemAvailable (`None` when unreadable: no limit).
 fn memory_limit(flag: Option<&str>) -> anyhow::Result<Option<MemoryLimit>> {
     Ok(match flag {
@@ -273,14 +283,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("{}: {:?}", run.run_id, outcome);
         }
         Command::Report { sweep_dir, threshold, at_step } => {
-            let named = Path::new("results").join(&sweep_dir);
-            let sweep_dir = if !sweep_dir.exists() && named.exists() { named } else { sweep_dir };
+            let sweep_dir = sweep_path(sweep_dir);
             let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold, at_step })?;
             println!("{}", path.display());
         }
         Command::Status { sweep_dir } => {
-            let named = Path::new("results").join(&sweep_dir);
-            let sweep_dir = if !sweep_dir.exists() && named.exists() { named } else { sweep_dir };
+            let sweep_dir = sweep_path(sweep_dir);
             print!("{}", slurm::status_table(&sweep_dir)?);
         }
         Command::Bench { what } => bench::run(what)?,
