@@ -193,7 +193,14 @@ pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
 }
 
 fn ceiling_row(base: &Group, wide: &Group, switch: Option<&Group>, e: u64) -> String {
-    let setting = base.first().setting_without_width().join(" ");
+    let mut setting = base.first().setting_without_width().join(" ");
+    if setting.is_empty() {
+        setting = "preset".into();
+    }
+    let all = base.runs.iter().chain(&wide.runs).chain(switch.into_iter().flat_map(|g| &g.runs));
+    if all.into_iter().any(|r| r.state != Some(State::Done)) {
+        setting.push_str(" (unfinished: last evaluation)");
+    }
     let ceiling = wide.paired_differences(base);
     let gains = switch.map(|g| g.paired_differences(base)).unwrap_or_default();
     let recovered: Vec<f64> = switch
@@ -218,7 +225,7 @@ fn ceiling_row(base: &Group, wide: &Group, switch: Option<&Group>, e: u64) -> St
     };
     format!(
         "| {} | {e} | {} | {} | {} | {:.2} | {} | {} |",
-        if setting.is_empty() { "preset".into() } else { setting },
+        setting,
         ceiling.len(),
         base.final_quality().map_or("–".into(), |q| fmt_q(q, base.evaluated().len())),
         pm(&ceiling, 3),
