@@ -3,11 +3,13 @@
 //!
 //! - [`config`]: the runtime-sized [`ModelConfig`] and its validation;
 //! - [`nn`]: parameters, init, linear, RMSNorm, dropout, stacked experts;
+//! - [`kernels`]: fused CPU kernels beside the plain dfdx ops they replace;
 //! - [`moe`]: routing, capacity, dispatch/combine, balance and z-losses;
 //! - [`t5`]: the encoder-decoder and its loss;
 //! - [`accounting`]: parameter counts and FLOPs per token.
 pub mod accounting;
 pub mod config;
+pub mod kernels;
 pub mod moe;
 pub mod nn;
 pub mod t5;

@@ -94,7 +94,8 @@ impl<D: Device<f32>> Linear<D> {
     }
 }
 
-/// T5's RMSNorm: x · w / √(mean(x²) + ε), no bias, no mean subtraction.
+/// T5's RMSNorm: x · w / √(mean(x²) + ε), no bias, no mean subtraction (the device's kernel:
+/// fused on the CPU, see [`crate::kernels`]).
 pub struct RmsNorm<D: Device<f32>> {
     pub weight: Param<D>,
 }
@@ -103,11 +104,11 @@ impl<D: Device<f32>> RmsNorm<D> {
     pub fn new(dev: &D, d: usize) -> Self {
         Self { weight: dev.ones_like(&(d,)) }
     }
-    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T> {
-        let shape = *x.shape();
-        let (x, tape) = x.split_tape();
-        let inv_rms = (x.clone().put_tape(tape).square().mean::<(usize,), Axis<1>>() + 1e-6).sqrt().recip();
-        inv_rms.broadcast_like::<_, Axis<1>>(&shape) * x * self.weight.clone().broadcast_like::<_, Axis<0>>(&shape)
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T>
+    where
+        D: crate::kernels::Kernels,
+    {
+        D::rms_norm(x, &self.weight)
     }
 }
 

@@ -177,7 +177,7 @@ fn init_rng(seed: u64, name: &str) -> StdRng {
     StdRng::seed_from_u64(h)
 }
 
-impl<D: Device<f32>> SwitchTransformer<D> {
+impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
     pub fn new(dev: &D, cfg: &ModelConfig, seed: u64) -> Result<Self, crate::ConfigError> {
         cfg.validate()?;
         let (d, s) = (cfg.d_model, cfg.init_scale);

@@ -147,12 +147,13 @@ pub fn run_one(tiny: bool, num_experts: usize, threads: usize, steps: u64, cache
 }
 
 /// Runs `run_one` in a child process, so that its peak memory and CPU times are its own.
-fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, cache: bool) -> anyhow::Result<Measured> {
+fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Engine) -> anyhow::Result<Measured> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["bench", "engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
-        .args(["--steps", &steps.to_string(), "--cache", if cache { "on" } else { "off" }])
+        .args(["--steps", &steps.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
         .args(tiny.then_some("--tiny"))
         .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     Measured::parse(&text)
@@ -194,8 +195,17 @@ fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
     );
 }
 
-/// Prints every figure of the engine benchmark, with dfdx's buffer cache on (as training runs)
-/// and off (dfdx's default) side by side; each run in its own process.
+/// One configuration of the engine: dfdx's buffer cache, and fused kernels or the plain dfdx ops.
+#[derive(Clone, Copy)]
+struct Engine {
+    cache: bool,
+    fused: bool,
+    name: &'static str,
+}
+
+/// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
+/// kernels, buffer cache on), without the fused kernels, and as plain dfdx (no cache), side by
+/// side; each run in its own process.
 pub fn run(steps: u64) -> anyhow::Result<()> {
     let matmul2 = matmul_flops_per_s(2);
     let matmul1 = matmul_flops_per_s(1);
@@ -205,15 +215,17 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
         matmul1 / 1e9
     );
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data\n");
-    for cache in [true, false] {
-        println!(
-            "dfdx buffer cache {}:",
-            if cache { "on (as `switchlab sweep` trains)" } else { "off (dfdx's default)" }
-        );
-        let dense = child(false, 1, 2, steps, cache)?;
+    let engines = [
+        Engine { cache: true, fused: true, name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)" },
+        Engine { cache: true, fused: false, name: "plain dfdx ops, buffer cache on" },
+        Engine { cache: false, fused: false, name: "plain dfdx ops, buffer cache off (dfdx's default)" },
+    ];
+    for engine in engines {
+        println!("{}:", engine.name);
+        let dense = child(false, 1, 2, steps, engine)?;
         line("shape, dense", 2, &dense, matmul2);
         for e in [8, 64] {
-            let s = child(false, e, 2, steps, cache)?;
+            let s = child(false, e, 2, steps, engine)?;
             line(&format!("shape, Switch-{e} (every layer)"), 2, &s, matmul2);
             println!(
                 "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2}",
@@ -221,8 +233,8 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
                 s.step_s / dense.step_s
             );
         }
-        line("tiny preset, dense", 1, &child(true, 1, 1, steps, cache)?, matmul1);
-        line("tiny preset, Switch-64", 1, &child(true, 64, 1, steps, cache)?, matmul1);
+        line("tiny preset, dense", 1, &child(true, 1, 1, steps, engine)?, matmul1);
+        line("tiny preset, Switch-64", 1, &child(true, 64, 1, steps, engine)?, matmul1);
         println!();
     }
     Ok(())
