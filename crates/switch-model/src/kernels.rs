@@ -57,6 +57,23 @@ pub fn rms_norm_plain<D: Device<f32>, T: Tp<D>>(x: Act<D, T>, w: &Param<D>) -> A
     inv_rms.broadcast_like::<_, Axis<1>>(&shape) * x * w.clone().broadcast_like::<_, Axis<0>>(&shape)
 }
 
+/// A `[n, d]` tensor whose values `fill` writes. The buffer comes from the device (and so from
+/// dfdx's buffer cache when it is on): a buffer made here with `vec!` would be handed to the cache
+/// when the tensor drops and never taken back out, growing memory every step.
+fn with_output(dev: &Cpu, (n, d): (usize, usize), fill: impl FnOnce(&mut [f32])) -> Act<Cpu, NoneTape> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        scratch.resize(n * d, 0.0);
+        fill(scratch);
+        let mut out = dev.zeros_like(&(n, d));
+        out.copy_from(scratch);
+        out
+    })
+}
+
 /// RMSNorm in one pass each way. With r = 1/√(mean(x²) + ε) per row and g = ∂L/∂y:
 /// ∂L/∂x = r·(g⊙w) − x·r³·mean(g⊙w⊙x), ∂L/∂w = Σ_rows g⊙x·r.
 pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T> {
@@ -64,15 +81,15 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let (xs, ws) = (x.as_vec(), w.as_vec());
-    let mut y = vec![0f32; n * d];
     let mut inv = vec![0f32; n];
-    for ((row, out), r) in xs.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
-        *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
-        for ((o, v), wj) in out.iter_mut().zip(row).zip(&ws) {
-            *o = *r * v * wj;
+    let out = with_output(&dev, (n, d), |y| {
+        for ((row, out), r) in xs.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
+            *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
+            for ((o, v), wj) in out.iter_mut().zip(row).zip(&ws) {
+                *o = *r * v * wj;
+            }
         }
-    }
-    let out = dev.tensor_from_vec(y, (n, d));
+    });
     let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
     tape.add_backward_op(move |grads| {
         let g: Vec<f32> = grads.get_or_alloc_mut(&out_ghost)?.to_vec();

@@ -1,0 +1,35 @@
+//! A fused kernel's buffers must come back to dfdx's buffer cache for reuse: a buffer the kernel
+//! allocated itself would be handed to the cache on drop and never taken out again, so memory
+//! would grow every training step. Alone in its test binary, so the process's memory is its own.
+use dfdx::prelude::*;
+use switch_model::kernels::rms_norm_fused;
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+#[cfg(target_os = "linux")] // reads /proc/self/status
+#[test]
+fn repeated_fused_steps_do_not_grow_memory() {
+    let dev = Cpu::default();
+    dev.enable_cache();
+    let (n, d) = (4096, 256); // 4 MiB per activation
+    let x: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, d));
+    let w: Tensor<(usize,), f32, Cpu> = dev.ones_like(&(d,));
+    let step = || {
+        let y = rms_norm_fused(x.clone().leaky_traced(), &w);
+        let _ = (y * 0.5).sum().backward();
+    };
+    for _ in 0..10 {
+        step();
+    }
+    let before = resident_bytes();
+    for _ in 0..100 {
+        step();
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    // A leak of one activation per step would be 400 MiB here.
+    assert!(grown < 64 << 20, "resident memory grew by {} MiB over 100 steps", grown >> 20);
+}
