@@ -1,5 +1,6 @@
 //! The `slurm:` section of a grid file and its checks, made when the grid is planned (whatever
 //! the backend), so a malformed cluster setting never waits for a submission to be found.
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -40,8 +41,8 @@ fn time_ok(t: &str) -> bool {
 impl SlurmConfig {
     /// The form of every value (time, mem, counts, extra lines), checked when a grid is planned,
     /// whatever the backend; errors name the file, the key and the allowed form.
-    pub fn check_values(&self, grid: &Path) -> anyhow::Result<()> {
-        let bad = |key: &str, msg: String| anyhow::anyhow!("{}: slurm.{key}: {msg}", grid.display());
+    pub fn check_values(&self, grid: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Error::input(grid, format!("slurm.{key}: {msg}"));
         if let Some(t) = &self.time {
             if !time_ok(t) {
                 return Err(bad(
@@ -71,12 +72,12 @@ impl SlurmConfig {
 
     /// Checks every setting before anything is submitted: [`Self::check_values`], and a
     /// partition when `require_partition` is set.
-    pub fn validate(&self, grid: &Path) -> anyhow::Result<()> {
+    pub fn validate(&self, grid: &Path) -> Result<()> {
         self.check_values(grid)?;
         if self.require_partition && self.partition.as_deref().map_or(true, str::is_empty) {
-            return Err(anyhow::anyhow!(
-                "{}: slurm.partition: is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`",
-                grid.display()
+            return Err(Error::input(
+                grid,
+                "slurm.partition: is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`",
             ));
         }
         Ok(())

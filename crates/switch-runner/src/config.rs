@@ -103,11 +103,22 @@ pub struct RunConfig {
     pub train: TrainConfig,
 }
 
+/// Which section of a resolved config is out of range, with the section's own error.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidConfig {
+    #[error(transparent)]
+    Model(#[from] switch_model::ConfigError),
+    #[error(transparent)]
+    Data(#[from] switch_data::DataError),
+    #[error("{0}")]
+    Train(String),
+}
+
 impl RunConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        self.model.validate().map_err(|e| e.to_string())?;
-        self.data.validate().map_err(|e| e.to_string())?;
-        self.train.validate()
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.model.validate()?;
+        self.data.validate()?;
+        self.train.validate().map_err(InvalidConfig::Train)
     }
 
     /// Encoder and decoder lengths of every example.

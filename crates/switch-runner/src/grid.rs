@@ -1,6 +1,7 @@
 //! Experiment grids (`experiments/*.yaml`): expansion into resolved runs, with FLOPs per token
 //! checked or solved before anything trains.
 use crate::config::{explain_yaml_error, merge, set_dotted, RunConfig};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -111,8 +112,8 @@ impl Plan {
 }
 
 /// A grid problem, naming the file and what to change.
-fn err(path: &Path, msg: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("{}: {msg}", path.display())
+fn err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::input(path, msg)
 }
 
 fn matches(point: &Map<String, Value>, selector: &Map<String, Value>) -> bool {
@@ -126,7 +127,7 @@ fn values_equal(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> anyhow::Result<&'a Vec<Value>> {
+fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> Result<&'a Vec<Value>> {
     match v.as_array() {
         Some(l) if !l.is_empty() => Ok(l),
         _ => Err(err(path, format!("{section}.{key} must be a non-empty list of values, e.g. `{key}: [1, 2]`"))),
@@ -144,7 +145,7 @@ pub fn run_id(cfg: &RunConfig) -> String {
     format!("{:012x}", switch_data::fnv1a(format!("results-v{RESULTS_VERSION} {json}").as_bytes()) >> 16)
 }
 
-fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> anyhow::Result<RunConfig> {
+fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> Result<RunConfig> {
     let mut tree = base_tree.clone();
     for (k, v) in point {
         set_dotted(&mut tree, k, v.clone()).map_err(|e| err(path, e))?;
@@ -157,7 +158,7 @@ fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> anyhow
     Ok(cfg)
 }
 
-fn read_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+fn read_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot be read ({e})")))?;
     serde_saphyr::from_str(&text).map_err(|e| err(path, explain_yaml_error(e.to_string())))
 }
@@ -168,7 +169,7 @@ fn is_blank_yaml(text: &str) -> bool {
 }
 
 /// Reads the grid file, refusing an empty one: it is a mistake, not a request for the defaults.
-fn read_grid(path: &Path) -> anyhow::Result<GridFile> {
+fn read_grid(path: &Path) -> Result<GridFile> {
     let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot be read ({e})")))?;
     if is_blank_yaml(&text) {
         return Err(err(path, "the grid file is empty (only whitespace or comments): give at least `base:`, `settings:`, `grid:` or `points:` (see experiments/experts.yaml)"));
@@ -181,13 +182,13 @@ fn read_grid(path: &Path) -> anyhow::Result<GridFile> {
 }
 
 /// Reads and expands a grid file. Nothing is written; every error names the file and the key.
-pub fn plan(path: &Path) -> anyhow::Result<Plan> {
+pub fn plan(path: &Path) -> Result<Plan> {
     plan_with_seeds(path, None)
 }
 
 /// [`plan`] with the grid's `seeds:` replaced (the CLI's `--seeds 0,1,2`).
 /// The sweep's name (it names the results folder): `name:`, else the file stem.
-fn grid_name(path: &Path, grid: &GridFile) -> anyhow::Result<String> {
+fn grid_name(path: &Path, grid: &GridFile) -> Result<String> {
     let name = grid
         .name
         .clone()
@@ -200,9 +201,9 @@ fn grid_name(path: &Path, grid: &GridFile) -> anyhow::Result<String> {
 }
 
 /// Defaults, then the preset, then inline settings, as one config tree.
-fn base_tree(path: &Path, grid: &GridFile) -> anyhow::Result<Value> {
+fn base_tree(path: &Path, grid: &GridFile) -> Result<Value> {
     // Defaults, then the preset, then inline settings: each layer typed-checked against RunConfig.
-    let mut tree = serde_json::to_value(RunConfig::default())?;
+    let mut tree = serde_json::to_value(RunConfig::default()).expect("serializable");
     if let Some(base) = &grid.base {
         let dir = path.parent().unwrap_or(Path::new("."));
         let candidates = [dir.join("presets").join(format!("{base}.yaml")), dir.join(format!("{base}.yaml"))];
@@ -224,7 +225,7 @@ fn base_tree(path: &Path, grid: &GridFile) -> anyhow::Result<Value> {
 }
 
 /// The grid points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
-fn expand(path: &Path, grid: &GridFile) -> anyhow::Result<Vec<Map<String, Value>>> {
+fn expand(path: &Path, grid: &GridFile) -> Result<Vec<Map<String, Value>>> {
     // Points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
     let mut points: Vec<Map<String, Value>> = vec![Map::new()];
     for (key, values) in &grid.grid {
@@ -285,7 +286,7 @@ fn check_flops(
     configs: &[RunConfig],
     base_flops: f64,
     tolerance: f64,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let bad: Vec<String> = points
         .iter()
         .zip(configs)
@@ -313,7 +314,7 @@ fn solve(
     base_idx: usize,
     tolerance: f64,
     (solve, selected, target): (&String, &Option<Map<String, Value>>, &Option<Map<String, Value>>),
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let base_flops = configs[base_idx].accounting().flops_per_token;
     if !["model.d_model", "model.d_ff"].contains(&solve.as_str()) {
         return Err(err(
@@ -356,7 +357,7 @@ fn seeded_runs(
     seeds: &[u64],
     baseline: &Map<String, Value>,
     base_flops: f64,
-) -> anyhow::Result<Vec<PlannedRun>> {
+) -> Result<Vec<PlannedRun>> {
     let mut runs = Vec::new();
     for p in points {
         for &seed in seeds {
@@ -390,7 +391,7 @@ fn seeded_runs(
     Ok(runs)
 }
 
-pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> anyhow::Result<Plan> {
+pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> Result<Plan> {
     let mut grid = read_grid(path)?;
     if let Some(seeds) = seeds {
         grid.seeds = Some(seeds.to_vec());
@@ -560,9 +561,12 @@ impl MemoryLimit {
     }
 
     /// The `--max-memory` flag's value.
-    pub fn from_flag(text: &str) -> anyhow::Result<Self> {
+    pub fn from_flag(text: &str) -> Result<Self> {
         let bytes = parse_size(text).ok_or_else(|| {
-            anyhow::anyhow!("--max-memory `{text}`: use a size such as `8G`, `512M`, `1.5T` (binary units) or bytes")
+            Error::input(
+                "--max-memory",
+                format!("`{text}`: use a size such as `8G`, `512M`, `1.5T` (binary units) or bytes"),
+            )
         })?;
         Ok(Self { bytes, source: format!("allowed by --max-memory {text}") })
     }
@@ -572,7 +576,7 @@ impl Plan {
     /// Refuses, naming the run and the figures, when one of `runs` needs more than `limit`, or
     /// when the `jobs` largest of them, trained at once in one process, need more together
     /// (they share one [`PROCESS_BYTES`]). `None`: no limit.
-    pub fn check_memory(&self, runs: &[&PlannedRun], jobs: usize, limit: Option<&MemoryLimit>) -> anyhow::Result<()> {
+    pub fn check_memory(&self, runs: &[&PlannedRun], jobs: usize, limit: Option<&MemoryLimit>) -> Result<()> {
         let Some(limit) = limit else { return Ok(()) };
         let mut sorted = runs.to_vec();
         sorted.sort_by(|a, b| b.memory.total_cmp(&a.memory));

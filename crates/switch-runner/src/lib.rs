@@ -5,15 +5,18 @@
 //! - [`grid`]: grid files → [`grid::Plan`] (cartesian, zip, points, exclude, seeds, FLOPs rules);
 //! - [`train`]: the training loop and optimizer;
 //! - [`rundir`]: the run-folder contract with the analysis crate;
-//! - [`sweep`]: local execution with resume, failure isolation and progress.
+//! - [`sweep`]: local execution with resume, failure isolation and progress;
+//! - [`error`]: the typed [`Error`] every fallible function returns.
 pub mod cluster;
 pub mod config;
+pub mod error;
 pub mod grid;
 pub mod slurm;
 pub mod sweep;
 pub mod train;
 
 pub use config::RunConfig;
+pub use error::{Error, Result};
 pub use grid::{plan, Plan};
 pub use sweep::{sweep, SweepOptions};
 /// The run-folder format, from its own crate (the analysis reads the same definitions).

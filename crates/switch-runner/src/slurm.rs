@@ -2,6 +2,7 @@
 //! running `switchlab train <run>/config.yaml` in the shared results folder. Run folders are
 //! independent, so no coordination is needed beyond the run-folder contract.
 pub use crate::cluster::SlurmConfig;
+use crate::error::{Error, Result};
 use crate::grid::Plan;
 use crate::rundir::{write_atomic, RunDir, Triage};
 use std::path::{Path, PathBuf};
@@ -18,12 +19,12 @@ pub struct Submission {
 }
 
 /// Creates the pending runs' folders, writes the array script and submits it with `sbatch --parsable`.
-pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: bool) -> anyhow::Result<Submission> {
+pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: bool) -> Result<Submission> {
     let cfg = plan.slurm.clone().unwrap_or_default();
     cfg.validate(&plan.path)?;
     let sweep_dir = results_root.join(&plan.name);
     std::fs::create_dir_all(sweep_dir.join("slurm")).map_err(|e| {
-        anyhow::anyhow!("cannot create {} ({e}): choose a writable --results folder", sweep_dir.display())
+        Error::Folder(format!("cannot create {} ({e}): choose a writable --results folder", sweep_dir.display()))
     })?;
     let sweep_dir = std::fs::canonicalize(&sweep_dir)?;
     let (pending, triage) = plan.pending(&sweep_dir, retry_failed);
@@ -64,9 +65,14 @@ pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: boo
         return Ok(Submission { script: path, command, job_id: None, tasks: pending.len(), triage });
     }
     let out = Command::new("sbatch").arg("--parsable").arg(&path).output().map_err(|e| {
-        anyhow::anyhow!("cannot run sbatch ({e}): is Slurm installed here? Use --dry-run to only write the script")
+        Error::Slurm(format!(
+            "cannot run sbatch ({e}): is Slurm installed here? Use --dry-run to only write the script"
+        ))
     })?;
-    anyhow::ensure!(out.status.success(), "sbatch refused the job: {}", String::from_utf8_lossy(&out.stderr).trim());
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Slurm(format!("sbatch refused the job: {}", stderr.trim())));
+    }
     let job_id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap_or("").to_string();
     let jobs = sweep_dir.join("slurm/jobs.txt");
     let mut all = std::fs::read_to_string(&jobs).unwrap_or_default();
@@ -110,13 +116,13 @@ pub fn wait(sweep_dir: &Path, poll: std::time::Duration) {
 }
 
 /// One line per run: run id, state from status.json (or `queued`), steps, and Slurm's view.
-pub fn status_table(sweep_dir: &Path) -> anyhow::Result<String> {
+pub fn status_table(sweep_dir: &Path) -> Result<String> {
     let pending = std::fs::read_to_string(sweep_dir.join("slurm/pending.txt")).unwrap_or_default();
     let queue = queue(sweep_dir);
     let jobs = job_ids(sweep_dir);
     let mut out = format!("{:<14} {:<10} {:>12} {}\n", "run", "state", "steps", "slurm");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(sweep_dir.join("runs"))
-        .map_err(|e| anyhow::anyhow!("{}: no runs folder ({e})", sweep_dir.display()))?
+        .map_err(|e| Error::Folder(format!("{}: no runs folder ({e}): is this a sweep folder?", sweep_dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     dirs.sort();

@@ -1,5 +1,6 @@
 //! Running a planned sweep on this machine: skip finished runs, resume interrupted ones, run
 //! the rest concurrently (one rayon pool per run), isolate failures, show progress.
+use crate::error::{Error, Result};
 use crate::grid::{label, Plan, PlannedRun, RunFile};
 use crate::rundir::{self, RunDir, State};
 use crate::train::{self, Outcome};
@@ -66,7 +67,7 @@ impl SweepSummary {
 pub struct SweepLock(PathBuf);
 
 impl SweepLock {
-    pub fn acquire(sweep_dir: &Path) -> anyhow::Result<Self> {
+    pub fn acquire(sweep_dir: &Path) -> Result<Self> {
         let path = sweep_dir.join(".lock");
         for _ in 0..2 {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
@@ -79,14 +80,19 @@ impl SweepLock {
                     let pid = std::fs::read_to_string(&path).unwrap_or_default();
                     let alive = pid.trim().parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
                     if alive || !Path::new("/proc/self").exists() {
-                        anyhow::bail!("{} is locked by another sweep (pid {}); wait for it, or delete the lock file if no sweep is running", path.display(), pid.trim());
+                        return Err(Error::Folder(format!("{} is locked by another sweep (pid {}); wait for it, or delete the lock file if no sweep is running", path.display(), pid.trim())));
                     }
                     std::fs::remove_file(&path)?; // stale: its process is gone
                 }
-                Err(e) => anyhow::bail!("cannot create {} ({e}): is the results folder writable?", path.display()),
+                Err(e) => {
+                    return Err(Error::Folder(format!(
+                        "cannot create {} ({e}): is the results folder writable?",
+                        path.display()
+                    )))
+                }
             }
         }
-        anyhow::bail!("cannot take the lock {}", path.display())
+        Err(Error::Folder(format!("cannot take the lock {}", path.display())))
     }
 }
 
@@ -97,10 +103,10 @@ impl Drop for SweepLock {
 }
 
 /// Builds each distinct dataset once (tokenizer trained or loaded from `<results>/.cache`).
-pub fn datasets(configs: &[&DataConfig], results_root: &Path) -> anyhow::Result<HashMap<String, Arc<Dataset>>> {
+pub fn datasets(configs: &[&DataConfig], results_root: &Path) -> Result<HashMap<String, Arc<Dataset>>> {
     let mut out = HashMap::new();
     for c in configs {
-        let key = serde_json::to_string(c)?;
+        let key = serde_json::to_string(c).expect("serializable");
         if !out.contains_key(&key) {
             out.insert(key, Arc::new(Dataset::build(c, &results_root.join(".cache"))?));
         }
@@ -117,37 +123,37 @@ pub fn default_split(pending: usize) -> (usize, usize) {
 }
 
 /// Trains one run in its folder (created here), recording failure in `status.json`.
-pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> anyhow::Result<Outcome> {
+pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> Result<Outcome> {
     dir.create(&run.yaml())?;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         train::train(&run.config, ds, dir, stop_flag(), progress)
     }));
     let err = match result {
         Ok(Ok(o)) => return Ok(o),
-        Ok(Err(e)) => format!("{e:#}"),
-        Err(p) => format!(
+        Ok(Err(e)) => e,
+        Err(p) => Error::Training(format!(
             "panic: {}",
             p.downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default()
-        ),
+        )),
     };
     let mut status = dir.read_status().unwrap_or_else(|| run.config.new_status());
     status.state = State::Failed;
-    status.error = Some(err.clone());
+    status.error = Some(err.to_string());
     status.finished_at = Some(rundir::now());
     dir.write_status(&status)?;
-    anyhow::bail!(err)
+    Err(err)
 }
 
 /// Run folders: `runs/`, the lock (held while the sweep trains), the grid and plan as run.
-fn prepare_folder(plan: &Plan, sweep_dir: &Path) -> anyhow::Result<SweepLock> {
+fn prepare_folder(plan: &Plan, sweep_dir: &Path) -> Result<SweepLock> {
     std::fs::create_dir_all(sweep_dir.join("runs")).map_err(|e| {
-        anyhow::anyhow!(
+        Error::Folder(format!(
             "cannot create the results folder {} ({e}): choose a writable --results folder",
             sweep_dir.display()
-        )
+        ))
     })?;
     let lock = SweepLock::acquire(sweep_dir)?;
     if let Ok(grid) = std::fs::read(&plan.path) {
@@ -184,7 +190,7 @@ fn train_pending(
     sweep_dir: &Path,
     (bars, overall): (&MultiProgress, &ProgressBar),
     pool: &rayon::ThreadPool,
-) -> anyhow::Result<Outcome> {
+) -> Result<Outcome> {
     let plain = !std::io::stderr().is_terminal();
     let file = plan.run_file(run);
     let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
@@ -224,7 +230,7 @@ fn train_pending(
 }
 
 /// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`.
-pub fn sweep(plan: &Plan, opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
+pub fn sweep(plan: &Plan, opts: &SweepOptions) -> Result<SweepSummary> {
     let sweep_dir = opts.results_root.join(&plan.name);
     // Corpus and tokenizer problems surface here, before the sweep folder is written to.
     let (pending, triage) = plan.pending(&sweep_dir, opts.retry_failed);

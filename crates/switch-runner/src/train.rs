@@ -5,6 +5,7 @@
 //! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
 //! to the same numbers as an uninterrupted one.
 use crate::config::RunConfig;
+use crate::error::{Error, Result};
 use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status};
 use dfdx::prelude::*;
 use std::io::Write;
@@ -153,7 +154,7 @@ pub fn train_step(
     batch: &Batch,
     cfg: &RunConfig,
     step: u64,
-) -> anyhow::Result<(StepLosses, LayerRouting, f64)> {
+) -> Result<(StepLosses, LayerRouting, f64)> {
     let t = &cfg.train;
     let mut ctx = Ctx::train(switch_data::fnv1a(format!("step-{}-{step}", t.seed).as_bytes()));
     let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut ctx);
@@ -161,7 +162,7 @@ pub fn train_step(
     let losses = StepLosses { cross_entropy: out.cross_entropy, balance_loss: out.balance_loss, z_loss: out.z_loss };
     let loss = out.total.as_vec()[0];
     if !loss.is_finite() {
-        anyhow::bail!("loss became {} at step {step} (cross-entropy {}, balance {}, z {}); try a lower train.learning_rate or model.init_scale", if loss.is_nan() { "NaN" } else { "non-finite" }, out.cross_entropy, out.balance_loss, out.z_loss);
+        return Err(Error::Training(format!("loss became {} at step {step} (cross-entropy {}, balance {}, z {}); try a lower train.learning_rate or model.init_scale", if loss.is_nan() { "NaN" } else { "non-finite" }, out.cross_entropy, out.balance_loss, out.z_loss)));
     }
     // Gradients are read in place and weights copied into reused host buffers: no per-step
     // allocation in proportion to the parameters.
@@ -236,13 +237,13 @@ pub fn load_checkpoint(
     dir: &RunDir,
     model: &mut SwitchTransformer<Dev>,
     opt: &mut AdamW,
-) -> anyhow::Result<Option<rundir::CheckpointState>> {
+) -> Result<Option<rundir::CheckpointState>> {
     let Some(mut r) = dir.checkpoint_reader()? else { return Ok(None) };
     let mut params = model.params_mut();
-    r.expect_tensors(params.len()).map_err(anyhow::Error::msg)?;
+    r.expect_tensors(params.len()).map_err(Error::Training)?;
     for (i, (name, p)) in params.iter_mut().enumerate() {
         let n = p.shape().0;
-        let floats = r.tensor(name, n, 3).map_err(anyhow::Error::msg)?;
+        let floats = r.tensor(name, n, 3).map_err(Error::Training)?;
         p.copy_from(&floats[..n]);
         opt.m[i].copy_from_slice(&floats[n..2 * n]);
         opt.v[i].copy_from_slice(&floats[2 * n..]);
@@ -259,7 +260,7 @@ struct Resumed {
     wall_offset: f64,
 }
 
-fn resume(cfg: &RunConfig, dir: &RunDir) -> anyhow::Result<Resumed> {
+fn resume(cfg: &RunConfig, dir: &RunDir) -> Result<Resumed> {
     let dev = Dev::default();
     // dfdx's buffer cache: every step allocates the same shapes, so reusing freed buffers spares
     // the kernel a page fault per fresh page (the numbers are unchanged).
@@ -282,13 +283,7 @@ fn resume(cfg: &RunConfig, dir: &RunDir) -> anyhow::Result<Resumed> {
 
 /// Trains (or resumes) the run in `dir` to its last step. Errors and non-finite losses are
 /// returned as `Err` for the caller to record as `failed`.
-pub fn train(
-    cfg: &RunConfig,
-    ds: &Dataset,
-    dir: &RunDir,
-    stop: &AtomicBool,
-    progress: Progress,
-) -> anyhow::Result<Outcome> {
+pub fn train(cfg: &RunConfig, ds: &Dataset, dir: &RunDir, stop: &AtomicBool, progress: Progress) -> Result<Outcome> {
     let t = &cfg.train;
     let Resumed { mut model, mut opt, mut status, start_step, wall_offset } = resume(cfg, dir)?;
 

@@ -206,6 +206,31 @@ fn a_second_sweep_on_the_same_folder_is_refused_and_bad_folders_fail_early() {
     assert!(e.contains("not-a-folder") && e.contains("writable"), "{e}");
 }
 
+/// Errors keep their kind up to the caller: the CLI (or a library user) can tell a bad grid from
+/// a bad model setting, a bad corpus, a locked folder and a diverging run without parsing text.
+#[test]
+fn errors_are_typed_by_what_the_user_can_do() {
+    use switch_runner::Error;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = grid(tmp.path(), "t", "grid:\n  model.num_expert: [1]\n");
+    match switch_runner::plan(&path).unwrap_err() {
+        Error::Input { file, problem } => assert!(file == path && problem.contains("did you mean"), "{problem}"),
+        e => panic!("expected Input, got {e:?}"),
+    }
+    let plan = switch_runner::plan(&grid(tmp.path(), "u", "grid:\n  model.num_experts: [1]\n")).unwrap();
+    let mut data = plan.runs[0].config.data.clone();
+    data.corpus = tmp.path().join("no-such-corpus").display().to_string();
+    assert!(matches!(sweep::datasets(&[&data], tmp.path()).err().unwrap(), Error::Data(_)));
+    let dev = switch_runner::train::Dev::default();
+    let bad = switch_model::ModelConfig { top_k: 3, ..plan.runs[0].config.model.clone() };
+    let e: Error = switch_model::SwitchTransformer::new(&dev, &bad, 0).err().unwrap().into();
+    assert!(matches!(e, Error::Model(_)) && e.to_string().contains("top_k"), "{e}");
+    let root = tmp.path().join("results");
+    std::fs::create_dir_all(root.join("u")).unwrap();
+    let _held = sweep::SweepLock::acquire(&root.join("u")).unwrap();
+    assert!(matches!(sweep::SweepLock::acquire(&root.join("u")).err().unwrap(), Error::Folder(_)));
+}
+
 #[test]
 fn empty_grid_files_are_refused_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();

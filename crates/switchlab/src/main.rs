@@ -263,7 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Train { config } => {
-            let run = RunFile::read(&config).map_err(anyhow::Error::msg)?;
+            let run = RunFile::read(&config).map_err(switch_runner::Error::Folder)?;
             check_run_memory(&config, &run)?;
             let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
             let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));

@@ -260,7 +260,7 @@ fn models_too_big_for_memory_are_refused_before_anything_is_written() {
     ]));
     assert!(err.contains("2 runs at once"), "{err}");
     let err = run_err(switchlab().args(["plan", "--max-memory", "lots"]).arg(&micro));
-    assert!(err.contains("--max-memory `lots`") && err.contains("8G"), "{err}");
+    assert!(err.contains("--max-memory: `lots`") && err.contains("8G"), "{err}");
     assert!(!results.exists(), "nothing written");
 }
 
