@@ -227,3 +227,28 @@ pub(crate) fn routing_figures(out: &Path, s: &Sweep) -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// Draws every figure that applies to this sweep; returns `(file stem, title)` in report order.
+pub(crate) fn draw_all(out: &Path, s: &Sweep) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+    quality_figures(out, s)?;
+    params_figure(out, s)?;
+    let has_capacity_plot = capacity_figure(out, s)?;
+    gain_figure(out, s)?;
+    routing_figures(out, s)?;
+    let mut figs = vec![
+        ("quality_vs_step", "Quality vs step (framed from the second evaluation on)"),
+        ("quality_vs_step_full", "Quality vs step, full range"),
+        ("quality_vs_params", "Quality vs parameters"),
+        ("quality_vs_time", "Quality vs wall-clock time (framed from the second evaluation on)"),
+        ("quality_vs_time_full", "Quality vs wall-clock time, full range"),
+    ];
+    if has_capacity_plot {
+        figs.push(("capacity_factor", "Capacity factor"));
+    }
+    if s.is_study {
+        figs.push(("gain_vs_step", "Gain over the matching dense model vs step"));
+    }
+    figs.push(("routing_min_load", "Routing: least-loaded expert"));
+    figs.push(("routing_drop_fraction", "Routing: dropped tokens"));
+    Ok(figs)
+}

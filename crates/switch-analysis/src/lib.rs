@@ -12,7 +12,6 @@ pub mod synthetic;
 mod tables;
 
 use runs::Run;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Runs of one grid point over its seeds.
@@ -124,6 +123,24 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "–".into())
 }
 
+impl<'a> Sweep<'a> {
+    /// The comparison context: the baseline (the grid's, else the first dense group), the
+    /// threshold and step of "to threshold" / "@ N steps" (default: the baseline's final mean).
+    fn new(runs: &'a [Run], groups: &'a [Group<'a>], opts: &ReportOptions) -> Self {
+        let baseline = groups
+            .iter()
+            .find(|g| g.first().is_baseline)
+            .or_else(|| groups.iter().find(|g| g.first().num_experts == 1));
+        let base_curve: Vec<(f64, f64)> = baseline.map(Group::mean_points).unwrap_or_default();
+        let threshold = opts.threshold.or_else(|| base_curve.last().map(|p| p.1));
+        let at_step = opts.at_step.or_else(|| base_curve.last().map(|p| p.0)).unwrap_or(f64::MAX);
+        let seeds = groups.iter().map(|g| g.runs.len()).max().unwrap_or(1);
+        let is_study = groups.iter().any(|g| !g.first().variant_items.is_empty())
+            && groups.iter().any(|g| g.first().num_experts == 1);
+        Sweep { runs, groups, baseline, threshold, at_step, seeds, is_study }
+    }
+}
+
 /// Writes `report/report.md`, `report/summary.csv` and the figures for the sweep in `sweep_dir`.
 pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf> {
     let runs = runs::load(sweep_dir)?;
@@ -134,28 +151,10 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     );
     let out = sweep_dir.join("report");
     std::fs::create_dir_all(&out)?;
-    let name = sweep_dir.file_name().unwrap_or_default().to_string_lossy().to_string();
     let groups = groups(&runs);
-    let baseline =
-        groups.iter().find(|g| g.first().is_baseline).or_else(|| groups.iter().find(|g| g.first().num_experts == 1));
-    let base_curve: Vec<(f64, f64)> = baseline.map(Group::mean_points).unwrap_or_default();
-    let threshold = opts.threshold.or_else(|| base_curve.last().map(|p| p.1));
-    let at_step = opts.at_step.or_else(|| base_curve.last().map(|p| p.0)).unwrap_or(f64::MAX);
-    let seeds = groups.iter().map(|g| g.runs.len()).max().unwrap_or(1);
-
+    let s = Sweep::new(&runs, &groups, opts);
     let mut md = String::new();
-    let first = &runs[0];
-    writeln!(md, "# Sweep `{name}`\n")?;
-    writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of T5-style span corruption on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", runs.len(), groups.len(), seeds)?;
-    writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
-        plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;
-    if let Some(t) = threshold {
-        writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final quality). Quality @ N uses N = {at_step:.0}.\n")?;
-    }
-
-    let is_study =
-        groups.iter().any(|g| !g.first().variant_items.is_empty()) && groups.iter().any(|g| g.first().num_experts == 1);
-    let s = Sweep { runs: &runs, groups: &groups, baseline, threshold, at_step, seeds, is_study };
+    tables::header(&mut md, &sweep_dir.file_name().unwrap_or_default().to_string_lossy(), &s)?;
     tables::experts_table(&mut md, &s)?;
     tables::study_table(&mut md, &s)?;
     tables::width_ceiling(&mut md, &s)?;
@@ -163,35 +162,9 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     tables::table3(&mut md, &s)?;
     tables::routing_health(&mut md, &s)?;
     tables::runs_table(&mut md, &s)?;
-
-    figures::quality_figures(&out, &s)?;
-    figures::params_figure(&out, &s)?;
-    let has_capacity_plot = figures::capacity_figure(&out, &s)?;
-    figures::gain_figure(&out, &s)?;
-    figures::routing_figures(&out, &s)?;
-    writeln!(md, "\n## Figures\n")?;
-    let mut figs = vec![
-        ("quality_vs_step", "Quality vs step (framed from the second evaluation on)"),
-        ("quality_vs_step_full", "Quality vs step, full range"),
-        ("quality_vs_params", "Quality vs parameters"),
-        ("quality_vs_time", "Quality vs wall-clock time (framed from the second evaluation on)"),
-        ("quality_vs_time_full", "Quality vs wall-clock time, full range"),
-    ];
-    if has_capacity_plot {
-        figs.push(("capacity_factor", "Capacity factor"));
-    }
-    if is_study {
-        figs.push(("gain_vs_step", "Gain over the matching dense model vs step"));
-    }
-    figs.extend([
-        ("routing_min_load", "Routing: least-loaded expert"),
-        ("routing_drop_fraction", "Routing: dropped tokens"),
-    ]);
-    for (stem, title) in figs {
-        writeln!(md, "### {title}\n\n![{title}]({stem}.png)\n")?;
-    }
+    let figures = figures::draw_all(&out, &s)?;
+    tables::figure_index(&mut md, &figures)?;
     std::fs::write(out.join("report.md"), md)?;
-
     std::fs::write(out.join("summary.csv"), tables::summary_csv(&s)?)?;
     Ok(out.join("report.md"))
 }

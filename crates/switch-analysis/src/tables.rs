@@ -3,6 +3,29 @@ use crate::{dense_for, fmt_q, opt, paper, plots, stats, Group, Sweep};
 use std::fmt::Write as _;
 use switch_rundir::State;
 
+/// The title, what was measured, how it is scaled down from the paper, and the threshold.
+pub(crate) fn header(md: &mut String, name: &str, s: &Sweep) -> anyhow::Result<()> {
+    let Sweep { runs, groups, threshold, at_step, seeds, .. } = *s;
+    let first = &runs[0];
+    writeln!(md, "# Sweep `{name}`\n")?;
+    writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of T5-style span corruption on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", runs.len(), groups.len(), seeds)?;
+    writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
+        plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;
+    if let Some(t) = threshold {
+        writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final quality). Quality @ N uses N = {at_step:.0}.\n")?;
+    }
+    Ok(())
+}
+
+/// The figures section: each drawn figure's PNG under its title.
+pub(crate) fn figure_index(md: &mut String, figures: &[(&str, &str)]) -> anyhow::Result<()> {
+    writeln!(md, "\n## Figures\n")?;
+    for (stem, title) in figures {
+        writeln!(md, "### {title}\n\n![{title}]({stem}.png)\n")?;
+    }
+    Ok(())
+}
+
 /// Quality against the number of experts, beside the paper's Fig. 4 / Table 7.
 pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { groups, baseline, .. } = *s;
