@@ -215,6 +215,18 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         Ok(Self { cfg: cfg.clone(), embedding, encoder, decoder, dev: dev.clone() })
     }
 
+    /// Sets every sparse layer's balance-loss and z-loss coefficients (for diagnostics that
+    /// separate the routers' gradient sources; training keeps the config's).
+    pub fn set_router_loss_coefs(&mut self, balance: f64, z: f64) {
+        for stack in [&mut self.encoder, &mut self.decoder] {
+            for b in &mut stack.blocks {
+                if let FeedForward::Sparse(m) = &mut b.ffn {
+                    (m.balance_loss_coef, m.z_loss_coef) = (balance, z);
+                }
+            }
+        }
+    }
+
     /// Every parameter with a dotted name, in a fixed order (the checkpoint and optimizer order).
     pub fn params_mut(&mut self) -> Vec<(String, &mut Param<D>)> {
         let mut out = vec![("embedding".to_string(), &mut self.embedding)];

@@ -231,6 +231,43 @@ fn errors_are_typed_by_what_the_user_can_do() {
     assert!(matches!(sweep::SweepLock::acquire(&root.join("u")).err().unwrap(), Error::Folder(_)));
 }
 
+/// `probe_run` separates a trained router's gradient by source: both are there with α > 0, the
+/// balance part is exactly 0 with α = 0, and a dense run has no router to probe.
+#[test]
+fn router_gradients_are_split_by_source_on_a_trained_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "grid:\n  model.num_experts: [1, 4]\n  model.balance_loss_coef: [0.0, 0.01]\nflops_per_token: free\n";
+    let plan = switch_runner::plan(&grid(tmp.path(), "p", body)).unwrap();
+    let root = tmp.path().join("results");
+    let opts = SweepOptions {
+        results_root: root.clone(),
+        jobs: Some(1),
+        threads_per_run: Some(1),
+        retry_failed: false,
+        max_memory: None,
+    };
+    assert!(sweep::sweep(&plan, &opts).unwrap().ok());
+    let data = sweep::datasets(&[&plan.runs[0].config.data], &root).unwrap();
+    let ds = data.values().next().unwrap();
+    for r in &plan.runs {
+        let dir = RunDir::new(root.join("p/runs").join(&r.run_id));
+        let probed = switch_runner::probe::probe_run(&dir, &r.config, ds, 2).unwrap();
+        let (experts, alpha) = (r.config.model.num_experts, r.config.model.balance_loss_coef);
+        let Some(routers) = probed else {
+            assert_eq!(experts, 1, "only dense runs have no router");
+            continue;
+        };
+        // grid(): 2 encoder layers, 1 decoder layer, sparse every other layer → one router.
+        assert_eq!(routers.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["encoder.1.moe.router"]);
+        assert!(routers[0].from_cross_entropy > 1e-6, "{routers:?}");
+        if alpha == 0.0 {
+            assert_eq!(routers[0].from_balance, 0.0, "{routers:?}");
+        } else {
+            assert!(routers[0].from_balance > 1e-6, "{routers:?}");
+        }
+    }
+}
+
 #[test]
 fn empty_grid_files_are_refused_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();

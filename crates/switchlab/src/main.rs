@@ -95,6 +95,15 @@ enum Command {
         #[arg(long)]
         at_step: Option<f64>,
     },
+    /// For each finished Switch run of a sweep: the norm of each router's gradient from the
+    /// cross-entropy alone and from the balance loss alone, at its last checkpoint.
+    Probe {
+        /// A sweep folder (results/<sweep>), or a sweep name.
+        sweep_dir: PathBuf,
+        /// Training batches to average over (the run's last ones).
+        #[arg(long, default_value_t = 4)]
+        batches: u64,
+    },
     /// Print measured speed figures.
     Bench {
         #[command(subcommand)]
@@ -129,6 +138,42 @@ fn grid_path(arg: &Path) -> PathBuf {
     } else {
         arg.to_path_buf()
     }
+}
+
+/// `switchlab probe`: router gradient norms by source, one line per router of each finished Switch run.
+fn probe(sweep_dir: &Path, batches: u64) -> anyhow::Result<()> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(sweep_dir.join("runs"))
+        .map_err(|e| anyhow::anyhow!("{}: no runs folder ({e})", sweep_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    dirs.sort();
+    println!(
+        "{:<14} {:<30} {:<22} {:>14} {:>14} {:>10}",
+        "run", "point", "router", "‖g‖ from CE", "‖g‖ from α·bal", "CE ÷ bal"
+    );
+    let results_root = sweep_dir.parent().unwrap_or(Path::new("."));
+    for dir in dirs {
+        let Ok(run) = RunFile::read(&dir.join("config.yaml")) else { continue };
+        let dir = RunDir::new(dir);
+        let done = dir.read_status().is_some_and(|s| s.state == State::Done);
+        if run.config.model.num_experts < 2 || !done {
+            continue;
+        }
+        let data = sweep::datasets(&[&run.config.data], results_root)?;
+        let ds = data.values().next().expect("one dataset");
+        for r in switch_runner::probe::probe_run(&dir, &run.config, ds, batches)?.unwrap_or_default() {
+            println!(
+                "{:<14} {:<30} {:<22} {:>14.3e} {:>14.3e} {:>10.3}",
+                run.run_id,
+                switch_runner::grid::label(&run.point),
+                r.name,
+                r.from_cross_entropy,
+                r.from_balance,
+                r.from_cross_entropy / r.from_balance.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `experts` → `results/experts` when no such folder exists as given.
@@ -291,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let sweep_dir = sweep_path(sweep_dir);
             print!("{}", slurm::status_table(&sweep_dir)?);
         }
+        Command::Probe { sweep_dir, batches } => probe(&sweep_path(sweep_dir), batches)?,
         Command::Bench { what } => bench::run(what)?,
     }
     Ok(())
