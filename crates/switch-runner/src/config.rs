@@ -23,6 +23,10 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Peak learning rate; decayed as 1/√step after `warmup_steps`.
     pub learning_rate: f64,
+    /// Peak learning rate of the routers alone, on the same schedule (unset: `learning_rate`;
+    /// not in the paper). Left out of the resolved config when unset, so run ids stay as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_learning_rate: Option<f64>,
     pub warmup_steps: u64,
     pub schedule: Schedule,
     pub weight_decay: f64,
@@ -44,6 +48,7 @@ impl Default for TrainConfig {
             steps: 600,
             batch_size: 32,
             learning_rate: 3e-3,
+            router_learning_rate: None,
             warmup_steps: 100,
             schedule: Schedule::LinearWarmupRsqrt,
             weight_decay: 0.0,
@@ -62,12 +67,21 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// The learning rate of optimizer step `step` (0-based; the schedule counts from 1).
     pub fn learning_rate_at(&self, step: u64) -> f64 {
+        self.scheduled(self.learning_rate, step)
+    }
+
+    /// The routers' learning rate at `step`: `router_learning_rate` on the same schedule.
+    pub fn router_learning_rate_at(&self, step: u64) -> f64 {
+        self.scheduled(self.router_learning_rate.unwrap_or(self.learning_rate), step)
+    }
+
+    fn scheduled(&self, peak: f64, step: u64) -> f64 {
         let s = (step + 1) as f64;
         let w = self.warmup_steps.max(1) as f64;
         let decay = (w / s.max(w)).sqrt();
         match self.schedule {
-            Schedule::Rsqrt => self.learning_rate * decay,
-            Schedule::LinearWarmupRsqrt => self.learning_rate * (s / w).min(1.0) * decay,
+            Schedule::Rsqrt => peak * decay,
+            Schedule::LinearWarmupRsqrt => peak * (s / w).min(1.0) * decay,
         }
     }
 
@@ -81,6 +95,11 @@ impl TrainConfig {
         pos(self.eval_batch_size as u64, "eval_batch_size")?;
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return Err(format!("train.learning_rate = {}: use a number > 0", self.learning_rate));
+        }
+        if let Some(r) = self.router_learning_rate.filter(|r| !(r.is_finite() && *r >= 0.0)) {
+            return Err(format!(
+                "train.router_learning_rate = {r}: use a number ≥ 0 (0 freezes the routers), or leave it unset"
+            ));
         }
         for (k, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
@@ -155,6 +174,7 @@ pub fn valid_keys() -> Vec<String> {
     // list the keys of a config with every option set.
     let mut full = RunConfig::default();
     full.model.router_init_scale = Some(full.model.init_scale);
+    full.train.router_learning_rate = Some(full.train.learning_rate);
     let mut out = Vec::new();
     walk("", &serde_json::to_value(full).expect("serializable"), &mut out);
     out

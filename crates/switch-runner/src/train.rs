@@ -178,9 +178,11 @@ pub fn train_step(
     let norm = norm_sq.sqrt();
     let grad_scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
     let lr = t.learning_rate_at(step);
-    for (k, (_, p)) in params.iter_mut().enumerate() {
+    let router_lr = t.router_learning_rate_at(step);
+    for (k, (name, p)) in params.iter_mut().enumerate() {
         let mut host = std::mem::take(&mut opt.scratch[k]);
         p.copy_into(&mut host);
+        let lr = if name.ends_with(".moe.router") { router_lr } else { lr };
         opt.update(k, &mut host, grads.get_or_alloc_mut(&**p)?, grad_scale, step + 1, lr, t);
         p.copy_from(&host);
         opt.scratch[k] = host;

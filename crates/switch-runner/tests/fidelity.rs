@@ -146,3 +146,46 @@ fn train_step_equals_clipping_and_adamw_on_plain_host_copies() {
     AdamW::new(&sizes).step(&mut params, &gs, 1, cfg.train.learning_rate_at(0), &cfg.train);
     assert_eq!(weights(&mut fast), params);
 }
+
+/// `train.router_learning_rate` moves the routers alone: 0 freezes them while everything else
+/// trains, and a value equal to `learning_rate` gives the bits of leaving it unset. Unset, it is
+/// left out of the resolved config, so run ids do not change.
+#[test]
+fn a_router_learning_rate_applies_to_the_routers_only() {
+    use dfdx::prelude::*;
+    use switch_runner::train::{to_batch, train_step};
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&write_grid(tmp.path(), "points:\n  - { model.num_experts: 4 }\n")).unwrap();
+    let base = plan.runs[0].config.clone();
+    assert!(!serde_json::to_string(&base).unwrap().contains("router_learning_rate"));
+    let set = write_grid(tmp.path(), "points:\n  - { model.num_experts: 4, train.router_learning_rate: 0.0 }\n");
+    assert_eq!(switch_runner::plan(&set).unwrap().runs[0].config.train.router_learning_rate, Some(0.0));
+    let ds = switch_data::Dataset::build(&base.data, &tmp.path().join("cache")).unwrap();
+    let batch = to_batch(ds.train_batch(0, 0, base.train.batch_size), &base);
+    let after_steps = |router_lr: Option<f64>| {
+        let mut cfg = base.clone();
+        cfg.train.router_learning_rate = router_lr;
+        let mut m = switch_model::SwitchTransformer::new(&Dev::default(), &cfg.model, 0).unwrap();
+        let sizes: Vec<usize> = m.params_mut().iter().map(|(_, p)| p.shape().0).collect();
+        let mut opt = AdamW::new(&sizes);
+        for step in 0..2 {
+            train_step(&mut m, &mut opt, &batch, &cfg, step).unwrap();
+        }
+        m.params_mut().into_iter().map(|(n, p)| (n, p.as_vec())).collect::<Vec<_>>()
+    };
+    let start = {
+        let mut m = switch_model::SwitchTransformer::new(&Dev::default(), &base.model, 0).unwrap();
+        m.params_mut().into_iter().map(|(n, p)| (n, p.as_vec())).collect::<Vec<_>>()
+    };
+    let unset = after_steps(None);
+    assert_eq!(after_steps(Some(base.train.learning_rate)), unset);
+    let frozen = after_steps(Some(0.0));
+    for ((name, before), (_, after)) in start.iter().zip(&frozen) {
+        if name.ends_with(".moe.router") {
+            assert_eq!(before, after, "{name} moved at router_learning_rate 0");
+        } else if !name.ends_with("norm") {
+            assert_ne!(before, after, "{name} did not train");
+        }
+    }
+    assert!(frozen.iter().any(|(n, _)| n.ends_with(".moe.router")));
+}
