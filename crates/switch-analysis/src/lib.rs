@@ -154,7 +154,8 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     let groups = groups(&runs);
     let s = Sweep::new(&runs, &groups, opts);
     let mut md = String::new();
-    tables::header(&mut md, &sweep_dir.file_name().unwrap_or_default().to_string_lossy(), &s)?;
+    let name = sweep_dir.file_name().unwrap_or_default().to_string_lossy().to_string();
+    tables::header(&mut md, &name, switch_rundir::grid_description(sweep_dir).as_deref(), &s)?;
     tables::experts_table(&mut md, &s)?;
     tables::study_table(&mut md, &s)?;
     tables::width_ceiling(&mut md, &s)?;

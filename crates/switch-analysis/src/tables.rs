@@ -3,11 +3,14 @@ use crate::{dense_for, fmt_q, opt, paper, plots, stats, Group, Sweep};
 use std::fmt::Write as _;
 use switch_rundir::State;
 
-/// The title, what was measured, how it is scaled down from the paper, and the threshold.
-pub(crate) fn header(md: &mut String, name: &str, s: &Sweep) -> anyhow::Result<()> {
+/// The title, the grid's description, what was measured, how it is scaled down from the paper, and the threshold.
+pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { runs, groups, threshold, at_step, seeds, .. } = *s;
     let first = &runs[0];
     writeln!(md, "# Sweep `{name}`\n")?;
+    if let Some(d) = description {
+        writeln!(md, "> {}\n", d.replace('\n', "\n> "))?;
+    }
     writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of T5-style span corruption on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", runs.len(), groups.len(), seeds)?;
     writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
         plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;

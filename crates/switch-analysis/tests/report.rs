@@ -71,8 +71,11 @@ fn report_on_synthetic_runs() {
     assert_eq!(sw8.curve.len(), 3, "rows before the torn line are kept");
     assert_eq!(runs.iter().find(|r| r.id == "sw16s0").unwrap().problem.as_deref(), Some("metrics.csv is missing"));
 
+    // The grid's description, from the sweep folder's copy of the grid, heads the report.
+    std::fs::write(dir.join("grid.yaml"), "name: synthetic\ndescription: |\n  Line one.\n  Line two.\n").unwrap();
     let md_path = report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
     let md = std::fs::read_to_string(&md_path).unwrap();
+    assert!(md.contains("# Sweep `synthetic`\n\n> Line one.\n> Line two.\n\n"), "{md}");
     // Switch-4's seed mean is −3 + 2s/1000: it reaches dense's final −2.0 at step 500, a 2× speedup,
     // and its final quality is −1.0 ± 0.071 (two seeds ±0.05).
     // One dense seed: no paired gain (it needs two seeds for a std).

@@ -158,6 +158,14 @@ impl<C: Serialize + serde::de::DeserializeOwned> RunFile<C> {
     }
 }
 
+/// The `description:` of the grid a sweep ran (its copy `grid.yaml` in the sweep folder), for the
+/// report to show; `None` when there is none or the file cannot be read.
+pub fn grid_description(sweep_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(sweep_dir.join("grid.yaml")).ok()?;
+    let grid: serde_json::Value = serde_saphyr::from_str(&text).ok()?;
+    Some(grid.get("description")?.as_str()?.trim().to_string()).filter(|d| !d.is_empty())
+}
+
 /// A sweep's runs sorted by what their folders under `runs/` say.
 #[derive(Debug, Default, PartialEq)]
 pub struct Triage {
