@@ -52,7 +52,7 @@ fn main() {
                 std::hint::black_box(y.sum().backward());
             };
             let mut switch_step = || {
-                let out = switch.forward(x.clone().retaped::<OwnedTape<f32, Dev>>(), tokens, &mut Ctx::train(0));
+                let out = switch.forward(x.clone().retaped::<OwnedTape<f32, Dev>>(), &[], tokens, &mut Ctx::train(0));
                 std::hint::black_box((out.output.sum() + out.balance_loss + out.z_loss).backward());
             };
             dense_step();

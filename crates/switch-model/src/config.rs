@@ -9,6 +9,24 @@ pub enum Activation {
     Geglu,
 }
 
+/// How tokens choose their expert.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Router {
+    /// The paper's learned router: softmax over a linear map of the token's representation.
+    #[default]
+    Learned,
+    /// A fixed random map from token id to expert (Hash Layers, Roller et al. 2021): no router
+    /// training, no balance loss, gate 1 — a control for whether learned routing helps at all.
+    Hash,
+}
+
+impl Router {
+    fn is_learned(&self) -> bool {
+        *self == Router::Learned
+    }
+}
+
 /// Which tokens win when an expert is over capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,6 +80,10 @@ pub struct ModelConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group_size: Option<usize>,
     pub routing_priority: RoutingPriority,
+    /// `learned` (the paper) or `hash` (a control; top_k 1 only). Left out of the resolved config
+    /// when learned, so run ids stay as they were.
+    #[serde(skip_serializing_if = "Router::is_learned")]
+    pub router: Router,
     /// α of the load-balancing loss α·N·Σ fᵢPᵢ.
     pub balance_loss_coef: f64,
     pub z_loss_coef: f64,
@@ -99,6 +121,7 @@ impl Default for ModelConfig {
             min_expert_capacity: 4,
             group_size: None,
             routing_priority: RoutingPriority::Position,
+            router: Router::Learned,
             balance_loss_coef: 0.01,
             z_loss_coef: 0.0,
             router_loss_reduction: LossReduction::Sum,
@@ -161,6 +184,9 @@ impl ModelConfig {
             self.top_k,
             &format!("between 1 and num_experts = {}", self.num_experts),
         )?;
+        if self.router == Router::Hash {
+            check(self.top_k == 1, "top_k", self.top_k, "1 with router: hash (one expert per token id)")?;
+        }
         check(self.expert_every >= 1, "expert_every", self.expert_every, "at least 1 (1 = every layer)")?;
         let finite_pos = |v: f64| v.is_finite() && v > 0.0;
         check(finite_pos(self.capacity_factor), "capacity_factor", self.capacity_factor, "a number > 0")?;

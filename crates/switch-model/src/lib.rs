@@ -15,6 +15,6 @@ pub mod nn;
 pub mod t5;
 
 pub use accounting::Accounting;
-pub use config::{Activation, ConfigError, LossReduction, ModelConfig, RoutingPriority};
+pub use config::{Activation, ConfigError, LossReduction, ModelConfig, Router, RoutingPriority};
 pub use moe::{MoeLayer, RoutingStats};
 pub use t5::{Batch, LossOutput, SwitchTransformer};

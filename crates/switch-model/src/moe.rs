@@ -162,6 +162,17 @@ pub fn router_z_loss<D: Device<f32>, T: Tp<D>>(logits: Act<D, T>, coef: f64) -> 
     logits.logsumexp::<(usize,), Axis<1>>().square().mean() * coef as f32
 }
 
+/// Hash routing's one-hot "probabilities" `[tokens, experts]`: token id t goes to a fixed
+/// pseudo-random expert (a multiplicative hash of t), the same in every layer, step and run.
+pub fn hash_choices(token_ids: &[usize], num_experts: usize) -> Vec<f32> {
+    let mut p = vec![0f32; token_ids.len() * num_experts];
+    for (i, &t) in token_ids.iter().enumerate() {
+        let h = ((t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 33) as usize;
+        p[i * num_experts + h % num_experts] = 1.0;
+    }
+    p
+}
+
 /// What one sparse layer did in one forward pass, for logging.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoutingStats {
@@ -186,6 +197,8 @@ pub struct MoeLayer<D: Device<f32>> {
     pub z_loss_coef: f64,
     pub jitter_eps: f64,
     pub expert_dropout: f64,
+    /// `router: hash`: experts chosen by token id (the router is kept, untrained).
+    pub hash_routing: bool,
 }
 
 /// Output of a sparse layer: the layer output (zero for dropped tokens), its two losses
@@ -217,15 +230,25 @@ impl<D: Device<f32>> MoeLayer<D> {
             z_loss_coef: cfg.z_loss_coef,
             jitter_eps: cfg.jitter_eps,
             expert_dropout: cfg.expert_dropout,
+            hash_routing: cfg.router == crate::Router::Hash,
         }
     }
 
     /// `x`: `[tokens, d_model]`, routed in consecutive groups of `group_tokens` tokens.
     ///
+    /// `token_ids`: each token's id, for hash routing (ignored by the learned router).
+    ///
     /// Tape rule: `x`'s tape (every op below this layer) travels through the router branch and
     /// ends in the z-loss, so the z-loss must reach the total loss even at coefficient 0, or
-    /// everything below this layer gets no gradient.
-    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>, group_tokens: usize, ctx: &mut Ctx) -> MoeOutput<D, T> {
+    /// everything below this layer gets no gradient. Hash routing keeps that branch, with both
+    /// router losses at coefficient 0 and the gate fixed at 1, so the router gets no gradient.
+    pub fn forward<T: Tp<D>>(
+        &self,
+        x: Act<D, T>,
+        token_ids: &[usize],
+        group_tokens: usize,
+        ctx: &mut Ctx,
+    ) -> MoeOutput<D, T> {
         let (n, d) = *x.shape();
         let (e, k) = (self.experts.num_experts, self.top_k);
         let dev = x.device().clone();
@@ -241,22 +264,20 @@ impl<D: Device<f32>> MoeLayer<D> {
             router_in
         };
         let (logits, logits_tape) = self.router.forward(router_in).split_tape();
-        let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), self.z_loss_coef);
+        let (z_coef, balance_coef) =
+            if self.hash_routing { (0.0, 0.0) } else { (self.z_loss_coef, self.balance_loss_coef) };
+        let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), z_coef);
         let probs = logits.retaped::<T>().softmax::<Axis<1>>();
         let (probs, probs_tape) = probs.split_tape();
-        let probs_host = probs.as_vec();
+        let probs_host = if self.hash_routing { hash_choices(token_ids, e) } else { probs.as_vec() };
 
         let cf = if ctx.train { self.capacity_factor } else { self.eval_capacity_factor };
         let capacity_of = |tokens| expert_capacity(cf, tokens, e, self.min_expert_capacity);
         let routing = route_in_groups(&probs_host, e, k, group_tokens, capacity_of, self.priority);
         let capacity = routing.capacity;
         let first_choices: Vec<usize> = routing.choices.iter().step_by(k).copied().collect();
-        let balance_loss = load_balancing_loss(
-            probs.clone().put_tape(probs_tape),
-            &first_choices,
-            group_tokens,
-            self.balance_loss_coef,
-        );
+        let balance_loss =
+            load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, balance_coef);
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
         let slot_token = dev.tensor_from_vec(routing.slot_token.clone(), (e * capacity,));
@@ -270,7 +291,9 @@ impl<D: Device<f32>> MoeLayer<D> {
         let select_prob = |j: usize| probs.clone().retaped::<T>().select(choice(j));
         let mut output: Option<Act<D, T>> = None;
         for j in 0..k {
-            let gate = if k == 1 {
+            let gate = if self.hash_routing {
+                select_prob(0) * 0.0 + 1.0 // gate 1, and no gradient to the unused router
+            } else if k == 1 {
                 select_prob(0) // Switch: the raw probability, which is what trains the router
             } else {
                 let mut denom = select_prob(0);

@@ -284,7 +284,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         &self,
         stack: &Stack<D>,
         x: Act<D, T>,
-        batch: usize,
+        (token_ids, batch): (&[usize], usize),
         memory: Option<&Act<D, NoneTape>>,
         mut memory_tape: Option<T>,
         ctx: &mut Ctx,
@@ -329,7 +329,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
                 }
                 FeedForward::Sparse(m) => {
                     let group_tokens = self.cfg.group_size.unwrap_or(batch).min(batch) * len;
-                    let out = m.forward(h, group_tokens, ctx);
+                    let out = m.forward(h, token_ids, group_tokens, ctx);
                     let name = format!("{}.{i}", if stack.is_decoder { "decoder" } else { "encoder" });
                     sparse.losses.push((out.balance_loss, out.z_loss));
                     sparse.routing.push((name, out.routing));
@@ -351,11 +351,12 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let mut sparse = SparseOutputs { losses: Vec::new(), routing: Vec::new() };
 
         let enc_in = emb.clone().retaped::<T>().gather(ids(&batch.encoder_ids));
-        let enc_out = self.run_stack(&self.encoder, enc_in, b, None, None, ctx, &mut sparse);
+        let enc_out = self.run_stack(&self.encoder, enc_in, (&batch.encoder_ids, b), None, None, ctx, &mut sparse);
         let (enc_out, enc_tape) = enc_out.split_tape();
 
         let dec_in = emb.clone().retaped::<T>().gather(ids(&batch.decoder_input_ids));
-        let dec_out = self.run_stack(&self.decoder, dec_in, b, Some(&enc_out), Some(enc_tape), ctx, &mut sparse);
+        let dec_ids = (&batch.decoder_input_ids[..], b);
+        let dec_out = self.run_stack(&self.decoder, dec_in, dec_ids, Some(&enc_out), Some(enc_tape), ctx, &mut sparse);
 
         // Tied output layer, scaled by d_model^-1/2 as in T5 v1.0.
         let logits = (dec_out * (d as f32).powf(-0.5)).matmul(emb.permute::<_, Axes2<1, 0>>());

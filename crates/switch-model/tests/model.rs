@@ -155,7 +155,7 @@ fn hand_worked_routing_drops_the_right_tokens() {
 
     // Position priority: expert 0 gets tokens 0, 2 (3 dropped), expert 1 gets 1, 4 (5 dropped).
     let layer = hand_layer(&dev, RoutingPriority::Position);
-    let out = layer.forward(x(), usize::MAX, &mut Ctx::eval());
+    let out = layer.forward(x(), &[], usize::MAX, &mut Ctx::eval());
     let y = out.output.as_vec();
     let expected =
         [2.0 * s(1.0), s(1.0), 2.0 * s(2.0), 6.0 * s(2.0), 3.0 * s(2.0), s(2.0), 0.0, 0.0, 0.0, 2.0 * s(1.0), 0.0, 0.0];
@@ -168,7 +168,7 @@ fn hand_worked_routing_drops_the_right_tokens() {
 
     // Batch-prioritized: the confident token 3 displaces token 0; token 5 is still dropped.
     let layer = hand_layer(&dev, RoutingPriority::BatchPrioritized);
-    let y = layer.forward(x(), usize::MAX, &mut Ctx::eval()).output.as_vec();
+    let y = layer.forward(x(), &[], usize::MAX, &mut Ctx::eval()).output.as_vec();
     assert_eq!(&y[0..2], &[0.0, 0.0]);
     assert!((y[6] - 2.0 * s(2.0)).abs() < 1e-6 && y[7] == 0.0);
     assert_eq!(&y[10..12], &[0.0, 0.0]);
@@ -201,7 +201,7 @@ fn top2_gates_are_renormalised() {
     layer.eval_capacity_factor = 4.0;
     // logits (2, 0, 1): choices e0 then e2, gates p0/(p0+p2), p2/(p0+p2); outputs relu(x)·1 and ·3.
     let x = dev.tensor_from_vec(vec![2.0f32, 0.0], (1usize, 2usize));
-    let y = layer.forward(x, usize::MAX, &mut Ctx::eval()).output.as_vec();
+    let y = layer.forward(x, &[], usize::MAX, &mut Ctx::eval()).output.as_vec();
     let (p0, p2) = (2f32.exp(), 1f32.exp());
     let expected = 2.0 * (p0 + 3.0 * p2) / (p0 + p2);
     assert!((y[0] - expected).abs() < 1e-5, "{y:?} vs {expected}");
@@ -215,11 +215,11 @@ fn balance_loss_is_alpha_when_uniform_and_alpha_n_when_collapsed() {
     layer.router = Linear::from_rows(&dev, 2, 2, &[1.0, -1.0, -1.0, 1.0]);
     // Half the tokens lean to each expert, symmetrically: f = P = (½, ½).
     let x = dev.tensor_from_vec(vec![1.0f32, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 2.0], (4usize, 2usize));
-    let out = layer.forward(x, usize::MAX, &mut Ctx::eval());
+    let out = layer.forward(x, &[], usize::MAX, &mut Ctx::eval());
     assert!((out.balance_loss.as_vec()[0] - alpha).abs() < 1e-7);
     // Every token certain of expert 0: f = P = (1, 0), loss = α·N.
     let x = dev.tensor_from_vec(vec![50.0f32, 0.0, 60.0, 0.0, 70.0, 0.0, 80.0, 0.0], (4usize, 2usize));
-    let out = layer.forward(x, usize::MAX, &mut Ctx::eval());
+    let out = layer.forward(x, &[], usize::MAX, &mut Ctx::eval());
     assert!((out.balance_loss.as_vec()[0] - 2.0 * alpha).abs() < 1e-6);
 }
 
@@ -238,7 +238,7 @@ fn one_expert_without_dropping_equals_the_dense_layer() {
         d_ff: 10,
     };
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(7, 6));
-    let sparse = layer.forward(x.clone(), usize::MAX, &mut Ctx::eval()).output.as_vec();
+    let sparse = layer.forward(x.clone(), &[], usize::MAX, &mut Ctx::eval()).output.as_vec();
     let dense = dense.forward(x.reshape_like(&(1, 7, 6)), 0.0, &mut Ctx::eval()).as_vec();
     assert_eq!(sparse, dense);
 }
@@ -257,16 +257,20 @@ fn jitter_only_acts_in_training_and_never_reaches_the_experts() {
     };
     let layer = MoeLayer::new(&dev, &mut StdRng::seed_from_u64(1), &cfg);
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(16, 6));
-    let eval_a = layer.forward(x.clone(), usize::MAX, &mut Ctx::eval()).output.as_vec();
+    let eval_a = layer.forward(x.clone(), &[], usize::MAX, &mut Ctx::eval()).output.as_vec();
     let mut other = Ctx::eval();
     other.rng = StdRng::seed_from_u64(99);
-    assert_eq!(eval_a, layer.forward(x.clone(), usize::MAX, &mut other).output.as_vec(), "no randomness in evaluation");
-    let train = layer.forward(x.clone(), usize::MAX, &mut Ctx::train(5)).output.as_vec();
+    assert_eq!(
+        eval_a,
+        layer.forward(x.clone(), &[], usize::MAX, &mut other).output.as_vec(),
+        "no randomness in evaluation"
+    );
+    let train = layer.forward(x.clone(), &[], usize::MAX, &mut Ctx::train(5)).output.as_vec();
     assert_ne!(eval_a, train, "jitter changes the router in training");
     // With ε = 0 training and evaluation agree (same capacity, no dropout): jitter is the only difference.
     let mut plain = MoeLayer::new(&dev, &mut StdRng::seed_from_u64(1), &cfg);
     plain.jitter_eps = 0.0;
-    assert_eq!(eval_a, plain.forward(x, usize::MAX, &mut Ctx::train(5)).output.as_vec());
+    assert_eq!(eval_a, plain.forward(x, &[], usize::MAX, &mut Ctx::train(5)).output.as_vec());
 }
 
 #[test]
@@ -302,6 +306,39 @@ fn routing_statistics_come_back_named_by_layer() {
             assert!((r.load_fraction.iter().sum::<f32>() - 1.0).abs() < 1e-6 && r.load_fraction.len() == 4);
         }
     }
+}
+
+/// `router: hash` sends each token id to a fixed expert in every layer: the loads are those of the
+/// hash over the batch's ids, the router gets no gradient and the router losses are 0, while
+/// everything else still trains. Top-2 is refused.
+#[test]
+fn hash_routing_follows_token_ids_and_leaves_the_router_untrained() {
+    use switch_model::moe::hash_choices;
+    use switch_model::Router;
+    let dev = Dev::default();
+    let cfg = ModelConfig { router: Router::Hash, capacity_factor: 8.0, eval_capacity_factor: 8.0, ..tiny(4) };
+    let b = batch(&cfg, 2, 6, 4, 3);
+    let mut m = SwitchTransformer::new(&dev, &cfg, 0).unwrap();
+    let out = m.loss::<OwnedTape<f32, Dev>>(&b, &mut Ctx::train(1));
+    assert_eq!((out.balance_loss, out.z_loss), (0.0, 0.0));
+    let load = |ids: &[usize]| {
+        let p = hash_choices(ids, 4);
+        (0..4).map(|e| p.chunks(4).filter(|row| row[e] == 1.0).count() as f32 / ids.len() as f32).collect::<Vec<_>>()
+    };
+    for (name, r) in &out.routing {
+        let ids = if name.starts_with("encoder") { &b.encoder_ids } else { &b.decoder_input_ids };
+        assert_eq!(r.load_fraction, load(ids), "{name}");
+    }
+    let p = hash_choices(&[5, 9, 5], 4);
+    assert_eq!(p[0..4], p[8..12], "one token id, one expert");
+    let grads = out.total.backward();
+    for (name, param) in m.params_mut() {
+        let g = grads.get(&*param).as_vec();
+        let moved = g.iter().any(|v| *v != 0.0);
+        assert_eq!(moved, !name.ends_with(".moe.router"), "{name}");
+    }
+    let top2 = ModelConfig { top_k: 2, ..cfg };
+    assert_eq!(top2.validate().unwrap_err().field, "top_k");
 }
 
 /// Paired seeds: at one seed, dense and Switch models of any expert count start with the same

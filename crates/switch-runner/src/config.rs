@@ -175,6 +175,7 @@ pub fn valid_keys() -> Vec<String> {
     let mut full = RunConfig::default();
     full.model.router_init_scale = Some(full.model.init_scale);
     full.train.router_learning_rate = Some(full.train.learning_rate);
+    full.model.router = switch_model::Router::Hash;
     let mut out = Vec::new();
     walk("", &serde_json::to_value(full).expect("serializable"), &mut out);
     out
