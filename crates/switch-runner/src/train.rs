@@ -285,13 +285,19 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
 /// Trains (or resumes) the run in `dir` to its last step. Errors and non-finite losses are
 /// returned as `Err` for the caller to record as `failed`.
 pub fn train(cfg: &RunConfig, ds: &Dataset, dir: &RunDir, stop: &AtomicBool, progress: Progress) -> Result<Outcome> {
-    let dev = Dev::default();
-    let outcome = train_on(&dev, cfg, ds, dir, stop, progress);
-    // Every tensor of the run is dropped by now, and each dropped buffer went into the device's
-    // cache, which dfdx never frees on its own: without this, a sweep's process keeps every
-    // finished run's memory (a 22-run sweep grew to 24 GB and was killed).
-    dev.empty_cache();
-    outcome
+    let dev = CacheOwner(Dev::default());
+    train_on(&dev.0, cfg, ds, dir, stop, progress)
+}
+
+/// The run's device. Dropped after every tensor of the run (also when training panics), it
+/// empties the device's buffer cache, which dfdx never frees on its own: without this, a sweep's
+/// process kept every finished run's memory (a 22-run sweep grew to 24 GB and was killed).
+struct CacheOwner(Dev);
+
+impl Drop for CacheOwner {
+    fn drop(&mut self) {
+        self.0.empty_cache();
+    }
 }
 
 fn train_on(
