@@ -45,7 +45,9 @@ pub fn probe_run(dir: &RunDir, cfg: &RunConfig, ds: &Dataset, batches: u64) -> R
     let Some(state) = load_checkpoint(dir, &mut model, &mut AdamW::new(&sizes))? else { return Ok(None) };
     let (balance, z) = (cfg.model.balance_loss_coef, cfg.model.z_loss_coef);
     let mut sums: Vec<RouterGradient> = Vec::new();
-    for step in state.step.saturating_sub(batches)..state.step {
+    let steps = state.step.saturating_sub(batches)..state.step;
+    let probed = (steps.end - steps.start).max(1) as f64;
+    for step in steps {
         let batch = to_batch(ds.train_batch(cfg.train.seed, step, cfg.train.batch_size), cfg);
         let seed = switch_data::fnv1a(format!("probe-{}-{step}", cfg.train.seed).as_bytes());
         model.set_router_loss_coefs(0.0, 0.0);
@@ -54,15 +56,18 @@ pub fn probe_run(dir: &RunDir, cfg: &RunConfig, ds: &Dataset, batches: u64) -> R
         let with_balance = router_grads(&mut model, &batch, seed);
         model.set_router_loss_coefs(balance, z);
         for (i, ((name, a), (_, b))) in ce.iter().zip(&with_balance).enumerate() {
-            let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let (from_cross_entropy, from_balance) =
-                (norm(&mut a.iter().copied()), norm(&mut a.iter().zip(b).map(|(a, b)| b - a)));
+            let (from_cross_entropy, from_balance) = (l2(a.iter().copied()), l2(a.iter().zip(b).map(|(a, b)| b - a)));
             if sums.len() <= i {
                 sums.push(RouterGradient { name: name.clone(), from_cross_entropy: 0.0, from_balance: 0.0 });
             }
-            sums[i].from_cross_entropy += from_cross_entropy / batches as f64;
-            sums[i].from_balance += from_balance / batches as f64;
+            sums[i].from_cross_entropy += from_cross_entropy / probed;
+            sums[i].from_balance += from_balance / probed;
         }
     }
     Ok((!sums.is_empty()).then_some(sums))
+}
+
+/// Euclidean norm, summed in f64.
+fn l2(v: impl Iterator<Item = f32>) -> f64 {
+    v.map(|x| (x as f64).powi(2)).sum::<f64>().sqrt()
 }
