@@ -52,8 +52,17 @@ impl Group<'_> {
     /// Final quality minus `base`'s, seed by seed, over the seeds both have evaluated: with
     /// paired seeds (same data order, same shared init) most of the seed noise cancels.
     pub fn paired_differences(&self, base: &Group) -> Vec<f64> {
-        let base_q = |seed| base.evaluated().into_iter().find(|r| r.seed == seed).and_then(|r| r.final_quality());
-        self.evaluated().iter().filter_map(|r| Some(r.final_quality()? - base_q(r.seed)?)).collect()
+        self.paired_differences_at(base, None)
+    }
+    /// The same at evaluation `step` (`None`: each run's final evaluation), over the seeds
+    /// both have evaluated there.
+    pub fn paired_differences_at(&self, base: &Group, step: Option<f64>) -> Vec<f64> {
+        let quality = |r: &Run| match step {
+            None => r.final_quality(),
+            Some(s) => r.curve.iter().find(|p| p.step == s).map(|p| p.neg_log_perplexity),
+        };
+        let base_q = |seed| base.evaluated().into_iter().find(|r| r.seed == seed).and_then(quality);
+        self.evaluated().iter().filter_map(|r| Some(quality(r)? - base_q(r.seed)?)).collect()
     }
     pub fn label(&self) -> String {
         let r = self.first();
@@ -158,6 +167,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     tables::header(&mut md, &name, switch_rundir::grid_description(sweep_dir).as_deref(), &s)?;
     tables::experts_table(&mut md, &s)?;
     tables::study_table(&mut md, &s)?;
+    tables::gain_over_training(&mut md, &s)?;
     tables::width_ceiling(&mut md, &s)?;
     tables::table1(&mut md, &s)?;
     tables::table3(&mut md, &s)?;

@@ -182,6 +182,50 @@ pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
 /// The width ceiling: in each setting, a dense model with E× the feed-forward width (not
 /// FLOP-matched) bounds roughly what Switch-E at the base width can gain; the table gives that
 /// ceiling and the share of it Switch-E recovers, seed by seed.
+/// The paired gain at evaluations along the way. Both learning-rate schedules are independent
+/// of the run's length (warmup, then 1/√step), so step s of a long run is a run of s steps: one
+/// long run per arm shows whether the gap grows or shrinks with training tokens.
+pub(crate) fn gain_over_training(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
+    let pairs: Vec<(&Group, &Group)> = s
+        .groups
+        .iter()
+        .filter(|g| g.first().num_experts > 1)
+        .filter_map(|g| Some((g, dense_for(s.groups, g, s.baseline)?)))
+        .filter(|(g, d)| g.first().steps_total == d.first().steps_total)
+        .collect();
+    let Some((_, dense)) = pairs.first() else { return Ok(()) };
+    let evals: Vec<f64> = dense.mean_points().iter().map(|p| p.0).collect();
+    if evals.len() < 6 {
+        return Ok(());
+    }
+    let mut steps: Vec<f64> = (1..=6).map(|i| evals[(evals.len() * i).div_ceil(6) - 1]).collect();
+    steps.dedup();
+    writeln!(
+        md,
+        "## Gain as training goes
+"
+    )?;
+    writeln!(md, "Each Switch point minus the dense model of its setting at evaluations along the way, mean ± std of per-seed differences (paired seeds). The learning-rate schedule does not depend on the run's length, so the column at step s is what runs of s steps would show.\n")?;
+    let head: String = steps.iter().map(|s| format!(" step {s:.0} |")).collect();
+    writeln!(md, "| Model | Seeds |{head}\n|---|---|{}", "---|".repeat(steps.len()))?;
+    for (g, d) in pairs {
+        let cells: String = steps
+            .iter()
+            .map(|&step| {
+                let diffs = g.paired_differences_at(d, Some(step));
+                match diffs.len() {
+                    0 => " – |".to_string(),
+                    1 => format!(" {:+.3} |", diffs[0]),
+                    _ => format!(" {} |", paired(&diffs).0),
+                }
+            })
+            .collect();
+        writeln!(md, "| {} | {} |{cells}", g.label(), g.paired_differences(d).len())?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
 pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let dense: Vec<&Group> = s.groups.iter().filter(|g| g.first().num_experts == 1).collect();
     let mut rows = Vec::new();

@@ -345,3 +345,33 @@ fn quality_vs_time_is_framed_after_the_first_evaluation_and_kept_in_full() {
     let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
     assert!(md.contains("(quality_vs_time_full.png)"), "{md}");
 }
+
+/// Switch starts behind dense and overtakes it: the gain table reads the paired difference off
+/// the evaluations along the way, at six steps spread over the run.
+#[test]
+fn the_gain_as_training_goes_is_paired_at_each_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tokens");
+    for (seed, noise) in [0.0, 0.5].into_iter().enumerate() {
+        let seed = seed as u64;
+        write_run(&dir, &format!("d{seed}"), 1, seed, 1200, move |s| -3.0 + s / 1000.0 + noise, "done");
+        // Switch − dense = (s − 600) / 6000: −0.083 at step 100, 0 at 600, +0.1 at 1200; seed 1 adds 0.01.
+        let extra = seed as f64 * 0.01;
+        write_run(
+            &dir,
+            &format!("s{seed}"),
+            8,
+            seed,
+            1200,
+            move |s| -3.0 + s / 1000.0 + noise + (s - 600.0) / 6000.0 + extra,
+            "done",
+        );
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let table = md.split("## Gain as training goes").nth(1).expect("gain table").to_string();
+    let head = table.lines().find(|l| l.starts_with("| Model |")).unwrap();
+    assert_eq!(head, "| Model | Seeds | step 200 | step 400 | step 600 | step 800 | step 1000 | step 1200 |");
+    let row = table.lines().find(|l| l.starts_with("| Switch-8")).unwrap();
+    // mean of (d, d + 0.01), std 0.007: the seed noise of 0.5 cancels
+    assert!(row.ends_with("| 2 | -0.062 ± 0.007 | -0.028 ± 0.007 | +0.005 ± 0.007 | +0.038 ± 0.007 | +0.072 ± 0.007 | +0.105 ± 0.007 |"), "{row}");
+}

@@ -21,6 +21,36 @@
 //! ```
 use crate::nn::{Act, Param, Tp};
 use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// 3-D activations `[experts, tokens, features]` carrying tape `T`.
+pub type Act3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
+
+/// How a flat parameter holds the matrices of a product `x · W`: `experts` matrices of `k × m`,
+/// stored one after another row-major (`[E, k, m]`), or, when `transposed`, stored `[E, m, k]`
+/// and used transposed (the tied output embedding, `[vocab, d_model]`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stacked {
+    pub experts: usize,
+    pub k: usize,
+    pub m: usize,
+    pub transposed: bool,
+}
+
+impl Stacked {
+    /// One `k × m` matrix stored `[k, m]` (a linear layer's weight).
+    pub fn matrix(k: usize, m: usize) -> Self {
+        Self { experts: 1, k, m, transposed: false }
+    }
+    /// (row stride, column stride) of one `k × m` matrix inside the flat parameter.
+    fn strides(&self) -> (usize, usize) {
+        if self.transposed {
+            (1, self.k)
+        } else {
+            (self.m, 1)
+        }
+    }
+}
 
 /// ε inside T5's RMSNorm square root.
 pub const RMS_EPS: f32 = 1e-6;
@@ -30,6 +60,14 @@ pub trait Kernels: Device<f32> {
     /// `x · w / √(mean(x²) + ε)` over the last axis. `x`: `[tokens, d]`, `w`: `[d]`.
     fn rms_norm<T: Tp<Self>>(x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
         rms_norm_plain(x, w)
+    }
+    /// `x · W` for each of `w`'s stacked matrices: `x` `[E, c, k]` → `[E, c, m]`.
+    fn param_matmul<T: Tp<Self>>(x: Act3<Self, T>, w: &Param<Self>, layout: Stacked) -> Act3<Self, T> {
+        param_matmul_plain(x, w, layout)
+    }
+    /// Mean over tokens of −log softmax(logits)[target]: `logits` `[tokens, vocab]`.
+    fn cross_entropy<T: Tp<Self>>(logits: Act<Self, T>, targets: &[usize]) -> Tensor<(), f32, Self, T> {
+        cross_entropy_plain(logits, targets)
     }
 }
 
@@ -41,12 +79,43 @@ impl Kernels for Cpu {
             rms_norm_fused(x, w)
         }
     }
+    fn param_matmul<T: Tp<Self>>(x: Act3<Self, T>, w: &Param<Self>, layout: Stacked) -> Act3<Self, T> {
+        if plain_kernels() {
+            param_matmul_plain(x, w, layout)
+        } else {
+            param_matmul_fused(x, w, layout)
+        }
+    }
+    fn cross_entropy<T: Tp<Self>>(logits: Act<Self, T>, targets: &[usize]) -> Tensor<(), f32, Self, T> {
+        if plain_kernels() {
+            cross_entropy_plain(logits, targets)
+        } else {
+            cross_entropy_fused(logits, targets)
+        }
+    }
 }
 
-/// `SWITCHLAB_PLAIN_KERNELS=1`: the CPU runs the plain dfdx path (read once per process).
+static PLAIN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+const UNSET: u8 = 2;
+
+/// `SWITCHLAB_PLAIN_KERNELS=1`: the CPU runs the plain dfdx path (read once per process, unless
+/// [`set_plain_kernels`] chose first).
 pub fn plain_kernels() -> bool {
-    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PLAIN.get_or_init(|| std::env::var("SWITCHLAB_PLAIN_KERNELS").is_ok_and(|v| v == "1"))
+    use std::sync::atomic::Ordering::Relaxed;
+    match PLAIN.load(Relaxed) {
+        UNSET => {
+            let plain = std::env::var("SWITCHLAB_PLAIN_KERNELS").is_ok_and(|v| v == "1");
+            PLAIN.store(plain as u8, Relaxed);
+            plain
+        }
+        v => v == 1,
+    }
+}
+
+/// Chooses the plain (`true`) or fused kernels for the rest of this process, whatever the
+/// environment says: for a test that compares whole models both ways.
+pub fn set_plain_kernels(plain: bool) {
+    PLAIN.store(plain as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// RMSNorm as dfdx ops (the reference): square, mean, +ε, √, 1/·, two broadcasts, two products.
@@ -60,15 +129,15 @@ pub fn rms_norm_plain<D: Device<f32>, T: Tp<D>>(x: Act<D, T>, w: &Param<D>) -> A
 /// A `[n, d]` tensor whose values `fill` writes. The buffer comes from the device (and so from
 /// dfdx's buffer cache when it is on): a buffer made here with `vec!` would be handed to the cache
 /// when the tensor drops and never taken back out, growing memory every step.
-fn with_output(dev: &Cpu, (n, d): (usize, usize), fill: impl FnOnce(&mut [f32])) -> Act<Cpu, NoneTape> {
+fn with_output<S: Shape>(dev: &Cpu, shape: S, fill: impl FnOnce(&mut [f32])) -> Tensor<S, f32, Cpu> {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.clear();
-        scratch.resize(n * d, 0.0);
+        scratch.resize(shape.num_elements(), 0.0);
         fill(scratch);
-        let mut out = dev.zeros_like(&(n, d));
+        let mut out = dev.zeros_like(&shape);
         out.copy_from(scratch);
         out
     })
@@ -80,7 +149,9 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
     let (n, d) = *x.shape();
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
-    let (xs, ws) = (x.as_vec(), w.as_vec());
+    let (mut xs, mut ws) = (Vec::new(), Vec::new());
+    host(&x, &mut xs);
+    host(w, &mut ws);
     let mut inv = vec![0f32; n];
     let out = with_output(&dev, (n, d), |y| {
         for ((row, out), r) in xs.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
@@ -110,6 +181,203 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
         }
         for (a, b) in grads.get_or_alloc_mut(&w_ghost)?.iter_mut().zip(&gw) {
             *a += b;
+        }
+        Ok(())
+    });
+    out.put_tape(tape)
+}
+
+/// `x · W` as dfdx ops (the reference): a batched matmul with the reshaped (or transposed) weight.
+pub fn param_matmul_plain<D: Device<f32>, T: Tp<D>>(x: Act3<D, T>, w: &Param<D>, layout: Stacked) -> Act3<D, T> {
+    let Stacked { experts: e, k, m, transposed } = layout;
+    if transposed {
+        x.matmul(w.clone().reshape_like(&(e, m, k)).permute::<_, Axes3<0, 2, 1>>())
+    } else {
+        x.matmul(w.clone().reshape_like(&(e, k, m)))
+    }
+}
+
+/// A row-major-or-strided matrix operand: (data, row stride, column stride).
+type Operand<'a> = (&'a [f32], usize, usize);
+
+/// `dst (rows × cols, row-major) [+]= lhs (rows × inner) · rhs (inner × cols)` on this thread,
+/// with gemm 0.19 (its fastest kernel for this CPU, chosen at run time).
+fn gemm_into(
+    dst: &mut [f32],
+    (rows, cols, inner): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= rows * cols);
+    assert!(lhs.0.len() >= (rows - 1) * lhs.1 + (inner - 1) * lhs.2 + 1);
+    assert!(rhs.0.len() >= (inner - 1) * rhs.1 + (cols - 1) * rhs.2 + 1);
+    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; `dst`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols,
+            inner,
+            dst.as_mut_ptr(),
+            1,
+            cols as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Fills `dst`, `experts` row-major `rows × cols` products one after another, block by block:
+/// `f(expert, first row, block)` computes a block of one expert's rows on one thread. With
+/// several threads the blocks (a whole expert each, or a share of one expert's rows when there
+/// are fewer experts than threads) run in parallel: gemm's own threading splits these skinny
+/// products less well.
+fn by_blocks(
+    dst: &mut [f32],
+    experts: usize,
+    (rows, cols): (usize, usize),
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(dst.len(), experts * rows * cols);
+    let threads = rayon::current_num_threads();
+    let block_rows = rows.div_ceil(threads.div_ceil(experts)).max(1);
+    let per_expert = |(expert, d): (usize, &mut [f32])| {
+        d.chunks_mut(block_rows * cols).enumerate().for_each(|(b, block)| f(expert, b * block_rows, block))
+    };
+    if threads == 1 {
+        dst.chunks_mut(rows * cols).enumerate().for_each(per_expert);
+    } else {
+        dst.par_chunks_mut(rows * cols).enumerate().for_each(|(expert, d)| {
+            d.par_chunks_mut(block_rows * cols).enumerate().for_each(|(b, block)| f(expert, b * block_rows, block))
+        });
+    }
+}
+
+thread_local! {
+    /// Host copies of a kernel's operands, reused call after call: dfdx 0.13 has no public view of
+    /// a CPU tensor's data, and `as_vec` copies element by element into a fresh `Vec`.
+    static OPERANDS: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// Copies `t`'s data into `buf` in one `memcpy`. `t` must have standard strides, as every output
+/// of a dfdx op or kernel has (a broadcast tensor panics here; nothing passes a permuted one).
+fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>, buf: &mut Vec<f32>) {
+    buf.resize(t.shape().num_elements(), 0.0);
+    t.copy_into(buf);
+}
+
+/// `x · W` with gemm 0.19, each way in one call per expert. With g = ∂L/∂y:
+/// ∂L/∂x = g · Wᵀ and ∂L/∂W = xᵀ · g, accumulated into the existing gradients.
+pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: Stacked) -> Act3<Cpu, T> {
+    let (e, c, k) = *x.shape();
+    let m = layout.m;
+    assert_eq!((e, k), (layout.experts, layout.k), "param_matmul: x is [{e}, {c}, {k}], the weight {layout:?}");
+    assert_eq!(
+        w.shape().0,
+        e * k * m,
+        "param_matmul: the weight has {} entries, {layout:?} needs {}",
+        w.shape().0,
+        e * k * m
+    );
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let (w_rs, w_cs) = layout.strides();
+    let out = OPERANDS.with_borrow_mut(|[xs, ws, _]| {
+        host(&x, xs);
+        host(w, ws);
+        with_output(&dev, (e, c, m), |y| {
+            by_blocks(y, e, (c, m), |i, r0, y| {
+                let (xi, wi) = (&xs[(i * c + r0) * k..], &ws[i * k * m..]);
+                gemm_into(y, (y.len() / m, m, k), (xi, k, 1), (wi, w_rs, w_cs), false)
+            })
+        })
+    });
+    let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
+    let w = w.clone(); // shares the weights' buffer until the backward pass has run
+    tape.add_backward_op(move |grads| {
+        OPERANDS.with_borrow_mut(|[xs, ws, g]| {
+            host(&x, xs);
+            host(&w, ws);
+            g.clear();
+            g.extend_from_slice(grads.get_or_alloc_mut(&out_ghost)?);
+            // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
+            by_blocks(grads.get_or_alloc_mut(&x_ghost)?, e, (c, k), |i, r0, gx| {
+                let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
+                gemm_into(gx, (gx.len() / k, k, m), (gi, m, 1), (wi, w_cs, w_rs), true)
+            });
+            // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x.
+            let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
+            by_blocks(grads.get_or_alloc_mut(&w_ghost)?, e, (rows, cols), |i, r0, gw| {
+                let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
+                let block = (gw.len() / cols, cols, c);
+                if layout.transposed {
+                    gemm_into(gw, block, (&gi[r0..], 1, m), (xi, k, 1), true)
+                } else {
+                    gemm_into(gw, block, (&xi[r0..], 1, k), (gi, m, 1), true)
+                }
+            });
+            Ok(())
+        })
+    });
+    out.put_tape(tape)
+}
+
+/// Cross-entropy as dfdx ops (the reference): log-softmax, select the targets, mean, negate.
+pub fn cross_entropy_plain<D: Device<f32>, T: Tp<D>>(logits: Act<D, T>, targets: &[usize]) -> Tensor<(), f32, D, T> {
+    let targets = logits.device().tensor_from_vec(targets.to_vec(), (targets.len(),));
+    -logits.log_softmax::<Axis<1>>().select(targets).mean()
+}
+
+/// Cross-entropy in one pass each way, keeping one `[tokens, vocab]` buffer (the softmax) for
+/// the backward pass: ∂L/∂logits = (softmax − one_hot(target)) / tokens.
+pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -> Tensor<(), f32, Cpu, T> {
+    let (n, v) = *logits.shape();
+    assert_eq!(targets.len(), n, "cross_entropy: {n} rows of logits, {} targets", targets.len());
+    assert!(targets.iter().all(|&t| t < v), "cross_entropy: a target is outside the vocabulary of {v}");
+    let dev = logits.device().clone();
+    let (logits, mut tape) = logits.split_tape();
+    // Each row becomes its softmax in place; its loss is logsumexp − the target's logit.
+    let mut probs = Vec::new();
+    host(&logits, &mut probs);
+    let row_loss = |(row, &t): (&mut [f32], &usize)| {
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let target = row[t];
+        let mut sum = 0.0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        row.iter_mut().for_each(|x| *x /= sum);
+        (max + sum.ln() - target) as f64
+    };
+    let losses: Vec<f64> = if rayon::current_num_threads() > 1 {
+        probs.par_chunks_mut(v).zip(targets.par_iter()).map(row_loss).collect()
+    } else {
+        probs.chunks_mut(v).zip(targets.iter()).map(row_loss).collect()
+    };
+    let mean = (losses.iter().sum::<f64>() / n as f64) as f32;
+    let out = with_output(&dev, (), |y| y[0] = mean);
+    let targets = targets.to_vec();
+    let (logits_ghost, out_ghost) = (logits.ghost(), out.ghost());
+    tape.add_backward_op(move |grads| {
+        let scale = grads.get_or_alloc_mut(&out_ghost)?[0] / n as f32;
+        let g = grads.get_or_alloc_mut(&logits_ghost)?;
+        assert_eq!(g.len(), n * v, "cross_entropy_fused needs contiguous logits");
+        for ((g, p), &t) in g.chunks_exact_mut(v).zip(probs.chunks_exact(v)).zip(&targets) {
+            g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
+            g[t] -= scale;
         }
         Ok(())
     });

@@ -210,7 +210,7 @@ pub struct MoeOutput<D: Device<f32>, T> {
     pub routing: RoutingStats,
 }
 
-impl<D: Device<f32>> MoeLayer<D> {
+impl<D: crate::kernels::Kernels> MoeLayer<D> {
     pub fn new(dev: &D, rng: &mut StdRng, cfg: &ModelConfig) -> Self {
         Self {
             router: Linear::new(

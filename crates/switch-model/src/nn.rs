@@ -14,6 +14,7 @@
 //! let y = lin.forward(x);
 //! assert_eq!(y.as_vec(), vec![5.0, 7.0, 9.0]);
 //! ```
+use crate::kernels::{Act3, Kernels, Stacked};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -89,8 +90,14 @@ impl<D: Device<f32>> Linear<D> {
     pub fn from_rows(dev: &D, d_in: usize, d_out: usize, rows: &[f32]) -> Self {
         Self { weight: dev.tensor_from_vec(rows.to_vec(), (d_in * d_out,)), d_in, d_out }
     }
-    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T> {
-        x.matmul(self.weight.clone().reshape_like(&(self.d_in, self.d_out)))
+    /// `x`: `[tokens, d_in]` → `[tokens, d_out]` (the device's kernel, see [`crate::kernels`]).
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T>
+    where
+        D: Kernels,
+    {
+        let n = x.shape().0;
+        let layout = Stacked::matrix(self.d_in, self.d_out);
+        D::param_matmul(x.reshape_like(&(1, n, self.d_in)), &self.weight, layout).reshape_like(&(n, self.d_out))
     }
 }
 
@@ -106,7 +113,7 @@ impl<D: Device<f32>> RmsNorm<D> {
     }
     pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T>
     where
-        D: crate::kernels::Kernels,
+        D: Kernels,
     {
         D::rms_norm(x, &self.weight)
     }
@@ -136,24 +143,23 @@ impl<D: Device<f32>> ExpertFfn<D> {
     }
 
     /// `x`: `[E, tokens, d_model]` → `[E, tokens, d_model]`.
-    pub fn forward<T: Tp<D>>(
-        &self,
-        x: Tensor<(usize, usize, usize), f32, D, T>,
-        dropout_rate: f64,
-        ctx: &mut Ctx,
-    ) -> Tensor<(usize, usize, usize), f32, D, T> {
+    pub fn forward<T: Tp<D>>(&self, x: Act3<D, T>, dropout_rate: f64, ctx: &mut Ctx) -> Act3<D, T>
+    where
+        D: Kernels,
+    {
         let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
-        let w_in = self.w_in.clone().reshape_like(&(e, d, f));
+        let up = Stacked { experts: e, k: d, m: f, transposed: false };
+        let down = Stacked { experts: e, k: f, m: d, transposed: false };
         let hidden = match &self.w_gate {
-            None => x.matmul(w_in).relu(),
+            None => D::param_matmul(x, &self.w_in, up).relu(),
             Some(w_gate) => {
                 let (x, tape) = x.split_tape();
-                let gelu = x.clone().put_tape(tape).matmul(w_in).fast_gelu();
-                gelu * x.retaped::<T>().matmul(w_gate.clone().reshape_like(&(e, d, f)))
+                let gelu = D::param_matmul(x.clone().put_tape(tape), &self.w_in, up).fast_gelu();
+                gelu * D::param_matmul(x.retaped::<T>(), w_gate, up)
             }
         };
         let hidden = dropout(hidden, dropout_rate, ctx);
-        hidden.matmul(self.w_out.clone().reshape_like(&(e, f, d)))
+        D::param_matmul(hidden, &self.w_out, down)
     }
 
     pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {

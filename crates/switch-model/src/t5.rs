@@ -2,6 +2,7 @@
 //! pre-norm RMSNorm, bias-free projections, relative-position attention bias, and a feed-forward
 //! layer per block that is dense or sparse ([`crate::moe::MoeLayer`]).
 use crate::config::{LossReduction, ModelConfig};
+use crate::kernels::Stacked;
 use crate::moe::MoeLayer;
 use crate::nn::{dropout, truncated_normal, Act, Ctx, ExpertFfn, Linear, Param, RmsNorm, Tp};
 use dfdx::prelude::*;
@@ -53,7 +54,7 @@ pub struct Attention<D: Device<f32>> {
     pub d_kv: usize,
 }
 
-impl<D: Device<f32>> Attention<D> {
+impl<D: crate::kernels::Kernels> Attention<D> {
     fn new(dev: &D, rng: &mut StdRng, cfg: &ModelConfig) -> Self {
         let (d, h, s) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.init_scale);
         Self {
@@ -359,8 +360,11 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let dec_out = self.run_stack(&self.decoder, dec_in, dec_ids, Some(&enc_out), Some(enc_tape), ctx, &mut sparse);
 
         // Tied output layer, scaled by d_model^-1/2 as in T5 v1.0.
-        let logits = (dec_out * (d as f32).powf(-0.5)).matmul(emb.permute::<_, Axes2<1, 0>>());
-        let ce = -logits.log_softmax::<Axis<1>>().select(ids(&batch.targets)).mean();
+        let n = dec_out.shape().0;
+        let tied = Stacked { experts: 1, k: d, m: v, transposed: true };
+        let scaled = (dec_out * (d as f32).powf(-0.5)).reshape_like(&(1, n, d));
+        let logits = D::param_matmul(scaled, &self.embedding, tied).reshape_like(&(n, v));
+        let ce = D::cross_entropy(logits, &batch.targets);
         let cross_entropy = ce.as_vec()[0];
 
         let layers = sparse.losses.len().max(1) as f32;

@@ -2,7 +2,10 @@
 //! central finite differences.
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use switch_model::kernels::{rms_norm_fused, rms_norm_plain};
+use switch_model::kernels::{
+    cross_entropy_fused, cross_entropy_plain, param_matmul_fused, param_matmul_plain, rms_norm_fused, rms_norm_plain,
+    Act3, Stacked,
+};
 use switch_model::nn::{Act, Param};
 
 type Dev = Cpu;
@@ -100,4 +103,164 @@ fn fused_rms_norm_accumulates_into_existing_gradients() {
     let (fused, plain) = (twice(|x, w| rms_norm_fused(x, w)), twice(|x, w| rms_norm_plain(x, w)));
     close(&fused.0, &plain.0, 1e-4, "dx");
     close(&fused.1, &plain.1, 1e-4, "dw");
+}
+
+type Matmul = fn(Act3<Dev, OwnedTape<f32, Dev>>, &Param<Dev>, Stacked) -> Act3<Dev, OwnedTape<f32, Dev>>;
+
+/// Output, ∂/∂x and ∂/∂w of Σ (x · W) ⊙ c, for `x` `[E, c, k]`.
+fn run_matmul(
+    mm: Matmul,
+    dev: &Dev,
+    x: &[f32],
+    w: &[f32],
+    c: &[f32],
+    layout: Stacked,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let tokens = x.len() / (layout.experts * layout.k);
+    let xt = dev.tensor_from_vec(x.to_vec(), (layout.experts, tokens, layout.k));
+    let wt = dev.tensor_from_vec(w.to_vec(), (w.len(),));
+    let y = mm(xt.clone().leaky_traced(), &wt, layout);
+    let out = y.as_vec();
+    let shape = *y.shape();
+    let grads = (y * dev.tensor_from_vec(c.to_vec(), shape)).sum().backward();
+    (out, grads.get(&xt).as_vec(), grads.get(&wt).as_vec())
+}
+
+fn layouts() -> Vec<(usize, Stacked)> {
+    let s = |experts, k, m, transposed| Stacked { experts, k, m, transposed };
+    vec![
+        (1, s(1, 1, 1, false)),
+        (5, s(1, 7, 3, false)),
+        (9, s(3, 4, 6, false)),
+        (4, s(2, 5, 11, true)),
+        (70, s(1, 64, 130, true)),
+        (33, s(8, 16, 40, false)),
+    ]
+}
+
+#[test]
+fn fused_param_matmul_matches_the_plain_path_on_one_and_two_threads() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(4);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (tokens, l) in layouts() {
+            let (x, w) =
+                (random(&mut rng, l.experts * tokens * l.k, 1.0), random(&mut rng, l.experts * l.k * l.m, 1.0));
+            let c = random(&mut rng, l.experts * tokens * l.m, 1.0);
+            let fused = pool.install(|| run_matmul(|x, w, l| param_matmul_fused(x, w, l), &dev, &x, &w, &c, l));
+            let plain = run_matmul(|x, w, l| param_matmul_plain(x, w, l), &dev, &x, &w, &c, l);
+            close(&fused.0, &plain.0, 1e-5, "y");
+            close(&fused.1, &plain.1, 1e-5, "dx");
+            close(&fused.2, &plain.2, 1e-5, "dw");
+        }
+    }
+}
+
+#[test]
+fn fused_param_matmul_gradients_match_finite_differences() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(5);
+    for transposed in [false, true] {
+        let (tokens, l) = (3, Stacked { experts: 2, k: 4, m: 5, transposed });
+        let (x, w) = (random(&mut rng, 2 * tokens * 4, 1.0), random(&mut rng, 2 * 4 * 5, 1.0));
+        let c = random(&mut rng, 2 * tokens * 5, 1.0);
+        let (_, dx, dw) = run_matmul(|x, w, l| param_matmul_fused(x, w, l), &dev, &x, &w, &c, l);
+        let loss = |x: &[f32], w: &[f32]| -> f64 {
+            let xt = dev.tensor_from_vec(x.to_vec(), (2, tokens, 4));
+            let y = param_matmul_fused(xt, &dev.tensor_from_vec(w.to_vec(), (w.len(),)), l);
+            y.as_vec().iter().zip(&c).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+        };
+        let eps = 1e-2f32;
+        let fd = |v: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
+            let (mut up, mut down) = (v.to_vec(), v.to_vec());
+            up[i] += eps;
+            down[i] -= eps;
+            (f(&up) - f(&down)) / (2.0 * eps as f64)
+        };
+        for i in 0..x.len() {
+            let numeric = fd(&x, i, &|x| loss(x, &w));
+            assert!((numeric - dx[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
+        }
+        for j in 0..w.len() {
+            let numeric = fd(&w, j, &|w| loss(&x, w));
+            assert!((numeric - dw[j] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
+        }
+    }
+}
+
+#[test]
+fn fused_param_matmul_accumulates_into_existing_gradients() {
+    // The tied embedding: gathered as the input embedding and used transposed as the output
+    // layer, both gradients land on the one parameter.
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(6);
+    let (v, d, n) = (7, 4, 5);
+    let (emb, x, c) = (random(&mut rng, v * d, 1.0), random(&mut rng, n * d, 1.0), random(&mut rng, n * v, 1.0));
+    let both = |mm: Matmul| {
+        let et = dev.tensor_from_vec(emb.clone(), (v * d,));
+        let xt = dev.tensor_from_vec(x.clone(), (1, n, d));
+        let (e, tape) = et.clone().leaky_traced().split_tape();
+        let rows = e.clone().put_tape(tape).reshape_like(&(v, d)).gather(dev.tensor_from_vec(vec![1, 3, 3], (3,)));
+        let (rows, tape) = rows.split_tape();
+        let logits = mm(xt.put_tape(tape), &et, Stacked { experts: 1, k: d, m: v, transposed: true });
+        let loss = weighted_sum(rows.retaped::<OwnedTape<f32, Dev>>(), &[1.0; 12])
+            + weighted_sum(logits.reshape_like(&(n, v)), &c);
+        loss.backward().get(&et).as_vec()
+    };
+    close(&both(|x, w, l| param_matmul_fused(x, w, l)), &both(|x, w, l| param_matmul_plain(x, w, l)), 1e-5, "d emb");
+}
+
+type CrossEntropy = fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>;
+
+/// Loss and ∂/∂logits of 3 × cross-entropy (the 3 checks that the upstream gradient is used).
+fn run_ce(ce: CrossEntropy, dev: &Dev, logits: &[f32], targets: &[usize]) -> (f32, Vec<f32>) {
+    let n = targets.len();
+    let lt = dev.tensor_from_vec(logits.to_vec(), (n, logits.len() / n));
+    let loss = ce(lt.clone().leaky_traced(), targets);
+    let value = loss.as_vec()[0];
+    (value, (loss * 3.0).backward().get(&lt).as_vec())
+}
+
+#[test]
+fn fused_cross_entropy_matches_the_plain_path_on_one_and_two_threads() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(7);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (n, v, scale) in [(1, 1, 1.0), (3, 5, 1.0), (40, 300, 4.0), (7, 2048, 30.0)] {
+            let logits = random(&mut rng, n * v, scale);
+            let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
+            let fused = pool.install(|| run_ce(|l, t| cross_entropy_fused(l, t), &dev, &logits, &targets));
+            let plain = run_ce(|l, t| cross_entropy_plain(l, t), &dev, &logits, &targets);
+            close(&[fused.0], &[plain.0], 1e-5, "loss");
+            close(&fused.1, &plain.1, 1e-5, "d logits");
+        }
+    }
+}
+
+#[test]
+fn fused_cross_entropy_is_stable_for_large_logits_and_matches_finite_differences() {
+    let dev = Dev::default();
+    // softmax of [1000, 0, −1000] is [1, e^-1000, 0]: the loss of target 0 is ~0, of target 1 is 1000
+    let (loss, _) = run_ce(|l, t| cross_entropy_fused(l, t), &dev, &[1000.0, 0.0, -1000.0], &[1]);
+    assert!((loss - 1000.0).abs() < 1e-3, "{loss}");
+    let mut rng = StdRng::seed_from_u64(8);
+    let (n, v) = (3, 4);
+    let (logits, targets) = (random(&mut rng, n * v, 2.0), vec![0, 3, 3]);
+    let (_, grad) = run_ce(|l, t| cross_entropy_fused(l, t), &dev, &logits, &targets);
+    let loss =
+        |l: &[f32]| 3.0 * cross_entropy_fused(dev.tensor_from_vec(l.to_vec(), (n, v)), &targets).as_vec()[0] as f64;
+    let eps = 1e-2f32;
+    for i in 0..n * v {
+        let (mut up, mut down) = (logits.clone(), logits.clone());
+        up[i] += eps;
+        down[i] -= eps;
+        let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
+        assert!(
+            (numeric - grad[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()),
+            "d logits[{i}]: {numeric} vs {}",
+            grad[i]
+        );
+    }
 }

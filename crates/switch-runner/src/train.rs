@@ -8,6 +8,7 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status};
 use dfdx::prelude::*;
+use rayon::prelude::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -61,12 +62,25 @@ impl AdamW {
         let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
         let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
         let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
+        let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+            // zipped slices, no indexing: the compiler vectorises the loop
+            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= lr * ((*m / c1) / ((*v / c2).sqrt() + 1e-8) + wd * *p);
+            }
+        };
         let (m, v) = (&mut self.m[k], &mut self.v[k]);
-        for i in 0..p.len() {
-            let g = g[i] * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            p[i] -= lr * ((m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8) + wd * p[i]);
+        // Element-wise, so splitting it over the run's threads keeps every bit.
+        const CHUNK: usize = 1 << 15;
+        if rayon::current_num_threads() > 1 && p.len() > CHUNK {
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| update(p, g, m, v));
+        } else {
+            update(p, g, m, v);
         }
     }
 }

@@ -130,7 +130,8 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
             };
             let model_flops =
                 plan.runs.iter().map(|r| flops_per_step(r) * steps as f64).sum::<f64>() / (total_tokens / best.0);
-            let machine = crate::engine::matmul_flops_per_s(cores);
+            let (dfdx, engine) = crate::engine::matmul_flops_per_s(cores);
+            let machine = dfdx.max(engine);
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }
         Bench::Engine { steps } => crate::engine::run(steps)?,

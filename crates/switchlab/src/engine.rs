@@ -5,6 +5,7 @@ use dfdx::prelude::*;
 use std::path::Path;
 use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
+use switch_model::kernels::{param_matmul_fused, Stacked};
 use switch_model::{ModelConfig, SwitchTransformer};
 use switch_runner::train::{to_batch, train_step, AdamW, Dev};
 use switch_runner::RunConfig;
@@ -160,21 +161,33 @@ fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Eng
         .ok_or_else(|| anyhow::anyhow!("benchmark run failed: {}{}", text, String::from_utf8_lossy(&out.stderr)))
 }
 
-/// f32 matmul FLOP/s of dfdx at 1024³ on `threads` threads (the fastest kernel this build has).
-pub fn matmul_flops_per_s(threads: usize) -> f64 {
+/// f32 matmul FLOP/s at 1024³ on `threads` threads: (dfdx 0.13's matmul, gemm 0.15; the engine's
+/// `param_matmul`, gemm 0.19).
+pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
     pool.install(|| {
         let dev: Cpu = Default::default();
         let n = 1024;
         let a: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
         let b: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
-        let _ = a.clone().matmul(b.clone());
-        let t = Instant::now();
-        let reps = 5;
-        for _ in 0..reps {
+        let flat_b = b.clone().reshape_like(&(n * n,));
+        let layout = Stacked::matrix(n, n);
+        let time = |f: &dyn Fn()| {
+            f();
+            let t = Instant::now();
+            let reps = 5;
+            for _ in 0..reps {
+                f();
+            }
+            reps as f64 * 2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64()
+        };
+        let dfdx = time(&|| {
             std::hint::black_box(a.clone().matmul(b.clone()));
-        }
-        reps as f64 * 2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64()
+        });
+        let engine = time(&|| {
+            std::hint::black_box(param_matmul_fused(a.clone().reshape_like(&(1, n, n)), &flat_b, layout));
+        });
+        (dfdx, engine)
     })
 }
 
@@ -207,13 +220,16 @@ struct Engine {
 /// kernels, buffer cache on), without the fused kernels, and as plain dfdx (no cache), side by
 /// side; each run in its own process.
 pub fn run(steps: u64) -> anyhow::Result<()> {
-    let matmul2 = matmul_flops_per_s(2);
-    let matmul1 = matmul_flops_per_s(1);
+    let (m2, m1) = (matmul_flops_per_s(2), matmul_flops_per_s(1));
     println!(
-        "f32 matmul 1024³ (dfdx 0.13, gemm 0.15): {:.1} GFLOP/s on 2 threads, {:.1} on 1",
-        matmul2 / 1e9,
-        matmul1 / 1e9
+        "f32 matmul 1024³, GFLOP/s on 2 threads / 1 thread: dfdx 0.13 (gemm 0.15) {:.1} / {:.1}, the engine's (gemm 0.19) {:.1} / {:.1}",
+        m2.0 / 1e9,
+        m1.0 / 1e9,
+        m2.1 / 1e9,
+        m1.1 / 1e9
     );
+    let (matmul2, matmul1) = (m2.0.max(m2.1), m1.0.max(m1.1));
+    println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data\n");
     let engines = [
         Engine { cache: true, fused: true, name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)" },

@@ -1,0 +1,62 @@
+//! A whole model, dense and Switch, with the fused kernels and with the plain dfdx ops: the same
+//! loss and the same gradient for every parameter, within float reordering. Alone in its test
+//! binary because it switches the process's kernels.
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use switch_model::kernels::set_plain_kernels;
+use switch_model::nn::Ctx;
+use switch_model::{Batch, ModelConfig, SwitchTransformer};
+
+fn batch(vocab: usize, b: usize, le: usize, ld: usize) -> Batch {
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut ids = |n: usize| (0..n).map(|_| rng.gen_range(0..vocab)).collect::<Vec<_>>();
+    let targets = ids(b * ld);
+    let mut dec = Vec::new();
+    for r in 0..b {
+        dec.push(0);
+        dec.extend_from_slice(&targets[r * ld..(r + 1) * ld - 1]);
+    }
+    Batch { batch_size: b, encoder_len: le, decoder_len: ld, encoder_ids: ids(b * le), decoder_input_ids: dec, targets }
+}
+
+/// Total loss and every parameter's gradient, by name.
+fn loss_and_grads(cfg: &ModelConfig, plain: bool) -> (f32, Vec<(String, Vec<f32>)>) {
+    set_plain_kernels(plain);
+    let dev = Cpu::default();
+    let mut model = SwitchTransformer::new(&dev, cfg, 7).unwrap();
+    let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg.vocab_size, 4, 12, 6), &mut Ctx::train(11));
+    let total = out.total.as_vec()[0];
+    let grads = out.total.backward();
+    let named = model.params_mut().into_iter().map(|(name, p)| (name.to_string(), grads.get(&*p).as_vec())).collect();
+    (total, named)
+}
+
+#[test]
+fn fused_and_plain_kernels_train_the_same_model() {
+    for experts in [1, 4] {
+        let cfg = ModelConfig {
+            vocab_size: 50,
+            d_model: 16,
+            d_ff: 24,
+            num_heads: 2,
+            d_kv: 8,
+            num_encoder_layers: 2,
+            num_decoder_layers: 2,
+            num_experts: experts,
+            expert_every: 1,
+            z_loss_coef: 0.01,
+            init_scale: 1.0,
+            ..Default::default()
+        };
+        let (fused, plain) = (loss_and_grads(&cfg, false), loss_and_grads(&cfg, true));
+        assert!((fused.0 - plain.0).abs() < 1e-5 * plain.0.abs(), "{experts} experts: loss {} vs {}", fused.0, plain.0);
+        assert_eq!(fused.1.len(), plain.1.len());
+        for ((name, f), (_, p)) in fused.1.iter().zip(&plain.1) {
+            let scale = p.iter().fold(0f32, |a, b| a.max(b.abs()));
+            assert!(scale > 0.0, "{experts} experts: {name} gets no gradient");
+            for (a, b) in f.iter().zip(p) {
+                assert!((a - b).abs() <= 1e-4 * scale, "{experts} experts: {name}: {a} vs {b} (largest {scale})");
+            }
+        }
+    }
+}
