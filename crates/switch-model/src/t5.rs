@@ -2,13 +2,11 @@
 //! pre-norm RMSNorm, bias-free projections, relative-position attention bias, and a feed-forward
 //! layer per block that is dense or sparse ([`crate::moe::MoeLayer`]).
 use crate::config::{LossReduction, ModelConfig};
-use crate::kernels::Stacked;
+use crate::kernels::{PositionBias, Stacked};
 use crate::moe::MoeLayer;
 use crate::nn::{dropout, truncated_normal, Act, Ctx, ExpertFfn, Linear, Param, RmsNorm, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
-
-type T4<D, T> = Tensor<(usize, usize, usize, usize), f32, D, T>;
 
 /// T5's bucketing of relative positions (`memory − query`): exact for small distances,
 /// logarithmic up to `max_distance`; the encoder distinguishes left from right.
@@ -67,34 +65,19 @@ impl<D: crate::kernels::Kernels> Attention<D> {
         }
     }
 
-    /// `query`: `[batch·Lq, d]`, `memory`: `[batch·Lk, d]`, `bias`: `[batch, heads, Lq, Lk]` added to the scores.
+    /// `query`: `[batch·Lq, d]`, `memory`: `[batch·Lk, d]`; `bias`: the stack's relative positions.
     fn forward<T: Tp<D>>(
         &self,
         query: Act<D, T>,
         memory: Act<D, T>,
         batch: usize,
-        bias: Option<T4<D, T>>,
+        bias: Option<&PositionBias<D>>,
     ) -> Act<D, T> {
-        let (h, dk) = (self.num_heads, self.d_kv);
-        let lq = query.shape().0 / batch;
-        let lk = memory.shape().0 / batch;
         let (memory, memory_tape) = memory.split_tape();
-        let q = self.q.forward(query).reshape_like(&(batch, lq, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
-        let k = self
-            .k
-            .forward(memory.clone().put_tape(memory_tape))
-            .reshape_like(&(batch, lk, h, dk))
-            .permute::<_, Axes4<0, 2, 3, 1>>();
-        let v =
-            self.v.forward(memory.retaped::<T>()).reshape_like(&(batch, lk, h, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
-        let scores = q.matmul(k);
-        let scores = match bias {
-            Some(b) => scores + b,
-            None => scores,
-        };
-        let out =
-            scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, h * dk));
-        self.o.forward(out)
+        let q = self.q.forward(query);
+        let k = self.k.forward(memory.clone().put_tape(memory_tape));
+        let v = self.v.forward(memory.retaped::<T>());
+        self.o.forward(D::attention(q, k, v, bias, batch, self.num_heads))
     }
 
     fn params_mut(&mut self) -> [(&'static str, &mut Param<D>); 4] {
@@ -256,29 +239,21 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         out
     }
 
-    /// `[batch, heads, Lq, Lk]` relative-position bias (plus the causal mask in the decoder).
-    fn position_bias<T: Tp<D>>(&self, stack: &Stack<D>, batch: usize, len: usize) -> T4<D, T> {
-        let (nb, h) = (self.cfg.relative_attention_num_buckets, self.cfg.num_heads);
-        let mut idx = Vec::with_capacity(len * len);
+    /// The stack's relative-position bias for sequences of `len` (plus the causal mask in the decoder).
+    fn position_bias(&self, stack: &Stack<D>, len: usize) -> PositionBias<D> {
+        let mut buckets = Vec::with_capacity(len * len);
         for q in 0..len {
             for k in 0..len {
                 let rel = k as i64 - q as i64;
-                idx.push(relative_position_bucket(
+                buckets.push(relative_position_bucket(
                     rel,
                     !stack.is_decoder,
-                    nb,
+                    self.cfg.relative_attention_num_buckets,
                     self.cfg.relative_attention_max_distance,
                 ));
             }
         }
-        let idx = self.dev.tensor_from_vec(idx, (len * len,));
-        let bias = stack.relative_bias.clone().reshape_like(&(nb, h)).retaped::<T>().gather(idx);
-        let mut bias = bias.reshape_like(&(len, len, h)).permute::<_, Axes3<2, 0, 1>>();
-        if stack.is_decoder {
-            let mask: Vec<f32> = (0..len * len).map(|i| if i % len > i / len { -1e9 } else { 0.0 }).collect();
-            bias = bias + self.dev.tensor_from_vec(mask, (len, len)).broadcast_like::<_, Axis<0>>(&(h, len, len));
-        }
-        bias.broadcast_like::<_, Axis<0>>(&(batch, h, len, len))
+        PositionBias { table: stack.relative_bias.clone(), buckets, len_q: len, len_k: len, causal: stack.is_decoder }
     }
 
     fn run_stack<T: Tp<D>>(
@@ -294,19 +269,12 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let len = x.shape().0 / batch;
         let rate = self.cfg.dropout;
         let mut x = dropout(x, rate, ctx);
-        // The position bias is built once per stack; its tape (the gather from the bias table)
-        // travels with the first block's use, the others add their gradients by tensor id.
-        let (bias, bias_tape) = self.position_bias::<T>(stack, batch, len).split_tape();
-        let mut bias_tape = Some(bias_tape);
+        let bias = self.position_bias(stack, len);
         for (i, b) in stack.blocks.iter().enumerate() {
             let (res, tape) = x.split_tape();
             let h = b.self_attn_norm.forward(res.clone().put_tape(tape));
             let (h, h_tape) = h.split_tape();
-            let bias = match bias_tape.take() {
-                Some(t) => bias.clone().put_tape(t),
-                None => bias.clone().retaped::<T>(),
-            };
-            let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(bias));
+            let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(&bias));
             x = dropout(a, rate, ctx) + res;
 
             if let Some((norm, attn)) = &b.cross_attn {

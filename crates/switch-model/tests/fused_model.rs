@@ -2,29 +2,19 @@
 //! loss and the same gradient for every parameter, within float reordering. Alone in its test
 //! binary because it switches the process's kernels.
 use dfdx::prelude::*;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::kernels::set_plain_kernels;
 use switch_model::nn::Ctx;
-use switch_model::{Batch, ModelConfig, SwitchTransformer};
+use switch_model::{ModelConfig, SwitchTransformer};
 
-fn batch(vocab: usize, b: usize, le: usize, ld: usize) -> Batch {
-    let mut rng = StdRng::seed_from_u64(3);
-    let mut ids = |n: usize| (0..n).map(|_| rng.gen_range(0..vocab)).collect::<Vec<_>>();
-    let targets = ids(b * ld);
-    let mut dec = Vec::new();
-    for r in 0..b {
-        dec.push(0);
-        dec.extend_from_slice(&targets[r * ld..(r + 1) * ld - 1]);
-    }
-    Batch { batch_size: b, encoder_len: le, decoder_len: ld, encoder_ids: ids(b * le), decoder_input_ids: dec, targets }
-}
+mod common;
+use common::batch;
 
 /// Total loss and every parameter's gradient, by name.
 fn loss_and_grads(cfg: &ModelConfig, plain: bool) -> (f32, Vec<(String, Vec<f32>)>) {
     set_plain_kernels(plain);
     let dev = Cpu::default();
     let mut model = SwitchTransformer::new(&dev, cfg, 7).unwrap();
-    let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg.vocab_size, 4, 12, 6), &mut Ctx::train(11));
+    let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg, 4, 12, 6, 3), &mut Ctx::train(11));
     let total = out.total.as_vec()[0];
     let grads = out.total.backward();
     let named = model.params_mut().into_iter().map(|(name, p)| (name.to_string(), grads.get(&*p).as_vec())).collect();

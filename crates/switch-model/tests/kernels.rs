@@ -3,8 +3,8 @@
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::kernels::{
-    cross_entropy_fused, cross_entropy_plain, param_matmul_fused, param_matmul_plain, rms_norm_fused, rms_norm_plain,
-    Act3, Stacked,
+    attention_fused, attention_plain, cross_entropy_fused, cross_entropy_plain, param_matmul_fused, param_matmul_plain,
+    rms_norm_fused, rms_norm_plain, Act3, PositionBias, Stacked,
 };
 use switch_model::nn::{Act, Param};
 
@@ -263,4 +263,143 @@ fn fused_cross_entropy_is_stable_for_large_logits_and_matches_finite_differences
             grad[i]
         );
     }
+}
+
+type Attention = fn(
+    Act<Dev, OwnedTape<f32, Dev>>,
+    Act<Dev, OwnedTape<f32, Dev>>,
+    Act<Dev, OwnedTape<f32, Dev>>,
+    Option<&PositionBias<Dev>>,
+    usize,
+    usize,
+) -> Act<Dev, OwnedTape<f32, Dev>>;
+
+/// One attention setting: `batch` examples, `heads` heads of `dk`, `lq` queries, `lk` keys, with
+/// a relative-position bias (causal or not) when `lq == lk` and `bias` is set.
+struct AttentionCase {
+    batch: usize,
+    heads: usize,
+    dk: usize,
+    lq: usize,
+    lk: usize,
+    bias: Option<bool>,
+}
+
+#[derive(Clone)]
+struct AttentionInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    table: Vec<f32>,
+    buckets: Vec<usize>,
+    c: Vec<f32>,
+}
+
+impl AttentionCase {
+    const BUCKETS: usize = 5;
+    fn inputs(&self, rng: &mut StdRng, scale: f32) -> AttentionInputs {
+        let hd = self.heads * self.dk;
+        AttentionInputs {
+            q: random(rng, self.batch * self.lq * hd, scale),
+            k: random(rng, self.batch * self.lk * hd, scale),
+            v: random(rng, self.batch * self.lk * hd, 1.0),
+            table: random(rng, Self::BUCKETS * self.heads, 2.0),
+            buckets: (0..self.lq * self.lk).map(|_| rng.gen_range(0..Self::BUCKETS)).collect(),
+            c: random(rng, self.batch * self.lq * hd, 1.0),
+        }
+    }
+
+    /// Output and the gradients of Σ out ⊙ c: ∂q, ∂k, ∂v, ∂table.
+    fn run(&self, attn: Attention, dev: &Dev, x: &AttentionInputs) -> [Vec<f32>; 5] {
+        let hd = self.heads * self.dk;
+        let t = |v: &[f32], rows| dev.tensor_from_vec(v.to_vec(), (rows, hd));
+        let (q, k, v) = (t(&x.q, self.batch * self.lq), t(&x.k, self.batch * self.lk), t(&x.v, self.batch * self.lk));
+        let table = dev.tensor_from_vec(x.table.clone(), (x.table.len(),));
+        let bias = self.bias.map(|causal| PositionBias {
+            table: table.clone(),
+            buckets: x.buckets.clone(),
+            len_q: self.lq,
+            len_k: self.lk,
+            causal,
+        });
+        let tape = q.clone().leaky_traced();
+        let (qt, tape) = tape.split_tape();
+        let out = attn(
+            qt.put_tape(tape),
+            k.clone().leaky_traced(),
+            v.clone().leaky_traced(),
+            bias.as_ref(),
+            self.batch,
+            self.heads,
+        );
+        let y = out.as_vec();
+        let grads = weighted_sum(out, &x.c).backward();
+        let dtable = if self.bias.is_some() { grads.get(&table).as_vec() } else { vec![] };
+        [y, grads.get(&q).as_vec(), grads.get(&k).as_vec(), grads.get(&v).as_vec(), dtable]
+    }
+}
+
+fn attention_cases() -> Vec<AttentionCase> {
+    let c = |batch, heads, dk, lq, lk, bias| AttentionCase { batch, heads, dk, lq, lk, bias };
+    vec![
+        c(1, 1, 1, 1, 1, None),
+        c(2, 3, 4, 5, 5, Some(false)),
+        c(3, 2, 8, 7, 7, Some(true)),
+        c(2, 4, 16, 6, 9, None),
+        c(4, 4, 16, 33, 33, Some(true)),
+    ]
+}
+
+#[test]
+fn fused_attention_matches_the_plain_path() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(9);
+    for case in attention_cases() {
+        for scale in [1.0, 4.0] {
+            let x = case.inputs(&mut rng, scale);
+            let fused = case.run(|q, k, v, b, n, h| attention_fused(q, k, v, b, n, h), &dev, &x);
+            let plain = case.run(|q, k, v, b, n, h| attention_plain(q, k, v, b, n, h), &dev, &x);
+            for (what, (f, p)) in ["out", "dq", "dk", "dv", "d table"].iter().zip(fused.iter().zip(&plain)) {
+                close(f, p, 1e-4, what);
+            }
+            if case.bias.is_some() {
+                assert!(fused[4].iter().any(|g| g.abs() > 1e-3), "the bias table gets a gradient");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_attention_gradients_match_finite_differences() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(10);
+    let case = AttentionCase { batch: 2, heads: 2, dk: 3, lq: 4, lk: 4, bias: Some(true) };
+    let x = case.inputs(&mut rng, 1.0);
+    let [_, dq, dk, dv, dtable] = case.run(|q, k, v, b, n, h| attention_fused(q, k, v, b, n, h), &dev, &x);
+    let loss = |x: &AttentionInputs| -> f64 {
+        let hd = case.heads * case.dk;
+        let t = |v: &[f32], rows| dev.tensor_from_vec(v.to_vec(), (rows, hd));
+        let table = dev.tensor_from_vec(x.table.clone(), (x.table.len(),));
+        let bias = PositionBias { table, buckets: x.buckets.clone(), len_q: case.lq, len_k: case.lk, causal: true };
+        let out = attention_fused(t(&x.q, 8), t(&x.k, 8), t(&x.v, 8), Some(&bias), case.batch, case.heads);
+        out.as_vec().iter().zip(&x.c).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+    };
+    let eps = 1e-2f32;
+    let check = |grad: &[f32], what: &str, field: fn(&mut AttentionInputs) -> &mut Vec<f32>| {
+        for i in 0..grad.len() {
+            let (mut up, mut down) = (x.clone(), x.clone());
+            field(&mut up)[i] += eps;
+            field(&mut down)[i] -= eps;
+            let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
+            assert!(
+                (numeric - grad[i] as f64).abs() < 2e-3 * (1.0 + numeric.abs()),
+                "{what}[{i}]: {numeric} vs {}",
+                grad[i]
+            );
+        }
+    };
+    check(&dq, "dq", |x| &mut x.q);
+    check(&dk, "dk", |x| &mut x.k);
+    check(&dv, "dv", |x| &mut x.v);
+    check(&dtable, "d table", |x| &mut x.table);
 }

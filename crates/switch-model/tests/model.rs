@@ -7,6 +7,9 @@ use switch_model::nn::{Ctx, ExpertFfn, Linear};
 use switch_model::t5::relative_position_bucket;
 use switch_model::{Activation, Batch, ModelConfig, RoutingPriority, SwitchTransformer};
 
+mod common;
+use common::batch;
+
 type Dev = Cpu;
 
 fn t5_base() -> ModelConfig {
@@ -42,18 +45,6 @@ fn tiny(num_experts: usize) -> ModelConfig {
         z_loss_coef: 0.01,
         ..Default::default()
     }
-}
-
-fn batch(cfg: &ModelConfig, b: usize, le: usize, ld: usize, seed: u64) -> Batch {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut ids = |n: usize| (0..n).map(|_| rng.gen_range(0..cfg.vocab_size)).collect::<Vec<_>>();
-    let targets = ids(b * ld);
-    let mut dec = Vec::new();
-    for r in 0..b {
-        dec.push(0);
-        dec.extend_from_slice(&targets[r * ld..(r + 1) * ld - 1]);
-    }
-    Batch { batch_size: b, encoder_len: le, decoder_len: ld, encoder_ids: ids(b * le), decoder_input_ids: dec, targets }
 }
 
 #[test]

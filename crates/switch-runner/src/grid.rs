@@ -137,8 +137,9 @@ fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> Result<&'a V
 /// Bumped whenever the code changes what a config trains to (init, numerics), so that a sweep
 /// never resumes or reuses a run folder written by code that gives different results.
 /// 2: per-group init streams (paired seeds). 3: fused RMSNorm (floating-point order).
-/// 4: gemm 0.19 products and fused cross-entropy (floating-point order).
-pub const RESULTS_VERSION: u32 = 4;
+/// 4: gemm 0.19 products and fused cross-entropy (floating-point order). 5: fused attention,
+/// the gradient norm summed in eight lanes.
+pub const RESULTS_VERSION: u32 = 5;
 
 /// The run id: a short stable hash of the resolved config (seed included) and [`RESULTS_VERSION`].
 pub fn run_id(cfg: &RunConfig) -> String {
