@@ -19,7 +19,7 @@
 //! assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 2.2627).abs() < 1e-4 && (y[3] - 2.8284).abs() < 1e-4);
 //! assert_eq!(y, rms_norm_plain(x, &w).as_vec());
 //! ```
-use crate::nn::{Act, Param, Tp};
+use crate::nn::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -57,6 +57,11 @@ pub const RMS_EPS: f32 = 1e-6;
 
 /// The engine's kernels for device `Self`. The defaults are the plain dfdx compositions.
 pub trait Kernels: Device<f32> {
+    /// An index tensor holding `values`. On the CPU its buffer comes from the device's allocator,
+    /// for the reason given at [`crate::nn::device_tensor`].
+    fn indices(&self, values: &[usize]) -> Tensor<(usize,), usize, Self> {
+        self.tensor_from_vec(values.to_vec(), (values.len(),))
+    }
     /// `x · w / √(mean(x²) + ε)` over the last axis. `x`: `[tokens, d]`, `w`: `[d]`.
     fn rms_norm<T: Tp<Self>>(x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
         rms_norm_plain(x, w)
@@ -85,6 +90,11 @@ pub trait Kernels: Device<f32> {
 }
 
 impl Kernels for Cpu {
+    fn indices(&self, values: &[usize]) -> Tensor<(usize,), usize, Self> {
+        let mut t = self.zeros_like(&(values.len(),));
+        t.copy_from(values);
+        t
+    }
     fn rms_norm<T: Tp<Self>>(x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
         if plain_kernels() {
             rms_norm_plain(x, w)
@@ -367,8 +377,8 @@ pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: S
 }
 
 /// Cross-entropy as dfdx ops (the reference): log-softmax, select the targets, mean, negate.
-pub fn cross_entropy_plain<D: Device<f32>, T: Tp<D>>(logits: Act<D, T>, targets: &[usize]) -> Tensor<(), f32, D, T> {
-    let targets = logits.device().tensor_from_vec(targets.to_vec(), (targets.len(),));
+pub fn cross_entropy_plain<D: Kernels, T: Tp<D>>(logits: Act<D, T>, targets: &[usize]) -> Tensor<(), f32, D, T> {
+    let targets = logits.device().indices(targets);
     -logits.log_softmax::<Axis<1>>().select(targets).mean()
 }
 
@@ -429,7 +439,7 @@ pub struct PositionBias<D: Device<f32>> {
     pub causal: bool,
 }
 
-impl<D: Device<f32>> PositionBias<D> {
+impl<D: Kernels> PositionBias<D> {
     /// The mask's value for pair `i` of the `[Lq, Lk]` grid.
     fn mask(&self, i: usize) -> f32 {
         if self.causal && i % self.len_k > i / self.len_k {
@@ -443,17 +453,17 @@ impl<D: Device<f32>> PositionBias<D> {
     fn plain<T: Tp<D>>(&self, heads: usize) -> Tensor<(usize, usize, usize), f32, D, T> {
         let dev = self.table.device();
         let (lq, lk) = (self.len_q, self.len_k);
-        let idx = dev.tensor_from_vec(self.buckets.clone(), (lq * lk,));
+        let idx = dev.indices(&self.buckets);
         let rows = self.table.clone().reshape_like(&(self.table.shape().0 / heads, heads)).retaped::<T>().gather(idx);
         let bias = rows.reshape_like(&(lq, lk, heads)).permute::<_, Axes3<2, 0, 1>>();
         let mask: Vec<f32> = (0..lq * lk).map(|i| self.mask(i)).collect();
-        bias + dev.tensor_from_vec(mask, (lq, lk)).broadcast_like::<_, Axis<0>>(&(heads, lq, lk))
+        bias + device_tensor(dev, &mask, (lq, lk)).broadcast_like::<_, Axis<0>>(&(heads, lq, lk))
     }
 }
 
 /// Attention as dfdx ops (the reference): split the heads out with permutes, batched matmuls,
 /// the bias broadcast over the batch, softmax, and the heads put back side by side.
-pub fn attention_plain<D: Device<f32>, T: Tp<D>>(
+pub fn attention_plain<D: Kernels, T: Tp<D>>(
     q: Act<D, T>,
     k: Act<D, T>,
     v: Act<D, T>,

@@ -15,7 +15,7 @@
 //! assert_eq!(r.first_choice_counts, vec![2, 2]);
 //! ```
 use crate::config::{ModelConfig, RoutingPriority};
-use crate::nn::{Act, Ctx, ExpertFfn, Linear, Param, Tp};
+use crate::nn::{device_tensor, Act, Ctx, ExpertFfn, Linear, Param, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng};
 
@@ -152,7 +152,7 @@ pub fn load_balancing_loss<D: Device<f32>, T: Tp<D>>(
             row.iter_mut().zip(&f).for_each(|(w, fi)| *w = fi / (size * num_groups as f32));
         }
     }
-    let weight = probs.device().tensor_from_vec(weight, (n, e));
+    let weight = device_tensor(probs.device(), &weight, (n, e));
     (probs * weight).sum() * (coef * e as f64) as f32
 }
 
@@ -259,7 +259,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let router_in = if ctx.train && self.jitter_eps > 0.0 {
             let eps = self.jitter_eps as f32;
             let noise: Vec<f32> = (0..n * d).map(|_| ctx.rng.gen_range(1.0 - eps..=1.0 + eps)).collect();
-            router_in * dev.tensor_from_vec(noise, (n, d))
+            router_in * device_tensor(&dev, &noise, (n, d))
         } else {
             router_in
         };
@@ -280,14 +280,17 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
             load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, balance_coef);
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
-        let slot_token = dev.tensor_from_vec(routing.slot_token.clone(), (e * capacity,));
+        let slot_token = dev.indices(&routing.slot_token);
         let expert_in = x.retaped::<T>().gather(slot_token).reshape_like(&(e, capacity, d));
         let expert_out = self.experts.forward(expert_in, self.expert_dropout, ctx).reshape_like(&(e * capacity, d));
         let (expert_out, out_tape) = expert_out.split_tape();
         let mut out_tape = Some(out_tape);
 
         // Combine: each choice gathers its slot back, times its gate; dropped choices get gate 0.
-        let choice = |j: usize| dev.tensor_from_vec((0..n).map(|t| routing.choices[t * k + j]).collect(), (n,));
+        let choice = |j: usize| {
+            let chosen: Vec<usize> = (0..n).map(|t| routing.choices[t * k + j]).collect();
+            dev.indices(&chosen)
+        };
         let select_prob = |j: usize| probs.clone().retaped::<T>().select(choice(j));
         let mut output: Option<Act<D, T>> = None;
         for j in 0..k {
@@ -304,12 +307,12 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
             };
             let kept: Vec<f32> = (0..n).map(|t| routing.slot_of[t * k + j].map_or(0.0, |_| 1.0)).collect();
             let slots: Vec<usize> = (0..n).map(|t| routing.slot_of[t * k + j].unwrap_or(0)).collect();
-            let gate = (gate * dev.tensor_from_vec(kept, (n,))).broadcast_like::<_, Axis<1>>(&(n, d));
+            let gate = (gate * device_tensor(&dev, &kept, (n,))).broadcast_like::<_, Axis<1>>(&(n, d));
             let gathered_from = match out_tape.take() {
                 Some(tape) => expert_out.clone().put_tape(tape),
                 None => expert_out.clone().retaped::<T>(),
             };
-            let y = gathered_from.gather(dev.tensor_from_vec(slots, (n,))) * gate;
+            let y = gathered_from.gather(dev.indices(&slots)) * gate;
             output = Some(match output {
                 None => y,
                 Some(acc) => acc + y,

@@ -316,7 +316,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
         let b = batch.batch_size;
         let emb = self.embedding.clone().reshape_like(&(v, d));
-        let ids = |x: &[usize]| self.dev.tensor_from_vec(x.to_vec(), (x.len(),));
+        let ids = |x: &[usize]| self.dev.indices(x);
         let mut sparse = SparseOutputs { losses: Vec::new(), routing: Vec::new() };
 
         let enc_in = emb.clone().retaped::<T>().gather(ids(&batch.encoder_ids));
