@@ -57,12 +57,18 @@ impl Group<'_> {
     /// The same at evaluation `step` (`None`: each run's final evaluation), over the seeds
     /// both have evaluated there.
     pub fn paired_differences_at(&self, base: &Group, step: Option<f64>) -> Vec<f64> {
+        // (step, quality) of the evaluation compared; final evaluations pair only at the same step
+        // (a run stopped early is not compared with a finished one)
         let quality = |r: &Run| match step {
-            None => r.final_quality(),
-            Some(s) => r.curve.iter().find(|p| p.step == s).map(|p| p.neg_log_perplexity),
+            None => r.curve.last().map(|p| (p.step, p.neg_log_perplexity)),
+            Some(s) => r.curve.iter().find(|p| p.step == s).map(|p| (s, p.neg_log_perplexity)),
         };
         let base_q = |seed| base.evaluated().into_iter().find(|r| r.seed == seed).and_then(quality);
-        self.evaluated().iter().filter_map(|r| Some(quality(r)? - base_q(r.seed)?)).collect()
+        let pair = |r: &&Run| {
+            let ((step, q), (base_step, b)) = (quality(r)?, base_q(r.seed)?);
+            (step == base_step).then_some(q - b)
+        };
+        self.evaluated().iter().filter_map(pair).collect()
     }
     pub fn label(&self) -> String {
         let r = self.first();
