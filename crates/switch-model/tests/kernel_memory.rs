@@ -3,13 +3,9 @@
 //! would grow every training step. RMSNorm, the tied output layer and cross-entropy, as in a
 //! model's last layers. Alone in its test binary, so the process's memory is its own.
 use dfdx::prelude::*;
+mod common;
+use common::resident_bytes;
 use switch_model::kernels::{cross_entropy_fused, param_matmul_fused, rms_norm_fused, Stacked};
-
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
-    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
-}
 
 #[cfg(target_os = "linux")] // reads /proc/self/status
 #[test]

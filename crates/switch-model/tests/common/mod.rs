@@ -1,4 +1,5 @@
-//! Helpers shared by the model's test binaries.
+//! Helpers shared by the model's test binaries (each uses some of them).
+#![allow(dead_code)]
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::{Batch, ModelConfig};
 
@@ -13,4 +14,11 @@ pub fn batch(cfg: &ModelConfig, b: usize, le: usize, ld: usize, seed: u64) -> Ba
         dec.extend_from_slice(&targets[r * ld..(r + 1) * ld - 1]);
     }
     Batch { batch_size: b, encoder_len: le, decoder_len: ld, encoder_ids: ids(b * le), decoder_input_ids: dec, targets }
+}
+
+/// Resident memory of this process, from /proc/self/status (0 where it cannot be read).
+pub fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
 }
