@@ -394,14 +394,8 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     let mut probs = Vec::new();
     host(&logits, &mut probs);
     let row_loss = |(row, &t): (&mut [f32], &usize)| {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let target = row[t];
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        row.iter_mut().for_each(|x| *x /= sum);
+        let (max, sum) = softmax_row(row);
         (max + sum.ln() - target) as f64
     };
     let losses: Vec<f64> = if rayon::current_num_threads() > 1 {
@@ -483,17 +477,16 @@ pub fn attention_plain<D: Kernels, T: Tp<D>>(
     scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, heads * dk))
 }
 
-/// Softmax of each `len`-long row, in place.
-fn softmax_rows(x: &mut [f32], len: usize) {
-    for row in x.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        row.iter_mut().for_each(|v| *v /= sum);
+/// Softmax of `row`, in place; returns its max and Σ exp(x − max) (logsumexp = max + ln sum).
+fn softmax_row(row: &mut [f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
     }
+    row.iter_mut().for_each(|v| *v /= sum);
+    (max, sum)
 }
 
 /// Attention in one op each way, per example and head on the heads' column blocks (no permute
@@ -515,7 +508,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
     let (q, tq) = q.split_tape();
     let (k, tk) = k.split_tape();
     let (v, tv) = v.split_tape();
-    let tape = tq.merge(tk).merge(tv);
+    let mut tape = tq.merge(tk).merge(tv);
     let (mut qs, mut ks, mut vs, mut table) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     host(&q, &mut qs);
     host(&k, &mut ks);
@@ -539,13 +532,14 @@ pub fn attention_fused<T: Tp<Cpu>>(
             if let Some(bv) = &bias_values {
                 p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
             }
-            softmax_rows(p, lk);
+            p.chunks_exact_mut(lk).for_each(|row| {
+                softmax_row(row);
+            });
             gemm_strided((&mut y[qo..], hd), (lq, dk, lk), (p, lk, 1), (&vs[ko..], hd, 1), false);
         }
     });
     let (q_ghost, k_ghost, v_ghost, out_ghost) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
     let table = bias.map(|b| (b.table.ghost(), b.buckets.clone()));
-    let mut tape = tape;
     tape.add_backward_op(move |grads| {
         let g = grads.get_or_alloc_mut(&out_ghost)?.to_vec();
         let (mut dq, mut dkey, mut dv) = (vec![0f32; nq * hd], vec![0f32; nk * hd], vec![0f32; nk * hd]);
