@@ -174,9 +174,7 @@ fn with_output<S: Shape>(dev: &Cpu, shape: S, fill: impl FnOnce(&mut [f32])) -> 
         scratch.clear();
         scratch.resize(shape.num_elements(), 0.0);
         fill(scratch);
-        let mut out = dev.zeros_like(&shape);
-        out.copy_from(scratch);
-        out
+        device_tensor(dev, scratch, shape)
     })
 }
 
