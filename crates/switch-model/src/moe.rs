@@ -259,7 +259,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let router_in = if ctx.train && self.jitter_eps > 0.0 {
             let eps = self.jitter_eps as f32;
             let noise: Vec<f32> = (0..n * d).map(|_| ctx.rng.gen_range(1.0 - eps..=1.0 + eps)).collect();
-            router_in * device_tensor(&dev, &noise, (n, d))
+            D::mul_constant(router_in, &noise)
         } else {
             router_in
         };
@@ -280,8 +280,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
             load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, balance_coef);
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
-        let slot_token = dev.indices(&routing.slot_token);
-        let expert_in = x.retaped::<T>().gather(slot_token).reshape_like(&(e, capacity, d));
+        let expert_in = D::gather_rows(x.retaped::<T>(), &routing.slot_token).reshape_like(&(e, capacity, d));
         let expert_out = self.experts.forward(expert_in, self.expert_dropout, ctx).reshape_like(&(e * capacity, d));
         let (expert_out, out_tape) = expert_out.split_tape();
         let mut out_tape = Some(out_tape);
@@ -305,14 +304,12 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
                 }
                 select_prob(j) / denom
             };
-            let kept: Vec<f32> = (0..n).map(|t| routing.slot_of[t * k + j].map_or(0.0, |_| 1.0)).collect();
-            let slots: Vec<usize> = (0..n).map(|t| routing.slot_of[t * k + j].unwrap_or(0)).collect();
-            let gate = (gate * device_tensor(&dev, &kept, (n,))).broadcast_like::<_, Axis<1>>(&(n, d));
+            let slots: Vec<Option<usize>> = (0..n).map(|t| routing.slot_of[t * k + j]).collect();
             let gathered_from = match out_tape.take() {
                 Some(tape) => expert_out.clone().put_tape(tape),
                 None => expert_out.clone().retaped::<T>(),
             };
-            let y = gathered_from.gather(dev.indices(&slots)) * gate;
+            let y = D::combine(gathered_from, gate, &slots);
             output = Some(match output {
                 None => y,
                 Some(acc) => acc + y,

@@ -72,7 +72,7 @@ pub fn device_tensor<S: Shape, D: Device<f32>>(dev: &D, values: &[f32], shape: S
 }
 
 /// Multiplies by a fresh mask of 0 or 1/(1−rate) in training; identity otherwise.
-pub fn dropout<S: Shape, D: Device<f32>, T: Tp<D>>(
+pub fn dropout<S: Shape, D: Kernels, T: Tp<D>>(
     x: Tensor<S, f32, D, T>,
     rate: f64,
     ctx: &mut Ctx,
@@ -83,8 +83,7 @@ pub fn dropout<S: Shape, D: Device<f32>, T: Tp<D>>(
     let keep = 1.0 / (1.0 - rate) as f32;
     let mask: Vec<f32> =
         (0..x.shape().num_elements()).map(|_| if ctx.rng.gen::<f64>() < rate { 0.0 } else { keep }).collect();
-    let mask = device_tensor(x.device(), &mask, *x.shape());
-    x * mask
+    D::mul_constant(x, &mask)
 }
 
 /// A linear map without bias; the weight is stored `[d_in, d_out]`.

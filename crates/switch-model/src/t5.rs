@@ -316,14 +316,13 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
         let b = batch.batch_size;
         let emb = self.embedding.clone().reshape_like(&(v, d));
-        let ids = |x: &[usize]| self.dev.indices(x);
         let mut sparse = SparseOutputs { losses: Vec::new(), routing: Vec::new() };
 
-        let enc_in = emb.clone().retaped::<T>().gather(ids(&batch.encoder_ids));
+        let enc_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.encoder_ids);
         let enc_out = self.run_stack(&self.encoder, enc_in, (&batch.encoder_ids, b), None, None, ctx, &mut sparse);
         let (enc_out, enc_tape) = enc_out.split_tape();
 
-        let dec_in = emb.clone().retaped::<T>().gather(ids(&batch.decoder_input_ids));
+        let dec_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.decoder_input_ids);
         let dec_ids = (&batch.decoder_input_ids[..], b);
         let dec_out = self.run_stack(&self.decoder, dec_in, dec_ids, Some(&enc_out), Some(enc_tape), ctx, &mut sparse);
 

@@ -3,8 +3,9 @@
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::kernels::{
-    attention_fused, attention_plain, cross_entropy_fused, cross_entropy_plain, param_matmul_fused, param_matmul_plain,
-    rms_norm_fused, rms_norm_plain, Act3, PositionBias, Stacked,
+    attention_fused, attention_plain, combine_fused, combine_plain, cross_entropy_fused, cross_entropy_plain,
+    gather_rows_fused, gather_rows_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused,
+    param_matmul_plain, rms_norm_fused, rms_norm_plain, Act3, PositionBias, Stacked,
 };
 use switch_model::nn::{Act, Param};
 
@@ -402,4 +403,115 @@ fn fused_attention_gradients_match_finite_differences() {
     check(&dk, "dk", |x| &mut x.k);
     check(&dv, "dv", |x| &mut x.v);
     check(&dtable, "d table", |x| &mut x.table);
+}
+
+/// The row kernels of the Switch layer: gather rows, combine with gates, multiply by a constant.
+/// `x` `[8, 5]` goes through all three, as in a layer (dispatch, constant, combine), with rows that
+/// repeat (empty expert slots all hold token 0) and dropped tokens (`None`).
+#[derive(Clone, Copy)]
+struct RowKernels {
+    gather: fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Act<Dev, OwnedTape<f32, Dev>>,
+    mul: fn(Act<Dev, OwnedTape<f32, Dev>>, &[f32]) -> Act<Dev, OwnedTape<f32, Dev>>,
+    combine: fn(
+        Act<Dev, OwnedTape<f32, Dev>>,
+        Tensor<(usize,), f32, Dev, OwnedTape<f32, Dev>>,
+        &[Option<usize>],
+    ) -> Act<Dev, OwnedTape<f32, Dev>>,
+}
+
+const FUSED_ROWS: RowKernels =
+    RowKernels { gather: gather_rows_fused, mul: mul_constant_fused, combine: combine_fused };
+const PLAIN_ROWS: RowKernels =
+    RowKernels { gather: gather_rows_plain, mul: mul_constant_plain, combine: combine_plain };
+
+struct RowInputs {
+    x: Vec<f32>,
+    gate: Vec<f32>,
+    noise: Vec<f32>,
+    c: Vec<f32>,
+}
+
+const ROW_D: usize = 5;
+const SLOT_TOKEN: [usize; 6] = [3, 0, 0, 5, 1, 7]; // slots 1, 2 empty: token 0
+const TOKEN_SLOT: [Option<usize>; 8] = [Some(1), Some(4), None, Some(0), None, Some(3), None, Some(5)];
+
+fn row_inputs(rng: &mut StdRng) -> RowInputs {
+    let n = TOKEN_SLOT.len();
+    RowInputs {
+        x: random(rng, n * ROW_D, 1.0),
+        gate: random(rng, n, 1.0),
+        noise: random(rng, SLOT_TOKEN.len() * ROW_D, 2.0),
+        c: random(rng, n * ROW_D, 1.0),
+    }
+}
+
+/// Σ c ⊙ combine(gather(x) ⊙ noise, gate), its output and its gradients for x and gate.
+fn run_rows(k: RowKernels, dev: &Dev, i: &RowInputs) -> (f64, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = TOKEN_SLOT.len();
+    let x = dev.tensor_from_vec(i.x.clone(), (n, ROW_D));
+    let gate = dev.tensor_from_vec(i.gate.clone(), (n,));
+    let (xt, tape) = x.clone().leaky_traced().split_tape();
+    let slots = (k.mul)((k.gather)(xt.put_tape(tape), &SLOT_TOKEN), &i.noise);
+    let (slots, tape) = slots.split_tape();
+    let y = (k.combine)(slots.put_tape(tape), gate.clone().leaky_traced(), &TOKEN_SLOT);
+    let out = y.as_vec();
+    let loss = weighted_sum(y, &i.c);
+    let value = loss.as_vec()[0] as f64;
+    let grads = loss.backward();
+    (value, out, grads.get(&x).as_vec(), grads.get(&gate).as_vec())
+}
+
+#[test]
+fn fused_row_kernels_match_the_plain_path() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(21);
+    for _ in 0..3 {
+        let inputs = row_inputs(&mut rng);
+        let (fused, plain) = (run_rows(FUSED_ROWS, &dev, &inputs), run_rows(PLAIN_ROWS, &dev, &inputs));
+        close(&fused.1, &plain.1, 1e-6, "y");
+        close(&fused.2, &plain.2, 1e-5, "dx");
+        close(&fused.3, &plain.3, 1e-5, "dgate");
+        // dropped tokens give zero rows and no gate gradient
+        for (t, slot) in TOKEN_SLOT.iter().enumerate() {
+            if slot.is_none() {
+                assert!(fused.1[t * ROW_D..(t + 1) * ROW_D].iter().all(|&v| v == 0.0), "token {t} is dropped");
+                assert_eq!(fused.3[t], 0.0, "token {t} is dropped");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_row_kernels_gradients_match_finite_differences() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(22);
+    let inputs = row_inputs(&mut rng);
+    let (_, _, dx, dgate) = run_rows(FUSED_ROWS, &dev, &inputs);
+    let eps = 1e-2f32; // the loss is linear in x and in the gate: only rounding limits the step
+    let fd = |change: &dyn Fn(&mut RowInputs, f32)| {
+        let at = |h: f32| {
+            let mut i = RowInputs {
+                x: inputs.x.clone(),
+                gate: inputs.gate.clone(),
+                noise: inputs.noise.clone(),
+                c: inputs.c.clone(),
+            };
+            change(&mut i, h);
+            run_rows(FUSED_ROWS, &dev, &i).0
+        };
+        (at(eps) - at(-eps)) / (2.0 * eps as f64)
+    };
+    for (j, &analytic) in dx.iter().enumerate() {
+        let numeric = fd(&|i, h| i.x[j] += h);
+        assert!((numeric - analytic as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{j}]: {numeric} vs {analytic}");
+    }
+    for (t, &analytic) in dgate.iter().enumerate() {
+        let numeric = fd(&|i, h| i.gate[t] += h);
+        assert!(
+            (numeric - analytic as f64).abs() < 1e-3 * (1.0 + numeric.abs()),
+            "dgate[{t}]: {numeric} vs {analytic}"
+        );
+    }
+    // token 0 reaches the output through slot 1 only (slots 1 and 2 hold it; slot 2 is never read)
+    assert!(dx[..ROW_D].iter().any(|&v| v != 0.0));
 }

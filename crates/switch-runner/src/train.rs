@@ -18,18 +18,16 @@ use switch_model::{Batch, SwitchTransformer};
 
 pub type Dev = Cpu;
 
-/// Host-side AdamW state, one entry per parameter in `params_mut` order, and one scratch buffer
-/// per parameter for the host copy of its weights (reused every step).
+/// Host-side AdamW state, one entry per parameter in `params_mut` order.
 pub struct AdamW {
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
-    scratch: Vec<Vec<f32>>,
 }
 
 impl AdamW {
     pub fn new(sizes: &[usize]) -> Self {
         let zeros = || sizes.iter().map(|&n| vec![0.0; n]).collect();
-        Self { m: zeros(), v: zeros(), scratch: zeros() }
+        Self { m: zeros(), v: zeros() }
     }
 
     /// One update of `params` with `grads` (already clipped) at optimizer step `t` (1-based).
@@ -192,8 +190,8 @@ pub fn train_step(
     if !loss.is_finite() {
         return Err(Error::Training(format!("loss became {} at step {step} (cross-entropy {}, balance {}, z {}); try a lower train.learning_rate or model.init_scale", if loss.is_nan() { "NaN" } else { "non-finite" }, out.cross_entropy, out.balance_loss, out.z_loss)));
     }
-    // Gradients are read in place and weights copied into reused host buffers: no per-step
-    // allocation in proportion to the parameters.
+    // Gradients and weights are read and written in place (the patched dfdx's `host_slice_mut`):
+    // no per-step copy or allocation in proportion to the parameters.
     let mut grads = out.total.backward();
     let mut params = model.params_mut();
     let mut norm_sq = 0.0f64;
@@ -205,12 +203,9 @@ pub fn train_step(
     let lr = t.learning_rate_at(step);
     let router_lr = t.router_learning_rate_at(step);
     for (k, (name, p)) in params.iter_mut().enumerate() {
-        let mut host = std::mem::take(&mut opt.scratch[k]);
-        p.copy_into(&mut host);
         let lr = if name.ends_with(".moe.router") { router_lr } else { lr };
-        opt.update(k, &mut host, grads.get_or_alloc_mut(&**p)?, grad_scale, step + 1, lr, t);
-        p.copy_from(&host);
-        opt.scratch[k] = host;
+        let g = grads.get_or_alloc_mut(&p.ghost())?;
+        opt.update(k, p.host_slice_mut(), g, grad_scale, step + 1, lr, t);
     }
     Ok((losses, routing, lr))
 }

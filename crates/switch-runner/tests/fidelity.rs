@@ -133,7 +133,14 @@ fn train_step_equals_clipping_and_adamw_on_plain_host_copies() {
 
     let mut fast = new_model();
     let sizes: Vec<usize> = fast.params_mut().iter().map(|(_, p)| p.shape().0).collect();
+    let buffers = |m: &mut switch_model::SwitchTransformer<Dev>| {
+        m.params_mut().iter().map(|(_, p)| p.host_slice().as_ptr()).collect::<Vec<_>>()
+    };
+    let before = buffers(&mut fast);
     train_step(&mut fast, &mut AdamW::new(&sizes), &batch, &cfg, 0).unwrap();
+    // updated in place: no forward or backward op still shares a weight's buffer at update time
+    // (if one did, the update would copy the buffer first)
+    assert_eq!(buffers(&mut fast), before);
 
     let mut plain = new_model();
     let mut ctx = Ctx::train(switch_data::fnv1a(b"step-0-0"));

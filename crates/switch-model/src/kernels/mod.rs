@@ -19,9 +19,16 @@
 //! assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 2.2627).abs() < 1e-4 && (y[3] - 2.8284).abs() < 1e-4);
 //! assert_eq!(y, rms_norm_plain(x, &w).as_vec());
 //! ```
-use crate::nn::{device_tensor, Act, Param, Tp};
+use crate::nn::{Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
+
+mod attention;
+mod rows;
+pub use attention::{attention_fused, attention_plain, PositionBias};
+pub use rows::{
+    combine_fused, combine_plain, gather_rows_fused, gather_rows_plain, mul_constant_fused, mul_constant_plain,
+};
 
 /// 3-D activations `[experts, tokens, features]` carrying tape `T`.
 pub type Act3<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
@@ -87,6 +94,35 @@ pub trait Kernels: Device<f32> {
     ) -> Act<Self, T> {
         attention_plain(q, k, v, bias, batch, heads)
     }
+    /// Row i of the output is row `rows[i]` of `x` `[n, d]` → `[rows.len(), d]` (tokens into
+    /// expert slots; an embedding lookup).
+    fn gather_rows<T: Tp<Self>>(x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
+        gather_rows_plain(x, rows)
+    }
+    /// Each token's expert output times its gate: `y[t] = gate[t] · x[slots[t]]`, zero where
+    /// `slots[t]` is `None` (a dropped token). `x` `[slots, d]`, `gate` `[tokens]` → `[tokens, d]`.
+    fn combine<T: Tp<Self>>(
+        x: Act<Self, T>,
+        gate: Tensor<(usize,), f32, Self, T>,
+        slots: &[Option<usize>],
+    ) -> Act<Self, T> {
+        combine_plain(x, gate, slots)
+    }
+    /// `x ⊙ c` for a constant `c` of `x`'s shape (jitter noise, a dropout mask).
+    fn mul_constant<S: Shape, T: Tp<Self>>(x: Tensor<S, f32, Self, T>, c: &[f32]) -> Tensor<S, f32, Self, T> {
+        mul_constant_plain(x, c)
+    }
+}
+
+/// `plain` when the plain kernels were chosen, `fused` otherwise.
+macro_rules! pick {
+    ($plain:expr, $fused:expr) => {
+        if plain_kernels() {
+            $plain
+        } else {
+            $fused
+        }
+    };
 }
 
 impl Kernels for Cpu {
@@ -96,25 +132,13 @@ impl Kernels for Cpu {
         t
     }
     fn rms_norm<T: Tp<Self>>(x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
-        if plain_kernels() {
-            rms_norm_plain(x, w)
-        } else {
-            rms_norm_fused(x, w)
-        }
+        pick!(rms_norm_plain(x, w), rms_norm_fused(x, w))
     }
     fn param_matmul<T: Tp<Self>>(x: Act3<Self, T>, w: &Param<Self>, layout: Stacked) -> Act3<Self, T> {
-        if plain_kernels() {
-            param_matmul_plain(x, w, layout)
-        } else {
-            param_matmul_fused(x, w, layout)
-        }
+        pick!(param_matmul_plain(x, w, layout), param_matmul_fused(x, w, layout))
     }
     fn cross_entropy<T: Tp<Self>>(logits: Act<Self, T>, targets: &[usize]) -> Tensor<(), f32, Self, T> {
-        if plain_kernels() {
-            cross_entropy_plain(logits, targets)
-        } else {
-            cross_entropy_fused(logits, targets)
-        }
+        pick!(cross_entropy_plain(logits, targets), cross_entropy_fused(logits, targets))
     }
     fn attention<T: Tp<Self>>(
         q: Act<Self, T>,
@@ -124,11 +148,20 @@ impl Kernels for Cpu {
         batch: usize,
         heads: usize,
     ) -> Act<Self, T> {
-        if plain_kernels() {
-            attention_plain(q, k, v, bias, batch, heads)
-        } else {
-            attention_fused(q, k, v, bias, batch, heads)
-        }
+        pick!(attention_plain(q, k, v, bias, batch, heads), attention_fused(q, k, v, bias, batch, heads))
+    }
+    fn gather_rows<T: Tp<Self>>(x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
+        pick!(gather_rows_plain(x, rows), gather_rows_fused(x, rows))
+    }
+    fn combine<T: Tp<Self>>(
+        x: Act<Self, T>,
+        gate: Tensor<(usize,), f32, Self, T>,
+        slots: &[Option<usize>],
+    ) -> Act<Self, T> {
+        pick!(combine_plain(x, gate, slots), combine_fused(x, gate, slots))
+    }
+    fn mul_constant<S: Shape, T: Tp<Self>>(x: Tensor<S, f32, Self, T>, c: &[f32]) -> Tensor<S, f32, Self, T> {
+        pick!(mul_constant_plain(x, c), mul_constant_fused(x, c))
     }
 }
 
@@ -163,19 +196,22 @@ pub fn rms_norm_plain<D: Device<f32>, T: Tp<D>>(x: Act<D, T>, w: &Param<D>) -> A
     inv_rms.broadcast_like::<_, Axis<1>>(&shape) * x * w.clone().broadcast_like::<_, Axis<0>>(&shape)
 }
 
-/// A `[n, d]` tensor whose values `fill` writes. The buffer comes from the device (and so from
-/// dfdx's buffer cache when it is on): a buffer made here with `vec!` would be handed to the cache
-/// when the tensor drops and never taken back out, growing memory every step.
-fn with_output<S: Shape>(dev: &Cpu, shape: S, fill: impl FnOnce(&mut [f32])) -> Tensor<S, f32, Cpu> {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
-        scratch.resize(shape.num_elements(), 0.0);
-        fill(scratch);
-        device_tensor(dev, scratch, shape)
-    })
+/// A tensor whose values `fill` writes in place (into zeros). The buffer comes from the device
+/// (and so from dfdx's buffer cache when it is on): a buffer made here with `vec!` would be handed
+/// to the cache when the tensor drops and never taken back out, growing memory every step.
+pub(crate) fn with_output<S: Shape>(dev: &Cpu, shape: S, fill: impl FnOnce(&mut [f32])) -> Tensor<S, f32, Cpu> {
+    let mut out = dev.zeros_like(&shape);
+    fill(out.host_slice_mut());
+    out
+}
+
+/// `t`'s elements in place, row-major (the patched dfdx's `host_slice`, see
+/// `vendor/dfdx/SWITCHLAB_PATCH.md`). `t` must have standard strides, as every output of a dfdx op
+/// or kernel has: a broadcast tensor fails the length check here; nothing passes a permuted one.
+pub(crate) fn data<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> &[f32] {
+    let d = t.host_slice();
+    assert_eq!(d.len(), t.shape().num_elements(), "a fused kernel needs a tensor with standard strides");
+    d
 }
 
 /// RMSNorm in one pass each way. With r = 1/√(mean(x²) + ε) per row and g = ∂L/∂y:
@@ -184,29 +220,30 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
     let (n, d) = *x.shape();
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
-    let (mut xs, mut ws) = (Vec::new(), Vec::new());
-    host(&x, &mut xs);
-    host(w, &mut ws);
     let mut inv = vec![0f32; n];
     let out = with_output(&dev, (n, d), |y| {
-        for ((row, out), r) in xs.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
+        let ws = data(w);
+        for ((row, out), r) in data(&x).chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
             *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
-            for ((o, v), wj) in out.iter_mut().zip(row).zip(&ws) {
+            for ((o, v), wj) in out.iter_mut().zip(row).zip(ws) {
                 *o = *r * v * wj;
             }
         }
     });
     let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
+    let w = w.clone(); // shares the weights' buffer until the backward pass has run
     tape.add_backward_op(move |grads| {
-        let g: Vec<f32> = grads.get_or_alloc_mut(&out_ghost)?.to_vec();
+        let (xs, ws) = (data(&x), data(&w));
         let mut gw = vec![0f32; d];
         {
-            let gx = grads.get_or_alloc_mut(&x_ghost)?;
+            grads.get_or_alloc_mut(&x_ghost)?;
+            grads.get_or_alloc_mut(&out_ghost)?;
+            let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
             assert_eq!(gx.len(), n * d, "rms_norm_fused needs a contiguous input");
             for (((row, gy), gxr), &r) in
                 xs.chunks_exact(d).zip(g.chunks_exact(d)).zip(gx.chunks_exact_mut(d)).zip(&inv)
             {
-                let dot: f32 = row.iter().zip(gy).zip(&ws).map(|((v, g), wj)| g * wj * v).sum::<f32>() / d as f32;
+                let dot: f32 = row.iter().zip(gy).zip(ws).map(|((v, g), wj)| g * wj * v).sum::<f32>() / d as f32;
                 let k = r * r * r * dot;
                 for j in 0..d {
                     gxr[j] += r * gy[j] * ws[j] - row[j] * k;
@@ -237,12 +274,12 @@ type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `dst (rows × cols, row-major) [+]= lhs (rows × inner) · rhs (inner × cols)` on this thread,
 /// with gemm 0.19 (its fastest kernel for this CPU, chosen at run time).
-fn gemm_into(dst: &mut [f32], shape: (usize, usize, usize), lhs: Operand, rhs: Operand, accumulate: bool) {
+pub(crate) fn gemm_into(dst: &mut [f32], shape: (usize, usize, usize), lhs: Operand, rhs: Operand, accumulate: bool) {
     gemm_strided((dst, shape.1), shape, lhs, rhs, accumulate)
 }
 
 /// [`gemm_into`] into a destination whose rows are `dst_rs` apart (a column block of a wider matrix).
-fn gemm_strided(
+pub(crate) fn gemm_strided(
     (dst, dst_rs): (&mut [f32], usize),
     (rows, cols, inner): (usize, usize, usize),
     lhs: Operand,
@@ -305,19 +342,6 @@ fn by_blocks(
     }
 }
 
-thread_local! {
-    /// Host copies of a kernel's operands, reused call after call: dfdx 0.13 has no public view of
-    /// a CPU tensor's data, and `as_vec` copies element by element into a fresh `Vec`.
-    static OPERANDS: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
-}
-
-/// Copies `t`'s data into `buf` in one `memcpy`. `t` must have standard strides, as every output
-/// of a dfdx op or kernel has (a broadcast tensor panics here; nothing passes a permuted one).
-fn host<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>, buf: &mut Vec<f32>) {
-    buf.resize(t.shape().num_elements(), 0.0);
-    t.copy_into(buf);
-}
-
 /// `x · W` with gemm 0.19, each way in one call per expert. With g = ∂L/∂y:
 /// ∂L/∂x = g · Wᵀ and ∂L/∂W = xᵀ · g, accumulated into the existing gradients.
 pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: Stacked) -> Act3<Cpu, T> {
@@ -334,42 +358,39 @@ pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: S
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let (w_rs, w_cs) = layout.strides();
-    let out = OPERANDS.with_borrow_mut(|[xs, ws, _]| {
-        host(&x, xs);
-        host(w, ws);
-        with_output(&dev, (e, c, m), |y| {
-            by_blocks(y, e, (c, m), |i, r0, y| {
-                let (xi, wi) = (&xs[(i * c + r0) * k..], &ws[i * k * m..]);
-                gemm_into(y, (y.len() / m, m, k), (xi, k, 1), (wi, w_rs, w_cs), false)
-            })
+    let out = with_output(&dev, (e, c, m), |y| {
+        let (xs, ws) = (data(&x), data(w));
+        by_blocks(y, e, (c, m), |i, r0, y| {
+            let (xi, wi) = (&xs[(i * c + r0) * k..], &ws[i * k * m..]);
+            gemm_into(y, (y.len() / m, m, k), (xi, k, 1), (wi, w_rs, w_cs), false)
         })
     });
     let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
     let w = w.clone(); // shares the weights' buffer until the backward pass has run
     tape.add_backward_op(move |grads| {
-        OPERANDS.with_borrow_mut(|[xs, ws, g]| {
-            host(&x, xs);
-            host(&w, ws);
-            g.clear();
-            g.extend_from_slice(grads.get_or_alloc_mut(&out_ghost)?);
-            // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
-            by_blocks(grads.get_or_alloc_mut(&x_ghost)?, e, (c, k), |i, r0, gx| {
-                let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
-                gemm_into(gx, (gx.len() / k, k, m), (gi, m, 1), (wi, w_cs, w_rs), true)
-            });
-            // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x.
-            let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
-            by_blocks(grads.get_or_alloc_mut(&w_ghost)?, e, (rows, cols), |i, r0, gw| {
-                let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
-                let block = (gw.len() / cols, cols, c);
-                if layout.transposed {
-                    gemm_into(gw, block, (&gi[r0..], 1, m), (xi, k, 1), true)
-                } else {
-                    gemm_into(gw, block, (&xi[r0..], 1, k), (gi, m, 1), true)
-                }
-            });
-            Ok(())
-        })
+        let (xs, ws) = (data(&x), data(&w));
+        grads.get_or_alloc_mut(&out_ghost)?;
+        // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
+        grads.get_or_alloc_mut(&x_ghost)?;
+        let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
+        by_blocks(gx, e, (c, k), |i, r0, gx| {
+            let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
+            gemm_into(gx, (gx.len() / k, k, m), (gi, m, 1), (wi, w_cs, w_rs), true)
+        });
+        // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x.
+        let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
+        grads.get_or_alloc_mut(&w_ghost)?;
+        let (gw, g) = grads.mut_and_ref(&w_ghost, &out_ghost);
+        by_blocks(gw, e, (rows, cols), |i, r0, gw| {
+            let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
+            let block = (gw.len() / cols, cols, c);
+            if layout.transposed {
+                gemm_into(gw, block, (&gi[r0..], 1, m), (xi, k, 1), true)
+            } else {
+                gemm_into(gw, block, (&xi[r0..], 1, k), (gi, m, 1), true)
+            }
+        });
+        Ok(())
     });
     out.put_tape(tape)
 }
@@ -389,8 +410,7 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     let dev = logits.device().clone();
     let (logits, mut tape) = logits.split_tape();
     // Each row becomes its softmax in place; its loss is logsumexp − the target's logit.
-    let mut probs = Vec::new();
-    host(&logits, &mut probs);
+    let mut probs = data(&logits).to_vec();
     let row_loss = |(row, &t): (&mut [f32], &usize)| {
         let target = row[t];
         let (max, sum) = softmax_row(row);
@@ -418,65 +438,8 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     out.put_tape(tape)
 }
 
-/// The relative-position bias of one stack, shared by its layers as in T5: the bucket of each
-/// (query, key) pair, and in the decoder the causal mask (−1e9 above the diagonal). The bias of
-/// head h for a pair is `table[bucket · heads + h]`.
-pub struct PositionBias<D: Device<f32>> {
-    /// `[num_buckets, heads]`, the stack's parameter.
-    pub table: Param<D>,
-    /// `[Lq, Lk]`: each pair's bucket.
-    pub buckets: Vec<usize>,
-    pub len_q: usize,
-    pub len_k: usize,
-    pub causal: bool,
-}
-
-impl<D: Kernels> PositionBias<D> {
-    /// The mask's value for pair `i` of the `[Lq, Lk]` grid.
-    fn mask(&self, i: usize) -> f32 {
-        if self.causal && i % self.len_k > i / self.len_k {
-            -1e9
-        } else {
-            0.0
-        }
-    }
-
-    /// `[heads, Lq, Lk]` as dfdx ops: gather the buckets, move heads first, add the mask.
-    fn plain<T: Tp<D>>(&self, heads: usize) -> Tensor<(usize, usize, usize), f32, D, T> {
-        let dev = self.table.device();
-        let (lq, lk) = (self.len_q, self.len_k);
-        let idx = dev.indices(&self.buckets);
-        let rows = self.table.clone().reshape_like(&(self.table.shape().0 / heads, heads)).retaped::<T>().gather(idx);
-        let bias = rows.reshape_like(&(lq, lk, heads)).permute::<_, Axes3<2, 0, 1>>();
-        let mask: Vec<f32> = (0..lq * lk).map(|i| self.mask(i)).collect();
-        bias + device_tensor(dev, &mask, (lq, lk)).broadcast_like::<_, Axis<0>>(&(heads, lq, lk))
-    }
-}
-
-/// Attention as dfdx ops (the reference): split the heads out with permutes, batched matmuls,
-/// the bias broadcast over the batch, softmax, and the heads put back side by side.
-pub fn attention_plain<D: Kernels, T: Tp<D>>(
-    q: Act<D, T>,
-    k: Act<D, T>,
-    v: Act<D, T>,
-    bias: Option<&PositionBias<D>>,
-    batch: usize,
-    heads: usize,
-) -> Act<D, T> {
-    let (lq, lk, dk) = (q.shape().0 / batch, k.shape().0 / batch, q.shape().1 / heads);
-    let q = q.reshape_like(&(batch, lq, heads, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
-    let k = k.reshape_like(&(batch, lk, heads, dk)).permute::<_, Axes4<0, 2, 3, 1>>();
-    let v = v.reshape_like(&(batch, lk, heads, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
-    let scores = q.matmul(k);
-    let scores = match bias {
-        Some(b) => scores + b.plain::<T>(heads).broadcast_like::<_, Axis<0>>(&(batch, heads, lq, lk)),
-        None => scores,
-    };
-    scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, heads * dk))
-}
-
 /// Softmax of `row`, in place; returns its max and Σ exp(x − max) (logsumexp = max + ln sum).
-fn softmax_row(row: &mut [f32]) -> (f32, f32) {
+pub(crate) fn softmax_row(row: &mut [f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sum = 0.0f32;
     for v in row.iter_mut() {
@@ -485,86 +448,4 @@ fn softmax_row(row: &mut [f32]) -> (f32, f32) {
     }
     row.iter_mut().for_each(|v| *v /= sum);
     (max, sum)
-}
-
-/// Attention in one op each way, per example and head on the heads' column blocks (no permute
-/// copies), with the bias looked up from the table (no gather, no broadcast over the batch). It
-/// keeps the softmax P for the backward pass. With G = ∂L/∂out:
-/// ∂V = Pᵀ·G, ∂P = G·Vᵀ, ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)), ∂Q = ∂S·K, ∂K = ∂Sᵀ·Q, ∂bias = Σ_batch ∂S.
-pub fn attention_fused<T: Tp<Cpu>>(
-    q: Act<Cpu, T>,
-    k: Act<Cpu, T>,
-    v: Act<Cpu, T>,
-    bias: Option<&PositionBias<Cpu>>,
-    batch: usize,
-    heads: usize,
-) -> Act<Cpu, T> {
-    let ((nq, hd), nk) = (*q.shape(), k.shape().0);
-    let (lq, lk, dk) = (nq / batch, nk / batch, hd / heads);
-    assert_eq!((nq % batch, nk % batch, hd % heads), (0, 0, 0), "attention: shapes do not split into batch × heads");
-    let dev = q.device().clone();
-    let (q, tq) = q.split_tape();
-    let (k, tk) = k.split_tape();
-    let (v, tv) = v.split_tape();
-    let mut tape = tq.merge(tk).merge(tv);
-    let (mut qs, mut ks, mut vs, mut table) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    host(&q, &mut qs);
-    host(&k, &mut ks);
-    host(&v, &mut vs);
-    let bias_values: Option<Vec<f32>> = bias.map(|b| {
-        host(&b.table, &mut table);
-        (0..heads)
-            .flat_map(|h| {
-                b.buckets.iter().enumerate().map(|(i, &bk)| table[bk * heads + h] + b.mask(i)).collect::<Vec<_>>()
-            })
-            .collect()
-    });
-    // Per (example, head): the block's offset in q / out and in k, v, and its slice of P.
-    let block = move |b: usize, h: usize| (b * lq * hd + h * dk, b * lk * hd + h * dk, (b * heads + h) * lq * lk);
-    let mut probs = vec![0f32; batch * heads * lq * lk];
-    let out = with_output(&dev, (nq, hd), |y| {
-        for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
-            let (qo, ko, po) = block(b, h);
-            let p = &mut probs[po..po + lq * lk];
-            gemm_into(p, (lq, lk, dk), (&qs[qo..], hd, 1), (&ks[ko..], 1, hd), false);
-            if let Some(bv) = &bias_values {
-                p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
-            }
-            p.chunks_exact_mut(lk).for_each(|row| {
-                softmax_row(row);
-            });
-            gemm_strided((&mut y[qo..], hd), (lq, dk, lk), (p, lk, 1), (&vs[ko..], hd, 1), false);
-        }
-    });
-    let (q_ghost, k_ghost, v_ghost, out_ghost) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
-    let table = bias.map(|b| (b.table.ghost(), b.buckets.clone()));
-    tape.add_backward_op(move |grads| {
-        let g = grads.get_or_alloc_mut(&out_ghost)?.to_vec();
-        let (mut dq, mut dkey, mut dv) = (vec![0f32; nq * hd], vec![0f32; nk * hd], vec![0f32; nk * hd]);
-        let (mut ds, mut dbias) = (vec![0f32; lq * lk], vec![0f32; heads * lq * lk]);
-        for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
-            let (qo, ko, po) = block(b, h);
-            let p = &probs[po..po + lq * lk];
-            gemm_strided((&mut dv[ko..], hd), (lk, dk, lq), (p, 1, lk), (&g[qo..], hd, 1), true);
-            gemm_into(&mut ds, (lq, lk, dk), (&g[qo..], hd, 1), (&vs[ko..], 1, hd), false);
-            for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
-                let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
-                d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
-            }
-            dbias[h * lq * lk..(h + 1) * lq * lk].iter_mut().zip(&ds).for_each(|(a, d)| *a += d);
-            gemm_strided((&mut dq[qo..], hd), (lq, dk, lk), (&ds, lk, 1), (&ks[ko..], hd, 1), true);
-            gemm_strided((&mut dkey[ko..], hd), (lk, dk, lq), (&ds, 1, lk), (&qs[qo..], hd, 1), true);
-        }
-        for (ghost, d) in [(&q_ghost, dq), (&k_ghost, dkey), (&v_ghost, dv)] {
-            grads.get_or_alloc_mut(ghost)?.iter_mut().zip(&d).for_each(|(a, d)| *a += d);
-        }
-        if let Some((table_ghost, buckets)) = &table {
-            let gt = grads.get_or_alloc_mut(table_ghost)?;
-            for (h, dbias) in dbias.chunks_exact(lq * lk).enumerate() {
-                buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
-            }
-        }
-        Ok(())
-    });
-    out.put_tape(tape)
 }

@@ -1,0 +1,142 @@
+//! Attention: softmax(q·kᵀ + bias)·v per example and head, with T5's relative-position bias
+//! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
+use super::{data, gemm_into, gemm_strided, softmax_row, with_output, Kernels};
+use crate::nn::{device_tensor, Act, Param, Tp};
+use dfdx::prelude::*;
+
+/// The relative-position bias of one stack, shared by its layers as in T5: the bucket of each
+/// (query, key) pair, and in the decoder the causal mask (−1e9 above the diagonal). The bias of
+/// head h for a pair is `table[bucket · heads + h]`.
+pub struct PositionBias<D: Device<f32>> {
+    /// `[num_buckets, heads]`, the stack's parameter.
+    pub table: Param<D>,
+    /// `[Lq, Lk]`: each pair's bucket.
+    pub buckets: Vec<usize>,
+    pub len_q: usize,
+    pub len_k: usize,
+    pub causal: bool,
+}
+
+impl<D: Kernels> PositionBias<D> {
+    /// The mask's value for pair `i` of the `[Lq, Lk]` grid.
+    fn mask(&self, i: usize) -> f32 {
+        if self.causal && i % self.len_k > i / self.len_k {
+            -1e9
+        } else {
+            0.0
+        }
+    }
+
+    /// `[heads, Lq, Lk]` as dfdx ops: gather the buckets, move heads first, add the mask.
+    fn plain<T: Tp<D>>(&self, heads: usize) -> Tensor<(usize, usize, usize), f32, D, T> {
+        let dev = self.table.device();
+        let (lq, lk) = (self.len_q, self.len_k);
+        let idx = dev.indices(&self.buckets);
+        let rows = self.table.clone().reshape_like(&(self.table.shape().0 / heads, heads)).retaped::<T>().gather(idx);
+        let bias = rows.reshape_like(&(lq, lk, heads)).permute::<_, Axes3<2, 0, 1>>();
+        let mask: Vec<f32> = (0..lq * lk).map(|i| self.mask(i)).collect();
+        bias + device_tensor(dev, &mask, (lq, lk)).broadcast_like::<_, Axis<0>>(&(heads, lq, lk))
+    }
+}
+
+/// Attention as dfdx ops (the reference): split the heads out with permutes, batched matmuls,
+/// the bias broadcast over the batch, softmax, and the heads put back side by side.
+pub fn attention_plain<D: Kernels, T: Tp<D>>(
+    q: Act<D, T>,
+    k: Act<D, T>,
+    v: Act<D, T>,
+    bias: Option<&PositionBias<D>>,
+    batch: usize,
+    heads: usize,
+) -> Act<D, T> {
+    let (lq, lk, dk) = (q.shape().0 / batch, k.shape().0 / batch, q.shape().1 / heads);
+    let q = q.reshape_like(&(batch, lq, heads, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
+    let k = k.reshape_like(&(batch, lk, heads, dk)).permute::<_, Axes4<0, 2, 3, 1>>();
+    let v = v.reshape_like(&(batch, lk, heads, dk)).permute::<_, Axes4<0, 2, 1, 3>>();
+    let scores = q.matmul(k);
+    let scores = match bias {
+        Some(b) => scores + b.plain::<T>(heads).broadcast_like::<_, Axis<0>>(&(batch, heads, lq, lk)),
+        None => scores,
+    };
+    scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, heads * dk))
+}
+
+/// Attention in one op each way, per example and head on the heads' column blocks (no permute
+/// copies), with the bias looked up from the table (no gather, no broadcast over the batch). It
+/// keeps the softmax P for the backward pass. With G = ∂L/∂out:
+/// ∂V = Pᵀ·G, ∂P = G·Vᵀ, ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)), ∂Q = ∂S·K, ∂K = ∂Sᵀ·Q, ∂bias = Σ_batch ∂S.
+pub fn attention_fused<T: Tp<Cpu>>(
+    q: Act<Cpu, T>,
+    k: Act<Cpu, T>,
+    v: Act<Cpu, T>,
+    bias: Option<&PositionBias<Cpu>>,
+    batch: usize,
+    heads: usize,
+) -> Act<Cpu, T> {
+    let ((nq, hd), nk) = (*q.shape(), k.shape().0);
+    let (lq, lk, dk) = (nq / batch, nk / batch, hd / heads);
+    assert_eq!((nq % batch, nk % batch, hd % heads), (0, 0, 0), "attention: shapes do not split into batch × heads");
+    let dev = q.device().clone();
+    let (q, tq) = q.split_tape();
+    let (k, tk) = k.split_tape();
+    let (v, tv) = v.split_tape();
+    let mut tape = tq.merge(tk).merge(tv);
+    let (qs, ks, vs) = (data(&q), data(&k), data(&v));
+    let bias_values: Option<Vec<f32>> = bias.map(|b| {
+        let table = data(&b.table);
+        (0..heads)
+            .flat_map(|h| {
+                b.buckets.iter().enumerate().map(|(i, &bk)| table[bk * heads + h] + b.mask(i)).collect::<Vec<_>>()
+            })
+            .collect()
+    });
+    // Per (example, head): the block's offset in q / out and in k, v, and its slice of P.
+    let block = move |b: usize, h: usize| (b * lq * hd + h * dk, b * lk * hd + h * dk, (b * heads + h) * lq * lk);
+    let mut probs = vec![0f32; batch * heads * lq * lk];
+    let out = with_output(&dev, (nq, hd), |y| {
+        for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
+            let (qo, ko, po) = block(b, h);
+            let p = &mut probs[po..po + lq * lk];
+            gemm_into(p, (lq, lk, dk), (&qs[qo..], hd, 1), (&ks[ko..], 1, hd), false);
+            if let Some(bv) = &bias_values {
+                p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
+            }
+            p.chunks_exact_mut(lk).for_each(|row| {
+                softmax_row(row);
+            });
+            gemm_strided((&mut y[qo..], hd), (lq, dk, lk), (p, lk, 1), (&vs[ko..], hd, 1), false);
+        }
+    });
+    let (q_ghost, k_ghost, v_ghost, out_ghost) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
+    let table = bias.map(|b| (b.table.ghost(), b.buckets.clone()));
+    tape.add_backward_op(move |grads| {
+        let (qs, ks, vs) = (data(&q), data(&k), data(&v));
+        let (mut dq, mut dkey, mut dv) = (vec![0f32; nq * hd], vec![0f32; nk * hd], vec![0f32; nk * hd]);
+        let (mut ds, mut dbias) = (vec![0f32; lq * lk], vec![0f32; heads * lq * lk]);
+        let g: &[f32] = grads.get_or_alloc_mut(&out_ghost)?;
+        for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
+            let (qo, ko, po) = block(b, h);
+            let p = &probs[po..po + lq * lk];
+            gemm_strided((&mut dv[ko..], hd), (lk, dk, lq), (p, 1, lk), (&g[qo..], hd, 1), true);
+            gemm_into(&mut ds, (lq, lk, dk), (&g[qo..], hd, 1), (&vs[ko..], 1, hd), false);
+            for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+                let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+            }
+            dbias[h * lq * lk..(h + 1) * lq * lk].iter_mut().zip(&ds).for_each(|(a, d)| *a += d);
+            gemm_strided((&mut dq[qo..], hd), (lq, dk, lk), (&ds, lk, 1), (&ks[ko..], hd, 1), true);
+            gemm_strided((&mut dkey[ko..], hd), (lk, dk, lq), (&ds, 1, lk), (&qs[qo..], hd, 1), true);
+        }
+        for (ghost, d) in [(&q_ghost, dq), (&k_ghost, dkey), (&v_ghost, dv)] {
+            grads.get_or_alloc_mut(ghost)?.iter_mut().zip(&d).for_each(|(a, d)| *a += d);
+        }
+        if let Some((table_ghost, buckets)) = &table {
+            let gt = grads.get_or_alloc_mut(table_ghost)?;
+            for (h, dbias) in dbias.chunks_exact(lq * lk).enumerate() {
+                buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
+            }
+        }
+        Ok(())
+    });
+    out.put_tape(tape)
+}
