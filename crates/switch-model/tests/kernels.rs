@@ -352,13 +352,17 @@ fn attention_cases() -> Vec<AttentionCase> {
 }
 
 #[test]
-fn fused_attention_matches_the_plain_path() {
+fn fused_attention_matches_the_plain_path_on_one_and_two_threads() {
     let dev = Dev::default();
     let mut rng = StdRng::seed_from_u64(9);
+    let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
     for case in attention_cases() {
         for scale in [1.0, 4.0] {
             let x = case.inputs(&mut rng, scale);
-            let fused = case.run(|q, k, v, b, n, h| attention_fused(q, k, v, b, n, h), &dev, &x);
+            let [fused, two_threads] = pools
+                .each_ref()
+                .map(|pool| pool.install(|| case.run(|q, k, v, b, n, h| attention_fused(q, k, v, b, n, h), &dev, &x)));
+            assert_eq!(fused, two_threads, "examples in parallel keep every bit");
             let plain = case.run(|q, k, v, b, n, h| attention_plain(q, k, v, b, n, h), &dev, &x);
             for (what, (f, p)) in ["out", "dq", "dk", "dv", "d table"].iter().zip(fused.iter().zip(&plain)) {
                 close(f, p, 1e-4, what);

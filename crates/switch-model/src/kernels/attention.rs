@@ -3,6 +3,7 @@
 use super::{data, gemm_into, gemm_strided, softmax_row, with_output, Kernels};
 use crate::nn::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
+use rayon::prelude::*;
 
 /// The relative-position bias of one stack, shared by its layers as in T5: the bucket of each
 /// (query, key) pair, and in the decoder the causal mask (−1e9 above the diagonal). The bias of
@@ -90,49 +91,64 @@ pub fn attention_fused<T: Tp<Cpu>>(
             })
             .collect()
     });
-    // Per (example, head): the block's offset in q / out and in k, v, and its slice of P.
-    let block = move |b: usize, h: usize| (b * lq * hd + h * dk, b * lk * hd + h * dk, (b * heads + h) * lq * lk);
-    let mut probs = vec![0f32; batch * heads * lq * lk];
+    // Example b owns rows b·lq.. of q and out, b·lk.. of k and v, and its heads' slices of P:
+    // examples run in parallel on the run's threads, heads one after another in each; every sum
+    // keeps its order, so the result does not depend on the number of threads.
+    let (q_rows, kv_rows, p_len) = (lq * hd, lk * hd, heads * lq * lk);
+    let mut probs = vec![0f32; batch * p_len];
     let out = with_output(&dev, (nq, hd), |y| {
-        for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
-            let (qo, ko, po) = block(b, h);
-            let p = &mut probs[po..po + lq * lk];
-            gemm_into(p, (lq, lk, dk), (&qs[qo..], hd, 1), (&ks[ko..], 1, hd), false);
-            if let Some(bv) = &bias_values {
-                p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
+        y.par_chunks_mut(q_rows).zip(probs.par_chunks_mut(p_len)).enumerate().for_each(|(b, (y, probs))| {
+            let (q, k, v) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..]);
+            for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
+                gemm_into(p, (lq, lk, dk), (&q[h * dk..], hd, 1), (&k[h * dk..], 1, hd), false);
+                if let Some(bv) = &bias_values {
+                    p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
+                }
+                p.chunks_exact_mut(lk).for_each(|row| {
+                    softmax_row(row);
+                });
+                gemm_strided((&mut y[h * dk..], hd), (lq, dk, lk), (p, lk, 1), (&v[h * dk..], hd, 1), false);
             }
-            p.chunks_exact_mut(lk).for_each(|row| {
-                softmax_row(row);
-            });
-            gemm_strided((&mut y[qo..], hd), (lq, dk, lk), (p, lk, 1), (&vs[ko..], hd, 1), false);
-        }
+        })
     });
     let (q_ghost, k_ghost, v_ghost, out_ghost) = (q.ghost(), k.ghost(), v.ghost(), out.ghost());
     let table = bias.map(|b| (b.table.ghost(), b.buckets.clone()));
     tape.add_backward_op(move |grads| {
         let (qs, ks, vs) = (data(&q), data(&k), data(&v));
         let (mut dq, mut dkey, mut dv) = (vec![0f32; nq * hd], vec![0f32; nk * hd], vec![0f32; nk * hd]);
-        let (mut ds, mut dbias) = (vec![0f32; lq * lk], vec![0f32; heads * lq * lk]);
         let g: &[f32] = grads.get_or_alloc_mut(&out_ghost)?;
-        for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
-            let (qo, ko, po) = block(b, h);
-            let p = &probs[po..po + lq * lk];
-            gemm_strided((&mut dv[ko..], hd), (lk, dk, lq), (p, 1, lk), (&g[qo..], hd, 1), true);
-            gemm_into(&mut ds, (lq, lk, dk), (&g[qo..], hd, 1), (&vs[ko..], 1, hd), false);
-            for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
-                let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
-                d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
-            }
-            dbias[h * lq * lk..(h + 1) * lq * lk].iter_mut().zip(&ds).for_each(|(a, d)| *a += d);
-            gemm_strided((&mut dq[qo..], hd), (lq, dk, lk), (&ds, lk, 1), (&ks[ko..], hd, 1), true);
-            gemm_strided((&mut dkey[ko..], hd), (lk, dk, lq), (&ds, 1, lk), (&qs[qo..], hd, 1), true);
-        }
+        let with_bias = table.is_some();
+        // Each example's ∂S per head, for the bias (summed over examples, in order, below).
+        let dbias: Vec<Vec<f32>> = (dq.par_chunks_mut(q_rows).zip(dkey.par_chunks_mut(kv_rows)))
+            .zip(dv.par_chunks_mut(kv_rows))
+            .enumerate()
+            .map(|(b, ((dq, dkey), dv))| {
+                let (q, k, v, g) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..], &g[b * q_rows..]);
+                let mut ds_heads = vec![0f32; if with_bias { p_len } else { lq * lk }];
+                for (h, p) in probs[b * p_len..(b + 1) * p_len].chunks_exact(lq * lk).enumerate() {
+                    let (o, ds) = (h * dk, &mut ds_heads[if with_bias { h * lq * lk } else { 0 }..][..lq * lk]);
+                    gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (p, 1, lk), (&g[o..], hd, 1), true);
+                    gemm_into(ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
+                    for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+                        let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                        d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+                    }
+                    gemm_strided((&mut dq[o..], hd), (lq, dk, lk), (ds, lk, 1), (&k[o..], hd, 1), true);
+                    gemm_strided((&mut dkey[o..], hd), (lk, dk, lq), (ds, 1, lk), (&q[o..], hd, 1), true);
+                }
+                ds_heads
+            })
+            .collect();
         for (ghost, d) in [(&q_ghost, dq), (&k_ghost, dkey), (&v_ghost, dv)] {
             grads.get_or_alloc_mut(ghost)?.iter_mut().zip(&d).for_each(|(a, d)| *a += d);
         }
         if let Some((table_ghost, buckets)) = &table {
+            let mut summed = vec![0f32; p_len];
+            for example in &dbias {
+                summed.iter_mut().zip(example).for_each(|(a, d)| *a += d);
+            }
             let gt = grads.get_or_alloc_mut(table_ghost)?;
-            for (h, dbias) in dbias.chunks_exact(lq * lk).enumerate() {
+            for (h, dbias) in summed.chunks_exact(lq * lk).enumerate() {
                 buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
             }
         }
