@@ -519,3 +519,19 @@ fn fused_row_kernels_gradients_match_finite_differences() {
     // token 0 reaches the output through slot 1 only (slots 1 and 2 hold it; slot 2 is never read)
     assert!(dx[..ROW_D].iter().any(|&v| v != 0.0));
 }
+
+#[test]
+fn vectorised_exp_is_within_two_ulp_and_zero_far_below() {
+    use switch_model::kernels::exp;
+    let mut worst = 0f64;
+    for i in 0..=2_000_000 {
+        let x = -87.0 + 175.0 * i as f32 / 2_000_000.0;
+        let exact = (x as f64).exp();
+        let ulp = f32::EPSILON as f64 * 2f64.powi((exact.log2()).floor() as i32);
+        worst = worst.max((exp(x) as f64 - exact).abs() / ulp);
+    }
+    assert!(worst <= 2.0, "worst error {worst} ulp");
+    assert_eq!(exp(0.0), 1.0);
+    assert_eq!((exp(-87.4), exp(-1e9), exp(f32::NEG_INFINITY)), (0.0, 0.0, 0.0));
+    assert!(exp(88.0).is_finite() && exp(88.0) > 1e38);
+}

@@ -439,13 +439,41 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
 }
 
 /// Softmax of `row`, in place; returns its max and Σ exp(x − max) (logsumexp = max + ln sum).
+/// Branch-free passes the compiler vectorises: [`exp`] instead of libm's scalar `expf`, and the
+/// sum in eight interleaved lanes.
 pub(crate) fn softmax_row(row: &mut [f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+    row.iter_mut().for_each(|v| *v = exp(*v - max));
+    let mut lanes = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        lanes.iter_mut().zip(c).for_each(|(l, v)| *l += v);
     }
+    let sum = lanes.iter().sum::<f32>() + rest;
     row.iter_mut().for_each(|v| *v /= sum);
     (max, sum)
+}
+
+/// eˣ within 2 ulp of the exact value for x ≤ 88, and 0 below −87.3 (where f32's eˣ leaves the
+/// normal range; attention's mask is −1e9). x = k·ln 2 + r with |r| ≤ ln 2 / 2 (ln 2 in two parts,
+/// so k·ln 2 loses nothing), eˣ = 2ᵏ·eʳ, eʳ by its Taylor polynomial to r⁷ (truncation < 0.1 ulp),
+/// 2ᵏ built in the exponent bits. No branch and no libm call, so loops over it vectorise.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4; // 355/512: k·LN2_HI is exact for |k| < 2¹⁵
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to the nearest integer
+    const C: [f32; 7] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+    let xc = x.clamp(-87.3, 88.0);
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let k = t - ROUND;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let p = C.iter().fold(0.0, |acc, c| acc * r + c) * r + 1.0;
+    let two_k = f32::from_bits(((t.to_bits() as i32 - ROUND.to_bits() as i32 + 127) << 23) as u32);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * two_k
+    }
 }
