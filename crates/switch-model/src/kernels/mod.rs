@@ -23,6 +23,16 @@ use crate::nn::{Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
+/// In a kernel's backward pass: the gradient of `$input` to add into (allocated if this is its
+/// first) and that of the kernel's `$output` to read, both in place.
+macro_rules! input_and_output_grads {
+    ($grads:expr, $input:expr, $output:expr) => {{
+        $grads.get_or_alloc_mut($input)?;
+        $grads.get_or_alloc_mut($output)?;
+        $grads.mut_and_ref($input, $output)
+    }};
+}
+
 mod attention;
 mod rows;
 pub use attention::{attention_fused, attention_plain, PositionBias};
@@ -236,9 +246,7 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
         let (xs, ws) = (data(&x), data(&w));
         let mut gw = vec![0f32; d];
         {
-            grads.get_or_alloc_mut(&x_ghost)?;
-            grads.get_or_alloc_mut(&out_ghost)?;
-            let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
+            let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
             assert_eq!(gx.len(), n * d, "rms_norm_fused needs a contiguous input");
             for (((row, gy), gxr), &r) in
                 xs.chunks_exact(d).zip(g.chunks_exact(d)).zip(gx.chunks_exact_mut(d)).zip(&inv)
@@ -369,18 +377,15 @@ pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: S
     let w = w.clone(); // shares the weights' buffer until the backward pass has run
     tape.add_backward_op(move |grads| {
         let (xs, ws) = (data(&x), data(&w));
-        grads.get_or_alloc_mut(&out_ghost)?;
         // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
-        grads.get_or_alloc_mut(&x_ghost)?;
-        let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
+        let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
         by_blocks(gx, e, (c, k), |i, r0, gx| {
             let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
             gemm_into(gx, (gx.len() / k, k, m), (gi, m, 1), (wi, w_cs, w_rs), true)
         });
         // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x.
         let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
-        grads.get_or_alloc_mut(&w_ghost)?;
-        let (gw, g) = grads.mut_and_ref(&w_ghost, &out_ghost);
+        let (gw, g) = input_and_output_grads!(grads, &w_ghost, &out_ghost);
         by_blocks(gw, e, (rows, cols), |i, r0, gw| {
             let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
             let block = (gw.len() / cols, cols, c);

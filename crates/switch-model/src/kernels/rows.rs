@@ -27,9 +27,7 @@ pub fn gather_rows_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, rows: &[usize]) -> Act<Cpu,
     let rows = rows.to_vec();
     let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
     tape.add_backward_op(move |grads| {
-        grads.get_or_alloc_mut(&x_ghost)?;
-        grads.get_or_alloc_mut(&out_ghost)?;
-        let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
+        let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
         for (g, &r) in g.chunks_exact(d).zip(&rows) {
             gx[r * d..(r + 1) * d].iter_mut().zip(g).for_each(|(a, g)| *a += g);
         }
@@ -82,9 +80,7 @@ pub fn combine_fused<T: Tp<Cpu>>(
     tape.add_backward_op(move |grads| {
         let (xs, gs) = (data(&x), data(&gate));
         let mut dgate = vec![0f32; n];
-        grads.get_or_alloc_mut(&x_ghost)?;
-        grads.get_or_alloc_mut(&out_ghost)?;
-        let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
+        let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
         for (t, (g, slot)) in g.chunks_exact(d).zip(&slots).enumerate() {
             if let Some(s) = slot {
                 let (gx, x) = (&mut gx[s * d..(s + 1) * d], &xs[s * d..(s + 1) * d]);
@@ -117,9 +113,7 @@ pub fn mul_constant_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>, c: &[
     let c = c.to_vec();
     let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
     tape.add_backward_op(move |grads| {
-        grads.get_or_alloc_mut(&x_ghost)?;
-        grads.get_or_alloc_mut(&out_ghost)?;
-        let (gx, g) = grads.mut_and_ref(&x_ghost, &out_ghost);
+        let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
         gx.iter_mut().zip(g.iter()).zip(&c).for_each(|((a, g), c)| *a += g * c);
         Ok(())
     });
