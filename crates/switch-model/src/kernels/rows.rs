@@ -3,6 +3,18 @@
 //! a constant (the router's jitter noise, a dropout mask). Each is O(tokens × d_model); the plain
 //! dfdx path makes several full-size buffers and indexes element by element, the fused one copies
 //! whole rows and keeps no buffer for the backward pass.
+//!
+//! ```
+//! use dfdx::prelude::*;
+//! use switch_model::kernels::{combine_fused, gather_rows_fused};
+//! let dev: Cpu = Default::default();
+//! let x = dev.tensor_from_vec(vec![1.0f32, 2.0, 3.0, 4.0], (2usize, 2usize));
+//! // three slots holding tokens 1, 0 and 1
+//! assert_eq!(gather_rows_fused(x.clone(), &[1, 0, 1]).as_vec(), vec![3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+//! // token 0 reads slot 1 with gate 0.5; token 1 was dropped
+//! let gate = dev.tensor_from_vec(vec![0.5f32, 0.9], (2usize,));
+//! assert_eq!(combine_fused(x, gate, &[Some(1), None]).as_vec(), vec![1.5, 2.0, 0.0, 0.0]);
+//! ```
 use super::{data, with_output, Kernels};
 use crate::nn::{device_tensor, Act, Tp};
 use dfdx::prelude::*;
