@@ -124,17 +124,20 @@ pub fn attention_fused<T: Tp<Cpu>>(
             .enumerate()
             .map(|(b, ((dq, dkey), dv))| {
                 let (q, k, v, g) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..], &g[b * q_rows..]);
-                let mut ds_heads = vec![0f32; if with_bias { p_len } else { lq * lk }];
+                let (mut ds, mut ds_heads) = (vec![0f32; lq * lk], Vec::new());
                 for (h, p) in probs[b * p_len..(b + 1) * p_len].chunks_exact(lq * lk).enumerate() {
-                    let (o, ds) = (h * dk, &mut ds_heads[if with_bias { h * lq * lk } else { 0 }..][..lq * lk]);
+                    let o = h * dk;
                     gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (p, 1, lk), (&g[o..], hd, 1), true);
-                    gemm_into(ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
+                    gemm_into(&mut ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
                     for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
                         let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
                         d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
                     }
-                    gemm_strided((&mut dq[o..], hd), (lq, dk, lk), (ds, lk, 1), (&k[o..], hd, 1), true);
-                    gemm_strided((&mut dkey[o..], hd), (lk, dk, lq), (ds, 1, lk), (&q[o..], hd, 1), true);
+                    gemm_strided((&mut dq[o..], hd), (lq, dk, lk), (&ds, lk, 1), (&k[o..], hd, 1), true);
+                    gemm_strided((&mut dkey[o..], hd), (lk, dk, lq), (&ds, 1, lk), (&q[o..], hd, 1), true);
+                    if with_bias {
+                        ds_heads.extend_from_slice(&ds);
+                    }
                 }
                 ds_heads
             })
