@@ -1,4 +1,5 @@
-//! `switch-data`: the text every experiment trains on, tokenized, split and span-corrupted.
+//! `switch-data`: the text every experiment trains on, tokenized, split and made into examples
+//! (T5 span corruption, the paper's objective, or a prefix LM).
 //!
 //! A [`Dataset`] is built once per config from a corpus (the embedded default or a user path): each
 //! source is cut into chunks of about [`CHUNK_CHARS`] characters at line ends, an evenly spaced
@@ -33,16 +34,50 @@ impl DataError {
     }
 }
 
+/// What the model learns to predict from each window of text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// T5's span corruption, the paper's objective: ~15% of the window, in spans, are the targets.
+    #[default]
+    SpanCorruption,
+    /// T5's prefix LM (its Table 4, not the paper's objective): the encoder reads `encoder_len`
+    /// tokens and the decoder predicts the next `encoder_len`, so every decoder position is a
+    /// target (4× span corruption's targets per example at `encoder_len` 64). The split is at
+    /// the middle of the window, not at a random point, so every example has the same lengths.
+    PrefixLm,
+}
+
+impl Objective {
+    fn is_span_corruption(&self) -> bool {
+        *self == Objective::SpanCorruption
+    }
+}
+
+/// The lengths every example of a config has (no padding).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lengths {
+    /// Raw text tokens one example reads.
+    pub raw: usize,
+    pub encoder: usize,
+    pub decoder: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
+    /// Left out of the serialized config when it is the default, so the run ids (a hash of the
+    /// resolved config) of every span-corruption run stay what they were before this key existed.
+    #[serde(skip_serializing_if = "Objective::is_span_corruption")]
+    pub objective: Objective,
     /// `default` for the embedded corpus, or a path to a text / `.jsonl` file or a folder of them.
     pub corpus: String,
     pub tokenizer: TokenizerKind,
     /// Total vocabulary including the special and sentinel tokens (ignored by the byte tokenizer).
     pub vocab_size: usize,
     pub num_sentinels: usize,
-    /// Encoder (input) length; the decoder length follows from the span-corruption arithmetic.
+    /// Encoder (input) length; the decoder length follows from the objective (the span-corruption
+    /// arithmetic, or the same length for the prefix LM).
     pub encoder_len: usize,
     pub noise_density: f64,
     pub mean_noise_span_len: f64,
@@ -54,6 +89,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
+            objective: Objective::SpanCorruption,
             corpus: "default".into(),
             tokenizer: TokenizerKind::Bpe,
             vocab_size: 4096,
@@ -103,8 +139,24 @@ impl DataConfig {
         Ok(sc)
     }
 
+    /// The lengths of every example, checking the settings the objective uses.
+    pub fn lengths(&self) -> Result<Lengths, DataError> {
+        match self.objective {
+            Objective::SpanCorruption => {
+                let sc = self.span_corruption()?;
+                Ok(Lengths { raw: sc.raw_len, encoder: sc.encoder_len, decoder: sc.decoder_len })
+            }
+            Objective::PrefixLm if self.encoder_len < 1 => {
+                Err(DataError::new("data.encoder_len", "= 0", "use at least 1 token of prefix"))
+            }
+            Objective::PrefixLm => {
+                Ok(Lengths { raw: 2 * self.encoder_len, encoder: self.encoder_len, decoder: self.encoder_len })
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<(), DataError> {
-        self.span_corruption()?;
+        self.lengths()?;
         if self.tokenizer == TokenizerKind::Bpe && self.vocab_size < tokenizer::byte_vocab_size(self.num_sentinels) {
             return Err(DataError::new(
                 "data.vocab_size",
@@ -167,7 +219,9 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 /// Tokenized training stream and held-out examples, ready for batching.
 pub struct Dataset {
     pub vocab: Vocab,
-    pub spans: SpanCorruption,
+    pub lengths: Lengths,
+    /// The span-corruption setting; `None` for the prefix LM.
+    pub spans: Option<SpanCorruption>,
     pub train_tokens: Vec<u32>,
     pub held_out_tokens: Vec<u32>,
     /// (source name, chunks, of which held out): for reports and tests.
@@ -179,7 +233,11 @@ impl Dataset {
     /// Loads, tokenizes (training or loading a cached tokenizer in `cache_dir`) and splits.
     pub fn build(cfg: &DataConfig, cache_dir: &Path) -> Result<Self, DataError> {
         cfg.validate()?;
-        let spans = cfg.span_corruption()?;
+        let lengths = cfg.lengths()?;
+        let spans = match cfg.objective {
+            Objective::SpanCorruption => Some(cfg.span_corruption()?),
+            Objective::PrefixLm => None,
+        };
         let sources = if cfg.corpus == "default" { corpus::embedded() } else { corpus::load(Path::new(&cfg.corpus))? };
 
         let mut train_text: Vec<&str> = Vec::new();
@@ -201,12 +259,12 @@ impl Dataset {
         // fill it: refuse before training a tokenizer or writing the cache.
         let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
         let held_bytes: usize = held_text.iter().map(|t| t.len()).sum();
-        if held_bytes < cfg.eval_examples * spans.raw_len {
+        if held_bytes < cfg.eval_examples * lengths.raw {
             return Err(DataError::new(
                 &what,
                 format!(
                     "gives a held-out split of {held_bytes} bytes; {} examples of {} raw tokens need more",
-                    cfg.eval_examples, spans.raw_len
+                    cfg.eval_examples, lengths.raw
                 ),
                 "add text, raise data.held_out_fraction or lower data.eval_examples",
             ));
@@ -228,18 +286,18 @@ impl Dataset {
         let train_tokens = tokenizer::cached_ids(&dir.join("train.u32"), || vocab.encode_chunks(&train_text))?;
         let held_out_tokens = tokenizer::cached_ids(&dir.join("held_out.u32"), || vocab.encode_chunks(&held_text))?;
 
-        if train_tokens.len() < spans.raw_len * 8 {
+        if train_tokens.len() < lengths.raw * 8 {
             return Err(DataError::new(
                 &what,
                 format!(
                     "has {} training tokens, too few for batches of {}-token windows",
                     train_tokens.len(),
-                    spans.raw_len
+                    lengths.raw
                 ),
                 "add text or lower data.encoder_len",
             ));
         }
-        let needed = cfg.eval_examples * spans.raw_len;
+        let needed = cfg.eval_examples * lengths.raw;
         if held_out_tokens.len() < needed {
             return Err(DataError::new(
                 &what,
@@ -247,22 +305,37 @@ impl Dataset {
                     "gives a held-out split of {} tokens; {} examples of {} raw tokens need {needed}",
                     held_out_tokens.len(),
                     cfg.eval_examples,
-                    spans.raw_len
+                    lengths.raw
                 ),
                 "add text, raise data.held_out_fraction or lower data.eval_examples",
             ));
         }
-        Ok(Self { vocab, spans, train_tokens, held_out_tokens, split_summary, eval_examples: cfg.eval_examples })
+        Ok(Self {
+            vocab,
+            lengths,
+            spans,
+            train_tokens,
+            held_out_tokens,
+            split_summary,
+            eval_examples: cfg.eval_examples,
+        })
     }
 
+    /// (inputs, targets) of one window of `lengths.raw` tokens.
     fn example(&self, raw: &[u32], rng: &mut StdRng) -> (Vec<u32>, Vec<u32>) {
-        self.spans.corrupt(raw, &self.vocab.sentinels(), Vocab::EOS, rng)
+        match &self.spans {
+            Some(sc) => sc.corrupt(raw, &self.vocab.sentinels(), Vocab::EOS, rng),
+            None => {
+                let (prefix, continuation) = raw.split_at(self.lengths.encoder);
+                (prefix.to_vec(), continuation.to_vec())
+            }
+        }
     }
 
     /// Training batch number `step` of a run with `seed`: random windows of the training stream.
     pub fn train_batch(&self, seed: u64, step: u64, batch_size: usize) -> Example {
         let mut rng = StdRng::seed_from_u64(fnv1a(format!("train-{seed}-{step}").as_bytes()));
-        let raw = self.spans.raw_len;
+        let raw = self.lengths.raw;
         let examples = (0..batch_size)
             .map(|_| {
                 let start = rng.gen_range(0..=self.train_tokens.len() - raw);
@@ -275,7 +348,7 @@ impl Dataset {
     /// The held-out examples: evenly spaced, non-overlapping windows with fixed noise masks,
     /// the same for every run and seed of a sweep; split into batches of `batch_size`.
     pub fn eval_batches(&self, batch_size: usize) -> Vec<Example> {
-        let raw = self.spans.raw_len;
+        let raw = self.lengths.raw;
         let n = self.eval_examples;
         let stride = (self.held_out_tokens.len() - raw) / n.max(2).saturating_sub(1).max(1);
         let mut rng = StdRng::seed_from_u64(fnv1a(b"held-out"));

@@ -1,7 +1,7 @@
 use rand::{rngs::StdRng, SeedableRng};
 use std::collections::HashSet;
 use switch_data::span::SpanCorruption;
-use switch_data::{DataConfig, Dataset, TokenizerKind, Vocab};
+use switch_data::{DataConfig, Dataset, Objective, TokenizerKind, Vocab};
 
 const SENTINELS: [u32; 60] = {
     let mut s = [0u32; 60];
@@ -128,9 +128,9 @@ fn batches_depend_on_seed_and_step_only() {
     assert_ne!(a, ds.train_batch(2, 5, 4));
     assert_ne!(a, ds.train_batch(1, 6, 4));
     assert_eq!(a.encoder_ids.len(), 4 * 64);
-    assert_eq!(a.targets.len(), 4 * ds.spans.decoder_len);
+    assert_eq!(a.targets.len(), 4 * ds.lengths.decoder);
     assert_eq!(a.decoder_input_ids[0], Vocab::PAD as usize);
-    assert_eq!(a.decoder_input_ids[1..ds.spans.decoder_len], a.targets[..ds.spans.decoder_len - 1]);
+    assert_eq!(a.decoder_input_ids[1..ds.lengths.decoder], a.targets[..ds.lengths.decoder - 1]);
 }
 
 #[test]
@@ -185,4 +185,33 @@ fn jsonl_corpora_are_read() {
     std::fs::write(&path, body).unwrap();
     let ds = Dataset::build(&cfg(&path, TokenizerKind::Byte), &tmp.path().join("cache")).unwrap();
     assert!(ds.vocab.decode(&ds.train_tokens[..200]).contains("document 00000 says hello"));
+}
+
+#[test]
+fn prefix_lm_predicts_the_continuation_of_its_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus_dir(tmp.path());
+    let c = DataConfig { objective: Objective::PrefixLm, ..cfg(&corpus, TokenizerKind::Byte) };
+    let ds = Dataset::build(&c, &tmp.path().join("cache")).unwrap();
+    assert_eq!((ds.lengths.raw, ds.lengths.encoder, ds.lengths.decoder), (128, 64, 64));
+    let stream = |ids: &[u32]| ids.iter().map(|&t| t as usize).collect::<Vec<_>>();
+    let (train, held) = (stream(&ds.train_tokens), stream(&ds.held_out_tokens));
+    for (batch, text) in [(ds.train_batch(3, 7, 4), &train), (ds.eval_batches(8)[1].clone(), &held)] {
+        for e in 0..batch.batch_size {
+            let (inputs, targets) = (&batch.encoder_ids[e * 64..][..64], &batch.targets[e * 64..][..64]);
+            // The prefix and its continuation are one contiguous window of the split's text.
+            let window: Vec<usize> = inputs.iter().chain(targets).copied().collect();
+            assert!(text.windows(128).any(|w| w == window.as_slice()), "example {e} is not a window of its split");
+            let decoder_inputs = &batch.decoder_input_ids[e * 64..][..64];
+            assert_eq!(decoder_inputs[0], Vocab::PAD as usize);
+            assert_eq!(decoder_inputs[1..], targets[..63]);
+        }
+    }
+    let t5 = DataConfig { encoder_len: 512, ..Default::default() }.lengths().unwrap();
+    assert_eq!((t5.raw, t5.encoder, t5.decoder), (568, 512, 114), "span corruption keeps T5's lengths");
+    assert_eq!(DataConfig::default().lengths().unwrap().decoder, 29);
+    assert_eq!(DataConfig { encoder_len: 64, ..Default::default() }.lengths().unwrap().decoder, 16);
+    let json = serde_json::to_string(&DataConfig::default()).unwrap();
+    assert!(!json.contains("objective"), "the default objective is left out, so run ids do not change: {json}");
+    assert!(serde_json::to_string(&c).unwrap().contains(r#""objective":"prefix_lm""#));
 }

@@ -593,3 +593,28 @@ fn routers_learn_from_the_cross_entropy_alone() {
         assert!((numeric - g[i] as f64).abs() < 0.05 * g[i].abs() as f64 + 2e-4, "{numeric} vs {}", g[i]);
     }
 }
+
+#[test]
+fn param_shapes_cover_every_parameter_with_the_init_fan_in_as_rows() {
+    let dev = Dev::default();
+    for cfg in [
+        ModelConfig { d_model: 16, d_ff: 48, num_heads: 2, d_kv: 4, ..tiny(1) },
+        ModelConfig { d_model: 16, d_ff: 48, num_heads: 2, d_kv: 4, expert_every: 2, init_scale: 1.0, ..tiny(3) },
+        ModelConfig { d_model: 16, d_ff: 48, num_heads: 2, d_kv: 4, activation: Activation::Geglu, ..tiny(4) },
+    ] {
+        let mut model = SwitchTransformer::new(&dev, &cfg, 0).unwrap();
+        for (name, p) in model.params_mut() {
+            let shape = cfg.param_shape(&name);
+            assert_eq!(shape.iter().product::<usize>(), p.shape().0, "{name}: {shape:?}");
+            // A weight is drawn with σ = √(init_scale / fan_in), and its fan-in is its rows.
+            let matrix = ["w_in", "w_gate", "w_out", "router", "o"].iter().any(|s| name.ends_with(s));
+            if matrix {
+                let w = p.as_vec();
+                let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt() as f64;
+                // The truncation at 2σ leaves 0.88σ.
+                let want = 0.88 * (cfg.init_scale / shape[1] as f64).sqrt();
+                assert!((std / want - 1.0).abs() < 0.2, "{name}: std {std}, want {want} for rows {}", shape[1]);
+            }
+        }
+    }
+}

@@ -16,9 +16,30 @@ pub enum Schedule {
     LinearWarmupRsqrt,
 }
 
+/// The optimizer (see [`crate::optim`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW with `beta1`, `beta2` and `weight_decay` (this project's default; not the paper's).
+    #[default]
+    Adamw,
+    /// Adafactor as in the paper's T5 / Mesh TF runs: no momentum, factored second moments,
+    /// steps relative to each parameter's scale (T5 used a peak `learning_rate` of 0.01).
+    Adafactor,
+}
+
+impl OptimizerKind {
+    fn is_adamw(&self) -> bool {
+        *self == OptimizerKind::Adamw
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// Left out of the resolved config when it is the default (AdamW), so run ids stay as they were.
+    #[serde(skip_serializing_if = "OptimizerKind::is_adamw")]
+    pub optimizer: OptimizerKind,
     pub steps: u64,
     pub batch_size: usize,
     /// Peak learning rate; decayed as 1/√step after `warmup_steps`.
@@ -45,6 +66,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
+            optimizer: OptimizerKind::Adamw,
             steps: 600,
             batch_size: 32,
             learning_rate: 3e-3,
@@ -109,6 +131,12 @@ impl TrainConfig {
         if !(self.grad_clip >= 0.0 && self.weight_decay >= 0.0) {
             return Err("train.grad_clip and train.weight_decay must be ≥ 0".into());
         }
+        if self.optimizer == OptimizerKind::Adafactor && self.weight_decay != 0.0 {
+            return Err(format!(
+                "train.weight_decay = {}: train.optimizer adafactor has no weight decay (as in the paper); use 0 or train.optimizer adamw",
+                self.weight_decay
+            ));
+        }
         Ok(())
     }
 }
@@ -142,8 +170,8 @@ impl RunConfig {
 
     /// Encoder and decoder lengths of every example.
     pub fn lengths(&self) -> (usize, usize) {
-        let sc = self.data.span_corruption().expect("validated");
-        (sc.encoder_len, sc.decoder_len)
+        let l = self.data.lengths().expect("validated");
+        (l.encoder, l.decoder)
     }
 
     /// A fresh `running` status for this run.
@@ -176,6 +204,8 @@ pub fn valid_keys() -> Vec<String> {
     full.model.router_init_scale = Some(full.model.init_scale);
     full.train.router_learning_rate = Some(full.train.learning_rate);
     full.model.router = switch_model::Router::Hash;
+    full.data.objective = switch_data::Objective::PrefixLm;
+    full.train.optimizer = OptimizerKind::Adafactor;
     let mut out = Vec::new();
     walk("", &serde_json::to_value(full).expect("serializable"), &mut out);
     out

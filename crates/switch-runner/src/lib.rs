@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: the resolved [`config::RunConfig`] of one run and key-checked merging;
 //! - [`grid`]: grid files → [`grid::Plan`] (cartesian, zip, points, exclude, seeds, FLOPs rules);
-//! - [`train`]: the training loop and optimizer;
+//! - [`train`]: the training loop;
+//! - [`optim`]: AdamW and Adafactor;
 //! - [`probe`]: where a trained run's routers get their gradient from;
 //! - [`rundir`]: the run-folder contract with the analysis crate;
 //! - [`sweep`]: local execution with resume, failure isolation and progress;
@@ -12,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod grid;
+pub mod optim;
 pub mod probe;
 pub mod slurm;
 pub mod sweep;

@@ -4,7 +4,7 @@
 //! second, the router learns to balance, not to route well.
 use crate::config::RunConfig;
 use crate::error::Result;
-use crate::train::{load_checkpoint, to_batch, AdamW, Dev};
+use crate::train::{load_checkpoint, to_batch, Dev, OptimizerState};
 use dfdx::prelude::*;
 use switch_data::Dataset;
 use switch_model::nn::Ctx;
@@ -42,7 +42,7 @@ pub fn probe_run(dir: &RunDir, cfg: &RunConfig, ds: &Dataset, batches: u64) -> R
     let dev = Dev::default();
     let mut model = SwitchTransformer::new(&dev, &cfg.model, cfg.train.seed)?;
     let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-    let Some(state) = load_checkpoint(dir, &mut model, &mut AdamW::new(&sizes))? else { return Ok(None) };
+    let Some(state) = load_checkpoint(dir, &mut model, &mut OptimizerState::adamw(&sizes))? else { return Ok(None) };
     let (balance, z) = (cfg.model.balance_loss_coef, cfg.model.z_loss_coef);
     let mut sums: Vec<RouterGradient> = Vec::new();
     let steps = state.step.saturating_sub(batches)..state.step;

@@ -1,5 +1,5 @@
-//! The training loop of one run: AdamW with warmup and inverse-square-root decay, gradient
-//! clipping, periodic evaluation on the held-out split, streamed metrics, atomic checkpoints.
+//! The training loop of one run: AdamW or Adafactor ([`crate::optim`]) with warmup and
+//! inverse-square-root decay, gradient clipping, periodic evaluation on the held-out split, streamed metrics, atomic checkpoints.
 //!
 //! Every random choice at step `s` (batch, jitter, dropout) is drawn from `(seed, s)`, and the
 //! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
@@ -8,7 +8,6 @@ use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status};
 use dfdx::prelude::*;
-use rayon::prelude::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -17,71 +16,7 @@ use switch_model::nn::Ctx;
 use switch_model::{Batch, SwitchTransformer};
 
 pub type Dev = Cpu;
-
-/// Host-side AdamW state, one entry per parameter in `params_mut` order.
-pub struct AdamW {
-    pub m: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
-}
-
-impl AdamW {
-    pub fn new(sizes: &[usize]) -> Self {
-        let zeros = || sizes.iter().map(|&n| vec![0.0; n]).collect();
-        Self { m: zeros(), v: zeros() }
-    }
-
-    /// One update of `params` with `grads` (already clipped) at optimizer step `t` (1-based).
-    pub fn step(
-        &mut self,
-        params: &mut [Vec<f32>],
-        grads: &[Vec<f32>],
-        t: u64,
-        lr: f64,
-        cfg: &crate::config::TrainConfig,
-    ) {
-        for (k, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            self.update(k, p, g, 1.0, t, lr, cfg);
-        }
-    }
-
-    /// Updates parameter `k`'s weights `p` with gradient `g × grad_scale` (the clipping factor).
-    #[allow(clippy::too_many_arguments)]
-    fn update(
-        &mut self,
-        k: usize,
-        p: &mut [f32],
-        g: &[f32],
-        grad_scale: f32,
-        t: u64,
-        lr: f64,
-        cfg: &crate::config::TrainConfig,
-    ) {
-        let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
-        let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
-        let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
-        let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
-        let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-            // zipped slices, no indexing: the compiler vectorises the loop
-            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let g = g * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p -= lr * ((*m / c1) / ((*v / c2).sqrt() + 1e-8) + wd * *p);
-            }
-        };
-        let (m, v) = (&mut self.m[k], &mut self.v[k]);
-        // Element-wise, so splitting it over the run's threads keeps every bit.
-        const CHUNK: usize = 1 << 15;
-        if rayon::current_num_threads() > 1 && p.len() > CHUNK {
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| update(p, g, m, v));
-        } else {
-            update(p, g, m, v);
-        }
-    }
-}
+pub use crate::optim::OptimizerState;
 
 /// Σ x² in f64, in eight interleaved partial sums: the compiler vectorises it, where one running
 /// sum waits on every addition.
@@ -173,10 +108,10 @@ pub struct StepLosses {
 }
 
 /// One optimizer step on `batch` at step `step` (0-based): forward, backward, global-norm
-/// clipping, AdamW. Returns the losses, each sparse layer's routing and the learning rate.
+/// clipping, the optimizer. Returns the losses, each sparse layer's routing and the learning rate.
 pub fn train_step(
     model: &mut SwitchTransformer<Dev>,
-    opt: &mut AdamW,
+    opt: &mut OptimizerState,
     batch: &Batch,
     cfg: &RunConfig,
     step: u64,
@@ -239,11 +174,11 @@ impl Logs {
     }
 }
 
-/// Writes weights and AdamW moments (per parameter: weights, m, v) as the run's checkpoint.
+/// Writes weights and optimizer state (per parameter: weights, m, v) as the run's checkpoint.
 pub fn save_checkpoint(
     dir: &RunDir,
     model: &mut SwitchTransformer<Dev>,
-    opt: &AdamW,
+    opt: &OptimizerState,
     step: u64,
     wall_s: f64,
 ) -> std::io::Result<()> {
@@ -254,11 +189,11 @@ pub fn save_checkpoint(
     w.finish(step, wall_s)
 }
 
-/// Restores weights and AdamW moments from the run's checkpoint, if it has one.
+/// Restores weights and optimizer state from the run's checkpoint, if it has one.
 pub fn load_checkpoint(
     dir: &RunDir,
     model: &mut SwitchTransformer<Dev>,
-    opt: &mut AdamW,
+    opt: &mut OptimizerState,
 ) -> Result<Option<rundir::CheckpointState>> {
     let Some(mut r) = dir.checkpoint_reader()? else { return Ok(None) };
     let mut params = model.params_mut();
@@ -276,7 +211,7 @@ pub fn load_checkpoint(
 /// A run's model, optimizer and status at its last checkpoint (or fresh), marked `running`.
 struct Resumed {
     model: SwitchTransformer<Dev>,
-    opt: AdamW,
+    opt: OptimizerState,
     status: Status,
     start_step: u64,
     wall_offset: f64,
@@ -287,8 +222,8 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     // the kernel a page fault per fresh page (the numbers are unchanged).
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
-    let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-    let mut opt = AdamW::new(&sizes);
+    let shapes: Vec<[usize; 3]> = model.params_mut().iter().map(|(name, _)| cfg.model.param_shape(name)).collect();
+    let mut opt = OptimizerState::new(cfg.train.optimizer, &shapes);
     let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
     let (mut start_step, mut wall_offset) = (0, 0.0);
     if let Some(ck) = load_checkpoint(dir, &mut model, &mut opt)? {

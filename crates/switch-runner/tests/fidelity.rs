@@ -1,8 +1,8 @@
-//! Hand-computed checks of the training recipe: learning-rate schedules, one AdamW step, routing
+//! Hand-computed checks of the training recipe: learning-rate schedules, AdamW and Adafactor steps, routing
 //! groups resolved and honoured in evaluation, FLOPs solving in steps of 1.
 use std::path::Path;
-use switch_runner::config::{Schedule, TrainConfig};
-use switch_runner::train::{evaluate, AdamW, Dev};
+use switch_runner::config::{OptimizerKind, Schedule, TrainConfig};
+use switch_runner::train::{evaluate, Dev, OptimizerState};
 use switch_runner::RunConfig;
 
 #[test]
@@ -23,7 +23,7 @@ fn t5_rsqrt_is_flat_during_warmup_and_linear_warmup_ramps() {
 fn two_adamw_steps_by_hand() {
     let cfg = TrainConfig { beta1: 0.9, beta2: 0.99, weight_decay: 0.01, ..Default::default() };
     let mut params = vec![vec![1.0f32, -2.0]];
-    let mut opt = AdamW::new(&[2]);
+    let mut opt = OptimizerState::adamw(&[2]);
     // Step 1: bias-corrected m̂ = g, v̂ = g², so the update is lr·(sign(g) + wd·p).
     opt.step(&mut params, &[vec![0.5, -0.1]], 1, 0.1, &cfg);
     assert!((params[0][0] - 0.899).abs() < 1e-6 && (params[0][1] + 1.898).abs() < 1e-6, "{params:?}");
@@ -32,6 +32,87 @@ fn two_adamw_steps_by_hand() {
     opt.step(&mut params, &[vec![-0.5, 0.1]], 2, 0.1, &cfg);
     assert!((params[0][0] - 0.903_364_2).abs() < 1e-6, "{params:?}");
     assert!((params[0][1] + 1.901_365_2).abs() < 1e-6, "{params:?}");
+}
+
+/// Mesh TF's Adafactor update of a `[batch, rows, cols]` variable (experts stacked) in f64, written
+/// from its formulas: second moments factored per matrix (row means `[batch, rows]`, column means
+/// `[batch, cols]`), the parameter scale and the update's RMS over the whole variable. Returns the
+/// new weights and second moments.
+fn adafactor_reference(
+    p: &[f64],
+    g: &[f64],
+    (vr, vc): (&[f64], &[f64]),
+    (batch, rows, cols): (usize, usize, usize),
+    t: f64,
+    lr: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let decay = 1.0 - t.powf(-0.8);
+    let sq = |b: usize, r: usize, c: usize| g[(b * rows + r) * cols + c].powi(2) + 1e-30;
+    let vr: Vec<f64> = (0..batch * rows)
+        .map(|i| {
+            let (b, r) = (i / rows, i % rows);
+            decay * vr[i] + (1.0 - decay) * (0..cols).map(|c| sq(b, r, c)).sum::<f64>() / cols as f64
+        })
+        .collect();
+    let vc: Vec<f64> = (0..batch * cols)
+        .map(|i| {
+            let (b, c) = (i / cols, i % cols);
+            decay * vc[i] + (1.0 - decay) * (0..rows).map(|r| sq(b, r, c)).sum::<f64>() / rows as f64
+        })
+        .collect();
+    let row_mean: Vec<f64> = vr.chunks(rows).map(|v| v.iter().sum::<f64>() / rows as f64).collect();
+    let u: Vec<f64> = (0..p.len())
+        .map(|i| {
+            let (b, r, c) = (i / (rows * cols), i / cols % rows, i % cols);
+            g[i] / (vr[b * rows + r] / row_mean[b] * vc[b * cols + c]).sqrt()
+        })
+        .collect();
+    let rms = |x: &[f64]| (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64).sqrt();
+    let step = lr * rms(p).max(1e-3) / (rms(&u) / 1.0).max(1.0);
+    (p.iter().zip(&u).map(|(p, u)| p - step * u).collect(), vr, vc)
+}
+
+#[test]
+fn adafactor_factors_large_matrices_as_mesh_tf_does() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let cfg = TrainConfig { optimizer: OptimizerKind::Adafactor, ..Default::default() };
+    // Two stacked experts of [128, 130] (factored: both sides ≥ 128) and a [4, 200] matrix (not).
+    let (batch, rows, cols) = (2, 128, 130);
+    let shapes = [[batch, rows, cols], [1, 4, 200]];
+    let mut opt = OptimizerState::new(OptimizerKind::Adafactor, &shapes);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut p: Vec<f32> = (0..batch * rows * cols).map(|_| rng.gen_range(-0.1..0.1)).collect();
+    let mut want: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+    let (mut vr, mut vc) = (vec![0.0; batch * rows], vec![0.0; batch * cols]);
+    for t in 1..=3u64 {
+        // Gradients with rows of very different scales, which the factored estimate must follow.
+        let g: Vec<f32> =
+            (0..p.len()).map(|i| rng.gen_range(-1.0..1.0) * (1 + i / cols % rows) as f32 * 0.01).collect();
+        let lr = 0.01 / t as f64;
+        opt.update(0, &mut p, &g, 1.0, t, lr, &cfg);
+        let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
+        (want, vr, vc) = adafactor_reference(&want, &g64, (&vr, &vc), (batch, rows, cols), t as f64, lr);
+        for (got, want) in p.iter().zip(&want) {
+            assert!((*got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()), "step {t}: {got} vs {want}");
+        }
+        // Only batch·(rows + cols) floats of state for the factored matrix.
+        assert!(opt.v[0][batch * (rows + cols)..].iter().all(|&x| x == 0.0));
+        assert!(opt.m[0].iter().all(|&x| x == 0.0), "no first moment");
+    }
+    // The small matrix keeps its whole second moment: after one step v = g² exactly (decay 0).
+    let mut q = vec![0.5f32; 800];
+    let g: Vec<f32> = (0..800).map(|i| (i as f32 - 400.0) * 1e-3).collect();
+    opt.update(1, &mut q, &g, 1.0, 1, 0.01, &cfg);
+    assert!(opt.v[1].iter().zip(&g).all(|(v, g)| (v - (g * g + 1e-30)).abs() <= 1e-12));
+    // The update g/|g| = ±1 has RMS 1 (not clipped), times lr × RMS(p) = 0.005.
+    assert!(q.iter().zip(&g).all(|(q, g)| g == &0.0 || (q - (0.5 - 0.005 * g.signum())).abs() < 1e-7));
+}
+
+#[test]
+fn adafactor_refuses_weight_decay() {
+    let cfg = TrainConfig { optimizer: OptimizerKind::Adafactor, weight_decay: 0.1, ..Default::default() };
+    let e = cfg.validate().unwrap_err();
+    assert!(e.contains("train.weight_decay = 0.1") && e.contains("adafactor"), "{e}");
 }
 
 fn write_grid(dir: &Path, body: &str) -> std::path::PathBuf {
@@ -104,7 +185,7 @@ fn dfdx_buffer_cache_changes_no_number() {
         }
         let mut model = switch_model::SwitchTransformer::new(&dev, &cfg.model, 0).unwrap();
         let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-        let mut opt = AdamW::new(&sizes);
+        let mut opt = OptimizerState::adamw(&sizes);
         for s in 0..3 {
             let batch = to_batch(ds.train_batch(0, s, cfg.train.batch_size), &cfg);
             train_step(&mut model, &mut opt, &batch, &cfg, s).unwrap();
@@ -137,7 +218,7 @@ fn train_step_equals_clipping_and_adamw_on_plain_host_copies() {
         m.params_mut().iter().map(|(_, p)| p.host_slice().as_ptr()).collect::<Vec<_>>()
     };
     let before = buffers(&mut fast);
-    train_step(&mut fast, &mut AdamW::new(&sizes), &batch, &cfg, 0).unwrap();
+    train_step(&mut fast, &mut OptimizerState::adamw(&sizes), &batch, &cfg, 0).unwrap();
     // updated in place: no forward or backward op still shares a weight's buffer at update time
     // (if one did, the update would copy the buffer first)
     assert_eq!(buffers(&mut fast), before);
@@ -150,7 +231,7 @@ fn train_step_equals_clipping_and_adamw_on_plain_host_copies() {
     let norm = gs.iter().flatten().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
     assert!(norm > cfg.train.grad_clip, "the test must clip");
     gs.iter_mut().flatten().for_each(|g| *g *= (cfg.train.grad_clip / norm) as f32);
-    AdamW::new(&sizes).step(&mut params, &gs, 1, cfg.train.learning_rate_at(0), &cfg.train);
+    OptimizerState::adamw(&sizes).step(&mut params, &gs, 1, cfg.train.learning_rate_at(0), &cfg.train);
     assert_eq!(weights(&mut fast), params);
 }
 
@@ -174,7 +255,7 @@ fn a_router_learning_rate_applies_to_the_routers_only() {
         cfg.train.router_learning_rate = router_lr;
         let mut m = switch_model::SwitchTransformer::new(&Dev::default(), &cfg.model, 0).unwrap();
         let sizes: Vec<usize> = m.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-        let mut opt = AdamW::new(&sizes);
+        let mut opt = OptimizerState::adamw(&sizes);
         for step in 0..2 {
             train_step(&mut m, &mut opt, &batch, &cfg, step).unwrap();
         }

@@ -87,6 +87,11 @@ fn malformed_grids_name_the_file_key_and_fix() {
     assert!(e.contains("t.yaml") && e.contains("invalid type"), "{e}");
     let e = plan_err(tmp.path(), "s", "grid: [1\n");
     assert!(e.contains("s.yaml") && e.contains("line"), "{e}");
+    let e = plan_err(tmp.path(), "obj", "grid:\n  data.objective: [causal_lm]\n");
+    assert!(
+        e.contains("obj.yaml") && e.contains("causal_lm") && e.contains("span_corruption") && e.contains("prefix_lm"),
+        "{e}"
+    );
     let e = plan_err(tmp.path(), "empty", "grid:\n  model.num_experts: []\n");
     assert!(e.contains("non-empty list"), "{e}");
     let e = plan_err(tmp.path(), "bad", "grid:\n  model.num_experts: [0]\n");
@@ -110,49 +115,58 @@ fn read_metrics(dir: &Path) -> Vec<String> {
 
 #[test]
 fn an_interrupted_run_resumes_to_the_same_numbers() {
+    // Both optimizers: the checkpoint holds each one's state bit for bit.
     let tmp = tempfile::tempdir().unwrap();
     let plan = switch_runner::plan(&grid(
         tmp.path(),
         "r",
-        "grid:\n  model.num_experts: [4]\nbaseline: { model.num_experts: 4 }\n",
+        "grid:\n  model.num_experts: [4]\n  train.optimizer: [adamw, adafactor]\nbaseline: { train.optimizer: adamw }\n",
     ))
     .unwrap();
-    let run = plan.run_file(&plan.runs[0]);
-    let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
-    let ds = data.values().next().unwrap();
-    let never = AtomicBool::new(false);
+    assert_eq!(plan.runs.len(), 2);
+    for planned in &plan.runs {
+        let run = plan.run_file(planned);
+        let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
+        let ds = data.values().next().unwrap();
+        let never = AtomicBool::new(false);
 
-    let straight = RunDir::new(tmp.path().join("straight"));
-    straight.create(&run.yaml()).unwrap();
-    assert_eq!(train::train(&run.config, ds, &straight, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+        let straight = RunDir::new(tmp.path().join(format!("straight-{}", planned.run_id)));
+        straight.create(&run.yaml()).unwrap();
+        assert_eq!(train::train(&run.config, ds, &straight, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
 
-    let resumed = RunDir::new(tmp.path().join("resumed"));
-    resumed.create(&run.yaml()).unwrap();
-    let stop = AtomicBool::new(false);
-    let out = train::train(&run.config, ds, &resumed, &stop, &|step, _, _| {
-        if step == 6 {
-            stop.store(true, Ordering::SeqCst)
-        }
-    })
-    .unwrap();
-    assert_eq!(out, Outcome::Interrupted);
-    assert_eq!(resumed.read_status().unwrap().state, State::Running);
-    assert_eq!(resumed.read_status().unwrap().steps_done, 6);
-    // A crash after the checkpoint may leave extra log rows: they are dropped on resume.
-    std::fs::write(
-        resumed.path.join("metrics.csv"),
-        std::fs::read_to_string(resumed.path.join("metrics.csv")).unwrap() + "8,1,2,3,4,5,6,7,8,9\n9,1,2",
-    )
-    .unwrap();
-    assert_eq!(train::train(&run.config, ds, &resumed, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
-    assert_eq!(read_metrics(&straight.path), read_metrics(&resumed.path));
-    assert_eq!(
-        std::fs::read_to_string(straight.path.join("routing.csv")).unwrap(),
-        std::fs::read_to_string(resumed.path.join("routing.csv")).unwrap()
-    );
-    let s = resumed.read_status().unwrap();
-    assert_eq!((s.state, s.steps_done), (State::Done, 12));
-    assert_eq!(s.final_eval_loss, straight.read_status().unwrap().final_eval_loss);
+        let resumed = RunDir::new(tmp.path().join(format!("resumed-{}", planned.run_id)));
+        resumed.create(&run.yaml()).unwrap();
+        let stop = AtomicBool::new(false);
+        let out = train::train(&run.config, ds, &resumed, &stop, &|step, _, _| {
+            if step == 6 {
+                stop.store(true, Ordering::SeqCst)
+            }
+        })
+        .unwrap();
+        assert_eq!(out, Outcome::Interrupted);
+        assert_eq!(resumed.read_status().unwrap().state, State::Running);
+        assert_eq!(resumed.read_status().unwrap().steps_done, 6);
+        // A crash after the checkpoint may leave extra log rows: they are dropped on resume.
+        std::fs::write(
+            resumed.path.join("metrics.csv"),
+            std::fs::read_to_string(resumed.path.join("metrics.csv")).unwrap() + "8,1,2,3,4,5,6,7,8,9\n9,1,2",
+        )
+        .unwrap();
+        assert_eq!(train::train(&run.config, ds, &resumed, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+        assert_eq!(read_metrics(&straight.path), read_metrics(&resumed.path));
+        assert_eq!(
+            std::fs::read_to_string(straight.path.join("routing.csv")).unwrap(),
+            std::fs::read_to_string(resumed.path.join("routing.csv")).unwrap()
+        );
+        let s = resumed.read_status().unwrap();
+        assert_eq!((s.state, s.steps_done), (State::Done, 12));
+        assert_eq!(s.final_eval_loss, straight.read_status().unwrap().final_eval_loss);
+    }
+    // The two optimizers really differ.
+    let final_loss = |r: &switch_runner::grid::PlannedRun| {
+        RunDir::new(tmp.path().join(format!("straight-{}", r.run_id))).read_status().unwrap().final_eval_loss
+    };
+    assert_ne!(final_loss(&plan.runs[0]), final_loss(&plan.runs[1]));
 }
 
 #[test]

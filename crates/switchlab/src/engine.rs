@@ -7,7 +7,7 @@ use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
 use switch_model::kernels::{param_matmul_fused, Stacked};
 use switch_model::{ModelConfig, SwitchTransformer};
-use switch_runner::train::{to_batch, train_step, AdamW, Dev};
+use switch_runner::train::{to_batch, train_step, Dev, OptimizerState};
 use switch_runner::RunConfig;
 
 /// The comparison shape: d_model 256, d_ff 1024, 4 heads of 64, 2+2 layers, byte vocabulary,
@@ -104,7 +104,7 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
         }
         let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
         let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-        let mut opt = AdamW::new(&sizes);
+        let mut opt = OptimizerState::adamw(&sizes);
         train_step(&mut model, &mut opt, &batches[0], cfg, 0)?;
         let (u0, s0) = cpu_times();
         let t = Instant::now();

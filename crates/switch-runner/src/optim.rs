@@ -1,0 +1,161 @@
+//! The optimizers: AdamW (this project's default) and Adafactor (the paper's, as configured in
+//! Mesh TensorFlow's T5 and Switch runs).
+//!
+//! Both keep their state on the host, one entry per parameter in `params_mut` order, in two
+//! buffers per parameter (`m`, `v`) of the parameter's length, so one checkpoint format serves
+//! both. Adafactor has no first moment (β₁ = 0: `m` stays zero) and keeps its second moment in
+//! `v`: whole for small matrices and vectors, factored into row and column means for matrices whose
+//! both sides have at least [`MIN_DIM_TO_FACTOR`] entries (the first `batch·(rows + cols)` floats).
+//!
+//! ```
+//! use switch_runner::config::{OptimizerKind, TrainConfig};
+//! use switch_runner::optim::OptimizerState;
+//! // Adafactor's first step on a 2-vector: v = g² (the decay is 0 at step 1), the update
+//! // g/√v = ±1 has RMS 1 (no clipping), and it is scaled by lr × max(RMS(p), 10⁻³).
+//! let cfg = TrainConfig { optimizer: OptimizerKind::Adafactor, ..Default::default() };
+//! let mut opt = OptimizerState::new(cfg.optimizer, &[[1, 1, 2]]);
+//! let mut p = vec![0.5f32, -0.5];
+//! opt.update(0, &mut p, &[2.0, -0.1], 1.0, 1, 0.01, &cfg);
+//! assert_eq!(p, vec![0.5 - 0.005, -0.5 + 0.005]);
+//! assert_eq!(opt.v[0], vec![4.0, 0.010000001]);
+//! ```
+use crate::config::{OptimizerKind, TrainConfig};
+use rayon::prelude::*;
+
+/// Adafactor factors a matrix's second moment only when both its sides are at least this long
+/// (Mesh TF's `min_dim_size_to_factor`): small matrices keep every entry.
+pub const MIN_DIM_TO_FACTOR: usize = 128;
+/// Adafactor's constants in the T5 / Switch runs: ε₁ added to g², the floor ε₂ of the parameter
+/// scale, the update-RMS clipping threshold and the second-moment decay exponent.
+const EPS1: f32 = 1e-30;
+const EPS2: f32 = 1e-3;
+const CLIP_THRESHOLD: f32 = 1.0;
+const DECAY_EXPONENT: f64 = 0.8;
+
+/// Element-wise loops over chunks of this many floats go to the run's threads.
+const CHUNK: usize = 1 << 15;
+
+pub struct OptimizerState {
+    pub kind: OptimizerKind,
+    /// Each parameter as `[batch, rows, cols]` (see `ModelConfig::param_shape`).
+    shapes: Vec<[usize; 3]>,
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl OptimizerState {
+    pub fn new(kind: OptimizerKind, shapes: &[[usize; 3]]) -> Self {
+        let zeros = || shapes.iter().map(|s| vec![0.0; s.iter().product()]).collect();
+        Self { kind, shapes: shapes.to_vec(), m: zeros(), v: zeros() }
+    }
+
+    /// AdamW over flat parameters of these lengths.
+    pub fn adamw(sizes: &[usize]) -> Self {
+        Self::new(OptimizerKind::Adamw, &sizes.iter().map(|&n| [1, 1, n]).collect::<Vec<_>>())
+    }
+
+    /// One update of `params` with `grads` (already clipped) at optimizer step `t` (1-based).
+    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], t: u64, lr: f64, cfg: &TrainConfig) {
+        for (k, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            self.update(k, p, g, 1.0, t, lr, cfg);
+        }
+    }
+
+    /// Updates parameter `k`'s weights `p` with gradient `g × grad_scale` (the clipping factor).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(&mut self, k: usize, p: &mut [f32], g: &[f32], grad_scale: f32, t: u64, lr: f64, cfg: &TrainConfig) {
+        match self.kind {
+            OptimizerKind::Adamw => adamw(p, g, &mut self.m[k], &mut self.v[k], grad_scale, t, lr, cfg),
+            OptimizerKind::Adafactor => adafactor(p, g, &mut self.v[k], self.shapes[k], grad_scale, t, lr),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], grad_scale: f32, t: u64, lr: f64, cfg: &TrainConfig) {
+    let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+    let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
+    let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
+    let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
+    let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        // zipped slices, no indexing: the compiler vectorises the loop
+        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= lr * ((*m / c1) / ((*v / c2).sqrt() + 1e-8) + wd * *p);
+        }
+    };
+    // Element-wise, so splitting it over the run's threads keeps every bit.
+    if rayon::current_num_threads() > 1 && p.len() > CHUNK {
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| update(p, g, m, v));
+    } else {
+        update(p, g, m, v);
+    }
+}
+
+/// Root mean square, summed in f64.
+fn rms(x: impl Iterator<Item = f32>, n: usize) -> f32 {
+    (x.map(|v| (v as f64) * (v as f64)).sum::<f64>() / n.max(1) as f64).sqrt() as f32
+}
+
+/// Adafactor (Shazeer & Stern 2018) as Mesh TF's T5 runs use it: β₁ = 0, second-moment decay
+/// 1 − t^−0.8, update clipped to RMS ≤ 1, step = lr × max(RMS(p), ε₂) (relative to the
+/// parameter's scale), no weight decay. `v`: the whole second moment, or for a factored matrix
+/// the row means (`batch·rows`) followed by the column means (`batch·cols`).
+fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_scale: f32, t: u64, lr: f64) {
+    let decay = (1.0 - (t as f64).powf(-DECAY_EXPONENT)) as f32;
+    let mix = 1.0 - decay;
+    let [batch, rows, cols] = shape;
+    let step = lr as f32 * rms(p.iter().copied(), p.len()).max(EPS2);
+    // The unclipped update u = g / √v̂, one element at a time, from the updated statistics.
+    let factored = rows.min(cols) >= MIN_DIM_TO_FACTOR;
+    if factored {
+        let (vr, vc) = v[..batch * (rows + cols)].split_at_mut(batch * rows);
+        for b in 0..batch {
+            let gb = &g[b * rows * cols..][..rows * cols];
+            let (vr, vc) = (&mut vr[b * rows..][..rows], &mut vc[b * cols..][..cols]);
+            let mut col_sums = vec![0f64; cols];
+            for (r, row) in gb.chunks_exact(cols).enumerate() {
+                let mut row_sum = 0f64;
+                for (c, &x) in row.iter().enumerate() {
+                    let sq = (x * grad_scale) * (x * grad_scale) + EPS1;
+                    row_sum += sq as f64;
+                    col_sums[c] += sq as f64;
+                }
+                vr[r] = decay * vr[r] + mix * (row_sum / cols as f64) as f32;
+            }
+            for (vc, s) in vc.iter_mut().zip(col_sums) {
+                *vc = decay * *vc + mix * (s / rows as f64) as f32;
+            }
+        }
+    } else {
+        for (v, &x) in v.iter_mut().zip(g) {
+            *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
+        }
+    }
+    // 1/√v̂ of element i: v̂ = v, or the rank-1 estimate row · column / mean(row) of a factored matrix.
+    let inv_sqrt: Box<dyn Fn(usize) -> f32 + '_> = if factored {
+        let (vr, vc) = v.split_at(batch * rows);
+        let mut r_factor = vec![0f32; batch * rows];
+        for (rf, vr) in r_factor.chunks_exact_mut(rows).zip(vr.chunks_exact(rows)) {
+            let mean = vr.iter().map(|&x| x as f64).sum::<f64>() / rows as f64;
+            for (f, &x) in rf.iter_mut().zip(vr) {
+                *f = 1.0 / ((x as f64 / mean) as f32).sqrt();
+            }
+        }
+        let c_factor: Vec<f32> = vc[..batch * cols].iter().map(|&x| 1.0 / x.sqrt()).collect();
+        Box::new(move |i| r_factor[i / cols] * c_factor[i / (rows * cols) * cols + i % cols])
+    } else {
+        let v: &[f32] = v;
+        Box::new(move |i| 1.0 / v[i].sqrt())
+    };
+    let u_rms = rms(g.iter().enumerate().map(|(i, &x)| x * grad_scale * inv_sqrt(i)), g.len());
+    let step = step / (u_rms / CLIP_THRESHOLD).max(1.0);
+    for (i, (p, &x)) in p.iter_mut().zip(g).enumerate() {
+        *p -= step * (x * grad_scale * inv_sqrt(i));
+    }
+}
