@@ -372,7 +372,7 @@ pub(crate) fn routing_health(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
                 r.id,
                 r.model_name(),
                 rows[0].drop_fraction * 100.0,
-                rows[0].router_entropy / e.ln()
+                (rows[0].router_entropy / e.ln()).max(0.0) // a hash router's one-hot choice: −0.0
             )?;
         }
     }
