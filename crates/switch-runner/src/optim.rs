@@ -111,51 +111,50 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let mix = 1.0 - decay;
     let [batch, rows, cols] = shape;
     let step = lr as f32 * rms(p.iter().copied(), p.len()).max(EPS2);
-    // The unclipped update u = g / √v̂, one element at a time, from the updated statistics.
-    let factored = rows.min(cols) >= MIN_DIM_TO_FACTOR;
-    if factored {
-        let (vr, vc) = v[..batch * (rows + cols)].split_at_mut(batch * rows);
-        for b in 0..batch {
-            let gb = &g[b * rows * cols..][..rows * cols];
-            let (vr, vc) = (&mut vr[b * rows..][..rows], &mut vc[b * cols..][..cols]);
-            let mut col_sums = vec![0f64; cols];
-            for (r, row) in gb.chunks_exact(cols).enumerate() {
-                let mut row_sum = 0f64;
-                for (c, &x) in row.iter().enumerate() {
-                    let sq = (x * grad_scale) * (x * grad_scale) + EPS1;
-                    row_sum += sq as f64;
-                    col_sums[c] += sq as f64;
-                }
-                vr[r] = decay * vr[r] + mix * (row_sum / cols as f64) as f32;
-            }
-            for (vc, s) in vc.iter_mut().zip(col_sums) {
-                *vc = decay * *vc + mix * (s / rows as f64) as f32;
-            }
-        }
-    } else {
+    if rows.min(cols) < MIN_DIM_TO_FACTOR {
         for (v, &x) in v.iter_mut().zip(g) {
             *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
         }
+        apply_clipped(p, step, |i| g[i] * grad_scale * (1.0 / v[i].sqrt()));
+        return;
     }
-    // 1/√v̂ of element i: v̂ = v, or the rank-1 estimate row · column / mean(row) of a factored matrix.
-    let inv_sqrt: Box<dyn Fn(usize) -> f32 + '_> = if factored {
-        let (vr, vc) = v.split_at(batch * rows);
-        let mut r_factor = vec![0f32; batch * rows];
-        for (rf, vr) in r_factor.chunks_exact_mut(rows).zip(vr.chunks_exact(rows)) {
-            let mean = vr.iter().map(|&x| x as f64).sum::<f64>() / rows as f64;
-            for (f, &x) in rf.iter_mut().zip(vr) {
-                *f = 1.0 / ((x as f64 / mean) as f32).sqrt();
+    // Factored: row and column means of g², per stacked matrix.
+    let (vr, vc) = v[..batch * (rows + cols)].split_at_mut(batch * rows);
+    for b in 0..batch {
+        let gb = &g[b * rows * cols..][..rows * cols];
+        let (vr, vc) = (&mut vr[b * rows..][..rows], &mut vc[b * cols..][..cols]);
+        let mut col_sums = vec![0f64; cols];
+        for (r, row) in gb.chunks_exact(cols).enumerate() {
+            let mut row_sum = 0f64;
+            for (c, &x) in row.iter().enumerate() {
+                let sq = (x * grad_scale) * (x * grad_scale) + EPS1;
+                row_sum += sq as f64;
+                col_sums[c] += sq as f64;
             }
+            vr[r] = decay * vr[r] + mix * (row_sum / cols as f64) as f32;
         }
-        let c_factor: Vec<f32> = vc[..batch * cols].iter().map(|&x| 1.0 / x.sqrt()).collect();
-        Box::new(move |i| r_factor[i / cols] * c_factor[i / (rows * cols) * cols + i % cols])
-    } else {
-        let v: &[f32] = v;
-        Box::new(move |i| 1.0 / v[i].sqrt())
-    };
-    let u_rms = rms(g.iter().enumerate().map(|(i, &x)| x * grad_scale * inv_sqrt(i)), g.len());
+        for (vc, s) in vc.iter_mut().zip(col_sums) {
+            *vc = decay * *vc + mix * (s / rows as f64) as f32;
+        }
+    }
+    // v̂ = row · column / mean(row): the rank-1 estimate, as 1/√ of its two factors.
+    let mut r_factor = vec![0f32; batch * rows];
+    for (rf, vr) in r_factor.chunks_exact_mut(rows).zip(vr.chunks_exact(rows)) {
+        let mean = vr.iter().map(|&x| x as f64).sum::<f64>() / rows as f64;
+        for (f, &x) in rf.iter_mut().zip(vr) {
+            *f = 1.0 / ((x as f64 / mean) as f32).sqrt();
+        }
+    }
+    let c_factor: Vec<f32> = vc.iter().map(|&x| 1.0 / x.sqrt()).collect();
+    let inv_sqrt = |i: usize| r_factor[i / cols] * c_factor[i / (rows * cols) * cols + i % cols];
+    apply_clipped(p, step, |i| g[i] * grad_scale * inv_sqrt(i));
+}
+
+/// p −= step × u / max(1, RMS(u) / threshold): Adafactor's update clipping, over the whole variable.
+fn apply_clipped(p: &mut [f32], step: f32, u: impl Fn(usize) -> f32) {
+    let u_rms = rms((0..p.len()).map(&u), p.len());
     let step = step / (u_rms / CLIP_THRESHOLD).max(1.0);
-    for (i, (p, &x)) in p.iter_mut().zip(g).enumerate() {
-        *p -= step * (x * grad_scale * inv_sqrt(i));
+    for (i, p) in p.iter_mut().enumerate() {
+        *p -= step * u(i);
     }
 }

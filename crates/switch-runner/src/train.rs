@@ -1,5 +1,6 @@
 //! The training loop of one run: AdamW or Adafactor ([`crate::optim`]) with warmup and
-//! inverse-square-root decay, gradient clipping, periodic evaluation on the held-out split, streamed metrics, atomic checkpoints.
+//! inverse-square-root decay, gradient clipping, periodic evaluation on the held-out split,
+//! streamed metrics, atomic checkpoints.
 //!
 //! Every random choice at step `s` (batch, jitter, dropout) is drawn from `(seed, s)`, and the
 //! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
