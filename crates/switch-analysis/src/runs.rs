@@ -177,7 +177,8 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
     let items = |skip: &[&str]| {
         point
             .iter()
-            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            // A zipped `null` leaves an option unset: the default, not a setting of its own.
+            .filter(|(k, v)| !skip.contains(&k.as_str()) && !v.is_null())
             .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
             .collect::<Vec<_>>()
     };

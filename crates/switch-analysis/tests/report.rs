@@ -379,3 +379,22 @@ fn the_gain_as_training_goes_is_paired_at_each_evaluation() {
     // seed 2's d + 0.02 too (std 0.010)
     assert!(row.ends_with("| 2 | -0.057 ± 0.010 | -0.023 ± 0.010 | +0.010 ± 0.010 | +0.038 ± 0.007 | +0.072 ± 0.007 | +0.105 ± 0.007 |"), "{row}");
 }
+
+#[test]
+fn an_option_left_unset_in_a_zipped_point_is_no_setting() {
+    // As experiments/capacity-paper.yaml: `model.router_init_scale: [null, 10.0, …]`.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("zip");
+    for seed in 0..2 {
+        let j = if seed == 0 { -0.01 } else { 0.01 };
+        let unset = "  model.router_init_scale: null\n";
+        write_run_at(&dir, &format!("d{seed}"), unset, 1, seed, 500, move |s| -2.5 + s / 1000.0 + j, "done");
+        let set = "  model.router_init_scale: 10.0\n";
+        write_run_at(&dir, &format!("s{seed}"), set, 8, seed, 500, move |s| -2.4 + s / 1000.0 + j, "done");
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(!md.contains("null"), "{md}");
+    assert!(md.contains("| Dense | 1 |"), "{md}");
+    assert!(md.contains("| Switch-8, cf 1.25 [router_init_scale=10.0] | 8 |"), "{md}");
+    assert!(md.contains("+0.100 ± 0.000"), "the paired gain over the unlabelled dense: {md}");
+}
