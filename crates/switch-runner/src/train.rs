@@ -223,7 +223,17 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     // the kernel a page fault per fresh page (the numbers are unchanged).
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
-    let shapes: Vec<[usize; 3]> = model.params_mut().iter().map(|(name, _)| cfg.model.param_shape(name)).collect();
+    // The optimizer sizes its state from these shapes: a name `param_shape` does not know must
+    // fail here, not leave a parameter with a short state that the update's zip would truncate.
+    let shapes: Vec<[usize; 3]> = model
+        .params_mut()
+        .iter()
+        .map(|(name, p)| {
+            let shape = cfg.model.param_shape(name);
+            assert_eq!(shape.iter().product::<usize>(), p.shape().0, "ModelConfig::param_shape({name}) = {shape:?}");
+            shape
+        })
+        .collect();
     let mut opt = OptimizerState::new(cfg.train.optimizer, &shapes);
     let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
     let (mut start_step, mut wall_offset) = (0, 0.0);
