@@ -56,6 +56,8 @@ pub struct Run {
     pub vocabulary: String,
     /// "the embedded public-domain corpus" or the user corpus path.
     pub corpus: String,
+    /// The training objective, in words ("T5-style span corruption", "a prefix LM …").
+    pub objective: String,
     pub curve: Vec<EvalPoint>,
     pub final_step: f64,
     pub final_wall_s: f64,
@@ -211,6 +213,11 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         corpus: match get(cfg, "data.corpus").and_then(Value::as_str) {
             Some("default") | None => "the embedded public-domain books and Brown corpus (19 MB)".into(),
             Some(path) => format!("the corpus `{path}`"),
+        },
+        objective: match get(cfg, "data.objective").and_then(Value::as_str) {
+            Some("span_corruption") | None => "T5-style span corruption".into(),
+            Some("prefix_lm") => "a prefix LM (NOT the paper's span corruption)".into(),
+            Some(other) => format!("the `{other}` objective"),
         },
         curve: vec![],
         final_step: 0.0,

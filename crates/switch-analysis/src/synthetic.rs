@@ -59,6 +59,15 @@ impl<'a> SyntheticRun<'a> {
             point.insert(k.to_string(), v.clone());
         }
         point.insert("train.seed".into(), self.seed.into());
+        let mut config = serde_json::json!({
+            "model": {"num_experts": self.experts, "top_k": 1, "capacity_factor": 1.25, "init_scale": 0.1},
+            "train": {"steps": self.steps, "batch_size": self.batch_size, "seed": self.seed},
+        });
+        // The resolved config holds the point's settings too, as a sweep's does.
+        for (key, v) in &self.setting {
+            let (section, field) = key.split_once('.').expect("a dotted key");
+            config[section][field] = v.clone();
+        }
         RunFile {
             run_id: self.id.into(),
             sweep: "synthetic".into(),
@@ -67,10 +76,7 @@ impl<'a> SyntheticRun<'a> {
             params_total: 1000 * self.experts,
             params_active: 1000,
             flops_per_token: 5000.0,
-            config: serde_json::json!({
-                "model": {"num_experts": self.experts, "top_k": 1, "capacity_factor": 1.25, "init_scale": 0.1},
-                "train": {"steps": self.steps, "batch_size": self.batch_size, "seed": self.seed},
-            }),
+            config,
         }
     }
 }

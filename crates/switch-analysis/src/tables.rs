@@ -11,7 +11,10 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
     if let Some(d) = description {
         writeln!(md, "> {}\n", d.replace('\n', "\n> "))?;
     }
-    writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of T5-style span corruption on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", runs.len(), groups.len(), seeds)?;
+    let mut objectives: Vec<&str> = runs.iter().map(|r| r.objective.as_str()).collect();
+    objectives.sort_unstable();
+    objectives.dedup();
+    writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of {} on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", objectives.join(" and "), runs.len(), groups.len(), seeds)?;
     writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
         plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;
     if let Some(t) = threshold {

@@ -398,3 +398,20 @@ fn an_option_left_unset_in_a_zipped_point_is_no_setting() {
     assert!(md.contains("| Switch-8, cf 1.25 [router_init_scale=10.0] | 8 |"), "{md}");
     assert!(md.contains("+0.100 ± 0.000"), "the paired gain over the unlabelled dense: {md}");
 }
+
+#[test]
+fn the_header_names_the_objective_each_run_trained_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("objective");
+    write_run(&dir, "span", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
+    write_run_at(&dir, "prefix", "  data.objective: prefix_lm\n", 1, 0, 300, |s| -2.9 + s / 1000.0, "done");
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let header = md.lines().find(|l| l.starts_with("Held-out")).unwrap();
+    assert!(
+        header.contains("of T5-style span corruption and a prefix LM (NOT the paper's span corruption) on"),
+        "{header}"
+    );
+    std::fs::remove_dir_all(dir.join("runs/span")).unwrap();
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(!md.contains("T5-style span corruption"), "{md}");
+}

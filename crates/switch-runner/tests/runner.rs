@@ -407,3 +407,24 @@ fn the_memory_estimate_grows_with_every_shape_and_flags_the_base_preset_at_1024_
     }
     assert_eq!(grow, vec![true; 6]);
 }
+
+#[test]
+fn every_shipped_grid_plans_and_the_default_sweep_is_flop_matched() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../experiments");
+    let mut planned = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let plan = switch_runner::plan(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!plan.runs.is_empty(), "{}", path.display());
+            planned += 1;
+        }
+    }
+    assert!(planned >= 10, "{planned} grids");
+    // The default sweep: dense and 2, 4, 8 experts (and the paper-init Switch-8) at one FLOPs/token.
+    let plan = switch_runner::plan(&dir.join("experts.yaml")).unwrap();
+    let experts: Vec<usize> = plan.runs.iter().map(|r| r.config.model.num_experts).collect();
+    assert_eq!(experts, [1, 2, 4, 8, 8]);
+    let flops = plan.runs[0].accounting.flops_per_token;
+    assert!(plan.runs.iter().all(|r| r.accounting.flops_per_token == flops));
+}

@@ -127,13 +127,14 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
     })
 }
 
-/// The config of a measured run: the comparison shape, or the `tiny` preset (the default sweep's
-/// dense point), with `num_experts` experts.
+/// The config of a measured run: the comparison shape, or the `tiny` preset in the paper's recipe
+/// (`experts-recipe.yaml`'s dense point: span corruption, experts every other FFN), with
+/// `num_experts` experts.
 fn config(tiny: bool, num_experts: usize) -> anyhow::Result<RunConfig> {
     if !tiny {
         return Ok(shape(num_experts));
     }
-    let mut c = switch_runner::plan(Path::new("experiments/experts.yaml"))?.runs[0].config.clone();
+    let mut c = switch_runner::plan(Path::new("experiments/experts-recipe.yaml"))?.runs[0].config.clone();
     c.model.num_experts = num_experts;
     Ok(c)
 }
