@@ -218,13 +218,10 @@ struct Resumed {
     wall_offset: f64,
 }
 
-fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
-    // dfdx's buffer cache: every step allocates the same shapes, so reusing freed buffers spares
-    // the kernel a page fault per fresh page (the numbers are unchanged).
-    dev.enable_cache();
-    let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
-    // The optimizer sizes its state from these shapes: a name `param_shape` does not know must
-    // fail here, not leave a parameter with a short state that the update's zip would truncate.
+/// `cfg`'s optimizer, its state sized from each parameter's shape.
+pub fn optimizer_for(cfg: &RunConfig, model: &mut SwitchTransformer<Dev>) -> OptimizerState {
+    // A name `param_shape` does not know must fail here, not leave a parameter with a short state
+    // that the update's zip would truncate.
     let shapes: Vec<[usize; 3]> = model
         .params_mut()
         .iter()
@@ -234,7 +231,15 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
             shape
         })
         .collect();
-    let mut opt = OptimizerState::new(cfg.train.optimizer, &shapes);
+    OptimizerState::new(cfg.train.optimizer, &shapes)
+}
+
+fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
+    // dfdx's buffer cache: every step allocates the same shapes, so reusing freed buffers spares
+    // the kernel a page fault per fresh page (the numbers are unchanged).
+    dev.enable_cache();
+    let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
+    let mut opt = optimizer_for(cfg, &mut model);
     let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
     let (mut start_step, mut wall_offset) = (0, 0.0);
     if let Some(ck) = load_checkpoint(dir, &mut model, &mut opt)? {

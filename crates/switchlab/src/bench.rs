@@ -40,6 +40,8 @@ pub enum Bench {
         steps: u64,
         #[arg(long)]
         cache: String,
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
     },
 }
 
@@ -135,8 +137,9 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }
         Bench::Engine { steps } => crate::engine::run(steps)?,
-        Bench::EngineRun { tiny, experts, threads, steps, cache } => {
-            crate::engine::run_one(tiny, experts, threads, steps, cache == "on")?
+        Bench::EngineRun { tiny, experts, threads, steps, cache, optimizer } => {
+            let optimizer = crate::engine::optimizer_named(&optimizer)?;
+            crate::engine::run_one(tiny, experts, threads, steps, cache == "on", optimizer)?
         }
         Bench::Data { grid } => {
             let plan = short_plan(&grid, 4, 1)?;

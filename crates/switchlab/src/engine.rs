@@ -7,7 +7,8 @@ use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
 use switch_model::kernels::{param_matmul_fused, Stacked};
 use switch_model::{ModelConfig, SwitchTransformer};
-use switch_runner::train::{to_batch, train_step, Dev, OptimizerState};
+use switch_runner::config::OptimizerKind;
+use switch_runner::train::{optimizer_for, to_batch, train_step, Dev};
 use switch_runner::RunConfig;
 
 /// The comparison shape: d_model 256, d_ff 1024, 4 heads of 64, 2+2 layers, byte vocabulary,
@@ -103,8 +104,7 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
             dev.enable_cache();
         }
         let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
-        let sizes: Vec<usize> = model.params_mut().iter().map(|(_, p)| p.shape().0).collect();
-        let mut opt = OptimizerState::adamw(&sizes);
+        let mut opt = optimizer_for(cfg, &mut model);
         train_step(&mut model, &mut opt, &batches[0], cfg, 0)?;
         let (u0, s0) = cpu_times();
         let t = Instant::now();
@@ -129,19 +129,37 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
 
 /// The config of a measured run: the comparison shape, or the `tiny` preset in the paper's recipe
 /// (`experts-recipe.yaml`'s dense point: span corruption, experts every other FFN), with
-/// `num_experts` experts.
-fn config(tiny: bool, num_experts: usize) -> anyhow::Result<RunConfig> {
-    if !tiny {
-        return Ok(shape(num_experts));
-    }
-    let mut c = switch_runner::plan(Path::new("experiments/experts-recipe.yaml"))?.runs[0].config.clone();
+/// `num_experts` experts, trained with `optimizer`.
+fn config(tiny: bool, num_experts: usize, optimizer: OptimizerKind) -> anyhow::Result<RunConfig> {
+    let mut c = if tiny {
+        switch_runner::plan(Path::new("experiments/experts-recipe.yaml"))?.runs[0].config.clone()
+    } else {
+        shape(num_experts)
+    };
     c.model.num_experts = num_experts;
+    c.train.optimizer = optimizer;
     Ok(c)
 }
 
+/// The optimizer named on `bench engine-run`'s command line.
+pub fn optimizer_named(name: &str) -> anyhow::Result<OptimizerKind> {
+    match name {
+        "adamw" => Ok(OptimizerKind::Adamw),
+        "adafactor" => Ok(OptimizerKind::Adafactor),
+        other => anyhow::bail!("--optimizer {other}: expected adamw or adafactor"),
+    }
+}
+
 /// One measured run, in this process: prints its `RESULT` line (what `run` reads back).
-pub fn run_one(tiny: bool, num_experts: usize, threads: usize, steps: u64, cache: bool) -> anyhow::Result<()> {
-    let cfg = config(tiny, num_experts)?;
+pub fn run_one(
+    tiny: bool,
+    num_experts: usize,
+    threads: usize,
+    steps: u64,
+    cache: bool,
+    optimizer: OptimizerKind,
+) -> anyhow::Result<()> {
+    let cfg = config(tiny, num_experts, optimizer)?;
     let ds = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
     let ds = ds.into_values().next().expect("dataset");
     println!("{}", measure(&cfg, &ds, threads, steps, cache)?.to_line());
@@ -153,6 +171,7 @@ fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Eng
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["bench", "engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--steps", &steps.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
+        .args(["--optimizer", if engine.optimizer == OptimizerKind::Adafactor { "adafactor" } else { "adamw" }])
         .args(tiny.then_some("--tiny"))
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
@@ -214,12 +233,13 @@ fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
 struct Engine {
     cache: bool,
     fused: bool,
+    optimizer: OptimizerKind,
     name: &'static str,
 }
 
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
-/// kernels, buffer cache on), without the fused kernels, and as plain dfdx (no cache), side by
-/// side; each run in its own process.
+/// kernels, buffer cache on), with Adafactor instead of AdamW, without the fused kernels, and as
+/// plain dfdx (no cache), side by side; each run in its own process.
 pub fn run(steps: u64) -> anyhow::Result<()> {
     let (m2, m1) = (matmul_flops_per_s(2), matmul_flops_per_s(1));
     println!(
@@ -232,10 +252,27 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
     let (matmul2, matmul1) = (m2.0.max(m2.1), m1.0.max(m1.1));
     println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data\n");
+    let adamw = OptimizerKind::Adamw;
     let engines = [
-        Engine { cache: true, fused: true, name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)" },
-        Engine { cache: true, fused: false, name: "plain dfdx ops, buffer cache on" },
-        Engine { cache: false, fused: false, name: "plain dfdx ops, buffer cache off (dfdx's default)" },
+        Engine {
+            cache: true,
+            fused: true,
+            optimizer: adamw,
+            name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)",
+        },
+        Engine {
+            cache: true,
+            fused: true,
+            optimizer: OptimizerKind::Adafactor,
+            name: "the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)",
+        },
+        Engine { cache: true, fused: false, optimizer: adamw, name: "plain dfdx ops, buffer cache on" },
+        Engine {
+            cache: false,
+            fused: false,
+            optimizer: adamw,
+            name: "plain dfdx ops, buffer cache off (dfdx's default)",
+        },
     ];
     for engine in engines {
         println!("{}:", engine.name);
