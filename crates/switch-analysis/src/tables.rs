@@ -231,21 +231,34 @@ pub(crate) fn gain_over_training(md: &mut String, s: &Sweep) -> anyhow::Result<(
 
 pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let dense: Vec<&Group> = s.groups.iter().filter(|g| g.first().num_experts == 1).collect();
+    // A Switch model's setting items that no dense model sets (e.g. `router_init_scale=10.0`)
+    // touch only its routers: it is measured against the ceiling of the dense models without them.
+    let dense_items: Vec<&str> = dense.iter().flat_map(|d| d.first().setting_without_width()).collect();
+    let ceiling_setting = |g: &Group| -> Vec<String> {
+        g.first().setting_without_width().into_iter().filter(|i| dense_items.contains(i)).map(String::from).collect()
+    };
     let mut rows = Vec::new();
     for base in &dense {
-        let (setting, width) = (base.first().setting_without_width(), base.first().d_ff);
-        let same_setting = |g: &Group| g.first().setting_without_width() == setting;
+        let (setting, width) = (ceiling_setting(base), base.first().d_ff);
+        let same_setting = |g: &Group| ceiling_setting(g) == setting;
         if dense.iter().any(|d| same_setting(d) && d.first().d_ff < width) {
             continue; // the ceiling is measured from the narrowest dense model of a setting
         }
         let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff % width.max(1) == 0;
         for wide in dense.iter().filter(wider) {
             let e = wide.first().d_ff / width;
-            let switch = s.groups.iter().find(|g| {
-                let r = g.first();
-                r.num_experts == e && r.top_k == 1 && r.d_ff == width && same_setting(g)
-            });
-            rows.push(ceiling_row(base, wide, switch, e));
+            let switches: Vec<&Group> = s
+                .groups
+                .iter()
+                .filter(|g| {
+                    let r = g.first();
+                    r.num_experts == e && r.top_k == 1 && r.d_ff == width && same_setting(g)
+                })
+                .collect();
+            if switches.is_empty() {
+                rows.push(ceiling_row(base, wide, None, e));
+            }
+            rows.extend(switches.into_iter().map(|sw| ceiling_row(base, wide, Some(sw), e)));
         }
     }
     if rows.is_empty() {
@@ -256,7 +269,7 @@ pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         "## How much of the width ceiling do experts recover
 "
     )?;
-    writeln!(md, "In each setting (what the points set besides experts and width), **Dense E×** is the dense model with E× the feed-forward width: same depth, E× the feed-forward FLOPs, **not FLOP-matched — it is the ceiling**, about the most Switch-E at the base width can gain. **Ceiling** = Dense E× − dense and **Switch gain** = Switch-E − dense, as mean ± std of per-seed differences; **Recovered** = Switch gain ÷ ceiling, seed by seed.\n")?;
+    writeln!(md, "In each setting (what the points set besides experts and width), **Dense E×** is the dense model with E× the feed-forward width: same depth, E× the feed-forward FLOPs, **not FLOP-matched — it is the ceiling**, about the most Switch-E at the base width can gain. **Ceiling** = Dense E× − dense and **Switch gain** = Switch-E − dense, as mean ± std of per-seed differences; **Recovered** = Switch gain ÷ ceiling, seed by seed. A Switch model whose setting also touches only its routers (\"Switch with …\") is measured against the ceiling of the dense models without it.\n")?;
     writeln!(md, "| Setting | E | Seeds | Dense | Ceiling (Dense E× − dense) | FLOPs ÷ dense | Switch-E gain | Recovered |\n|---|---|---|---|---|---|---|---|")?;
     for row in rows {
         writeln!(md, "{row}")?;
@@ -266,9 +279,16 @@ pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
 }
 
 fn ceiling_row(base: &Group, wide: &Group, switch: Option<&Group>, e: u64) -> String {
-    let mut setting = base.first().setting_without_width().join(" ");
+    let base_items = base.first().setting_without_width();
+    let mut setting = base_items.join(" ");
     if setting.is_empty() {
         setting = "preset".into();
+    }
+    let router_only: Vec<&str> = switch
+        .map(|g| g.first().setting_without_width().into_iter().filter(|i| !base_items.contains(i)).collect())
+        .unwrap_or_default();
+    if !router_only.is_empty() {
+        setting.push_str(&format!(", Switch with {}", router_only.join(" ")));
     }
     let all = base.runs.iter().chain(&wide.runs).chain(switch.into_iter().flat_map(|g| &g.runs));
     if all.into_iter().any(|r| r.state != Some(State::Done)) {

@@ -415,3 +415,36 @@ fn the_header_names_the_objective_each_run_trained_on() {
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
     assert!(!md.contains("T5-style span corruption"), "{md}");
 }
+
+#[test]
+fn a_router_only_setting_is_measured_against_the_ceiling_without_it() {
+    // As experiments/ceiling-prefix.yaml: dense, dense 8× wider, Switch-8 with and without
+    // `router_init_scale`, two seeds.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ceiling-router");
+    for seed in 0..2u64 {
+        let n = if seed == 0 { 0.1 } else { -0.1 };
+        let arm = |id: &str, setting: &str, experts: u64, d_ff: u64, end: f64| {
+            let id = format!("{id}{seed}");
+            write_run_at(&dir, &id, setting, experts, seed, 200, move |s| end + n + (s - 200.0) / 1000.0, "done");
+            set_model(&dir, &id, "d_ff", &d_ff.to_string());
+        };
+        arm("d", "", 1, 4, -2.0);
+        arm("w", "  model.d_ff: 32\n", 1, 32, -1.6); // ceiling +0.4
+        arm("p", "", 8, 4, -2.1); // the paper's router init: −0.1
+        arm("c", "  model.router_init_scale: 10.0\n", 8, 4, -1.7); // confident routers: +0.3
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let ceiling = md.split("## How much of the width ceiling do experts recover").nth(1).expect("ceiling").to_string();
+    let rows: Vec<&str> = ceiling.lines().filter(|l| l.starts_with("| preset")).collect();
+    assert_eq!(rows.len(), 2, "{ceiling}");
+    assert!(
+        rows[0].starts_with("| preset | 8 | 2 |") && rows[0].ends_with("| -0.100 ± 0.000 | -0.25 ± 0.00 |"),
+        "{ceiling}"
+    );
+    assert!(rows[1].starts_with("| preset, Switch with router_init_scale=10.0 | 8 | 2 |"), "{ceiling}");
+    assert!(
+        rows[1].contains("| +0.400 ± 0.000 |") && rows[1].ends_with("| +0.300 ± 0.000 | +0.75 ± 0.00 |"),
+        "{ceiling}"
+    );
+}

@@ -211,6 +211,43 @@ pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
     })
 }
 
+/// Memory bandwidth in bytes/s on `threads` threads: STREAM's triad `a = b + s·c` over three
+/// 64 MiB arrays (far beyond the caches), counting 12 bytes per element as STREAM does.
+pub fn memory_bandwidth(threads: usize) -> f64 {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+    pool.install(|| {
+        let n = 16 << 20;
+        let (b, c) = (vec![1.0f32; n], vec![2.0f32; n]);
+        let mut a = vec![0.0f32; n];
+        let triad = |a: &mut [f32]| {
+            a.par_chunks_mut(1 << 16).zip(b.par_chunks(1 << 16)).zip(c.par_chunks(1 << 16)).for_each(|((a, b), c)| {
+                for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                    *a = b + 0.5 * c;
+                }
+            })
+        };
+        triad(&mut a);
+        let reps = 5;
+        let t = Instant::now();
+        for _ in 0..reps {
+            triad(std::hint::black_box(&mut a));
+        }
+        (reps * 12 * n) as f64 / t.elapsed().as_secs_f64()
+    })
+}
+
+/// Bytes each parameter must cross the memory bus per training step, at the least: the three
+/// products read the weight twice (forward, ∂x) and write its gradient once (12); f32 AdamW reads
+/// weight, gradient and both moments and writes three of them (28); Adafactor, whose second
+/// moment of a large matrix is a row and a column, reads weight and gradient and writes the weight (12).
+fn min_bytes_per_param(optimizer: OptimizerKind) -> f64 {
+    12.0 + match optimizer {
+        OptimizerKind::Adamw => 28.0,
+        OptimizerKind::Adafactor => 12.0,
+    }
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -250,6 +287,8 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
         m1.1 / 1e9
     );
     let (matmul2, matmul1) = (m2.0.max(m2.1), m1.0.max(m1.1));
+    let bandwidth = memory_bandwidth(2);
+    println!("memory bandwidth (STREAM triad, 2 threads): {:.1} GB/s", bandwidth / 1e9);
     println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data\n");
     let adamw = OptimizerKind::Adamw;
@@ -281,10 +320,14 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
         for e in [8, 64] {
             let s = child(false, e, 2, steps, engine)?;
             line(&format!("shape, Switch-{e} (every layer)"), 2, &s, matmul2);
+            // The extra parameters' least memory traffic at the measured bandwidth: no kernel can
+            // bring the ratio below this while every parameter is updated each step.
+            let floor = (s.params - dense.params) as f64 * min_bytes_per_param(engine.optimizer) / bandwidth;
             println!(
-                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2}",
+                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2} (memory-traffic floor: {:.2})",
                 "",
-                s.step_s / dense.step_s
+                s.step_s / dense.step_s,
+                (dense.step_s + floor) / dense.step_s
             );
         }
         line("tiny preset, dense", 1, &child(true, 1, 1, steps, engine)?, matmul1);
