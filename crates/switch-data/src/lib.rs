@@ -46,6 +46,10 @@ pub enum Objective {
     /// target (4× span corruption's targets per example at `encoder_len` 64). The split is at
     /// the middle of the window, not at a random point, so every example has the same lengths.
     PrefixLm,
+    /// A decoder-only causal LM (not the paper's objective, nor an encoder-decoder's): no encoder
+    /// input; the decoder predicts every token of a window of 2 × `encoder_len` tokens (the
+    /// prefix LM's window), each from the ones before it. Needs `model.num_encoder_layers: 0`.
+    CausalLm,
 }
 
 impl Objective {
@@ -146,12 +150,13 @@ impl DataConfig {
                 let sc = self.span_corruption()?;
                 Ok(Lengths { raw: sc.raw_len, encoder: sc.encoder_len, decoder: sc.decoder_len })
             }
-            Objective::PrefixLm if self.encoder_len < 1 => {
-                Err(DataError::new("data.encoder_len", "= 0", "use at least 1 token of prefix"))
+            Objective::PrefixLm | Objective::CausalLm if self.encoder_len < 1 => {
+                Err(DataError::new("data.encoder_len", "= 0", "use at least 1 token (the window is 2 × encoder_len)"))
             }
             Objective::PrefixLm => {
                 Ok(Lengths { raw: 2 * self.encoder_len, encoder: self.encoder_len, decoder: self.encoder_len })
             }
+            Objective::CausalLm => Ok(Lengths { raw: 2 * self.encoder_len, encoder: 0, decoder: 2 * self.encoder_len }),
         }
     }
 
@@ -220,7 +225,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 pub struct Dataset {
     pub vocab: Vocab,
     pub lengths: Lengths,
-    /// The span-corruption setting; `None` for the prefix LM.
+    /// The span-corruption setting; `None` for the prefix and causal LMs.
     pub spans: Option<SpanCorruption>,
     pub train_tokens: Vec<u32>,
     pub held_out_tokens: Vec<u32>,
@@ -236,7 +241,7 @@ impl Dataset {
         let lengths = cfg.lengths()?;
         let spans = match cfg.objective {
             Objective::SpanCorruption => Some(cfg.span_corruption()?),
-            Objective::PrefixLm => None,
+            Objective::PrefixLm | Objective::CausalLm => None,
         };
         let sources = if cfg.corpus == "default" { corpus::embedded() } else { corpus::load(Path::new(&cfg.corpus))? };
 
@@ -325,6 +330,8 @@ impl Dataset {
     fn example(&self, raw: &[u32], rng: &mut StdRng) -> (Vec<u32>, Vec<u32>) {
         match &self.spans {
             Some(sc) => sc.corrupt(raw, &self.vocab.sentinels(), Vocab::EOS, rng),
+            // The prefix LM splits the window in the middle; the causal LM (encoder length 0)
+            // predicts all of it.
             None => {
                 let (prefix, continuation) = raw.split_at(self.lengths.encoder);
                 (prefix.to_vec(), continuation.to_vec())

@@ -215,3 +215,24 @@ fn prefix_lm_predicts_the_continuation_of_its_window() {
     assert!(!json.contains("objective"), "the default objective is left out, so run ids do not change: {json}");
     assert!(serde_json::to_string(&c).unwrap().contains(r#""objective":"prefix_lm""#));
 }
+
+#[test]
+fn causal_lm_predicts_every_token_of_its_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus_dir(tmp.path());
+    let c = DataConfig { objective: Objective::CausalLm, ..cfg(&corpus, TokenizerKind::Byte) };
+    let ds = Dataset::build(&c, &tmp.path().join("cache")).unwrap();
+    assert_eq!((ds.lengths.raw, ds.lengths.encoder, ds.lengths.decoder), (128, 0, 128));
+    let train: Vec<usize> = ds.train_tokens.iter().map(|&t| t as usize).collect();
+    let batch = ds.train_batch(3, 7, 4);
+    assert!(batch.encoder_ids.is_empty(), "no encoder input");
+    for e in 0..batch.batch_size {
+        let targets = &batch.targets[e * 128..][..128];
+        assert!(train.windows(128).any(|w| w == targets), "example {e} is not a window of the training split");
+        let decoder_inputs = &batch.decoder_input_ids[e * 128..][..128];
+        assert_eq!(decoder_inputs[0], Vocab::PAD as usize);
+        assert_eq!(decoder_inputs[1..], targets[..127]);
+    }
+    assert_eq!(ds.eval_batches(8)[0].targets.len(), 8 * 128);
+    assert!(serde_json::to_string(&c).unwrap().contains(r#""objective":"causal_lm""#));
+}

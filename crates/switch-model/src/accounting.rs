@@ -11,6 +11,7 @@
 //! - a sparse layer costs top_k expert FFNs per token; its router (2·d·E per token) is reported
 //!   apart, in [`Accounting::router_flops_per_token`], since the paper matches FLOPs "router aside"
 //! - output logits (tied embedding): 2·d·V per decoder token
+//! - a decoder-only model (`num_encoder_layers: 0`, Lₑ = 0) has no cross-attention terms
 //!
 //! FLOPs per token = FLOPs per example ÷ (Lₑ + L_d). Capacity-factor padding is not counted: it
 //! is slack in the implementation, not work the algorithm asks for.
@@ -46,9 +47,11 @@ impl ModelConfig {
         let attn = 4 * (self.d_model * self.num_heads * self.d_kv) as u64;
         let expert_flops = 2.0 * ffn as f64;
 
+        // A decoder-only model has one stack (one bias table and final norm) and no cross-attention.
+        let (stacks, cross) = if self.is_decoder_only() { (1, 0) } else { (2, 1) };
         let mut params_total = (self.vocab_size * self.d_model) as u64; // tied embedding
-        params_total += 2 * (self.relative_attention_num_buckets * self.num_heads) as u64;
-        params_total += 2 * self.d_model as u64; // final norms
+        params_total += stacks * (self.relative_attention_num_buckets * self.num_heads) as u64;
+        params_total += stacks * self.d_model as u64; // final norms
         let mut params_inactive = 0u64;
         let (mut flops, mut router_flops) = (0.0f64, 0.0f64);
 
@@ -70,9 +73,9 @@ impl ModelConfig {
             flops += add_ffn(self.is_sparse_layer(i), le, &mut params_total);
         }
         for i in 0..self.num_decoder_layers {
-            params_total += 2 * attn + 3 * self.d_model as u64;
+            params_total += (1 + cross) * attn + (2 + cross) * self.d_model as u64;
             flops += ld * (4.0 * 2.0 * d * h + 2.0 * 2.0 * ld * h);
-            flops += ld * (2.0 * 2.0 * d * h + 2.0 * 2.0 * le * h) + le * 2.0 * 2.0 * d * h;
+            flops += cross as f64 * (ld * (2.0 * 2.0 * d * h + 2.0 * 2.0 * le * h) + le * 2.0 * 2.0 * d * h);
             flops += add_ffn(self.is_sparse_layer(i), ld, &mut params_total);
         }
         flops += ld * 2.0 * d * self.vocab_size as f64;
@@ -89,6 +92,7 @@ impl ModelConfig {
 
 /// Shapes of one stack's forward pass, for [`ModelConfig::activation_floats`].
 struct StackShape {
+    layers: usize,
     batch: f64,
     len: f64,
     /// Encoder length for the decoder's cross-attention; `None` in the encoder.
@@ -110,11 +114,18 @@ impl ModelConfig {
         let b = batch as f64;
         let (d, v) = (self.d_model as f64, self.vocab_size as f64);
         let slots = |len: usize| self.num_experts as f64 * self.total_capacity(batch, len, train) as f64;
-        let enc = StackShape { batch: b, len: encoder_len as f64, memory_len: None, slots: slots(encoder_len) };
+        let enc = StackShape {
+            layers: self.num_encoder_layers,
+            batch: b,
+            len: encoder_len as f64,
+            memory_len: None,
+            slots: slots(encoder_len),
+        };
         let dec = StackShape {
+            layers: self.num_decoder_layers,
             batch: b,
             len: decoder_len as f64,
-            memory_len: Some(encoder_len as f64),
+            memory_len: (!self.is_decoder_only()).then_some(encoder_len as f64),
             slots: slots(decoder_len),
         };
         // Output: scaled decoder states, logits, log-softmax (max-shift, exp, result).
@@ -147,7 +158,7 @@ impl ModelConfig {
         // q, k, v, context and its contiguous copy, output; scores, + bias, softmax (3).
         let attn = |lk: f64| 3.0 * n * hd + 2.0 * n * hd + n * d + 5.0 * s.batch * h * s.len * lk;
         let mut total = n * d + drop + norm; // embedding gather, input dropout, final norm
-        for i in 0..self.layers(s) {
+        for i in 0..s.layers {
             let mut layer = norm + attn(s.len) + 2.0 * h * s.len * s.len + n * d + drop; // + bias gather, residual
             if let Some(le) = s.memory_len {
                 layer += norm + attn(le) - 2.0 * n * hd + 2.0 * s.batch * le * hd + n * d + drop;
@@ -157,14 +168,6 @@ impl ModelConfig {
             total = if train { total + layer } else { total.max(layer) };
         }
         total
-    }
-
-    fn layers(&self, s: &StackShape) -> usize {
-        if s.memory_len.is_some() {
-            self.num_decoder_layers
-        } else {
-            self.num_encoder_layers
-        }
     }
 
     /// Hidden tensors per row of a feed-forward: matmul + ReLU, or GEGLU's two matmuls, GELU, product.

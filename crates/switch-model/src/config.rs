@@ -57,6 +57,7 @@ pub struct ModelConfig {
     pub d_ff: usize,
     pub num_heads: usize,
     pub d_kv: usize,
+    /// 0 = a decoder-only model: no encoder, no cross-attention (with `data.objective: causal_lm`).
     pub num_encoder_layers: usize,
     pub num_decoder_layers: usize,
     pub activation: Activation,
@@ -177,13 +178,17 @@ impl ModelConfig {
         }
     }
 
+    /// No encoder: the decoder alone, without cross-attention.
+    pub fn is_decoder_only(&self) -> bool {
+        self.num_encoder_layers == 0
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         check(self.vocab_size >= 2, "vocab_size", self.vocab_size, "at least 2")?;
         check(self.d_model > 0, "d_model", self.d_model, "a positive integer")?;
         check(self.d_ff > 0, "d_ff", self.d_ff, "a positive integer")?;
         check(self.num_heads > 0, "num_heads", self.num_heads, "a positive integer")?;
         check(self.d_kv > 0, "d_kv", self.d_kv, "a positive integer")?;
-        check(self.num_encoder_layers > 0, "num_encoder_layers", self.num_encoder_layers, "at least 1")?;
         check(self.num_decoder_layers > 0, "num_decoder_layers", self.num_decoder_layers, "at least 1")?;
         check(
             self.relative_attention_num_buckets >= 4,

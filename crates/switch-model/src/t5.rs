@@ -173,7 +173,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
                 .map(|i| Block {
                     self_attn_norm: RmsNorm::new(dev, d),
                     self_attn: Attention::new(dev, &mut rng(format!("{prefix}.{i}.self_attn")), cfg),
-                    cross_attn: is_decoder.then(|| {
+                    cross_attn: (is_decoder && !cfg.is_decoder_only()).then(|| {
                         (RmsNorm::new(dev, d), Attention::new(dev, &mut rng(format!("{prefix}.{i}.cross_attn")), cfg))
                     }),
                     ffn_norm: RmsNorm::new(dev, d),
@@ -215,6 +215,9 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
     pub fn params_mut(&mut self) -> Vec<(String, &mut Param<D>)> {
         let mut out = vec![("embedding".to_string(), &mut self.embedding)];
         for (prefix, stack) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
+            if stack.blocks.is_empty() {
+                continue; // a decoder-only model's (unused) encoder has no parameters to train
+            }
             out.push((format!("{prefix}.relative_bias"), &mut stack.relative_bias));
             out.push((format!("{prefix}.final_norm"), &mut stack.final_norm.weight));
             for (i, b) in stack.blocks.iter_mut().enumerate() {
@@ -318,13 +321,20 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let emb = self.embedding.clone().reshape_like(&(v, d));
         let mut sparse = SparseOutputs { losses: Vec::new(), routing: Vec::new() };
 
-        let enc_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.encoder_ids);
-        let enc_out = self.run_stack(&self.encoder, enc_in, (&batch.encoder_ids, b), None, None, ctx, &mut sparse);
-        let (enc_out, enc_tape) = enc_out.split_tape();
+        // A decoder-only model reads no encoder output: its decoder has no cross-attention.
+        let memory = (!self.cfg.is_decoder_only()).then(|| {
+            let enc_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.encoder_ids);
+            let enc_out = self.run_stack(&self.encoder, enc_in, (&batch.encoder_ids, b), None, None, ctx, &mut sparse);
+            enc_out.split_tape()
+        });
+        let (enc_out, enc_tape) = match memory {
+            Some((out, tape)) => (Some(out), Some(tape)),
+            None => (None, None),
+        };
 
         let dec_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.decoder_input_ids);
         let dec_ids = (&batch.decoder_input_ids[..], b);
-        let dec_out = self.run_stack(&self.decoder, dec_in, dec_ids, Some(&enc_out), Some(enc_tape), ctx, &mut sparse);
+        let dec_out = self.run_stack(&self.decoder, dec_in, dec_ids, enc_out.as_ref(), enc_tape, ctx, &mut sparse);
 
         // Tied output layer, scaled by d_model^-1/2 as in T5 v1.0.
         let n = dec_out.shape().0;

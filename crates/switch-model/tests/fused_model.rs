@@ -14,7 +14,8 @@ fn loss_and_grads(cfg: &ModelConfig, plain: bool) -> (f32, Vec<(String, Vec<f32>
     set_plain_kernels(plain);
     let dev = Cpu::default();
     let mut model = SwitchTransformer::new(&dev, cfg, 7).unwrap();
-    let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg, 4, 12, 6, 3), &mut Ctx::train(11));
+    let encoder_len = if cfg.is_decoder_only() { 0 } else { 12 };
+    let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg, 4, encoder_len, 6, 3), &mut Ctx::train(11));
     let total = out.total.as_vec()[0];
     let grads = out.total.backward();
     let named = model.params_mut().into_iter().map(|(name, p)| (name.to_string(), grads.get(&*p).as_vec())).collect();
@@ -23,14 +24,15 @@ fn loss_and_grads(cfg: &ModelConfig, plain: bool) -> (f32, Vec<(String, Vec<f32>
 
 #[test]
 fn fused_and_plain_kernels_train_the_same_model() {
-    for experts in [1, 4] {
+    // Encoder-decoder dense and Switch, and a decoder-only Switch model (no cross-attention).
+    for (experts, encoder_layers) in [(1, 2), (4, 2), (4, 0)] {
         let cfg = ModelConfig {
             vocab_size: 50,
             d_model: 16,
             d_ff: 24,
             num_heads: 2,
             d_kv: 8,
-            num_encoder_layers: 2,
+            num_encoder_layers: encoder_layers,
             num_decoder_layers: 2,
             num_experts: experts,
             expert_every: 1,

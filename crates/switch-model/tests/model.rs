@@ -89,6 +89,11 @@ fn flops_match_a_hand_count() {
     let a = cfg.accounting(5, 3);
     assert_eq!(a.flops_per_example, enc + dec + logits);
     assert_eq!(a.flops_per_token, a.flops_per_example / 8.0);
+    // Decoder-only: self-attention, feed-forward and logits, no cross-attention.
+    let decoder_only = ModelConfig { num_encoder_layers: 0, ..cfg }.accounting(0, 3);
+    let dec = ld * (8.0 * d * h + 4.0 * ld * h) + ld * 4.0 * d * f;
+    assert_eq!(decoder_only.flops_per_example, dec + logits);
+    assert_eq!(decoder_only.flops_per_token, decoder_only.flops_per_example / 3.0);
 }
 
 #[test]
@@ -108,6 +113,13 @@ fn built_models_have_exactly_the_accounted_parameters() {
             "{cfg:?}"
         );
     }
+    // Decoder-only: no encoder stack, no cross-attention.
+    let cfg = ModelConfig { num_encoder_layers: 0, ..tiny(4) };
+    let mut m = SwitchTransformer::new(&dev, &cfg, 0).unwrap();
+    let names: Vec<String> = m.params_mut().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| !n.starts_with("encoder") && !n.contains("cross_attn")), "{names:?}");
+    let total: u64 = m.params_mut().iter().map(|(_, t)| t.shape().0 as u64).sum();
+    assert_eq!(total, cfg.accounting(0, 4).params_total);
 }
 
 fn probs_layer(dev: &Dev, num_experts: usize, top_k: usize) -> MoeLayer<Dev> {

@@ -165,6 +165,18 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         self.model.validate()?;
         self.data.validate()?;
+        // The causal LM has no encoder input; the other objectives need an encoder.
+        let causal = self.data.objective == switch_data::Objective::CausalLm;
+        if causal != self.model.is_decoder_only() {
+            return Err(InvalidConfig::Model(switch_model::ConfigError {
+                field: "num_encoder_layers",
+                value: self.model.num_encoder_layers.to_string(),
+                allowed: format!(
+                    "0 (a decoder-only model) with data.objective: causal_lm, at least 1 with span_corruption or prefix_lm (data.objective is {})",
+                    serde_json::to_value(self.data.objective).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                ),
+            }));
+        }
         self.train.validate().map_err(InvalidConfig::Train)
     }
 

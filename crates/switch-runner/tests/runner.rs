@@ -87,9 +87,17 @@ fn malformed_grids_name_the_file_key_and_fix() {
     assert!(e.contains("t.yaml") && e.contains("invalid type"), "{e}");
     let e = plan_err(tmp.path(), "s", "grid: [1\n");
     assert!(e.contains("s.yaml") && e.contains("line"), "{e}");
-    let e = plan_err(tmp.path(), "obj", "grid:\n  data.objective: [causal_lm]\n");
+    let e = plan_err(tmp.path(), "obj", "grid:\n  data.objective: [causal]\n");
     assert!(
         e.contains("obj.yaml") && e.contains("causal_lm") && e.contains("span_corruption") && e.contains("prefix_lm"),
+        "{e}"
+    );
+    // The causal LM is decoder-only, and only the causal LM is.
+    let e = plan_err(tmp.path(), "dec", "grid:\n  data.objective: [causal_lm]\n");
+    assert!(e.contains("dec.yaml") && e.contains("model.num_encoder_layers = 2") && e.contains("causal_lm"), "{e}");
+    let e = plan_err(tmp.path(), "enc", "grid:\n  model.num_encoder_layers: [0]\n");
+    assert!(
+        e.contains("enc.yaml") && e.contains("model.num_encoder_layers = 0") && e.contains("span_corruption"),
         "{e}"
     );
     let e = plan_err(tmp.path(), "empty", "grid:\n  model.num_experts: []\n");
