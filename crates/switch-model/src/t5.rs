@@ -327,10 +327,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
             let enc_out = self.run_stack(&self.encoder, enc_in, (&batch.encoder_ids, b), None, None, ctx, &mut sparse);
             enc_out.split_tape()
         });
-        let (enc_out, enc_tape) = match memory {
-            Some((out, tape)) => (Some(out), Some(tape)),
-            None => (None, None),
-        };
+        let (enc_out, enc_tape) = memory.unzip();
 
         let dec_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.decoder_input_ids);
         let dec_ids = (&batch.decoder_input_ids[..], b);
