@@ -120,9 +120,8 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     }
     // Factored: row and column means of g², per stacked matrix.
     let (vr, vc) = v[..batch * (rows + cols)].split_at_mut(batch * rows);
-    for b in 0..batch {
-        let gb = &g[b * rows * cols..][..rows * cols];
-        let (vr, vc) = (&mut vr[b * rows..][..rows], &mut vc[b * cols..][..cols]);
+    // Each stacked matrix (expert) on its own: in parallel, every bit kept.
+    let moments = |((gb, vr), vc): ((&[f32], &mut [f32]), &mut [f32])| {
         let mut col_sums = vec![0f64; cols];
         for (r, row) in gb.chunks_exact(cols).enumerate() {
             let mut row_sum = 0f64;
@@ -136,6 +135,12 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
         for (vc, s) in vc.iter_mut().zip(col_sums) {
             *vc = decay * *vc + mix * (s / rows as f64) as f32;
         }
+    };
+    let matrix = rows * cols;
+    if rayon::current_num_threads() > 1 && batch > 1 {
+        g.par_chunks(matrix).zip(vr.par_chunks_mut(rows)).zip(vc.par_chunks_mut(cols)).for_each(moments);
+    } else {
+        g.chunks(matrix).zip(vr.chunks_mut(rows)).zip(vc.chunks_mut(cols)).for_each(moments);
     }
     // v̂ = row · column / mean(row): the rank-1 estimate, as 1/√ of its two factors.
     let mut r_factor = vec![0f32; batch * rows];
@@ -146,14 +151,42 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
         }
     }
     let c_factor: Vec<f32> = vc.iter().map(|&x| 1.0 / x.sqrt()).collect();
-    let inv_sqrt = |i: usize| r_factor[i / cols] * c_factor[i / (rows * cols) * cols + i % cols];
-    apply_clipped(p, step, |i| g[i] * grad_scale * inv_sqrt(i));
+    // Row by row (row k of the stack is row k % rows of matrix k / rows): u = g·scale·r·c.
+    let factors = |k: usize| (r_factor[k], &c_factor[k / rows * cols..][..cols]);
+    let mut u_sq = 0f64;
+    for (k, g) in g.chunks_exact(cols).enumerate() {
+        let (rf, cf) = factors(k);
+        for (&x, &c) in g.iter().zip(cf) {
+            let u = x * grad_scale * (rf * c);
+            u_sq += (u as f64) * (u as f64);
+        }
+    }
+    let step = clipped_step(step, u_sq, p.len());
+    let apply = |(k, (p, g)): (usize, (&mut [f32], &[f32]))| {
+        let (rf, cf) = factors(k);
+        for ((p, &x), &c) in p.iter_mut().zip(g).zip(cf) {
+            *p -= step * (x * grad_scale * (rf * c));
+        }
+    };
+    // Element-wise, so the run's threads keep every bit.
+    if rayon::current_num_threads() > 1 && p.len() > CHUNK {
+        p.par_chunks_mut(cols).zip(g.par_chunks(cols)).enumerate().for_each(apply);
+    } else {
+        p.chunks_mut(cols).zip(g.chunks(cols)).enumerate().for_each(apply);
+    }
+}
+
+/// Adafactor's update clipping, over the whole variable: the step divided by max(1, RMS(u) /
+/// threshold), with Σu² summed in f64.
+fn clipped_step(step: f32, u_sq: f64, n: usize) -> f32 {
+    let u_rms = (u_sq / n.max(1) as f64).sqrt() as f32;
+    step / (u_rms / CLIP_THRESHOLD).max(1.0)
 }
 
 /// p −= step × u / max(1, RMS(u) / threshold): Adafactor's update clipping, over the whole variable.
 fn apply_clipped(p: &mut [f32], step: f32, u: impl Fn(usize) -> f32) {
-    let u_rms = rms((0..p.len()).map(&u), p.len());
-    let step = step / (u_rms / CLIP_THRESHOLD).max(1.0);
+    let u_sq = (0..p.len()).map(&u).fold(0.0f64, |a, v| a + (v as f64) * (v as f64));
+    let step = clipped_step(step, u_sq, p.len());
     for (i, p) in p.iter_mut().enumerate() {
         *p -= step * u(i);
     }
