@@ -217,6 +217,7 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         objective: match get(cfg, "data.objective").and_then(Value::as_str) {
             Some("span_corruption") | None => "T5-style span corruption".into(),
             Some("prefix_lm") => "a prefix LM (NOT the paper's span corruption)".into(),
+            Some("causal_lm") => "a decoder-only causal LM (NOT the paper's objective or model)".into(),
             Some(other) => format!("the `{other}` objective"),
         },
         curve: vec![],

@@ -414,6 +414,10 @@ fn the_header_names_the_objective_each_run_trained_on() {
     std::fs::remove_dir_all(dir.join("runs/span")).unwrap();
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
     assert!(!md.contains("T5-style span corruption"), "{md}");
+    std::fs::remove_dir_all(dir.join("runs/prefix")).unwrap();
+    write_run_at(&dir, "causal", "  data.objective: causal_lm\n", 1, 0, 300, |s| -2.8 + s / 1000.0, "done");
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(md.contains("of a decoder-only causal LM (NOT the paper's objective or model) on"), "{md}");
 }
 
 #[test]
