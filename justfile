@@ -24,6 +24,12 @@ bench:
     cargo run --release -q -p switchlab -- bench report
     cargo run --release -q -p switchlab -- bench engine
 
+# switchlab's engine against PyTorch (HF transformers' T5 and Switch Transformer) on the engine
+# benchmark's shape; installs torch and transformers into .venv-torch on first use (~6 GB).
+bench-pytorch:
+    test -x .venv-torch/bin/python || (python3 -m venv .venv-torch && .venv-torch/bin/pip install -q torch transformers)
+    cargo run --release -q -p switchlab -- bench pytorch --python .venv-torch/bin/python
+
 # Delete results/NAME (runs, checkpoints and report).
 clean NAME:
     rm -rf results/{{NAME}}

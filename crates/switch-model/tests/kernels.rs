@@ -159,6 +159,32 @@ fn fused_param_matmul_matches_the_plain_path_on_one_and_two_threads() {
 }
 
 #[test]
+fn fused_param_matmul_overwrites_the_stale_buffers_it_takes_from_the_cache() {
+    // As the first writer of a gradient the kernel takes a buffer from dfdx's cache without
+    // zeroing it and overwrites it: fill the cache with NaN buffers of every size it could take,
+    // and no NaN may come through (one element left unwritten would show).
+    let mut rng = StdRng::seed_from_u64(7);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (tokens, l) in layouts() {
+            let cached = Dev::default();
+            cached.enable_cache();
+            let sizes = [l.experts * tokens * l.k, l.experts * l.k * l.m, l.experts * tokens * l.m];
+            for &n in sizes.iter().cycle().take(3 * 8) {
+                drop(cached.tensor_from_vec(vec![f32::NAN; n], (n,)));
+            }
+            let (x, w) =
+                (random(&mut rng, l.experts * tokens * l.k, 1.0), random(&mut rng, l.experts * l.k * l.m, 1.0));
+            let c = random(&mut rng, l.experts * tokens * l.m, 1.0);
+            let fused = pool.install(|| run_matmul(|x, w, l| param_matmul_fused(x, w, l), &cached, &x, &w, &c, l));
+            let plain = run_matmul(|x, w, l| param_matmul_plain(x, w, l), &Dev::default(), &x, &w, &c, l);
+            close(&fused.1, &plain.1, 1e-5, "dx");
+            close(&fused.2, &plain.2, 1e-5, "dw");
+        }
+    }
+}
+
+#[test]
 fn fused_param_matmul_gradients_match_finite_differences() {
     let dev = Dev::default();
     let mut rng = StdRng::seed_from_u64(5);

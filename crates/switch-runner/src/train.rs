@@ -17,21 +17,8 @@ use switch_model::nn::Ctx;
 use switch_model::{Batch, SwitchTransformer};
 
 pub type Dev = Cpu;
+use crate::optim::sum_of_squares;
 pub use crate::optim::OptimizerState;
-
-/// Σ x² in f64, in eight interleaved partial sums: the compiler vectorises it, where one running
-/// sum waits on every addition.
-fn sum_of_squares(x: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
-    for c in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(c) {
-            *lane += (v as f64) * (v as f64);
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
-}
 
 /// The model's batch of a data example.
 pub fn to_batch(e: Example, cfg: &RunConfig) -> Batch {

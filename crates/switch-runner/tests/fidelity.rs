@@ -277,3 +277,37 @@ fn a_router_learning_rate_applies_to_the_routers_only() {
     }
     assert!(frozen.iter().any(|(n, _)| n.ends_with(".moe.router")));
 }
+
+#[test]
+fn optimizer_steps_and_the_gradient_norm_keep_their_bits_on_any_number_of_threads() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use switch_runner::optim::sum_of_squares;
+    // Four stacked [128, 160] matrices: several chunks of the threaded loops and sums.
+    let shape = [4, 128, 160];
+    let n: usize = shape.iter().product();
+    for kind in [OptimizerKind::Adamw, OptimizerKind::Adafactor] {
+        let cfg = TrainConfig { optimizer: kind, ..Default::default() };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut rng = StdRng::seed_from_u64(11);
+                let mut opt = OptimizerState::new(kind, &[shape]);
+                let mut p: Vec<f32> = (0..n).map(|_| rng.gen_range(-0.1..0.1)).collect();
+                let mut norms = Vec::new();
+                for t in 1..=3 {
+                    let g: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                    norms.push(sum_of_squares(&g).to_bits());
+                    opt.update(0, &mut p, &g, 0.7, t, 0.01, &cfg);
+                }
+                (p.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), norms)
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2), "{kind:?}: 1 and 2 threads differ");
+        assert_eq!(one, run(3), "{kind:?}: 1 and 3 threads differ");
+    }
+    // And the sum itself is right: Σ x² of 0, 1, …, 99_999 in closed form.
+    let x: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+    let exact = 99_999.0 * 100_000.0 * 199_999.0 / 6.0;
+    assert!((sum_of_squares(&x) - exact).abs() < 1e-9 * exact);
+}

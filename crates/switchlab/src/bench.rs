@@ -26,6 +26,20 @@ pub enum Bench {
     Engine {
         #[arg(long, default_value_t = 8)]
         steps: u64,
+        /// Dense and Switch runs of the shape alternate this many times; ratios are medians.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
+    /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
+    /// engine benchmark's comparison shape, side by side (needs a Python with torch and
+    /// transformers; see `bench/pytorch_engine.py`).
+    Pytorch {
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
     },
     /// One run of `bench engine`, in its own process (used by `bench engine`).
     #[command(hide = true)]
@@ -136,7 +150,8 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
             let machine = dfdx.max(engine);
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }
-        Bench::Engine { steps } => crate::engine::run(steps)?,
+        Bench::Engine { steps, rounds } => crate::engine::run(steps, rounds)?,
+        Bench::Pytorch { steps, rounds, python } => crate::engine::pytorch(steps, rounds, &python)?,
         Bench::EngineRun { tiny, experts, threads, steps, cache, optimizer } => {
             let optimizer = crate::engine::optimizer_named(&optimizer)?;
             crate::engine::run_one(tiny, experts, threads, steps, cache == "on", optimizer)?

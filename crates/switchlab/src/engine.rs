@@ -53,6 +53,7 @@ fn status_bytes(field: &str) -> u64 {
 }
 
 /// What one measured run printed (its own process, so its peak memory is its own).
+#[derive(Clone)]
 struct Measured {
     tokens_per_s: f64,
     step_s: f64,
@@ -237,15 +238,30 @@ pub fn memory_bandwidth(threads: usize) -> f64 {
     })
 }
 
-/// Bytes the optimizer moves per parameter and step, at the least: f32 AdamW reads weight, gradient
-/// and both moments and writes three of them (28); Adafactor, whose second moment of a large
-/// matrix is a row and a column, reads weight and gradient and writes the weight (12). The
-/// optimizer runs after the backward pass, so this traffic cannot hide behind the products.
-fn optimizer_bytes_per_param(optimizer: OptimizerKind) -> f64 {
-    match optimizer {
+/// Bytes a training step moves per parameter of a weight matrix too large for the caches, at
+/// the least: the forward and the ∂x products each read the weight (4 + 4), the ∂W product writes
+/// its gradient (4), the global gradient norm reads it (4), and the optimizer — f32 AdamW reads
+/// weight, gradient and both moments and writes three of them (28); Adafactor, whose second
+/// moment of a large matrix is a row and a column, reads the gradient for them and the weight for
+/// its RMS (8), the gradient again for the update's RMS (4), then weight and gradient to write the
+/// weight (12). None of this traffic can overlap the products that need its results.
+fn step_bytes_per_param(optimizer: OptimizerKind) -> f64 {
+    16.0 + match optimizer {
         OptimizerKind::Adamw => 28.0,
-        OptimizerKind::Adafactor => 12.0,
+        OptimizerKind::Adafactor => 24.0,
     }
+}
+
+fn median(x: &[f64]) -> f64 {
+    let mut x = x.to_vec();
+    x.sort_by(f64::total_cmp);
+    x[x.len() / 2]
+}
+
+/// The run with the median step time.
+fn median_by_step(runs: &[Measured]) -> &Measured {
+    let step = median(&runs.iter().map(|m| m.step_s).collect::<Vec<_>>());
+    runs.iter().find(|m| m.step_s == step).expect("a run")
 }
 
 fn mib(b: u64) -> f64 {
@@ -277,7 +293,8 @@ struct Engine {
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
 /// kernels, buffer cache on), with Adafactor instead of AdamW, without the fused kernels, and as
 /// plain dfdx (no cache), side by side; each run in its own process.
-pub fn run(steps: u64) -> anyhow::Result<()> {
+pub fn run(steps: u64, rounds: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
     let (m2, m1) = (matmul_flops_per_s(2), matmul_flops_per_s(1));
     println!(
         "f32 matmul 1024³, GFLOP/s on 2 threads / 1 thread: dfdx 0.13 (gemm 0.15) {:.1} / {:.1}, the engine's (gemm 0.19) {:.1} / {:.1}",
@@ -290,7 +307,8 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
     let bandwidth = memory_bandwidth(2);
     println!("memory bandwidth (STREAM triad, 2 threads): {:.1} GB/s", bandwidth / 1e9);
     println!("FLOPs/s ratios below are ÷ the faster of the two");
-    println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data\n");
+    println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
+    println!("shape rows: the round with the median step time of {rounds}\n");
     let adamw = OptimizerKind::Adamw;
     let engines = [
         Engine {
@@ -315,19 +333,31 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
     ];
     for engine in engines {
         println!("{}:", engine.name);
-        let dense = child(false, 1, 2, steps, engine)?;
-        line("shape, dense", 2, &dense, matmul2);
-        for e in [8, 64] {
-            let s = child(false, e, 2, steps, engine)?;
-            line(&format!("shape, Switch-{e} (every layer)"), 2, &s, matmul2);
-            // The extra parameters' optimizer traffic at the measured bandwidth: no kernel can
+        // Dense and Switch runs alternate, `rounds` times, and each ratio is read within one
+        // round: this machine's speed drifts by ±15% between minutes.
+        let sizes = [1, 8, 64];
+        let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); sizes.len()];
+        for _ in 0..rounds {
+            for (runs, &e) in runs.iter_mut().zip(&sizes) {
+                runs.push(child(false, e, 2, steps, engine)?);
+            }
+        }
+        let dense = &runs[0];
+        line("shape, dense", 2, median_by_step(dense), matmul2);
+        for (switch, e) in runs.iter().zip(sizes).skip(1) {
+            line(&format!("shape, Switch-{e} (every layer)"), 2, median_by_step(switch), matmul2);
+            let ratios: Vec<f64> = switch.iter().zip(dense).map(|(s, d)| s.step_s / d.step_s).collect();
+            // The extra parameters' memory traffic at the measured bandwidth: no kernel can
             // bring the ratio below this while every parameter is updated each step.
-            let floor = (s.params - dense.params) as f64 * optimizer_bytes_per_param(engine.optimizer) / bandwidth;
+            let extra = (switch[0].params - dense[0].params) as f64;
+            let floor = extra * step_bytes_per_param(engine.optimizer) / bandwidth;
+            let dense_step = median_by_step(dense).step_s;
             println!(
-                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2} (floor from the optimizer's memory traffic: {:.2})",
+                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2}, median of {:?} (floor from the extra parameters' memory traffic: {:.2})",
                 "",
-                s.step_s / dense.step_s,
-                (dense.step_s + floor) / dense.step_s
+                median(&ratios),
+                ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
+                (dense_step + floor) / dense_step
             );
         }
         line("tiny preset, dense", 1, &child(true, 1, 1, steps, engine)?, matmul1);
@@ -335,4 +365,97 @@ pub fn run(steps: u64) -> anyhow::Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.
+const TRAINING: Engine = Engine { cache: true, fused: true, optimizer: OptimizerKind::Adamw, name: "training" };
+
+/// `bench pytorch`: switchlab's engine as it trains and HF transformers' T5 / Switch Transformer
+/// in PyTorch (`bench/pytorch_engine.py`, run by `python`) on the comparison shape, 2 threads,
+/// dense, Switch-8 and Switch-64, each run in its own process, the two alternating `rounds` times.
+pub fn pytorch(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
+    let script = Path::new("bench/pytorch_engine.py");
+    anyhow::ensure!(
+        script.exists(),
+        "{} not found: run `switchlab bench pytorch` from the repository root",
+        script.display()
+    );
+    let versions = std::process::Command::new(python)
+        .args(["-c", "import torch, transformers; print(torch.__version__, transformers.__version__)"])
+        .output();
+    let versions = match versions {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        _ => anyhow::bail!(
+            "`{}` cannot import torch and transformers; install them with `python3 -m venv .venv-torch && .venv-torch/bin/pip install torch transformers` and pass `--python .venv-torch/bin/python`",
+            python.display()
+        ),
+    };
+    println!("PyTorch and transformers {versions}; {steps} steps after a warm-up step, 2 threads; each ratio is the median over {rounds} rounds of ratios within a round\n");
+    // Per size, per round: (switchlab, PyTorch) step seconds. Every run of a round before the next
+    // round, so that a ratio compares runs minutes apart at most.
+    let sizes = [1, 8, 64];
+    let mut steps_s = vec![Vec::new(); sizes.len()];
+    for _ in 0..rounds {
+        for (runs, &e) in steps_s.iter_mut().zip(&sizes) {
+            runs.push((child(false, e, 2, steps, TRAINING)?.step_s, pytorch_child(python, script, e, steps)?));
+        }
+    }
+    let tokens_per_step = |e: usize| {
+        let c = shape(e);
+        let (le, ld) = c.lengths();
+        (c.train.batch_size * (le + ld)) as f64
+    };
+    for (runs, &e) in steps_s.iter().zip(&sizes) {
+        let name = if e == 1 { "dense".to_string() } else { format!("Switch-{e}") };
+        let tokens = |s: f64| (tokens_per_step(e) / s).round();
+        println!(
+            "{name:<10} tokens/s switchlab {:?}, PyTorch {:?}: switchlab ÷ PyTorch speed {:.2}",
+            runs.iter().map(|r| tokens(r.0)).collect::<Vec<_>>(),
+            runs.iter().map(|r| tokens(r.1)).collect::<Vec<_>>(),
+            median(&runs.iter().map(|r| r.1 / r.0).collect::<Vec<_>>())
+        );
+    }
+    for (runs, &e) in steps_s.iter().zip(&sizes).skip(1) {
+        let ratio = |side: fn(&(f64, f64)) -> f64| {
+            median(&runs.iter().zip(&steps_s[0]).map(|(s, d)| side(s) / side(d)).collect::<Vec<_>>())
+        };
+        println!("Switch-{e} ÷ dense step time: switchlab {:.2}, PyTorch {:.2}", ratio(|r| r.0), ratio(|r| r.1));
+    }
+    Ok(())
+}
+
+/// One PyTorch run of the comparison shape: its step seconds.
+fn pytorch_child(python: &Path, script: &Path, experts: usize, steps: u64) -> anyhow::Result<f64> {
+    let c = shape(experts);
+    let (le, ld) = c.lengths();
+    let m = &c.model;
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).env("OMP_NUM_THREADS", "2");
+    for (name, v) in [
+        ("experts", experts),
+        ("threads", 2),
+        ("steps", steps as usize),
+        ("vocab", m.vocab_size),
+        ("encoder-len", le),
+        ("decoder-len", ld),
+        ("batch", c.train.batch_size),
+        ("d-model", m.d_model),
+        ("d-ff", m.d_ff),
+        ("d-kv", m.d_kv),
+        ("heads", m.num_heads),
+        ("layers", m.num_encoder_layers),
+    ] {
+        cmd.args([format!("--{name}"), v.to_string()]);
+    }
+    let out = cmd.args(["--capacity-factor", &m.capacity_factor.to_string()]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(|r| r.split(' ').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    match fields[..] {
+        [_tokens_per_s, step_s] => Ok(step_s),
+        _ => anyhow::bail!("PyTorch run failed: {text}{}", String::from_utf8_lossy(&out.stderr)),
+    }
 }

@@ -339,3 +339,11 @@ fn the_memory_estimate_bounds_the_measured_peak_of_a_parameter_heavy_run() {
     let model = estimate - switch_runner::grid::PROCESS_BYTES;
     assert!(model < 1.5 * peak, "the estimate {estimate} is within reason of the measured {peak}");
 }
+
+#[test]
+fn bench_pytorch_without_torch_says_how_to_install_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join("no-such-python");
+    let err = run_err(switchlab().current_dir(&root).args(["bench", "pytorch", "--python"]).arg(&python));
+    assert!(err.contains("no-such-python") && err.contains("pip install torch transformers"), "{err}");
+}

@@ -33,6 +33,17 @@ macro_rules! input_and_output_grads {
     }};
 }
 
+/// Like `input_and_output_grads!`, for a kernel that writes every element of `$input`'s
+/// gradient: `(gradient, accumulate, output gradient)`, where `accumulate = false` means this
+/// kernel is the gradient's first writer and must overwrite its stale contents (see the patched
+/// dfdx's `Gradients::mut_for_overwrite_and_ref`: no zero fill, no read of the zeros).
+macro_rules! input_for_overwrite_and_output_grads {
+    ($grads:expr, $input:expr, $output:expr) => {{
+        $grads.get_or_alloc_mut($output)?;
+        $grads.mut_for_overwrite_and_ref($input, $output)?
+    }};
+}
+
 mod attention;
 mod rows;
 pub use attention::{attention_fused, attention_plain, PositionBias};
@@ -377,22 +388,23 @@ pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: S
     let w = w.clone(); // shares the weights' buffer until the backward pass has run
     tape.add_backward_op(move |grads| {
         let (xs, ws) = (data(&x), data(&w));
+        // Each product writes every element of its gradient: the first writer overwrites.
         // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
-        let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
+        let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
         by_blocks(gx, e, (c, k), |i, r0, gx| {
             let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
-            gemm_into(gx, (gx.len() / k, k, m), (gi, m, 1), (wi, w_cs, w_rs), true)
+            gemm_into(gx, (gx.len() / k, k, m), (gi, m, 1), (wi, w_cs, w_rs), add)
         });
         // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x.
         let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
-        let (gw, g) = input_and_output_grads!(grads, &w_ghost, &out_ghost);
+        let (gw, add, g) = input_for_overwrite_and_output_grads!(grads, &w_ghost, &out_ghost);
         by_blocks(gw, e, (rows, cols), |i, r0, gw| {
             let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
             let block = (gw.len() / cols, cols, c);
             if layout.transposed {
-                gemm_into(gw, block, (&gi[r0..], 1, m), (xi, k, 1), true)
+                gemm_into(gw, block, (&gi[r0..], 1, m), (xi, k, 1), add)
             } else {
-                gemm_into(gw, block, (&xi[r0..], 1, k), (gi, m, 1), true)
+                gemm_into(gw, block, (&xi[r0..], 1, k), (gi, m, 1), add)
             }
         });
         Ok(())

@@ -6,7 +6,9 @@ use std::{boxed::Box, vec::Vec};
 
 use super::tensorlike::Tensorlike;
 use super::{storage_traits::Storage, unique_id, Tensor, UniqueId};
-use crate::shapes::Shape;
+use crate::shapes::{Shape, Unit};
+use crate::tensor::cpu::CachableVec;
+use crate::tensor::{Cpu, CpuError};
 
 /// A generic container for keeping gradients of tensors keyed by the
 /// tensor's [UniqueId].
@@ -174,6 +176,33 @@ impl<E, D: Storage<E>> Gradients<E, D> {
         let r_ref = unsafe { &*r_ptr };
         (l_refs, r_ref)
     }
+}
+
+impl<E: Unit> Gradients<E, Cpu> {
+    /// switchlab patch: `l`'s gradient for a kernel that writes every element of it, and `r`'s
+    /// gradient to read. `(grad, true, _)`: `l` already has a gradient, to accumulate into;
+    /// `(grad, false, _)`: this is its first writer, and `grad` is a new buffer with stale
+    /// contents (from the device's cache, not zeroed) that the kernel must overwrite entirely —
+    /// which saves a pass over the buffer for the fill and the kernel's read of the zeros.
+    ///
+    /// **Panics** if `l` and `r` have the same id, or if `r` has no gradient yet.
+    pub fn mut_for_overwrite_and_ref<L: Shape, R: Shape>(
+        &mut self,
+        l: &impl Tensorlike<L, E, Cpu>,
+        r: &impl Tensorlike<R, E, Cpu>,
+    ) -> Result<(&mut CachableVec<E>, bool, &CachableVec<E>), CpuError> {
+        let accumulate = self.gradient_by_id.contains_key(&l.id());
+        if !accumulate {
+            let grad = l.dev().try_alloc_for_overwrite::<E>(l.len())?;
+            self.gradient_by_id.insert(l.id(), grad);
+        }
+        assert_ne!(l.id(), r.id());
+        let l_ptr = self.gradient_by_id.get_mut(&l.id()).unwrap() as *mut CachableVec<E>;
+        let r_ref = self.gradient_by_id.get(&r.id()).expect("the output's gradient") as *const CachableVec<E>;
+        // SAFETY: two different keys of the map, so two different buffers.
+        Ok(unsafe { (&mut *l_ptr, accumulate, &*r_ref) })
+    }
+
 }
 
 /// Contains a [Gradients] and list of backward operations.

@@ -57,6 +57,28 @@ impl Cpu {
     }
 }
 
+impl Cpu {
+    /// switchlab patch: a buffer of `numel` elements for a caller that overwrites every one of
+    /// them. One taken from the cache keeps its stale contents (initialised memory, not zeroed:
+    /// the fill is a full pass over the buffer, and the caller's write is another); a new one is
+    /// zeroed as usual.
+    pub(crate) fn try_alloc_for_overwrite<E: Unit>(
+        &self,
+        numel: usize,
+    ) -> Result<CachableVec<E>, CpuError> {
+        match self.cache.try_pop::<E>(numel) {
+            // SAFETY: as in `try_alloc_elem`: the cache hands back an allocation of exactly
+            // `numel` elements of `E`'s size and alignment that was a `Vec<E>` of length
+            // `numel`, so every element is initialised.
+            Some(allocation) => Ok(CachableVec {
+                data: unsafe { Vec::from_raw_parts(allocation.0 as *mut E, numel, numel) },
+                cache: self.cache.clone(),
+            }),
+            None => self.try_alloc_zeros(numel),
+        }
+    }
+}
+
 impl<E: Unit> ZerosTensor<E> for Cpu {
     fn try_zeros_like<S: HasShape>(&self, src: &S) -> Result<Tensor<S::Shape, E, Self>, Self::Err> {
         let shape = *src.shape();

@@ -1,0 +1,56 @@
+"""The PyTorch side of `switchlab bench pytorch`: trains HF transformers' T5 (one expert) or
+Switch Transformer on random tokens of the given shape and prints `RESULT tokens/s step_s`.
+
+Run by `switchlab bench pytorch`, which passes the engine's comparison shape and measures
+switchlab's engine on the same shape in the same run. Needs torch and transformers:
+    python3 -m venv .venv-torch && .venv-torch/bin/pip install torch transformers
+"""
+import argparse
+import time
+
+import torch
+from transformers import (SwitchTransformersConfig, SwitchTransformersForConditionalGeneration,
+                          T5Config, T5ForConditionalGeneration)
+
+p = argparse.ArgumentParser()
+for name in ["experts", "threads", "steps", "vocab", "encoder-len", "decoder-len", "batch", "d-model",
+             "d-ff", "d-kv", "heads", "layers"]:
+    p.add_argument("--" + name, type=int, required=True)
+p.add_argument("--capacity-factor", type=float, required=True)
+a = p.parse_args()
+
+torch.set_num_threads(a.threads)
+torch.manual_seed(0)
+shape = dict(vocab_size=a.vocab, d_model=a.d_model, d_ff=a.d_ff, d_kv=a.d_kv, num_heads=a.heads,
+             num_layers=a.layers, num_decoder_layers=a.layers, dropout_rate=0.0,
+             decoder_start_token_id=0)
+if a.experts == 1:
+    model = T5ForConditionalGeneration(T5Config(**shape, feed_forward_proj="relu"))
+else:
+    # HF counts capacity per sequence, in tokens: the encoder's share at this capacity factor.
+    capacity = max(1, round(a.capacity_factor * a.encoder_len / a.experts))
+    model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+        **shape, num_experts=a.experts, expert_capacity=capacity, num_sparse_encoder_layers=a.layers,
+        num_sparse_decoder_layers=a.layers, router_z_loss_coef=0.0, router_aux_loss_coef=0.01))
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.999), weight_decay=0.0)
+gen = torch.Generator().manual_seed(0)
+
+
+def step():
+    ids = torch.randint(0, a.vocab, (a.batch, a.encoder_len), generator=gen)
+    labels = torch.randint(0, a.vocab, (a.batch, a.decoder_len), generator=gen)
+    kwargs = {} if a.experts == 1 else {"output_router_logits": True}
+    loss = model(input_ids=ids, labels=labels, **kwargs).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+step()  # the first step allocates the optimizer's moments, as switchlab's bench does
+start = time.perf_counter()
+for _ in range(a.steps):
+    step()
+secs = time.perf_counter() - start
+print(f"RESULT {a.batch * (a.encoder_len + a.decoder_len) * a.steps / secs} {secs / a.steps}")
