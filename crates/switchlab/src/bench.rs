@@ -26,9 +26,9 @@ pub enum Bench {
     Engine {
         #[arg(long, default_value_t = 8)]
         steps: u64,
-        /// Dense and Switch runs of the shape alternate this many times; ratios are medians.
-        #[arg(long, default_value_t = 2)]
-        rounds: usize,
+        /// Switch ÷ dense: this many pairs of steps, dense and Switch alternating in one process.
+        #[arg(long, default_value_t = 16)]
+        pairs: u64,
     },
     /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
     /// engine benchmark's comparison shape, side by side (needs a Python with torch and
@@ -40,6 +40,20 @@ pub enum Bench {
         rounds: usize,
         #[arg(long, default_value = "python3")]
         python: PathBuf,
+    },
+    /// Switch ÷ dense ratios of `bench engine`, in their own process (used by `bench engine`).
+    #[command(hide = true)]
+    EnginePairs {
+        #[arg(long)]
+        experts: usize,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        pairs: u64,
+        #[arg(long)]
+        cache: String,
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
     },
     /// One run of `bench engine`, in its own process (used by `bench engine`).
     #[command(hide = true)]
@@ -150,7 +164,11 @@ pub fn run(what: Bench) -> anyhow::Result<()> {
             let machine = dfdx.max(engine);
             println!("model FLOPs/s (forward+backward ≈ 3 × forward) ÷ machine f32 matmul FLOPs/s ({:.1} GFLOP/s, 1024³, {cores} threads): {:.3}", machine / 1e9, model_flops / machine);
         }
-        Bench::Engine { steps, rounds } => crate::engine::run(steps, rounds)?,
+        Bench::Engine { steps, pairs } => crate::engine::run(steps, pairs)?,
+        Bench::EnginePairs { experts, threads, pairs, cache, optimizer } => {
+            let optimizer = crate::engine::optimizer_named(&optimizer)?;
+            crate::engine::run_pairs(experts, threads, pairs, cache == "on", optimizer)?
+        }
         Bench::Pytorch { steps, rounds, python } => crate::engine::pytorch(steps, rounds, &python)?,
         Bench::EngineRun { tiny, experts, threads, steps, cache, optimizer } => {
             let optimizer = crate::engine::optimizer_named(&optimizer)?;

@@ -167,6 +167,70 @@ pub fn run_one(
     Ok(())
 }
 
+/// Switch ÷ dense step times of the comparison shape, measured with a dense and a Switch model
+/// in this process, their steps alternating (dense, Switch, dense, …; one warm-up step each): each
+/// ratio compares two steps a second apart, so the drift of a shared machine's speed cancels.
+/// Prints `PAIRS r₁ r₂ …`.
+pub fn run_pairs(
+    num_experts: usize,
+    threads: usize,
+    pairs: u64,
+    cache: bool,
+    optimizer: OptimizerKind,
+) -> anyhow::Result<()> {
+    let configs = [config(false, 1, optimizer)?, config(false, num_experts, optimizer)?];
+    let ds = switch_runner::sweep::datasets(&[&configs[0].data], Path::new("results"))?;
+    let ds = ds.into_values().next().expect("dataset");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let ratios = pool.install(|| -> anyhow::Result<Vec<f64>> {
+        let cfg = &configs[0];
+        let batches: Vec<_> = (0..=pairs).map(|s| to_batch(ds.train_batch(0, s, cfg.train.batch_size), cfg)).collect();
+        let mut trainers = Vec::new();
+        for cfg in &configs {
+            let dev = Dev::default();
+            if cache {
+                dev.enable_cache();
+            }
+            let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
+            let mut opt = optimizer_for(cfg, &mut model);
+            train_step(&mut model, &mut opt, &batches[0], cfg, 0)?;
+            trainers.push((model, opt, cfg));
+        }
+        let mut ratios = Vec::new();
+        for (s, b) in batches.iter().enumerate().skip(1) {
+            let mut secs = [0.0; 2];
+            for (t, (model, opt, cfg)) in trainers.iter_mut().enumerate() {
+                let start = Instant::now();
+                train_step(model, opt, b, cfg, s as u64)?;
+                secs[t] = start.elapsed().as_secs_f64();
+            }
+            ratios.push(secs[1] / secs[0]);
+        }
+        Ok(ratios)
+    })?;
+    println!("PAIRS {}", ratios.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "));
+    Ok(())
+}
+
+/// Runs `run_pairs` in a child process with `engine`'s kernels: the Switch ÷ dense ratios.
+fn pair_child(num_experts: usize, pairs: u64, engine: Engine) -> anyhow::Result<Vec<f64>> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "engine-pairs", "--experts", &num_experts.to_string(), "--threads", "2"])
+        .args(["--pairs", &pairs.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
+        .args(["--optimizer", if engine.optimizer == OptimizerKind::Adafactor { "adafactor" } else { "adamw" }])
+        .env("RAYON_NUM_THREADS", "2")
+        .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ratios: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("PAIRS "))
+        .map(|r| r.split(' ').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    anyhow::ensure!(!ratios.is_empty(), "benchmark pair run failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    Ok(ratios)
+}
+
 /// Runs `run_one` in a child process, so that its peak memory and CPU times are its own.
 fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Engine) -> anyhow::Result<Measured> {
     let out = std::process::Command::new(std::env::current_exe()?)
@@ -252,16 +316,11 @@ fn step_bytes_per_param(optimizer: OptimizerKind) -> f64 {
     }
 }
 
-fn median(x: &[f64]) -> f64 {
+/// The `q` quantile of `x` (nearest rank).
+fn quantile(x: &[f64], q: f64) -> f64 {
     let mut x = x.to_vec();
     x.sort_by(f64::total_cmp);
-    x[x.len() / 2]
-}
-
-/// The run with the median step time.
-fn median_by_step(runs: &[Measured]) -> &Measured {
-    let step = median(&runs.iter().map(|m| m.step_s).collect::<Vec<_>>());
-    runs.iter().find(|m| m.step_s == step).expect("a run")
+    x[((x.len() - 1) as f64 * q).round() as usize]
 }
 
 fn mib(b: u64) -> f64 {
@@ -293,8 +352,8 @@ struct Engine {
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
 /// kernels, buffer cache on), with Adafactor instead of AdamW, without the fused kernels, and as
 /// plain dfdx (no cache), side by side; each run in its own process.
-pub fn run(steps: u64, rounds: usize) -> anyhow::Result<()> {
-    anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
+pub fn run(steps: u64, pairs: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(pairs >= 1, "--pairs must be at least 1");
     let (m2, m1) = (matmul_flops_per_s(2), matmul_flops_per_s(1));
     println!(
         "f32 matmul 1024³, GFLOP/s on 2 threads / 1 thread: dfdx 0.13 (gemm 0.15) {:.1} / {:.1}, the engine's (gemm 0.19) {:.1} / {:.1}",
@@ -308,7 +367,7 @@ pub fn run(steps: u64, rounds: usize) -> anyhow::Result<()> {
     println!("memory bandwidth (STREAM triad, 2 threads): {:.1} GB/s", bandwidth / 1e9);
     println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
-    println!("shape rows: the round with the median step time of {rounds}\n");
+    println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
     let adamw = OptimizerKind::Adamw;
     let engines = [
         Engine {
@@ -333,31 +392,22 @@ pub fn run(steps: u64, rounds: usize) -> anyhow::Result<()> {
     ];
     for engine in engines {
         println!("{}:", engine.name);
-        // Dense and Switch runs alternate, `rounds` times, and each ratio is read within one
-        // round: this machine's speed drifts by ±15% between minutes.
-        let sizes = [1, 8, 64];
-        let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); sizes.len()];
-        for _ in 0..rounds {
-            for (runs, &e) in runs.iter_mut().zip(&sizes) {
-                runs.push(child(false, e, 2, steps, engine)?);
-            }
-        }
-        let dense = &runs[0];
-        line("shape, dense", 2, median_by_step(dense), matmul2);
-        for (switch, e) in runs.iter().zip(sizes).skip(1) {
-            line(&format!("shape, Switch-{e} (every layer)"), 2, median_by_step(switch), matmul2);
-            let ratios: Vec<f64> = switch.iter().zip(dense).map(|(s, d)| s.step_s / d.step_s).collect();
+        let dense = child(false, 1, 2, steps, engine)?;
+        line("shape, dense", 2, &dense, matmul2);
+        for e in [8, 64] {
+            let switch = child(false, e, 2, steps, engine)?;
+            line(&format!("shape, Switch-{e} (every layer)"), 2, &switch, matmul2);
+            let ratios = pair_child(e, pairs, engine)?;
             // The extra parameters' memory traffic at the measured bandwidth: no kernel can
             // bring the ratio below this while every parameter is updated each step.
-            let extra = (switch[0].params - dense[0].params) as f64;
-            let floor = extra * step_bytes_per_param(engine.optimizer) / bandwidth;
-            let dense_step = median_by_step(dense).step_s;
+            let floor = (switch.params - dense.params) as f64 * step_bytes_per_param(engine.optimizer) / bandwidth;
             println!(
-                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token: {:.2}, median of {:?} (floor from the extra parameters' memory traffic: {:.2})",
+                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token, {pairs} step pairs interleaved in one process: median {:.2}, quartiles {:.2}–{:.2} (floor from the extra parameters' memory traffic: {:.2})",
                 "",
-                median(&ratios),
-                ratios.iter().map(|r| (r * 100.0).round() / 100.0).collect::<Vec<_>>(),
-                (dense_step + floor) / dense_step
+                quantile(&ratios, 0.5),
+                quantile(&ratios, 0.25),
+                quantile(&ratios, 0.75),
+                (dense.step_s + floor) / dense.step_s
             );
         }
         line("tiny preset, dense", 1, &child(true, 1, 1, steps, engine)?, matmul1);
@@ -412,12 +462,12 @@ pub fn pytorch(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
             "{name:<10} tokens/s switchlab {:?}, PyTorch {:?}: switchlab ÷ PyTorch speed {:.2}",
             runs.iter().map(|r| tokens(r.0)).collect::<Vec<_>>(),
             runs.iter().map(|r| tokens(r.1)).collect::<Vec<_>>(),
-            median(&runs.iter().map(|r| r.1 / r.0).collect::<Vec<_>>())
+            quantile(&runs.iter().map(|r| r.1 / r.0).collect::<Vec<_>>(), 0.5)
         );
     }
     for (runs, &e) in steps_s.iter().zip(&sizes).skip(1) {
         let ratio = |side: fn(&(f64, f64)) -> f64| {
-            median(&runs.iter().zip(&steps_s[0]).map(|(s, d)| side(s) / side(d)).collect::<Vec<_>>())
+            quantile(&runs.iter().zip(&steps_s[0]).map(|(s, d)| side(s) / side(d)).collect::<Vec<_>>(), 0.5)
         };
         println!("Switch-{e} ÷ dense step time: switchlab {:.2}, PyTorch {:.2}", ratio(|r| r.0), ratio(|r| r.1));
     }
