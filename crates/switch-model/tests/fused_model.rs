@@ -1,8 +1,9 @@
 //! A whole model, dense and Switch, with the fused kernels and with the plain dfdx ops: the same
 //! loss and the same gradient for every parameter, within float reordering. Alone in its test
-//! binary because it switches the process's kernels.
+//! binary because it switches the process's kernels, and poisons every buffer a fused kernel is
+//! to overwrite (outputs, gradients it writes first) with NaN: an element left unwritten shows.
 use dfdx::prelude::*;
-use switch_model::kernels::set_plain_kernels;
+use switch_model::kernels::{set_plain_kernels, set_poison_overwrites};
 use switch_model::nn::Ctx;
 use switch_model::{ModelConfig, SwitchTransformer};
 
@@ -12,7 +13,9 @@ use common::batch;
 /// Total loss and every parameter's gradient, by name.
 fn loss_and_grads(cfg: &ModelConfig, plain: bool) -> (f32, Vec<(String, Vec<f32>)>) {
     set_plain_kernels(plain);
+    set_poison_overwrites(true);
     let dev = Cpu::default();
+    dev.enable_cache(); // as training runs: buffers come back from the cache with stale values
     let mut model = SwitchTransformer::new(&dev, cfg, 7).unwrap();
     let encoder_len = if cfg.is_decoder_only() { 0 } else { 12 };
     let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg, 4, encoder_len, 6, 3), &mut Ctx::train(11));

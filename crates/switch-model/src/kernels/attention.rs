@@ -1,6 +1,6 @@
 //! Attention: softmax(q·kᵀ + bias)·v per example and head, with T5's relative-position bias
 //! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
-use super::{data, gemm_into, gemm_strided, softmax_row, with_output, Kernels};
+use super::{data, gemm_into, gemm_strided, softmax_row, with_overwritten_output, Kernels};
 use crate::nn::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -96,7 +96,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
     // keeps its order, so the result does not depend on the number of threads.
     let (q_rows, kv_rows, p_len) = (lq * hd, lk * hd, heads * lq * lk);
     let mut probs = vec![0f32; batch * p_len];
-    let out = with_output(&dev, (nq, hd), |y| {
+    let out = with_overwritten_output(&dev, (nq, hd), |y| {
         y.par_chunks_mut(q_rows).zip(probs.par_chunks_mut(p_len)).enumerate().for_each(|(b, (y, probs))| {
             let (q, k, v) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..]);
             for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {

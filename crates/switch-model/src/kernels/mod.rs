@@ -40,7 +40,9 @@ macro_rules! input_and_output_grads {
 macro_rules! input_for_overwrite_and_output_grads {
     ($grads:expr, $input:expr, $output:expr) => {{
         $grads.get_or_alloc_mut($output)?;
-        $grads.mut_for_overwrite_and_ref($input, $output)?
+        let (grad, accumulate, output) = $grads.mut_for_overwrite_and_ref($input, $output)?;
+        let grad = if accumulate { &mut grad[..] } else { crate::kernels::to_overwrite(grad) };
+        (grad, accumulate, output)
     }};
 }
 
@@ -209,6 +211,23 @@ pub fn set_plain_kernels(plain: bool) {
     PLAIN.store(plain as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
+static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// For tests: every buffer a kernel is to overwrite (an output, or a gradient it writes first)
+/// is filled with NaN before the kernel writes it, for the rest of this process, so an element
+/// the kernel leaves unwritten shows up in the results instead of a stale value.
+pub fn set_poison_overwrites(on: bool) {
+    POISON.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A buffer about to be overwritten: poisoned under [`set_poison_overwrites`], else as it is.
+pub(crate) fn to_overwrite(buf: &mut [f32]) -> &mut [f32] {
+    if POISON.load(std::sync::atomic::Ordering::Relaxed) {
+        buf.fill(f32::NAN);
+    }
+    buf
+}
+
 /// RMSNorm as dfdx ops (the reference): square, mean, +ε, √, 1/·, two broadcasts, two products.
 pub fn rms_norm_plain<D: Device<f32>, T: Tp<D>>(x: Act<D, T>, w: &Param<D>) -> Act<D, T> {
     let shape = *x.shape();
@@ -223,6 +242,18 @@ pub fn rms_norm_plain<D: Device<f32>, T: Tp<D>>(x: Act<D, T>, w: &Param<D>) -> A
 pub(crate) fn with_output<S: Shape>(dev: &Cpu, shape: S, fill: impl FnOnce(&mut [f32])) -> Tensor<S, f32, Cpu> {
     let mut out = dev.zeros_like(&shape);
     fill(out.host_slice_mut());
+    out
+}
+
+/// [`with_output`] for a `fill` that writes every element: the buffer is not zero-filled first
+/// (the patched dfdx's `Cpu::try_tensor_for_overwrite`; one taken from the cache holds stale values).
+pub(crate) fn with_overwritten_output<S: Shape>(
+    dev: &Cpu,
+    shape: S,
+    fill: impl FnOnce(&mut [f32]),
+) -> Tensor<S, f32, Cpu> {
+    let mut out = dev.try_tensor_for_overwrite(shape).expect("out of memory for a kernel's output");
+    fill(to_overwrite(out.host_slice_mut()));
     out
 }
 
@@ -242,7 +273,7 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let mut inv = vec![0f32; n];
-    let out = with_output(&dev, (n, d), |y| {
+    let out = with_overwritten_output(&dev, (n, d), |y| {
         let ws = data(w);
         for ((row, out), r) in data(&x).chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
             *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
@@ -377,7 +408,7 @@ pub fn param_matmul_fused<T: Tp<Cpu>>(x: Act3<Cpu, T>, w: &Param<Cpu>, layout: S
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let (w_rs, w_cs) = layout.strides();
-    let out = with_output(&dev, (e, c, m), |y| {
+    let out = with_overwritten_output(&dev, (e, c, m), |y| {
         let (xs, ws) = (data(&x), data(w));
         by_blocks(y, e, (c, m), |i, r0, y| {
             let (xi, wi) = (&xs[(i * c + r0) * k..], &ws[i * k * m..]);

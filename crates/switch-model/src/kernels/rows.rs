@@ -15,7 +15,7 @@
 //! let gate = dev.tensor_from_vec(vec![0.5f32, 0.9], (2usize,));
 //! assert_eq!(combine_fused(x, gate, &[Some(1), None]).as_vec(), vec![1.5, 2.0, 0.0, 0.0]);
 //! ```
-use super::{data, with_output, Kernels};
+use super::{data, with_output, with_overwritten_output, Kernels};
 use crate::nn::{device_tensor, Act, Tp};
 use dfdx::prelude::*;
 
@@ -32,7 +32,7 @@ pub fn gather_rows_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, rows: &[usize]) -> Act<Cpu,
     assert!(rows.iter().all(|&r| r < n), "gather_rows: an index is outside the {n} rows");
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
-    let out = with_output(&dev, (rows.len(), d), |y| {
+    let out = with_overwritten_output(&dev, (rows.len(), d), |y| {
         let xs = data(&x);
         y.chunks_exact_mut(d).zip(rows).for_each(|(y, &r)| y.copy_from_slice(&xs[r * d..(r + 1) * d]));
     });
@@ -119,7 +119,7 @@ pub fn mul_constant_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>, c: &[
     assert_eq!(c.len(), shape.num_elements(), "mul_constant: the constant has {} values for {shape:?}", c.len());
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
-    let out = with_output(&dev, shape, |y| {
+    let out = with_overwritten_output(&dev, shape, |y| {
         y.iter_mut().zip(data(&x)).zip(c).for_each(|((y, x), c)| *y = x * c);
     });
     let c = c.to_vec();

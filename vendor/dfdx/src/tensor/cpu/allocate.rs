@@ -77,6 +77,23 @@ impl Cpu {
             None => self.try_alloc_zeros(numel),
         }
     }
+
+    /// switchlab patch: a tensor of `shape` for a caller that writes every element of it: its
+    /// buffer, when it comes from the cache, keeps stale contents (see `try_alloc_for_overwrite`).
+    pub fn try_tensor_for_overwrite<S: Shape, E: Unit>(
+        &self,
+        shape: S,
+    ) -> Result<Tensor<S, E, Self>, CpuError> {
+        let data = self.try_alloc_for_overwrite::<E>(shape.num_elements())?;
+        Ok(Tensor {
+            id: unique_id(),
+            data: Arc::new(data),
+            shape,
+            strides: shape.strides(),
+            device: self.clone(),
+            tape: Default::default(),
+        })
+    }
 }
 
 impl<E: Unit> ZerosTensor<E> for Cpu {
