@@ -155,12 +155,21 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let moments = |((gb, vr), vc): ((&[f32], &mut [f32]), &mut [f32])| {
         let mut col_sums = vec![0f64; cols];
         for (r, row) in gb.chunks_exact(cols).enumerate() {
-            let mut row_sum = 0f64;
-            for (c, &x) in row.iter().enumerate() {
-                let sq = (x * grad_scale) * (x * grad_scale) + EPS1;
-                row_sum += sq as f64;
-                col_sums[c] += sq as f64;
+            let sq = |x: f32| ((x * grad_scale) * (x * grad_scale) + EPS1) as f64;
+            // The row sum in eight interleaved partial sums (see `sum_of_squares`).
+            let mut lanes = [0f64; 8];
+            let (mut xs, mut cs) = (row.chunks_exact(8), col_sums.chunks_exact_mut(8));
+            for (x8, c8) in (&mut xs).zip(&mut cs) {
+                for ((lane, c), &x) in lanes.iter_mut().zip(c8).zip(x8) {
+                    *lane += sq(x);
+                    *c += sq(x);
+                }
             }
+            for (&x, c) in xs.remainder().iter().zip(cs.into_remainder()) {
+                lanes[0] += sq(x);
+                *c += sq(x);
+            }
+            let row_sum: f64 = lanes.iter().sum();
             vr[r] = decay * vr[r] + mix * (row_sum / cols as f64) as f32;
         }
         for (vc, s) in vc.iter_mut().zip(col_sums) {
@@ -192,10 +201,18 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
         let mut sum = 0f64;
         for (k, g) in g.chunks_exact(cols).enumerate() {
             let (rf, cf) = factors(b * block / cols + k);
-            for (&x, &c) in g.iter().zip(cf) {
-                let u = x * grad_scale * (rf * c);
-                sum += (u as f64) * (u as f64);
+            let u_sq = |x: f32, c: f32| (x * grad_scale * (rf * c)) as f64 * (x * grad_scale * (rf * c)) as f64;
+            let mut lanes = [0f64; 8];
+            let (mut xs, mut cs) = (g.chunks_exact(8), cf.chunks_exact(8));
+            for (x8, c8) in (&mut xs).zip(&mut cs) {
+                for ((lane, &c), &x) in lanes.iter_mut().zip(c8).zip(x8) {
+                    *lane += u_sq(x, c);
+                }
             }
+            for (&x, &c) in xs.remainder().iter().zip(cs.remainder()) {
+                lanes[0] += u_sq(x, c);
+            }
+            sum += lanes.iter().sum::<f64>();
         }
         sum
     });
