@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
 use switch_model::kernels::{param_matmul_fused, Stacked};
-use switch_model::{ModelConfig, SwitchTransformer};
+use switch_model::{Batch, ModelConfig, SwitchTransformer};
 use switch_runner::config::OptimizerKind;
-use switch_runner::train::{optimizer_for, to_batch, train_step, Dev};
+use switch_runner::train::{optimizer_for, to_batch, train_step, Dev, OptimizerState};
 use switch_runner::RunConfig;
 
 /// The comparison shape: d_model 256, d_ff 1024, 4 heads of 64, 2+2 layers, byte vocabulary,
@@ -52,6 +52,12 @@ fn status_bytes(field: &str) -> u64 {
     kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
 }
 
+/// The numbers on the first line of a child's output that starts with `prefix` (none if no line does).
+fn numbers_after(out: &str, prefix: &str) -> Vec<f64> {
+    let line = out.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or("");
+    line.split(' ').filter_map(|x| x.parse().ok()).collect()
+}
+
 /// What one measured run printed (its own process, so its peak memory is its own).
 #[derive(Clone)]
 struct Measured {
@@ -80,8 +86,7 @@ impl Measured {
         )
     }
     fn parse(out: &str) -> Option<Self> {
-        let f: Vec<f64> =
-            out.lines().find_map(|l| l.strip_prefix("RESULT "))?.split(' ').filter_map(|x| x.parse().ok()).collect();
+        let f = numbers_after(out, "RESULT ");
         (f.len() == 7).then(|| Measured {
             tokens_per_s: f[0],
             step_s: f[1],
@@ -94,19 +99,26 @@ impl Measured {
     }
 }
 
+/// A model of `cfg` and its optimizer on a new device (dfdx's buffer cache on or off), after one
+/// warm-up step on `first` (which allocates the optimizer's moments and fills the cache).
+fn warmed_up(cfg: &RunConfig, first: &Batch, cache: bool) -> anyhow::Result<(SwitchTransformer<Dev>, OptimizerState)> {
+    let dev = Dev::default();
+    if cache {
+        dev.enable_cache();
+    }
+    let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
+    let mut opt = optimizer_for(cfg, &mut model);
+    train_step(&mut model, &mut opt, first, cfg, 0)?;
+    Ok((model, opt))
+}
+
 /// Trains `steps` real steps of `cfg` (after one warm-up step) on `threads` threads.
 fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: bool) -> anyhow::Result<Measured> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     pool.install(|| {
         let batches: Vec<_> = (0..=steps).map(|s| to_batch(ds.train_batch(0, s, cfg.train.batch_size), cfg)).collect();
         let base_rss = status_bytes("VmRSS");
-        let dev = Dev::default();
-        if cache {
-            dev.enable_cache();
-        }
-        let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
-        let mut opt = optimizer_for(cfg, &mut model);
-        train_step(&mut model, &mut opt, &batches[0], cfg, 0)?;
+        let (mut model, mut opt) = warmed_up(cfg, &batches[0], cache)?;
         let (u0, s0) = cpu_times();
         let t = Instant::now();
         for (s, b) in batches.iter().enumerate().skip(1) {
@@ -187,13 +199,7 @@ pub fn run_pairs(
         let batches: Vec<_> = (0..=pairs).map(|s| to_batch(ds.train_batch(0, s, cfg.train.batch_size), cfg)).collect();
         let mut trainers = Vec::new();
         for cfg in &configs {
-            let dev = Dev::default();
-            if cache {
-                dev.enable_cache();
-            }
-            let mut model = SwitchTransformer::new(&dev, &cfg.model, 0)?;
-            let mut opt = optimizer_for(cfg, &mut model);
-            train_step(&mut model, &mut opt, &batches[0], cfg, 0)?;
+            let (model, opt) = warmed_up(cfg, &batches[0], cache)?;
             trainers.push((model, opt, cfg));
         }
         let mut ratios = Vec::new();
@@ -222,11 +228,7 @@ fn pair_child(num_experts: usize, pairs: u64, engine: Engine) -> anyhow::Result<
         .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let ratios: Vec<f64> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("PAIRS "))
-        .map(|r| r.split(' ').filter_map(|x| x.parse().ok()).collect())
-        .unwrap_or_default();
+    let ratios = numbers_after(&text, "PAIRS ");
     anyhow::ensure!(!ratios.is_empty(), "benchmark pair run failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     Ok(ratios)
 }
@@ -499,12 +501,7 @@ fn pytorch_child(python: &Path, script: &Path, experts: usize, steps: u64) -> an
     }
     let out = cmd.args(["--capacity-factor", &m.capacity_factor.to_string()]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let fields: Vec<f64> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .map(|r| r.split(' ').filter_map(|x| x.parse().ok()).collect())
-        .unwrap_or_default();
-    match fields[..] {
+    match numbers_after(&text, "RESULT ")[..] {
         [_tokens_per_s, step_s] => Ok(step_s),
         _ => anyhow::bail!("PyTorch run failed: {text}{}", String::from_utf8_lossy(&out.stderr)),
     }
