@@ -7,6 +7,7 @@
 //! to the same numbers as an uninterrupted one.
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
+use crate::optim::sum_of_squares;
 use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status};
 use dfdx::prelude::*;
 use std::io::Write;
@@ -17,7 +18,6 @@ use switch_model::nn::Ctx;
 use switch_model::{Batch, SwitchTransformer};
 
 pub type Dev = Cpu;
-use crate::optim::sum_of_squares;
 pub use crate::optim::OptimizerState;
 
 /// The model's batch of a data example.
