@@ -115,17 +115,21 @@ fn chunked_sum<T: Sync>(x: &[T], chunk: usize, f: impl Fn(&[T]) -> f64 + Sync) -
 /// chunks summed in eight interleaved lanes, which the compiler vectorises (one running sum would
 /// wait on every addition).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    chunked_sum(x, CHUNK, |x| {
-        let mut lanes = [0f64; 8];
-        let chunks = x.chunks_exact(8);
-        let rest: f64 = chunks.remainder().iter().map(|&v| (v as f64) * (v as f64)).sum();
-        for c in chunks {
-            for (lane, &v) in lanes.iter_mut().zip(c) {
-                *lane += (v as f64) * (v as f64);
-            }
+    chunked_sum(x, CHUNK, |x| lane_sum(x, x, |v, _| (v as f64) * (v as f64)))
+}
+
+/// Σ term(a[i], b[i]) in f64, in eight interleaved partial sums (the rest of the last eight
+/// summed apart and added at the end).
+fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f64 = xs.remainder().iter().zip(ys.remainder()).map(|(&x, &y)| term(x, y)).sum();
+    for (x8, y8) in xs.zip(ys) {
+        for ((lane, &x), &y) in lanes.iter_mut().zip(x8).zip(y8) {
+            *lane += term(x, y);
         }
-        lanes.iter().sum::<f64>() + rest
-    })
+    }
+    lanes.iter().sum::<f64>() + rest
 }
 
 /// Root mean square of `x`, summed in f64.
@@ -156,7 +160,7 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
         let mut col_sums = vec![0f64; cols];
         for (r, row) in gb.chunks_exact(cols).enumerate() {
             let sq = |x: f32| ((x * grad_scale) * (x * grad_scale) + EPS1) as f64;
-            // The row sum in eight interleaved partial sums (see `sum_of_squares`).
+            // The row sum in eight interleaved partial sums (as `lane_sum`), the column sums beside it.
             let mut lanes = [0f64; 8];
             let (mut xs, mut cs) = (row.chunks_exact(8), col_sums.chunks_exact_mut(8));
             for (x8, c8) in (&mut xs).zip(&mut cs) {
@@ -201,18 +205,7 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
         let mut sum = 0f64;
         for (k, g) in g.chunks_exact(cols).enumerate() {
             let (rf, cf) = factors(b * block / cols + k);
-            let u_sq = |x: f32, c: f32| (x * grad_scale * (rf * c)) as f64 * (x * grad_scale * (rf * c)) as f64;
-            let mut lanes = [0f64; 8];
-            let (mut xs, mut cs) = (g.chunks_exact(8), cf.chunks_exact(8));
-            for (x8, c8) in (&mut xs).zip(&mut cs) {
-                for ((lane, &c), &x) in lanes.iter_mut().zip(c8).zip(x8) {
-                    *lane += u_sq(x, c);
-                }
-            }
-            for (&x, &c) in xs.remainder().iter().zip(cs.remainder()) {
-                lanes[0] += u_sq(x, c);
-            }
-            sum += lanes.iter().sum::<f64>();
+            sum += lane_sum(g, cf, |x, c| (x * grad_scale * (rf * c)) as f64 * (x * grad_scale * (rf * c)) as f64);
         }
         sum
     });
