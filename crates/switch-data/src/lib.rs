@@ -2,9 +2,11 @@
 //! (T5 span corruption, the paper's objective, or a prefix LM).
 //!
 //! A [`Dataset`] is built once per config from a corpus (the embedded default or a user path): each
-//! source is cut into chunks of about [`CHUNK_CHARS`] characters at line ends, an evenly spaced
-//! `held_out_fraction` of every source's chunks forms the held-out split, and the rest the
-//! training stream. Training batches are a pure function of `(seed, step)`, so a resumed run
+//! source is cut into chunks of about [`CHUNK_CHARS`] characters at line ends; two disjoint, evenly
+//! spaced sets of `held_out_fraction` of every source's chunks form the validation and the test
+//! split ([`split_of`]), and the rest the training stream. Training reads only the training
+//! stream; evaluations during training read validation; the test split is scored once, at the
+//! end of a run. Training batches are a pure function of `(seed, step)`, so a resumed run
 //! reads exactly the batches it would have read, and the data position is just the step.
 pub mod corpus;
 pub mod span;
@@ -85,8 +87,9 @@ pub struct DataConfig {
     pub encoder_len: usize,
     pub noise_density: f64,
     pub mean_noise_span_len: f64,
+    /// Fraction of every source's chunks in the validation split, and again in the test split.
     pub held_out_fraction: f64,
-    /// Held-out examples used by each evaluation.
+    /// Examples of each evaluation (validation during training, test at the end).
     pub eval_examples: usize,
 }
 
@@ -173,11 +176,11 @@ impl DataConfig {
                 format!("use at least {}", tokenizer::byte_vocab_size(self.num_sentinels)),
             ));
         }
-        if !(self.held_out_fraction > 0.0 && self.held_out_fraction < 0.5) {
+        if !(self.held_out_fraction > 0.0 && self.held_out_fraction <= 0.25) {
             return Err(DataError::new(
                 "data.held_out_fraction",
                 format!("= {}", self.held_out_fraction),
-                "use a value in (0, 0.5)",
+                "use a value in (0, 0.25] (validation and test each take this fraction)",
             ));
         }
         if self.eval_examples == 0 {
@@ -209,11 +212,33 @@ fn chunks(text: &str) -> Vec<&str> {
     out
 }
 
-/// Whether chunk `i` is held out: evenly spaced, about `fraction` of each source, the first
-/// one in the middle of its stride.
-pub fn is_held_out(i: usize, fraction: f64) -> bool {
-    let f = |x: f64| (x * fraction + 0.5).floor();
+/// The three disjoint splits of every corpus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    /// Read by every evaluation during training and by every choice of settings.
+    Validation,
+    /// Scored once, at the end of a run; nothing is chosen on it.
+    Test,
+}
+
+/// Whether `x` crosses an evenly spaced mark of density `fraction` at `phase` in (i, i + 1].
+fn crosses(i: usize, fraction: f64, phase: f64) -> bool {
+    let f = |x: f64| (x * fraction + phase).floor();
     f((i + 1) as f64) > f(i as f64)
+}
+
+/// The split of chunk `i` of a source: validation and test chunks are each an evenly spaced
+/// `fraction` of the source (validation at the middle of each stride of 1 / `fraction` chunks,
+/// test a quarter stride later), the rest is training text. Disjoint for `fraction` ≤ 1/4.
+pub fn split_of(i: usize, fraction: f64) -> Split {
+    if crosses(i, fraction, 0.5) {
+        Split::Validation
+    } else if crosses(i, fraction, 0.25) {
+        Split::Test
+    } else {
+        Split::Train
+    }
 }
 
 /// FNV-1a, 64 bit: a stable hash for cache keys and run ids (the same on every machine).
@@ -228,9 +253,10 @@ pub struct Dataset {
     /// The span-corruption setting; `None` for the prefix and causal LMs.
     pub spans: Option<SpanCorruption>,
     pub train_tokens: Vec<u32>,
-    pub held_out_tokens: Vec<u32>,
-    /// (source name, chunks, of which held out): for reports and tests.
-    pub split_summary: Vec<(String, usize, usize)>,
+    pub validation_tokens: Vec<u32>,
+    pub test_tokens: Vec<u32>,
+    /// (source name, chunks, of which validation, of which test): for reports and tests.
+    pub split_summary: Vec<(String, usize, usize, usize)>,
     eval_examples: usize,
 }
 
@@ -245,34 +271,32 @@ impl Dataset {
         };
         let sources = if cfg.corpus == "default" { corpus::embedded() } else { corpus::load(Path::new(&cfg.corpus))? };
 
-        let mut train_text: Vec<&str> = Vec::new();
-        let mut held_text: Vec<&str> = Vec::new();
+        let mut texts: [Vec<&str>; 3] = Default::default();
         let mut split_summary = Vec::new();
         for s in &sources {
             let cs = chunks(&s.text);
-            let held = (0..cs.len()).filter(|&i| is_held_out(i, cfg.held_out_fraction)).count();
-            split_summary.push((s.name.clone(), cs.len(), held));
+            let count = |want| (0..cs.len()).filter(|&i| split_of(i, cfg.held_out_fraction) == want).count();
+            split_summary.push((s.name.clone(), cs.len(), count(Split::Validation), count(Split::Test)));
             for (i, c) in cs.into_iter().enumerate() {
-                if is_held_out(i, cfg.held_out_fraction) {
-                    held_text.push(c)
-                } else {
-                    train_text.push(c)
-                }
+                texts[split_of(i, cfg.held_out_fraction) as usize].push(c);
             }
         }
+        let [train_text, validation_text, test_text] = texts;
         // A token covers at least one byte, so text shorter than the split needs in tokens cannot
         // fill it: refuse before training a tokenizer or writing the cache.
         let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
-        let held_bytes: usize = held_text.iter().map(|t| t.len()).sum();
-        if held_bytes < cfg.eval_examples * lengths.raw {
-            return Err(DataError::new(
-                &what,
-                format!(
-                    "gives a held-out split of {held_bytes} bytes; {} examples of {} raw tokens need more",
-                    cfg.eval_examples, lengths.raw
-                ),
-                "add text, raise data.held_out_fraction or lower data.eval_examples",
-            ));
+        for (name, text) in [("validation", &validation_text), ("test", &test_text)] {
+            let bytes: usize = text.iter().map(|t| t.len()).sum();
+            if bytes < cfg.eval_examples * lengths.raw {
+                return Err(DataError::new(
+                    &what,
+                    format!(
+                        "gives a {name} split of {bytes} bytes; {} examples of {} raw tokens need more",
+                        cfg.eval_examples, lengths.raw
+                    ),
+                    "add text, raise data.held_out_fraction or lower data.eval_examples",
+                ));
+            }
         }
         let corpus_hash =
             sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
@@ -280,7 +304,7 @@ impl Dataset {
             "{:016x}",
             fnv1a(
                 format!(
-                    "{corpus_hash}-{:?}-{}-{}-{}-{}",
+                    "{corpus_hash}-{:?}-{}-{}-{}-{}-train/validation/test",
                     cfg.tokenizer, cfg.vocab_size, cfg.num_sentinels, CHUNK_CHARS, cfg.held_out_fraction
                 )
                 .as_bytes()
@@ -289,7 +313,9 @@ impl Dataset {
         let dir: PathBuf = cache_dir.join(format!("data-{key}"));
         let vocab = Vocab::load_or_train(cfg, &dir, &train_text)?;
         let train_tokens = tokenizer::cached_ids(&dir.join("train.u32"), || vocab.encode_chunks(&train_text))?;
-        let held_out_tokens = tokenizer::cached_ids(&dir.join("held_out.u32"), || vocab.encode_chunks(&held_text))?;
+        let validation_tokens =
+            tokenizer::cached_ids(&dir.join("validation.u32"), || vocab.encode_chunks(&validation_text))?;
+        let test_tokens = tokenizer::cached_ids(&dir.join("test.u32"), || vocab.encode_chunks(&test_text))?;
 
         if train_tokens.len() < lengths.raw * 8 {
             return Err(DataError::new(
@@ -303,24 +329,27 @@ impl Dataset {
             ));
         }
         let needed = cfg.eval_examples * lengths.raw;
-        if held_out_tokens.len() < needed {
-            return Err(DataError::new(
-                &what,
-                format!(
-                    "gives a held-out split of {} tokens; {} examples of {} raw tokens need {needed}",
-                    held_out_tokens.len(),
-                    cfg.eval_examples,
-                    lengths.raw
-                ),
-                "add text, raise data.held_out_fraction or lower data.eval_examples",
-            ));
+        for (name, tokens) in [("validation", &validation_tokens), ("test", &test_tokens)] {
+            if tokens.len() < needed {
+                return Err(DataError::new(
+                    &what,
+                    format!(
+                        "gives a {name} split of {} tokens; {} examples of {} raw tokens need {needed}",
+                        tokens.len(),
+                        cfg.eval_examples,
+                        lengths.raw
+                    ),
+                    "add text, raise data.held_out_fraction or lower data.eval_examples",
+                ));
+            }
         }
         Ok(Self {
             vocab,
             lengths,
             spans,
             train_tokens,
-            held_out_tokens,
+            validation_tokens,
+            test_tokens,
             split_summary,
             eval_examples: cfg.eval_examples,
         })
@@ -352,17 +381,23 @@ impl Dataset {
         Example::stack(examples)
     }
 
-    /// The held-out examples: evenly spaced, non-overlapping windows with fixed noise masks,
-    /// the same for every run and seed of a sweep; split into batches of `batch_size`.
-    pub fn eval_batches(&self, batch_size: usize) -> Vec<Example> {
+    /// The examples of a held-out split ([`Split::Validation`] or [`Split::Test`]): evenly
+    /// spaced, non-overlapping windows with fixed noise masks, the same for every run and seed;
+    /// split into batches of `batch_size`.
+    pub fn eval_batches(&self, split: Split, batch_size: usize) -> Vec<Example> {
+        let (tokens, salt): (&[u32], &[u8]) = match split {
+            Split::Validation => (&self.validation_tokens, b"held-out"),
+            Split::Test => (&self.test_tokens, b"test"),
+            Split::Train => panic!("eval_batches reads a held-out split, not the training stream"),
+        };
         let raw = self.lengths.raw;
         let n = self.eval_examples;
-        let stride = (self.held_out_tokens.len() - raw) / n.max(2).saturating_sub(1).max(1);
-        let mut rng = StdRng::seed_from_u64(fnv1a(b"held-out"));
+        let stride = (tokens.len() - raw) / n.max(2).saturating_sub(1).max(1);
+        let mut rng = StdRng::seed_from_u64(fnv1a(salt));
         let examples: Vec<_> = (0..n)
             .map(|j| {
-                let s = (j * stride).min(self.held_out_tokens.len() - raw);
-                self.example(&self.held_out_tokens[s..s + raw], &mut rng)
+                let s = (j * stride).min(tokens.len() - raw);
+                self.example(&tokens[s..s + raw], &mut rng)
             })
             .collect();
         examples.chunks(batch_size).map(|c| Example::stack(c.to_vec())).collect()

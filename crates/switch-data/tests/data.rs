@@ -1,7 +1,7 @@
 use rand::{rngs::StdRng, SeedableRng};
 use std::collections::HashSet;
 use switch_data::span::SpanCorruption;
-use switch_data::{DataConfig, Dataset, Objective, TokenizerKind, Vocab};
+use switch_data::{split_of, DataConfig, Dataset, Objective, Split, TokenizerKind, Vocab};
 
 const SENTINELS: [u32; 60] = {
     let mut s = [0u32; 60];
@@ -82,22 +82,50 @@ fn lines(text: &str) -> HashSet<String> {
 }
 
 #[test]
-fn held_out_split_is_disjoint_and_covers_every_source() {
+fn split_of_gives_two_disjoint_evenly_spaced_held_out_sets() {
+    for fraction in [0.02, 0.05, 0.1, 0.25] {
+        let splits: Vec<Split> = (0..4000).map(|i| split_of(i, fraction)).collect();
+        let count = |s| splits.iter().filter(|&&x| x == s).count() as f64;
+        for s in [Split::Validation, Split::Test] {
+            assert!((count(s) / 4000.0 - fraction).abs() < 0.002, "{s:?} at {fraction}: {}", count(s));
+        }
+    }
+    // At 2%: validation chunks 24, 74, …; test chunks 37, 87, …
+    let at = |s| (0..100).filter(|&i| split_of(i, 0.02) == s).collect::<Vec<_>>();
+    assert_eq!((at(Split::Validation), at(Split::Test)), (vec![24, 74], vec![37, 87]));
+}
+
+#[test]
+fn the_three_splits_are_disjoint_and_cover_every_source() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = corpus_dir(tmp.path());
     let ds = Dataset::build(&cfg(&corpus, TokenizerKind::Byte), &tmp.path().join("cache")).unwrap();
     let train = lines(&ds.vocab.decode(&ds.train_tokens));
-    let held = lines(&ds.vocab.decode(&ds.held_out_tokens));
-    assert!(!held.is_empty() && train.len() > 10 * held.len());
-    assert!(train.is_disjoint(&held), "a held-out line is also in the training split");
+    let held = lines(&ds.vocab.decode(&ds.validation_tokens));
+    let test = lines(&ds.vocab.decode(&ds.test_tokens));
+    assert!(!held.is_empty() && !test.is_empty() && train.len() > 10 * held.len());
+    assert!(train.is_disjoint(&held), "a validation line is also in the training split");
+    assert!(train.is_disjoint(&test), "a test line is also in the training split");
+    assert!(held.is_disjoint(&test), "a test line is also in the validation split");
     for source in ["alpha", "beta"] {
-        assert!(held.iter().any(|l| l.starts_with(source)), "no held-out text from {source}");
+        assert!(held.iter().any(|l| l.starts_with(source)), "no validation text from {source}");
+        assert!(test.iter().any(|l| l.starts_with(source)), "no test text from {source}");
     }
-    assert!(ds.split_summary.iter().all(|(_, chunks, held)| *held > 0 && held < chunks));
+    assert!(ds.split_summary.iter().all(|(_, chunks, v, t)| *v > 0 && *t > 0 && v + t < *chunks));
+    // Training batches never read a test line: every line a batch names is a training line.
+    for step in 0..50 {
+        let batch = ds.train_batch(0, step, 8);
+        let text = ds.vocab.decode(&batch.encoder_ids.iter().map(|&t| t as u32).collect::<Vec<_>>());
+        let named: Vec<&str> = text.lines().filter(|l| l.len() > 40 && l.ends_with("dog")).collect();
+        assert!(named.iter().all(|l| !test.contains(*l) && !held.contains(*l)), "step {step} read held-out text");
+    }
+    // The test examples come from the test text, and differ from validation's.
+    let test_eval = ds.eval_batches(Split::Test, 8);
+    assert_ne!(test_eval, ds.eval_batches(Split::Validation, 8));
     // Evaluation examples come from the held-out text only, and are the same every time.
-    let eval = ds.eval_batches(8);
+    let eval = ds.eval_batches(Split::Validation, 8);
     assert_eq!(eval.len(), 4);
-    assert_eq!(eval, ds.eval_batches(8));
+    assert_eq!(eval, ds.eval_batches(Split::Validation, 8));
     // Every uncorrupted run of an evaluation input that names a line names a held-out line.
     let mut named = 0;
     for batch in &eval {
@@ -167,7 +195,7 @@ fn bad_corpora_get_clear_errors() {
     check(&latin1, "not UTF-8");
     let small = tmp.path().join("small.txt");
     std::fs::write(&small, "a short text\n".repeat(50)).unwrap();
-    check(&small, "held-out split");
+    check(&small, "validation split");
     assert!(!cache.exists(), "a refused corpus writes nothing to the cache");
     let jsonl = tmp.path().join("bad.jsonl");
     std::fs::write(&jsonl, "{\"body\": \"x\"}\n").unwrap();
@@ -195,8 +223,12 @@ fn prefix_lm_predicts_the_continuation_of_its_window() {
     let ds = Dataset::build(&c, &tmp.path().join("cache")).unwrap();
     assert_eq!((ds.lengths.raw, ds.lengths.encoder, ds.lengths.decoder), (128, 64, 64));
     let stream = |ids: &[u32]| ids.iter().map(|&t| t as usize).collect::<Vec<_>>();
-    let (train, held) = (stream(&ds.train_tokens), stream(&ds.held_out_tokens));
-    for (batch, text) in [(ds.train_batch(3, 7, 4), &train), (ds.eval_batches(8)[1].clone(), &held)] {
+    let (train, held, test) = (stream(&ds.train_tokens), stream(&ds.validation_tokens), stream(&ds.test_tokens));
+    for (batch, text) in [
+        (ds.train_batch(3, 7, 4), &train),
+        (ds.eval_batches(Split::Validation, 8)[1].clone(), &held),
+        (ds.eval_batches(Split::Test, 8)[1].clone(), &test),
+    ] {
         for e in 0..batch.batch_size {
             let (inputs, targets) = (&batch.encoder_ids[e * 64..][..64], &batch.targets[e * 64..][..64]);
             // The prefix and its continuation are one contiguous window of the split's text.
@@ -233,6 +265,6 @@ fn causal_lm_predicts_every_token_of_its_window() {
         assert_eq!(decoder_inputs[0], Vocab::PAD as usize);
         assert_eq!(decoder_inputs[1..], targets[..127]);
     }
-    assert_eq!(ds.eval_batches(8)[0].targets.len(), 8 * 128);
+    assert_eq!(ds.eval_batches(Split::Validation, 8)[0].targets.len(), 8 * 128);
     assert!(serde_json::to_string(&c).unwrap().contains(r#""objective":"causal_lm""#));
 }
