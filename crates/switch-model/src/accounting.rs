@@ -14,7 +14,9 @@
 //! - a decoder-only model (`num_encoder_layers: 0`, Lₑ = 0) has no cross-attention terms
 //!
 //! FLOPs per token = FLOPs per example ÷ (Lₑ + L_d). Capacity-factor padding is not counted: it
-//! is slack in the implementation, not work the algorithm asks for.
+//! is slack in the implementation, not work the algorithm asks for. That is the paper's
+//! convention, and the match rule of grids; [`ModelConfig::computed_flops_per_token`] counts
+//! what the engine actually computes (the router, and every capacity slot of every expert).
 use crate::config::{Activation, ModelConfig};
 use serde::Serialize;
 
@@ -87,6 +89,26 @@ impl ModelConfig {
             flops_per_token: flops / tokens,
             router_flops_per_token: router_flops / tokens,
         }
+    }
+}
+
+impl ModelConfig {
+    /// Forward FLOPs per token as the engine computes them in training, at routing groups of
+    /// `batch` examples (`group_size` when set): the convention's count plus the router, with
+    /// each sparse layer's `top_k` expert FFNs per token replaced by all of its experts' capacity
+    /// slots, filled or not. Switch-8 at capacity factor 2.0 computes twice the expert FLOPs of
+    /// 1.0, which the convention reports as equal.
+    pub fn computed_flops_per_token(&self, encoder_len: usize, decoder_len: usize, batch: usize) -> f64 {
+        let a = self.accounting(encoder_len, decoder_len);
+        let expert_flops = 2.0 * self.ffn_params() as f64;
+        let per_example_slots = |len: usize| {
+            let slots = self.num_experts as f64 * self.total_capacity(batch, len, true) as f64;
+            slots / batch.max(1) as f64 - (len * self.top_k) as f64
+        };
+        let sparse = |layers: usize| (0..layers).filter(|&i| self.num_experts > 1 && self.is_sparse_layer(i)).count();
+        let extra = sparse(self.num_encoder_layers) as f64 * per_example_slots(encoder_len)
+            + sparse(self.num_decoder_layers) as f64 * per_example_slots(decoder_len);
+        a.flops_per_token + a.router_flops_per_token + extra * expert_flops / (encoder_len + decoder_len) as f64
     }
 }
 

@@ -4,26 +4,32 @@
 //! ```text
 //! results/<sweep>/runs/<run_id>/
 //!   config.yaml   resolved config + run_id, sweep, point, is_baseline, accounting ([`RunFile`])
-//!   metrics.csv   step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity
+//!   metrics.csv   step,tokens,wall_s,cpu_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity
+//!                 (eval = the validation split; the test split is scored once, into status.json)
 //!   routing.csv   step,layer,expert,load_fraction,drop_fraction,router_entropy
 //!   status.json   state (running | done | failed), error, times, steps_done, params, FLOPs, final metrics
 //!   checkpoint/   state.json + tensors.bin (weights, AdamW moments), replaced atomically
 //! ```
+pub mod claims;
+
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const METRICS_HEADER: &str =
-    "step,tokens,wall_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity";
+    "step,tokens,wall_s,cpu_s,lr,train_loss,aux_loss,z_loss,drop_fraction,eval_loss,eval_neg_log_perplexity";
 pub const ROUTING_HEADER: &str = "step,layer,expert,load_fraction,drop_fraction,router_entropy";
 
-/// One row of `metrics.csv`; `eval_loss` only at evaluations (its neg log perplexity follows).
+/// One row of `metrics.csv`; `eval_loss` (on the validation split) only at evaluations (its neg
+/// log perplexity follows).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricsRow {
     pub step: u64,
     pub tokens: u64,
     pub wall_s: f64,
+    /// CPU seconds of the run's own threads: what the run cost on a machine shared with others.
+    pub cpu_s: f64,
     pub lr: f64,
     pub train_loss: f64,
     pub aux_loss: f64,
@@ -35,10 +41,10 @@ pub struct MetricsRow {
 impl std::fmt::Display for MetricsRow {
     /// The CSV line, without its newline, in [`METRICS_HEADER`]'s column order.
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        let Self { step, tokens, wall_s, lr, train_loss, aux_loss, z_loss, drop_fraction, eval_loss } = self;
+        let Self { step, tokens, wall_s, cpu_s, lr, train_loss, aux_loss, z_loss, drop_fraction, eval_loss } = self;
         write!(
             f,
-            "{step},{tokens},{wall_s:.3},{lr:.6e},{train_loss:.6},{aux_loss:.6},{z_loss:.6},{drop_fraction:.6},"
+            "{step},{tokens},{wall_s:.3},{cpu_s:.3},{lr:.6e},{train_loss:.6},{aux_loss:.6},{z_loss:.6},{drop_fraction:.6},"
         )?;
         match eval_loss {
             Some(l) => write!(f, "{l:.6},{:.6}", -l),
@@ -107,10 +113,16 @@ pub struct Status {
     pub params_active: u64,
     pub flops_per_token: f64,
     pub final_train_loss: Option<f64>,
+    /// On the validation split (the last evaluation of `metrics.csv`).
     pub final_eval_loss: Option<f64>,
     pub final_eval_neg_log_perplexity: Option<f64>,
+    /// The test split, scored once at the end of the run.
+    pub final_test_loss: Option<f64>,
+    pub final_test_neg_log_perplexity: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub wall_s: Option<f64>,
+    /// CPU seconds of the run's own threads.
+    pub cpu_s: Option<f64>,
 }
 
 impl Status {
@@ -142,7 +154,11 @@ pub struct RunFile<C> {
     pub point: serde_json::Map<String, serde_json::Value>,
     pub params_total: u64,
     pub params_active: u64,
+    /// The paper's convention: expert FFNs counted as one dense FFN per choice, router aside.
     pub flops_per_token: f64,
+    /// What the engine computes: the router, and every expert capacity slot (filled or not).
+    #[serde(default)]
+    pub flops_per_token_computed: f64,
     #[serde(flatten)]
     pub config: C,
 }
@@ -194,6 +210,8 @@ pub fn triage<'a>(runs_dir: &Path, run_ids: impl IntoIterator<Item = &'a str>, r
 pub struct CheckpointState {
     pub step: u64,
     pub wall_s: f64,
+    #[serde(default)]
+    pub cpu_s: f64,
     pub params: Vec<(String, usize)>,
 }
 
@@ -310,9 +328,9 @@ impl CheckpointWriter {
     }
 
     /// Syncs, writes `state.json` and replaces `checkpoint/` by two renames.
-    pub fn finish(self, step: u64, wall_s: f64) -> std::io::Result<()> {
+    pub fn finish(self, step: u64, wall_s: f64, cpu_s: f64) -> std::io::Result<()> {
         self.out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        let state = CheckpointState { step, wall_s, params: self.names };
+        let state = CheckpointState { step, wall_s, cpu_s, params: self.names };
         std::fs::write(self.tmp.join("state.json"), serde_json::to_string(&state).expect("serializable"))?;
         let dst = self.run.join("checkpoint");
         let old = self.run.join("checkpoint.old");

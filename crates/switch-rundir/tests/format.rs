@@ -29,7 +29,7 @@ fn checkpoints_round_trip_tensor_by_tensor_and_refuse_another_model() {
     let mut w = dir.checkpoint_writer().unwrap();
     w.tensor("a".into(), &[&[1.0, 2.0], &[3.0, 4.0], &[5.0, 6.0]]).unwrap();
     w.tensor("b".into(), &[&[7.0], &[8.0], &[9.0]]).unwrap();
-    w.finish(12, 3.5).unwrap();
+    w.finish(12, 3.5, 2.0).unwrap();
     let mut r = dir.checkpoint_reader().unwrap().unwrap();
     assert_eq!((r.state.step, r.state.wall_s), (12, 3.5));
     r.expect_tensors(2).unwrap();
@@ -44,7 +44,7 @@ fn checkpoints_round_trip_tensor_by_tensor_and_refuse_another_model() {
     // a second checkpoint replaces the first; no temporary folder is left behind
     let mut w = dir.checkpoint_writer().unwrap();
     w.tensor("a".into(), &[&[0.0, 0.0], &[0.0, 0.0], &[0.0, 0.0]]).unwrap();
-    w.finish(24, 7.0).unwrap();
+    w.finish(24, 7.0, 4.0).unwrap();
     assert_eq!(dir.checkpoint_reader().unwrap().unwrap().state.step, 24);
     assert!(!tmp.path().join("checkpoint.tmp").exists() && !tmp.path().join("checkpoint.old").exists());
 }
@@ -61,6 +61,7 @@ fn run_files_round_trip_and_triage_follows_each_folders_status() {
         params_total: 10,
         params_active: 10,
         flops_per_token: 20.0,
+        flops_per_token_computed: 22.0,
         config: serde_json::json!({"model": {"d_ff": 8}}),
     };
     for (id, state) in [("a", Some(State::Done)), ("b", Some(State::Failed)), ("c", Some(State::Running)), ("d", None)]

@@ -196,6 +196,12 @@ impl RunConfig {
         let (le, ld) = self.lengths();
         self.model.accounting(le, ld)
     }
+
+    /// FLOPs per token the engine computes in training (router and every capacity slot).
+    pub fn computed_flops_per_token(&self) -> f64 {
+        let (le, ld) = self.lengths();
+        self.model.computed_flops_per_token(le, ld, self.train.batch_size)
+    }
 }
 
 /// Every dotted leaf key of the config (`model.num_experts`, …), for checks and suggestions.
@@ -218,6 +224,7 @@ pub fn valid_keys() -> Vec<String> {
     full.model.router = switch_model::Router::Hash;
     full.data.objective = switch_data::Objective::PrefixLm;
     full.train.optimizer = OptimizerKind::Adafactor;
+    full.model.group_size = Some(full.train.batch_size);
     let mut out = Vec::new();
     walk("", &serde_json::to_value(full).expect("serializable"), &mut out);
     out

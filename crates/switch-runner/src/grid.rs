@@ -60,6 +60,9 @@ pub struct GridFile {
     pub tolerance: Option<f64>,
     /// Cluster settings for `--backend slurm`.
     pub slurm: Option<crate::cluster::SlurmConfig>,
+    /// What the grid expects its runs to show, judged by the report on the test split.
+    #[serde(default)]
+    pub claims: Vec<switch_rundir::claims::Claim>,
 }
 
 /// One run of a sweep, fully resolved.
@@ -99,6 +102,7 @@ impl Plan {
             params_total: r.accounting.params_total,
             params_active: r.accounting.params_active,
             flops_per_token: r.accounting.flops_per_token,
+            flops_per_token_computed: r.config.computed_flops_per_token(),
             config: r.config.clone(),
         }
     }
@@ -116,15 +120,57 @@ fn err(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::input(path, msg)
 }
 
+/// Whether a point sets every key of `selector` to its value; a `null` in the selector matches
+/// a point that leaves the key unset (e.g. `baseline: {model.num_experts: 1, model.d_ff: null}`
+/// picks the dense point of the preset's width, not a wider one).
 fn matches(point: &Map<String, Value>, selector: &Map<String, Value>) -> bool {
-    selector.iter().all(|(k, v)| point.get(k).is_some_and(|p| values_equal(p, v)))
+    switch_rundir::claims::selector_matches(point, selector)
 }
 
-fn values_equal(a: &Value, b: &Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
+/// Refuses a selector (`what`: where it is written, e.g. `exclude[0]`) with a key that is no
+/// config key, or that matches none of `points`: a typo there would otherwise select nothing.
+fn check_selector(path: &Path, what: &str, selector: &Map<String, Value>, points: &[Map<String, Value>]) -> Result<()> {
+    let keys = crate::config::valid_keys();
+    if let Some(k) = selector.keys().find(|k| *k != "train.seed" && !keys.contains(k)) {
+        let hint = crate::config::closest_key(k);
+        return Err(err(path, format!("{what}: unknown key `{k}`; did you mean `{hint}`?")));
     }
+    if !points.iter().any(|p| matches(p, selector)) {
+        let example = points.first().map(|p| Value::Object(p.clone()).to_string()).unwrap_or_default();
+        return Err(err(
+            path,
+            format!(
+                "{what} {} matches no point of the grid. Fix: use the keys and values the points set (e.g. {example}); `null` matches a point that leaves a key unset",
+                Value::Object(selector.clone())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks every claim's numbers and selectors against the planned points (after solving, so
+/// they select what the report will see).
+fn check_claims(path: &Path, claims: &[switch_rundir::claims::Claim], points: &[Map<String, Value>]) -> Result<()> {
+    for (i, c) in claims.iter().enumerate() {
+        if let Some(p) = c.problems().first() {
+            return Err(err(path, format!("claims[{i}] (\"{}\"): {p}", c.says)));
+        }
+        for (name, sel, single) in c.selectors() {
+            let what = format!("claims[{i}].{name}");
+            check_selector(path, &what, sel, points)?;
+            let n = points.iter().filter(|p| matches(p, sel)).count();
+            if single && n > 1 {
+                return Err(err(path, format!("{what} {} matches {n} points; it must name one. Fix: add keys (`null` matches a point that leaves a key unset)", Value::Object(sel.clone()))));
+            }
+        }
+        if let switch_rundir::claims::ClaimTest::ImprovesWith(w) = &c.test {
+            if !crate::config::valid_keys().contains(&w.key) {
+                let hint = crate::config::closest_key(&w.key);
+                return Err(err(path, format!("claims[{i}].improves_with.key: unknown key `{}`; did you mean `{hint}`?", w.key)));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> Result<&'a Vec<Value>> {
@@ -139,8 +185,9 @@ fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> Result<&'a V
 /// 2: per-group init streams (paired seeds). 3: fused RMSNorm (floating-point order).
 /// 4: gemm 0.19 products and fused cross-entropy (floating-point order). 5: fused attention,
 /// the gradient norm summed in eight lanes. 6: the softmax's vectorised `exp` (within 1.2 ulp of
-/// libm's) and eight-lane sum.
-pub const RESULTS_VERSION: u32 = 6;
+/// libm's) and eight-lane sum. 7: train / validation / test splits (the test split leaves the
+/// training text; the tokenizer is trained on what remains).
+pub const RESULTS_VERSION: u32 = 7;
 
 /// The run id: a short stable hash of the resolved config (seed included) and [`RESULTS_VERSION`].
 pub fn run_id(cfg: &RunConfig) -> String {
@@ -273,6 +320,9 @@ fn expand(path: &Path, grid: &GridFile) -> Result<Vec<Map<String, Value>>> {
         points.clear();
     }
     points.extend(grid.points.iter().cloned());
+    for (i, ex) in grid.exclude.iter().enumerate() {
+        check_selector(path, &format!("exclude[{i}]"), ex, &points)?;
+    }
     points.retain(|p| !grid.exclude.iter().any(|ex| matches(p, ex)));
     if points.is_empty() {
         return Err(err(path, "the grid is empty (after `exclude`): add values under `grid:`, `zip:` or `points:`"));
@@ -325,6 +375,11 @@ fn solve(
             format!("flops_per_token.solve = `{solve}`: allowed keys are model.d_model and model.d_ff"),
         ));
     }
+    for (what, sel) in [("flops_per_token.points", selected), ("flops_per_token.target", target)] {
+        if let Some(sel) = sel {
+            check_selector(path, what, sel, points)?;
+        }
+    }
     let target_flops = match &target {
         None => base_flops,
         Some(sel) => {
@@ -358,11 +413,11 @@ fn seeded_runs(
     tree: &Value,
     points: &[Map<String, Value>],
     seeds: &[u64],
-    baseline: &Map<String, Value>,
+    base_idx: usize,
     base_flops: f64,
 ) -> Result<Vec<PlannedRun>> {
     let mut runs = Vec::new();
-    for p in points {
+    for (i, p) in points.iter().enumerate() {
         for &seed in seeds {
             let mut point = p.clone();
             point.insert("train.seed".into(), Value::from(seed));
@@ -370,7 +425,9 @@ fn seeded_runs(
             let accounting = config.accounting();
             runs.push(PlannedRun {
                 run_id: run_id(&config),
-                is_baseline: matches(p, baseline),
+                // The first point the selector matches is the baseline (a wider dense model
+                // matched by the same selector is not).
+                is_baseline: i == base_idx,
                 flops_ratio: accounting.flops_per_token / base_flops,
                 memory: memory_bytes(&config),
                 point,
@@ -408,12 +465,14 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> Result<Plan> {
     }
     let baseline = grid.baseline.clone().unwrap_or_default();
     let tolerance = grid.tolerance.unwrap_or(0.01);
+    if !(tolerance.is_finite() && tolerance >= 0.0) {
+        return Err(err(path, format!("tolerance = {tolerance}: use a finite fraction ≥ 0, e.g. 0.01 (1%)")));
+    }
 
     // Resolve each point once (seed aside) to check and solve FLOPs.
     let mut configs: Vec<RunConfig> = points.iter().map(|p| resolve(path, &tree, p)).collect::<Result<_, _>>()?;
-    let base_idx = points.iter().position(|p| matches(p, &baseline)).ok_or_else(|| {
-        err(path, format!("baseline {} matches no point of the grid", Value::Object(baseline.clone())))
-    })?;
+    check_selector(path, "baseline", &baseline, &points)?;
+    let base_idx = points.iter().position(|p| matches(p, &baseline)).expect("checked");
     let base_flops = configs[base_idx].accounting().flops_per_token;
     match grid.flops_per_token.clone().unwrap_or(FlopsRule::Mode(FlopsMode::MatchBaseline)) {
         FlopsRule::Mode(FlopsMode::Free) => {}
@@ -422,7 +481,8 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> Result<Plan> {
             solve(path, &tree, &mut points, &mut configs, base_idx, tolerance, (&key, &selected, &target))?
         }
     }
-    let runs = seeded_runs(path, &tree, &points, &seeds, &baseline, base_flops)?;
+    check_claims(path, &grid.claims, &points)?;
+    let runs = seeded_runs(path, &tree, &points, &seeds, base_idx, base_flops)?;
     Ok(Plan { name, path: path.to_path_buf(), runs, slurm: grid.slurm.clone() })
 }
 

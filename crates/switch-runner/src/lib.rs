@@ -4,6 +4,7 @@
 //! - [`config`]: the resolved [`config::RunConfig`] of one run and key-checked merging;
 //! - [`grid`]: grid files → [`grid::Plan`] (cartesian, zip, points, exclude, seeds, FLOPs rules);
 //! - [`train`]: the training loop;
+//! - [`cputime`]: the CPU time of a run's own threads;
 //! - [`optim`]: AdamW and Adafactor;
 //! - [`probe`]: where a trained run's routers get their gradient from;
 //! - [`rundir`]: the run-folder contract with the analysis crate;
@@ -11,6 +12,7 @@
 //! - [`error`]: the typed [`Error`] every fallible function returns.
 pub mod cluster;
 pub mod config;
+pub mod cputime;
 pub mod error;
 pub mod grid;
 pub mod optim;

@@ -1,6 +1,6 @@
 //! The training loop of one run: AdamW or Adafactor ([`crate::optim`]) with warmup and
-//! inverse-square-root decay, gradient clipping, periodic evaluation on the held-out split,
-//! streamed metrics, atomic checkpoints.
+//! inverse-square-root decay, gradient clipping, periodic evaluation on the validation split,
+//! streamed metrics, atomic checkpoints, and one score on the test split at the end.
 //!
 //! Every random choice at step `s` (batch, jitter, dropout) is drawn from `(seed, s)`, and the
 //! checkpoint holds the weights and optimizer moments bit for bit, so an interrupted run resumes
@@ -13,7 +13,7 @@ use dfdx::prelude::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use switch_data::{Dataset, Example};
+use switch_data::{Dataset, Example, Split};
 use switch_model::nn::Ctx;
 use switch_model::{Batch, SwitchTransformer};
 
@@ -43,10 +43,10 @@ pub fn eval_batch_examples(cfg: &RunConfig) -> usize {
 /// Routing statistics of each sparse layer, by name.
 pub type LayerRouting = Vec<(String, switch_model::RoutingStats)>;
 
-/// Held-out cross-entropy per target token, and per-layer routing statistics averaged over the
-/// batches (weighted by target tokens).
-pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig) -> (f64, LayerRouting) {
-    let batches = ds.eval_batches(eval_batch_examples(cfg));
+/// Cross-entropy per target token on a held-out `split`, and per-layer routing statistics
+/// averaged over the batches (weighted by target tokens).
+pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig, split: Split) -> (f64, LayerRouting) {
+    let batches = ds.eval_batches(split, eval_batch_examples(cfg));
     let (mut total, mut count) = (0.0f64, 0usize);
     let mut routing: LayerRouting = Vec::new();
     for b in batches {
@@ -168,13 +168,13 @@ pub fn save_checkpoint(
     model: &mut SwitchTransformer<Dev>,
     opt: &OptimizerState,
     step: u64,
-    wall_s: f64,
+    clock: &Clock,
 ) -> std::io::Result<()> {
     let mut w = dir.checkpoint_writer()?;
     for (i, (name, p)) in model.params_mut().into_iter().enumerate() {
         w.tensor(name, &[&p.as_vec(), &opt.m[i], &opt.v[i]])?;
     }
-    w.finish(step, wall_s)
+    w.finish(step, clock.wall_s(), clock.cpu_s())
 }
 
 /// Restores weights and optimizer state from the run's checkpoint, if it has one.
@@ -202,7 +202,28 @@ struct Resumed {
     opt: OptimizerState,
     status: Status,
     start_step: u64,
+    clock: Clock,
+}
+
+/// A run's wall-clock and CPU seconds, counted on from its checkpoint's when it resumes.
+pub struct Clock {
+    started: Instant,
     wall_offset: f64,
+    cpu_start: f64,
+    cpu_offset: f64,
+}
+
+impl Clock {
+    fn new(wall_offset: f64, cpu_offset: f64) -> Self {
+        Clock { started: Instant::now(), wall_offset, cpu_start: crate::cputime::run_cpu_seconds(), cpu_offset }
+    }
+    pub fn wall_s(&self) -> f64 {
+        self.wall_offset + self.started.elapsed().as_secs_f64()
+    }
+    /// CPU seconds of the run's own threads ([`crate::cputime`]).
+    pub fn cpu_s(&self) -> f64 {
+        self.cpu_offset + crate::cputime::run_cpu_seconds() - self.cpu_start
+    }
 }
 
 /// `cfg`'s optimizer, its state sized from each parameter's shape.
@@ -228,16 +249,16 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
     let mut opt = optimizer_for(cfg, &mut model);
     let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
-    let (mut start_step, mut wall_offset) = (0, 0.0);
+    let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
     if let Some(ck) = load_checkpoint(dir, &mut model, &mut opt)? {
-        (start_step, wall_offset) = (ck.step, ck.wall_s);
+        (start_step, wall_offset, cpu_offset) = (ck.step, ck.wall_s, ck.cpu_s);
     }
     dir.truncate_logs(start_step)?;
     status.state = State::Running;
     status.error = None;
     status.steps_done = start_step;
     dir.write_status(&status)?;
-    Ok(Resumed { model, opt, status, start_step, wall_offset })
+    Ok(Resumed { model, opt, status, start_step, clock: Clock::new(wall_offset, cpu_offset) })
 }
 
 /// Trains (or resumes) the run in `dir` to its last step. Errors and non-finite losses are
@@ -267,12 +288,11 @@ fn train_on(
     progress: Progress,
 ) -> Result<Outcome> {
     let t = &cfg.train;
-    let Resumed { mut model, mut opt, mut status, start_step, wall_offset } = resume(cfg, dir, dev)?;
+    let Resumed { mut model, mut opt, mut status, start_step, clock } = resume(cfg, dir, dev)?;
 
     let (le, ld) = cfg.lengths();
     let tokens_per_step = (t.batch_size * (le + ld)) as u64;
     let mut logs = Logs { metrics: dir.metrics_writer()?, routing: dir.routing_writer()? };
-    let started = Instant::now();
     let mut window = (Instant::now(), start_step);
     let mut tokens_per_s = 0.0;
 
@@ -288,9 +308,8 @@ fn train_on(
             step_routing.iter().map(|(_, r)| r.drop_fraction).sum::<f32>() / step_routing.len() as f32
         };
         if done % t.eval_every == 0 || done % t.log_every == 0 || last {
-            let wall = wall_offset + started.elapsed().as_secs_f64();
             let (eval_loss, routing) = if done % t.eval_every == 0 || last {
-                let (l, r) = evaluate(&model, ds, cfg);
+                let (l, r) = evaluate(&model, ds, cfg, Split::Validation);
                 (Some(l), r)
             } else {
                 (None, vec![])
@@ -298,7 +317,8 @@ fn train_on(
             let row = MetricsRow {
                 step: done,
                 tokens: done * tokens_per_step,
-                wall_s: wall,
+                wall_s: clock.wall_s(),
+                cpu_s: clock.cpu_s(),
                 lr,
                 train_loss: out.cross_entropy as f64,
                 aux_loss: out.balance_loss as f64,
@@ -322,7 +342,7 @@ fn train_on(
         }
         let stopping = stop.load(Ordering::SeqCst);
         if done % t.checkpoint_every == 0 || last || stopping {
-            save_checkpoint(dir, &mut model, &opt, done, wall_offset + started.elapsed().as_secs_f64())?;
+            save_checkpoint(dir, &mut model, &opt, done, &clock)?;
             status.steps_done = done;
             dir.write_status(&status)?;
         }
@@ -330,10 +350,16 @@ fn train_on(
             return Ok(Outcome::Interrupted);
         }
     }
+    // The test split, once, after the last step: nothing during training or in choosing settings
+    // reads it. Its time is not training time, so the clocks are read first.
+    status.wall_s = Some(clock.wall_s());
+    status.cpu_s = Some(clock.cpu_s());
+    let (test_loss, _) = evaluate(&model, ds, cfg, Split::Test);
+    status.final_test_loss = Some(test_loss);
+    status.final_test_neg_log_perplexity = Some(-test_loss);
     status.state = State::Done;
     status.steps_done = t.steps;
     status.finished_at = Some(rundir::now());
-    status.wall_s = Some(wall_offset + started.elapsed().as_secs_f64());
     dir.write_status(&status)?;
     Ok(Outcome::Done)
 }

@@ -116,7 +116,7 @@ fn adafactor_refuses_weight_decay() {
 }
 
 fn write_grid(dir: &Path, body: &str) -> std::path::PathBuf {
-    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 150_000).unwrap();
+    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 200_000).unwrap();
     let path = dir.join("g.yaml");
     let settings = format!(
         "settings:\n  model: {{ d_model: 32, d_ff: 64, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 1, expert_every: 1, eval_capacity_factor: 0.5, min_expert_capacity: 1 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: 4, batch_size: 4, eval_batch_size: 16 }}\n",
@@ -136,7 +136,7 @@ fn routing_group_defaults_to_the_training_batch_and_evaluation_ignores_the_eval_
     let model = switch_model::SwitchTransformer::<Dev>::new(&Dev::default(), &cfg.model, 0).unwrap();
     let loss_at = |eval_batch_size: usize| {
         let c = RunConfig { train: TrainConfig { eval_batch_size, ..cfg.train.clone() }, ..cfg.clone() };
-        evaluate(&model, &ds, &c).0
+        evaluate(&model, &ds, &c, switch_data::Split::Validation).0
     };
     // eval batch 16 holds 4 groups; 4 and 8 hold 1 and 2; 6 rounds down to 4.
     let reference = loss_at(16);
@@ -148,7 +148,7 @@ fn routing_group_defaults_to_the_training_batch_and_evaluation_ignores_the_eval_
     whole.model.group_size = None;
     let whole_at = |eval_batch_size: usize| {
         let c = RunConfig { train: TrainConfig { eval_batch_size, ..whole.train.clone() }, ..whole.clone() };
-        evaluate(&model_of(&whole), &ds, &c).0
+        evaluate(&model_of(&whole), &ds, &c, switch_data::Split::Validation).0
     };
     assert!((whole_at(4) - whole_at(16)).abs() > 1e-3, "tokens must be dropped, or this test proves nothing");
 }

@@ -15,7 +15,7 @@ fn resident_bytes() -> u64 {
 #[test]
 fn runs_trained_one_after_another_give_their_memory_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = switch_data::corpus::write_excerpt(&tmp.path().join("corpus"), 150_000).unwrap();
+    let corpus = switch_data::corpus::write_excerpt(&tmp.path().join("corpus"), 200_000).unwrap();
     let grid = tmp.path().join("m.yaml");
     std::fs::write(&grid, format!(
         "name: m\nsettings:\n  model: {{ d_model: 64, d_ff: 1024, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 1, num_experts: 4, expert_every: 1 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: 3, batch_size: 8, eval_every: 3, checkpoint_every: 3, eval_batch_size: 8 }}\n",
