@@ -3,7 +3,9 @@
 //! It reads only the run-folder contract (`config.yaml`, `metrics.csv`, `routing.csv`,
 //! `status.json`), so it works on results copied from another machine, on a sweep still running
 //! and on one with failed runs, which are shown as such.
+pub mod claims;
 mod figures;
+pub mod fit;
 pub mod paper;
 pub mod plots;
 pub mod runs;
@@ -36,14 +38,33 @@ impl Group<'_> {
     pub fn mean_curve(&self) -> Vec<(f64, f64, f64)> {
         stats::mean_curve(&self.evaluated().iter().map(|r| r.nlp_curve()).collect::<Vec<_>>())
     }
-    /// The seeds' mean wall-clock seconds at `step`, interpolated between evaluations.
-    fn mean_wall_at(&self, step: f64) -> Option<f64> {
-        let walls: Option<Vec<f64>> = self
+    /// The seeds' mean CPU seconds (of each run's own threads) at `step`, interpolated between
+    /// evaluations.
+    fn mean_cpu_at(&self, step: f64) -> Option<f64> {
+        let cpus: Option<Vec<f64>> = self
             .evaluated()
             .iter()
-            .map(|r| stats::interpolate(&r.curve.iter().map(|p| (p.step, p.wall_s)).collect::<Vec<_>>(), step))
+            .map(|r| stats::interpolate(&r.curve.iter().map(|p| (p.step, p.cpu_s)).collect::<Vec<_>>(), step))
             .collect();
-        walls.filter(|w| !w.is_empty()).map(|w| stats::mean_std(&w).0)
+        cpus.filter(|w| !w.is_empty()).map(|w| stats::mean_std(&w).0)
+    }
+    /// Seed-mean quality against the seeds' mean CPU seconds, with the quality's std.
+    pub fn mean_cpu_curve(&self) -> Vec<(f64, f64, f64)> {
+        self.mean_curve().into_iter().filter_map(|(step, q, sd)| Some((self.mean_cpu_at(step)?, q, sd))).collect()
+    }
+    /// Mean ± std over seeds of the test-split quality (done runs only).
+    pub fn test_quality(&self) -> Option<(f64, f64)> {
+        let v: Vec<f64> = self.runs.iter().filter_map(|r| r.test_quality).collect();
+        (!v.is_empty()).then(|| stats::mean_std(&v))
+    }
+    /// Test quality minus `base`'s, seed by seed, over the seeds both have scored.
+    pub fn paired_test_differences(&self, base: &Group) -> Vec<f64> {
+        let base_q = |seed| base.runs.iter().find(|r| r.seed == seed).and_then(|r| r.test_quality);
+        self.runs.iter().filter_map(|r| Some(r.test_quality? - base_q(r.seed)?)).collect()
+    }
+    /// Whether the grid point of this group is selected by `selector` (claims' selectors).
+    pub fn selected_by(&self, selector: &switch_rundir::claims::Selector) -> bool {
+        switch_rundir::claims::selector_matches(&self.first().point, selector)
     }
     pub fn final_quality(&self) -> Option<(f64, f64)> {
         let v: Vec<f64> = self.evaluated().iter().filter_map(|r| r.final_quality()).collect();
@@ -95,6 +116,86 @@ fn dense_for<'a, 'b>(groups: &'b [Group<'a>], g: &Group, baseline: Option<&'b Gr
         .or(baseline.filter(|b| b.first().num_experts == 1))
 }
 
+/// One setting of a grid: the Switch groups that share everything but the number of experts
+/// (top-k and capacity factor included), with the dense model they are compared with. What one
+/// line of a scaling figure and one block of the experts table show.
+pub struct Setting<'a, 'b> {
+    /// e.g. "router_init_scale=10.0", or "preset" when the points set nothing else.
+    pub label: String,
+    pub dense: Option<&'b Group<'a>>,
+    /// Sorted by the number of experts.
+    pub switches: Vec<&'b Group<'a>>,
+}
+
+impl<'a, 'b> Setting<'a, 'b> {
+    /// The dense model, then the Switch models by number of experts.
+    pub fn groups(&self) -> Vec<&'b Group<'a>> {
+        self.dense.iter().copied().chain(self.switches.iter().copied()).collect()
+    }
+}
+
+/// The grid's settings, in grid order; the one with the most Switch points comes first (the
+/// scaling series the report leads with).
+pub fn settings<'a, 'b>(groups: &'b [Group<'a>], baseline: Option<&'b Group<'a>>) -> Vec<Setting<'a, 'b>> {
+    let mut out: Vec<Setting> = Vec::new();
+    for g in groups.iter().filter(|g| g.first().num_experts > 1) {
+        let r = g.first();
+        let label = if r.variant_items.is_empty() { "preset".to_string() } else { r.variant() };
+        let key = |s: &Setting| s.label == label && s.switches[0].first().top_k == r.top_k;
+        match out.iter_mut().find(|s| key(s)) {
+            Some(s) => s.switches.push(g),
+            None => out.push(Setting { label, dense: dense_for(groups, g, baseline), switches: vec![g] }),
+        }
+    }
+    for s in &mut out {
+        s.switches.sort_by_key(|g| g.first().num_experts);
+    }
+    name_scaling_settings(&mut out);
+    // Stable: among equally long settings, grid order.
+    out.sort_by_key(|s| std::cmp::Reverse(s.switches.len()));
+    out
+}
+
+/// Labels each scaling setting (two or more Switch points) by every key on which the scaling
+/// settings differ, including the keys it leaves at their default (`key=default`), so that
+/// series in one figure read apart ("router_init_scale=default objective=\"span_corruption\""
+/// rather than "preset").
+fn name_scaling_settings(settings: &mut [Setting]) {
+    let scaling: Vec<usize> = (0..settings.len()).filter(|&i| settings[i].switches.len() > 1).collect();
+    let value = |s: &Setting, key: &str| -> String {
+        let r = s.switches[0].first();
+        // The point's value, else the resolved config's (a config leaves defaults out).
+        match r.point.get(key).filter(|v| !v.is_null()).or_else(|| runs::get(&r.config, key)) {
+            Some(v) if !v.is_null() => v.to_string(),
+            _ => "default".into(),
+        }
+    };
+    let mut keys: Vec<String> = Vec::new();
+    for &i in &scaling {
+        for (k, v) in &settings[i].switches[0].first().point {
+            if !v.is_null() && k != "train.seed" && k != "model.num_experts" && !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+    }
+    keys.retain(|k| {
+        let mut values: Vec<String> = scaling.iter().map(|&i| value(&settings[i], k)).collect();
+        values.dedup();
+        values.len() > 1
+    });
+    if keys.is_empty() {
+        return;
+    }
+    for &i in &scaling {
+        let label = keys
+            .iter()
+            .map(|k| format!("{}={}", k.rsplit('.').next().unwrap_or(k), value(&settings[i], k)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        settings[i].label = label;
+    }
+}
+
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {
     let mut out: Vec<Group> = Vec::new();
     for r in runs {
@@ -113,7 +214,8 @@ pub(crate) struct Sweep<'a> {
     /// The dense group every gain and speedup is measured against.
     pub baseline: Option<&'a Group<'a>>,
     pub threshold: Option<f64>,
-    pub at_step: f64,
+    /// Step of "quality @ N steps": the option, else the baseline's last evaluation.
+    pub at_step: Option<f64>,
     pub seeds: usize,
     /// The grid varies more than the number of experts, and has dense models to compare with.
     pub is_study: bool,
@@ -148,7 +250,7 @@ impl<'a> Sweep<'a> {
             .or_else(|| groups.iter().find(|g| g.first().num_experts == 1));
         let base_curve: Vec<(f64, f64)> = baseline.map(Group::mean_points).unwrap_or_default();
         let threshold = opts.threshold.or_else(|| base_curve.last().map(|p| p.1));
-        let at_step = opts.at_step.or_else(|| base_curve.last().map(|p| p.0)).unwrap_or(f64::MAX);
+        let at_step = opts.at_step.or_else(|| base_curve.last().map(|p| p.0));
         let seeds = groups.iter().map(|g| g.runs.len()).max().unwrap_or(1);
         let is_study = groups.iter().any(|g| !g.first().variant_items.is_empty())
             && groups.iter().any(|g| g.first().num_experts == 1);
@@ -171,7 +273,10 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     let mut md = String::new();
     let name = sweep_dir.file_name().unwrap_or_default().to_string_lossy().to_string();
     tables::header(&mut md, &name, switch_rundir::grid_description(sweep_dir).as_deref(), &s)?;
+    claims::claims_table(&mut md, &s, &switch_rundir::claims::grid_claims(sweep_dir))?;
     tables::experts_table(&mut md, &s)?;
+    let fit = tables::gain_fit(&s);
+    tables::fit_table(&mut md, fit.as_ref())?;
     tables::study_table(&mut md, &s)?;
     tables::gain_over_training(&mut md, &s)?;
     tables::width_ceiling(&mut md, &s)?;
@@ -179,7 +284,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     tables::table3(&mut md, &s)?;
     tables::routing_health(&mut md, &s)?;
     tables::runs_table(&mut md, &s)?;
-    let figures = figures::draw_all(&out, &s)?;
+    let figures = figures::draw_all(&out, &s, fit.as_ref())?;
     tables::figure_index(&mut md, &figures)?;
     std::fs::write(out.join("report.md"), md)?;
     std::fs::write(out.join("summary.csv"), tables::summary_csv(&s)?)?;

@@ -11,6 +11,8 @@ use switch_rundir::State;
 pub struct EvalPoint {
     pub step: f64,
     pub wall_s: f64,
+    /// CPU seconds of the run's own threads (0 in logs written before the column existed).
+    pub cpu_s: f64,
     pub neg_log_perplexity: f64,
     pub drop_fraction: f64,
 }
@@ -31,6 +33,10 @@ pub struct Run {
     pub id: String,
     /// Grid keys of the point, seed excluded, as `key=value` (the group of seeds).
     pub group: String,
+    /// The grid keys the point sets, as in `config.yaml` (seed included): what claims select.
+    pub point: serde_json::Map<String, Value>,
+    /// The fully resolved config (`Null` when `config.yaml` is unreadable).
+    pub config: Value,
     /// The group minus the number of experts, as `key=value` items: the setting a Switch point
     /// shares with its dense comparison in a lever study (empty in a plain experts sweep).
     pub variant_items: Vec<String>,
@@ -51,7 +57,12 @@ pub struct Run {
     pub steps_total: u64,
     pub params_total: u64,
     pub params_active: u64,
+    /// FLOPs per token by the paper's convention (the match rule).
     pub flops_per_token: f64,
+    /// FLOPs per token the engine computed: router and every capacity slot (0 when unknown).
+    pub flops_per_token_computed: f64,
+    /// Test-split quality, scored once at the end of a done run.
+    pub test_quality: Option<f64>,
     /// e.g. "2048-entry bpe".
     pub vocabulary: String,
     /// "the embedded public-domain corpus" or the user corpus path.
@@ -61,8 +72,11 @@ pub struct Run {
     pub curve: Vec<EvalPoint>,
     pub final_step: f64,
     pub final_wall_s: f64,
+    pub final_cpu_s: f64,
     pub final_tokens: f64,
     pub routing: Vec<RoutingRow>,
+    /// The first evaluation step whose quality was NaN or infinite.
+    pub diverged_at: Option<f64>,
     /// Why metrics are missing, if they are.
     pub problem: Option<String>,
 }
@@ -87,17 +101,20 @@ impl Run {
     pub fn nlp_curve(&self) -> Vec<(f64, f64)> {
         self.curve.iter().map(|p| (p.step, p.neg_log_perplexity)).collect()
     }
-    pub fn wall_curve(&self) -> Vec<(f64, f64)> {
-        self.curve.iter().map(|p| (p.wall_s, p.neg_log_perplexity)).collect()
+    /// `(CPU seconds, quality)` at each evaluation.
+    pub fn cpu_curve(&self) -> Vec<(f64, f64)> {
+        self.curve.iter().map(|p| (p.cpu_s, p.neg_log_perplexity)).collect()
     }
     pub fn final_quality(&self) -> Option<f64> {
         self.curve.last().map(|p| p.neg_log_perplexity)
     }
+    /// Tokens per CPU second of the run's own threads.
     pub fn tokens_per_s(&self) -> Option<f64> {
-        (self.final_wall_s > 0.0).then(|| self.final_tokens / self.final_wall_s)
+        (self.final_cpu_s > 0.0).then(|| self.final_tokens / self.final_cpu_s)
     }
+    /// Examples per CPU second of the run's own threads.
     pub fn examples_per_s(&self) -> Option<f64> {
-        (self.final_wall_s > 0.0).then(|| self.final_step * self.batch_size as f64 / self.final_wall_s)
+        (self.final_cpu_s > 0.0).then(|| self.final_step * self.batch_size as f64 / self.final_cpu_s)
     }
     /// "Switch-8", "MoE-8 (top-2)" or "Dense".
     pub fn model_name(&self) -> String {
@@ -109,7 +126,7 @@ impl Run {
     }
 }
 
-fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+pub(crate) fn get<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(v, |v, k| v.get(k))
 }
 
@@ -189,10 +206,12 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
     Run {
         id,
         group: if group.is_empty() { "base".into() } else { group },
+        point: point.clone(),
+        config: cfg.clone(),
         variant_items,
         seed: num(cfg, "train.seed").unwrap_or(0.0) as u64,
         state: status.as_ref().map(|s| s.state),
-        error: status.and_then(|s| s.error),
+        error: status.as_ref().and_then(|s| s.error.clone()),
         is_baseline: file.as_ref().is_some_and(|f| f.is_baseline),
         num_experts: num(cfg, "model.num_experts").unwrap_or(1.0) as u64,
         top_k: num(cfg, "model.top_k").unwrap_or(1.0) as u64,
@@ -205,6 +224,8 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         params_total: file.as_ref().map_or(0, |f| f.params_total),
         params_active: file.as_ref().map_or(0, |f| f.params_active),
         flops_per_token: file.as_ref().map_or(0.0, |f| f.flops_per_token),
+        flops_per_token_computed: file.as_ref().map_or(0.0, |f| f.flops_per_token_computed),
+        test_quality: status.as_ref().and_then(|s| s.final_test_neg_log_perplexity),
         vocabulary: format!(
             "{}-entry {}",
             num(cfg, "model.vocab_size").unwrap_or(0.0),
@@ -223,8 +244,10 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         curve: vec![],
         final_step: 0.0,
         final_wall_s: 0.0,
+        final_cpu_s: 0.0,
         final_tokens: 0.0,
         routing: vec![],
+        diverged_at: None,
         problem,
     }
 }
@@ -240,32 +263,42 @@ fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()
             col("step").max().alias("step"),
             col("tokens").max().alias("tokens"),
             col("wall_s").max().alias("wall_s"),
+            col("cpu_s").max().alias("cpu_s"),
         ])
         .collect()?;
-    let (ids, steps, tokens, walls) =
-        (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?, f64s(&last, "wall_s")?);
+    let (ids, steps, tokens) = (strs(&last, "run_id")?, f64s(&last, "step")?, f64s(&last, "tokens")?);
+    let (walls, cpus) = (f64s(&last, "wall_s")?, f64s(&last, "cpu_s")?);
     for (i, id) in ids.iter().enumerate() {
         if let Some(r) = runs.iter_mut().find(|r| &r.id == id) {
-            (r.final_step, r.final_tokens, r.final_wall_s) =
-                (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0), walls[i].unwrap_or(0.0));
+            (r.final_step, r.final_tokens) = (steps[i].unwrap_or(0.0), tokens[i].unwrap_or(0.0));
+            (r.final_wall_s, r.final_cpu_s) = (walls[i].unwrap_or(0.0), cpus[i].unwrap_or(0.0));
         }
     }
     let evals = all
         .filter(col("eval_neg_log_perplexity").is_not_null())
         .sort(["run_id", "step"], SortMultipleOptions::default())
         .collect()?;
-    let (ids, steps, walls, nlp, drops) = (
+    let (ids, steps, walls, cpus, nlp, drops) = (
         strs(&evals, "run_id")?,
         f64s(&evals, "step")?,
         f64s(&evals, "wall_s")?,
+        f64s(&evals, "cpu_s")?,
         f64s(&evals, "eval_neg_log_perplexity")?,
         f64s(&evals, "drop_fraction")?,
     );
     for i in 0..ids.len() {
-        if let (Some(r), Some(step), Some(q)) = (runs.iter_mut().find(|r| r.id == ids[i]), steps[i], nlp[i]) {
+        let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) else { continue };
+        if let (Some(step), Some(q)) = (steps[i], nlp[i]) {
+            // A diverged run logs NaN or ±inf: its curve stops at its last finite evaluation,
+            // and the run is marked, so no table or figure computes with a non-finite number.
+            if !q.is_finite() || r.diverged_at.is_some() {
+                r.diverged_at = r.diverged_at.or(Some(step));
+                continue;
+            }
             r.curve.push(EvalPoint {
                 step,
                 wall_s: walls[i].unwrap_or(0.0),
+                cpu_s: cpus[i].filter(|c| c.is_finite()).unwrap_or(0.0),
                 neg_log_perplexity: q,
                 drop_fraction: drops[i].unwrap_or(0.0),
             });

@@ -3,8 +3,10 @@
 use std::path::Path;
 use switch_rundir::{MetricsRow, RoutingRow, RunDir, RunFile, State, Status};
 
-/// A run of `experts` experts (1 = dense) whose held-out quality is `quality(step)` at every
-/// `eval_every` steps, logged every `log_every` steps, with uniform routing.
+/// A run of `experts` experts (1 = dense) whose validation quality is `quality(step)` at every
+/// `eval_every` steps, logged every `log_every` steps, with uniform routing; a done run's test
+/// quality is its final validation quality − [`TEST_GAP`]. Wall-clock and CPU seconds are
+/// step ÷ 10 and step ÷ 20.
 pub struct SyntheticRun<'a> {
     pub id: &'a str,
     /// Grid keys the point sets besides the experts and the seed, as `(dotted key, value)`.
@@ -17,6 +19,9 @@ pub struct SyntheticRun<'a> {
     pub batch_size: u64,
     pub state: State,
 }
+
+/// How much lower a synthetic run's test quality is than its final validation quality.
+pub const TEST_GAP: f64 = 0.02;
 
 impl<'a> SyntheticRun<'a> {
     /// Evaluated every 100 steps, logged every 10, batch 8, done.
@@ -34,8 +39,10 @@ impl<'a> SyntheticRun<'a> {
         for step in (self.log_every..=self.steps).step_by(self.log_every as usize) {
             let eval_loss = (step % self.eval_every == 0).then(|| -quality(step as f64));
             let (lr, aux_loss, z_loss, drop_fraction) = (0.001, 0.01, 0.0, 0.02);
-            let (tokens, wall_s, train_loss) = (step * 100, step as f64 / 10.0, eval_loss.unwrap_or(3.0));
-            let row = MetricsRow { step, tokens, wall_s, lr, train_loss, aux_loss, z_loss, drop_fraction, eval_loss };
+            let (tokens, wall_s, cpu_s) = (step * 100, step as f64 / 10.0, step as f64 / 20.0);
+            let train_loss = eval_loss.unwrap_or(3.0);
+            let row =
+                MetricsRow { step, tokens, wall_s, cpu_s, lr, train_loss, aux_loss, z_loss, drop_fraction, eval_loss };
             writeln!(metrics, "{row}")?;
             for expert in (0..self.experts as usize).filter(|_| eval_loss.is_some() && self.experts > 1) {
                 let load_fraction = 1.0 / self.experts as f64;
@@ -49,7 +56,14 @@ impl<'a> SyntheticRun<'a> {
         }
         metrics.flush()?;
         routing.flush()?;
-        dir.write_status(&Status { state: self.state, steps_done: self.steps, ..Default::default() })
+        let test = (self.state == State::Done).then(|| quality(self.steps as f64) - TEST_GAP);
+        dir.write_status(&Status {
+            state: self.state,
+            steps_done: self.steps,
+            final_test_neg_log_perplexity: test,
+            final_test_loss: test.map(|q| -q),
+            ..Default::default()
+        })
     }
 
     fn run_file(&self) -> RunFile<serde_json::Value> {
@@ -76,6 +90,7 @@ impl<'a> SyntheticRun<'a> {
             params_total: 1000 * self.experts,
             params_active: 1000,
             flops_per_token: 5000.0,
+            flops_per_token_computed: 5000.0 + 100.0 * self.experts as f64,
             config,
         }
     }

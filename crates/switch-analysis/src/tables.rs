@@ -1,9 +1,11 @@
 //! The report's Markdown tables, one function each, laid out like the paper's.
-use crate::{dense_for, fmt_q, opt, paper, plots, stats, Group, Sweep};
+use crate::fit::GainFit;
+use crate::{dense_for, fmt_q, opt, paper, plots, settings, stats, Group, Setting, Sweep};
 use std::fmt::Write as _;
 use switch_rundir::State;
 
-/// The title, the grid's description, what was measured, how it is scaled down from the paper, and the threshold.
+/// The title, the grid's description, what was measured and on which split, how it is scaled
+/// down from the paper, and the threshold.
 pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { runs, groups, threshold, at_step, seeds, .. } = *s;
     let first = &runs[0];
@@ -14,11 +16,21 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
     let mut objectives: Vec<&str> = runs.iter().map(|r| r.objective.as_str()).collect();
     objectives.sort_unstable();
     objectives.dedup();
-    writeln!(md, "Held-out neg log perplexity (nats per target token, higher is better) of {} on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", objectives.join(" and "), runs.len(), groups.len(), seeds)?;
+    writeln!(md, "Neg log perplexity (nats per target token, higher is better) of {} on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", objectives.join(" and "), runs.len(), groups.len(), seeds)?;
+    let tested = runs.iter().filter(|r| r.test_quality.is_some()).count();
+    if tested > 0 {
+        writeln!(md, "**Splits:** training text, a **validation** split (every evaluation during training: curves, steps and time to threshold, any choice of settings) and a **test** split scored once per run after its last step (final qualities, gains, claims); the three are disjoint. {tested} of {} runs have a test score.\n", runs.len())?;
+    } else {
+        writeln!(md, "**Splits:** these runs predate the test split (RESULTS_VERSION < 7): every number is on the one held-out split, which also chose the settings.\n")?;
+    }
     writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
         plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;
-    if let Some(t) = threshold {
-        writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final quality). Quality @ N uses N = {at_step:.0}.\n")?;
+    if let (Some(t), Some(n)) = (threshold, at_step) {
+        writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final validation quality). Quality @ N uses N = {n:.0}.\n")?;
+    }
+    let diverged: Vec<String> = runs.iter().filter_map(|r| Some(format!("{} (step {:.0})", r.id, r.diverged_at?))).collect();
+    if !diverged.is_empty() {
+        writeln!(md, "**Diverged** (NaN or infinite validation loss; curves stop at the last finite evaluation): {}.\n", diverged.join(", "))?;
     }
     Ok(())
 }
@@ -32,54 +44,132 @@ pub(crate) fn figure_index(md: &mut String, figures: &[(&str, &str)]) -> anyhow:
     Ok(())
 }
 
-/// Quality against the number of experts, beside the paper's Fig. 4 / Table 7.
+/// A group's quality cell: `mean ± std`, or the run's state and problem.
+fn quality_cell(g: &Group, q: Option<(f64, f64)>) -> String {
+    let r = g.first();
+    q.map(|q| fmt_q(q, g.runs.len())).unwrap_or_else(|| match &r.problem {
+        Some(p) => format!("{} ({p})", r.state_label()),
+        None => r.state_label(),
+    })
+}
+
+/// Quality against the number of experts, setting by setting, beside the paper's Fig. 4 /
+/// Table 7: validation and test quality, the paired test gain over the setting's dense model,
+/// the step speedup to its final validation quality, and both FLOPs counts.
 pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
-    let Sweep { groups, baseline, .. } = *s;
-    writeln!(md, "## Scaling with the number of experts (paper: Fig. 4, Table 7)\n")?;
-    writeln!(md, "| Model | Experts | Params | Active params | Quality | Gain over dense | Paired gain | Step speedup to dense quality | Paper params | Paper quality | Paper gain |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
-    for g in groups.iter().filter(|g| g.first().top_k == 1) {
+    let all = settings(s.groups, s.baseline);
+    if all.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Scaling with the number of experts (paper: Fig. 1 left, Fig. 4, Table 7)\n")?;
+    writeln!(md, "Setting by setting: each Switch model against the dense model of its setting. **Paired gain** is the mean ± std over seeds of the per-seed test difference (paired seeds share data order and shared weights), **sep** its mean ÷ std. **Step speedup**: dense steps to its own final validation quality ÷ the model's (seed-mean curves). **FLOPs ÷ dense** by the paper's convention (expert FFN = one dense FFN, router aside) and as computed (router and every capacity slot).\n")?;
+    let (scaling, single): (Vec<&Setting>, Vec<&Setting>) = all.iter().partition(|set| set.switches.len() > 1);
+    for set in &scaling {
+        writeln!(md, "### {}\n", if set.label == "preset" { "Preset".to_string() } else { set.label.clone() })?;
+        experts_rows(md, &set.groups().iter().map(|g| (*g, set.dense)).collect::<Vec<_>>())?;
+    }
+    if !single.is_empty() {
+        writeln!(md, "### {}\n", if scaling.is_empty() { "Switch points" } else { "Other points, each against its setting's dense model" })?;
+        let mut rows: Vec<(&Group, Option<&Group>)> = Vec::new();
+        for d in single.iter().filter_map(|set| set.dense) {
+            if !rows.iter().any(|(g, _)| std::ptr::eq(*g, d)) {
+                rows.push((d, Some(d)));
+            }
+        }
+        rows.extend(single.iter().flat_map(|set| set.switches.iter().map(|g| (*g, set.dense))));
+        experts_rows(md, &rows)?;
+    }
+    writeln!(md, "Paper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
+    Ok(())
+}
+
+/// The experts table's rows: each group against its dense model (`None`: no dense to compare).
+fn experts_rows(md: &mut String, rows: &[(&Group, Option<&Group>)]) -> anyhow::Result<()> {
+    writeln!(md, "| Model | Experts | Params | FLOPs ÷ dense (paper / computed) | Validation | Test | Paired test gain | sep | Step speedup | Paper params | Paper quality | Paper gain |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for &(g, dense) in rows {
         let r = g.first();
-        let q = g.final_quality();
-        let curve = g.mean_points();
-        let speedup = if r.num_experts > 1 {
-            let dense_curve = dense_for(groups, g, baseline).map(Group::mean_points).unwrap_or_default();
-            stats::step_speedup(&dense_curve, &curve)
-                .map(|s| format!("{s:.2}×"))
-                .unwrap_or_else(|| "not reached".into())
-        } else {
+        let is_dense = r.num_experts == 1;
+        let (gain, sep) = match dense {
+            Some(d) if !is_dense => paired_test(&g.paired_test_differences(d)),
+            _ => ("–".into(), "–".into()),
+        };
+        let dense_curve = dense.map(Group::mean_points).unwrap_or_default();
+        let speedup = if is_dense {
             "1.00×".into()
+        } else {
+            stats::step_speedup(&dense_curve, &g.mean_points()).map_or("not reached".into(), |x| format!("{x:.2}×"))
+        };
+        let flops = match dense {
+            Some(d) => format!(
+                "{:.2} / {:.2}",
+                r.flops_per_token / d.first().flops_per_token.max(1.0),
+                r.flops_per_token_computed / d.first().flops_per_token_computed.max(1.0)
+            ),
+            None => "–".into(),
         };
         let paper = paper::experts_row(r.num_experts);
-        let dense = dense_for(groups, g, baseline);
-        let paired_gain = match dense {
-            Some(d) if r.num_experts > 1 => paired(&g.paired_differences(d)).0,
-            _ => "–".into(),
-        };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {paired_gain} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {flops} | {} | {} | {gain} | {sep} | {speedup} | {} | {} | {} |",
             g.label(),
             r.num_experts,
             plots::format_si(r.params_total as f64),
-            plots::format_si(r.params_active as f64),
-            q.map(|q| fmt_q(q, g.runs.len())).unwrap_or_else(|| format!(
-                "{} ({})",
-                r.state_label(),
-                r.problem.clone().unwrap_or_default()
-            )),
-            match (q, dense.and_then(|d| d.final_quality())) {
-                (Some(q), Some(b)) if r.num_experts > 1 => format!("{:+.3}", q.0 - b.0),
-                _ => "–".into(),
-            },
-            speedup,
+            quality_cell(g, g.final_quality()),
+            quality_cell(g, g.test_quality()),
             paper.0,
             paper.1,
             paper.2
         )?;
     }
-    writeln!(md, "\nPaper: Switch-Base with 64 experts reaches T5-Base's step-450k quality at step 60k, a 7.5× step speedup; 2, 4 and 8 experts also improve over T5-Base (Fig. 12, no numbers given).\n")?;
+    writeln!(md)?;
+    Ok(())
+}
 
+/// `mean ± std` of per-seed test differences and mean ÷ std.
+fn paired_test(diffs: &[f64]) -> (String, String) {
+    match diffs.len() {
+        0 => ("–".into(), "–".into()),
+        1 => (format!("{:+.3}", diffs[0]), "–".into()),
+        _ => {
+            let (m, sd) = stats::mean_std(diffs);
+            (format!("{m:+.3} ± {sd:.3}"), if sd > 1e-9 { format!("{:.1}", m / sd) } else { "exact".into() })
+        }
+    }
+}
+
+/// The leading setting's per-seed gains fitted against log₂ E ([`crate::fit`]), when it has
+/// at least two Switch sizes and two seeds.
+pub(crate) fn gain_fit(s: &Sweep) -> Option<GainFit> {
+    let main = settings(s.groups, s.baseline).into_iter().next()?;
+    let dense = main.dense?;
+    let gains: Vec<(u64, f64, f64)> = main
+        .switches
+        .iter()
+        .filter(|g| (g.first().flops_per_token / dense.first().flops_per_token.max(1.0) - 1.0).abs() <= 0.01)
+        .flat_map(|g| {
+            g.runs.iter().filter_map(move |r| {
+                let base = dense.runs.iter().find(|d| d.seed == r.seed)?.test_quality?;
+                Some((r.seed, g.first().num_experts as f64, r.test_quality? - base))
+            })
+        })
+        .collect();
+    GainFit::new(main.label.clone(), &gains)
+}
+
+/// The fit of gain against log₂ E, and where returns diminish.
+pub(crate) fn fit_table(md: &mut String, fit: Option<&GainFit>) -> anyhow::Result<()> {
+    let Some(f) = fit else { return Ok(()) };
+    let ((b, bs), (c, cs)) = (f.b(), f.c());
+    writeln!(md, "## The scaling curve, fitted ({})\n", f.setting)?;
+    writeln!(md, "Each seed's paired test gains over dense fitted by least squares to gain = b·log₂E + c·(log₂E)² (no intercept: dense gains nothing over itself); mean ± std over {} seeds: **b = {b:+.4} ± {bs:.4}**, **c = {c:+.4} ± {cs:.4}** nats. Returns diminish (c < 0 by more than 2 std): **{}**.\n", f.per_seed.len(), if f.returns_diminish() { "yes" } else { "no" })?;
+    writeln!(md, "| Doubling | Fitted gain of the doubling (nats) |\n|---|---|")?;
+    let top = f.max_experts.log2().round() as u32;
+    for x in 1..=top {
+        let (m, sd) = f.doubling_gain(x as f64);
+        writeln!(md, "| {} → {} experts | {m:+.4} ± {sd:.4} |", 1u64 << (x - 1), 1u64 << x)?;
+    }
+    writeln!(md)?;
     Ok(())
 }
 
@@ -93,27 +183,38 @@ fn table1_match(s: &Sweep, g: &Group) -> Option<paper::Table1Row> {
     paper::table1_row_for(r.num_experts, r.top_k, r.capacity_factor, widened)
 }
 
-/// The Table 1 analog: quality after N steps, steps and seconds to the threshold on each group's
-/// seed-mean curve (interpolated between evaluations), speed; then the paper's rows, each once,
-/// with the rows of ours that correspond to it.
+/// The Table 1 analog: test quality, validation quality after N steps, steps and CPU time to
+/// the threshold on each group's seed-mean validation curve (interpolated between
+/// evaluations), examples per CPU second; then the paper's rows, each once, with ours beside.
 pub(crate) fn table1(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { groups, threshold, at_step, .. } = *s;
+    let at = at_step.map_or("last".into(), |n| format!("{n:.0}"));
     writeln!(md, "## Switch vs MoE vs dense (paper: Table 1)\n")?;
-    writeln!(md, "| Model | Capacity factor | Quality @ {at_step:.0} steps | Steps to threshold | Time to threshold (s) | Speed (examples/s) | Paper row |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "Time is the CPU time of each run's own threads (user + system), so another process on the machine does not inflate it; examples/s are per CPU second.\n")?;
+    writeln!(md, "| Model | Setting | Capacity factor | FLOPs ÷ baseline (paper / computed) | Test quality | Validation @ {at} steps | Steps to threshold | CPU s to threshold | Examples per CPU s | Paper row |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    let base = s.baseline.map(|b| b.first());
     for g in groups {
         let r = g.first();
-        let qs: Vec<f64> = g.evaluated().iter().filter_map(|r| stats::value_at(&r.nlp_curve(), at_step)).collect();
+        let qs: Vec<f64> = match at_step {
+            Some(n) => g.evaluated().iter().filter_map(|r| stats::value_at(&r.nlp_curve(), n)).collect(),
+            None => g.evaluated().iter().filter_map(|r| r.final_quality()).collect(),
+        };
         let steps_to = threshold.and_then(|t| stats::first_crossing(&g.mean_points(), t));
-        let time_to = steps_to.and_then(|s| g.mean_wall_at(s));
+        let time_to = steps_to.and_then(|s| g.mean_cpu_at(s));
         let speed: Vec<f64> = g.runs.iter().filter_map(|r| r.examples_per_s()).collect();
         let reached =
             |v: Option<f64>, digits| v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "not reached".into());
+        let flops = base.map_or("–".into(), |b| {
+            format!("{:.2} / {:.2}", r.flops_per_token / b.flops_per_token.max(1.0), r.flops_per_token_computed / b.flops_per_token_computed.max(1.0))
+        });
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {flops} | {} | {} | {} | {} | {} | {} |",
             r.model_name(),
+            if r.variant_items.is_empty() { "preset".into() } else { r.variant() },
             if r.num_experts > 1 { format!("{}", r.capacity_factor) } else { "–".into() },
+            g.test_quality().map_or("–".into(), |q| fmt_q(q, g.runs.len())),
             if qs.is_empty() { "–".into() } else { fmt_q(stats::mean_std(&qs), qs.len()) },
             reached(steps_to, 0),
             reached(time_to, 1),
@@ -121,7 +222,7 @@ pub(crate) fn table1(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             table1_match(s, g).map_or("–", |p| p.model),
         )?;
     }
-    writeln!(md, "\nSteps and time to threshold are read off the seed-mean curve, interpolated between evaluations (time: the seeds' mean wall-clock at that step).\n")?;
+    writeln!(md, "\nSteps and CPU time to threshold are read off the seed-mean validation curve, interpolated between evaluations (CPU time: the seeds' mean at that step).\n")?;
     writeln!(md, "The paper's Table 1 (128 experts, T5-Base FLOPs per token, 100k steps on 32 TPUv3 cores):\n")?;
     writeln!(md, "| Paper model | Capacity factor | Quality @100k | Hours to −1.50 | Examples/s | Ours |\n|---|---|---|---|---|---|")?;
     for p in paper::TABLE1 {
@@ -155,7 +256,7 @@ pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             "## Gain over dense, setting by setting
 "
         )?;
-        writeln!(md, "Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise. **Paired gain** is the mean ± std of the per-seed differences (both arms of a seed see the same batches and start from the same shared weights), and its separation the mean ÷ twice that std.\n")?;
+        writeln!(md, "On the **validation** split (final evaluation; the test split's paired gains are in the scaling table above). Each Switch point against the dense model with the same setting (or the baseline, for settings that only touch routers). **Separation** is the gain ÷ twice the larger seed std: above 1 the gain is outside the seed noise. **Paired gain** is the mean ± std of the per-seed differences (both arms of a seed see the same batches and start from the same shared weights), and its separation the mean ÷ twice that std.\n")?;
         writeln!(md, "| Setting | Model | Seeds | Dense | Switch | Gain | Separation | Paired gain | Paired separation | FLOPs ÷ dense |\n|---|---|---|---|---|---|---|---|---|---|")?;
         for g in groups.iter().filter(|g| g.first().num_experts > 1) {
             let Some(d) = dense_for(groups, g, baseline) else { continue };
@@ -328,42 +429,50 @@ fn ceiling_row(base: &Group, wide: &Group, switch: Option<&Group>, e: u64) -> St
     )
 }
 
-/// The Table 3 analog, when init scales differ.
+/// The Table 3 analog: each Switch point whose init scale differs from a Switch point that is
+/// otherwise the same (grid keys aside from `init_scale`), with both test qualities, the std
+/// over seeds (the paper's stability measure) and the paired difference.
 pub(crate) fn table3(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
-    let Sweep { runs, .. } = *s;
-    let scales: Vec<f64> = {
-        let mut s: Vec<f64> = runs.iter().map(|r| r.init_scale).collect();
-        s.sort_by(f64::total_cmp);
-        s.dedup();
-        s
+    let without_init = |g: &Group| -> Vec<String> {
+        g.first().variant_items.iter().filter(|i| !i.starts_with("init_scale=")).cloned().collect()
     };
-    if scales.len() > 1 {
-        writeln!(md, "## Initialisation scale (paper: Table 3)\n")?;
-        writeln!(
-            md,
-            "| Init scale | Runs | Mean quality | Std over seeds | Paper mean | Paper std |\n|---|---|---|---|---|---|"
-        )?;
-        for s in &scales {
-            let v: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.init_scale == *s && r.num_experts > 1)
-                .filter_map(|r| r.final_quality())
-                .collect();
-            let failed = runs.iter().filter(|r| r.init_scale == *s && r.state == Some(State::Failed)).count();
-            let (m, sd) = if v.is_empty() { (f64::NAN, f64::NAN) } else { stats::mean_std(&v) };
-            let p = paper::table3_row(*s);
+    let pairs: Vec<(&Group, &Group)> = s
+        .groups
+        .iter()
+        .filter(|g| g.first().num_experts > 1 && g.first().variant_items.iter().any(|i| i.starts_with("init_scale=")))
+        .filter_map(|g| {
+            let other = s.groups.iter().find(|o| {
+                o.first().num_experts == g.first().num_experts
+                    && o.first().init_scale != g.first().init_scale
+                    && without_init(o) == without_init(g)
+                    && !o.first().variant_items.iter().any(|i| i.starts_with("init_scale="))
+            })?;
+            Some((other, g))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Initialisation scale (paper: Table 3)\n")?;
+    writeln!(md, "| Model | Init scale | Test quality (mean ± std over seeds) | Paired difference vs init {} | Paper mean | Paper std |\n|---|---|---|---|---|---|", pairs[0].0.first().init_scale)?;
+    for (base, other) in pairs {
+        for (g, diff) in [(base, None), (other, Some(other.paired_test_differences(base)))] {
+            let p = paper::table3_row(g.first().init_scale);
+            let failed = g.runs.iter().filter(|r| r.state == Some(State::Failed)).count();
             writeln!(
                 md,
-                "| {s} | {}{} | {m:.3} | {sd:.3} | {} | {} |",
-                v.len(),
+                "| {} | {} | {}{} | {} | {} | {} |",
+                g.label(),
+                g.first().init_scale,
+                g.test_quality().map_or("–".into(), |q| format!("{:.3} ± {:.3}", q.0, q.1)),
                 if failed > 0 { format!(" ({failed} failed)") } else { String::new() },
+                diff.map_or("–".into(), |d| paired_test(&d).0),
                 p.0,
                 p.1
             )?;
         }
-        writeln!(md)?;
     }
-
+    writeln!(md, "\nPaper: 32 experts, 3.5k steps, 3 seeds.\n")?;
     Ok(())
 }
 
@@ -415,11 +524,16 @@ pub(crate) fn routing_health(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
 /// Every run, with its state and final numbers.
 pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { runs, .. } = *s;
-    writeln!(md, "## Runs\n\n| Run | Point | Seed | State | Steps | Final quality | Tokens/s | Note |\n|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "## Runs\n\n| Run | Point | Seed | State | Steps | Validation | Test | CPU s | Wall s | Tokens per CPU s | Note |\n|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in runs {
+        let note = r.error.clone().or_else(|| r.problem.clone()).unwrap_or_default();
+        let note = match r.diverged_at {
+            Some(step) => format!("diverged at step {step:.0}. {note}"),
+            None => note,
+        };
         writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0}/{} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0}/{} | {} | {} | {:.1} | {:.1} | {} | {} |",
             r.id,
             r.group,
             r.seed,
@@ -427,8 +541,11 @@ pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             r.final_step,
             r.steps_total,
             opt(r.final_quality(), 3),
+            opt(r.test_quality, 3),
+            r.final_cpu_s,
+            r.final_wall_s,
             opt(r.tokens_per_s(), 0),
-            r.error.clone().or_else(|| r.problem.clone()).unwrap_or_default().replace('|', "/").replace('\n', " ")
+            note.replace('|', "/").replace('\n', " ")
         )?;
     }
     Ok(())
@@ -437,11 +554,11 @@ pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
 /// `summary.csv`: one row per run.
 pub(crate) fn summary_csv(s: &Sweep) -> anyhow::Result<String> {
     let Sweep { runs, threshold, .. } = *s;
-    let mut csv = String::from("run_id,group,seed,state,is_baseline,num_experts,top_k,capacity_factor,init_scale,params_total,params_active,flops_per_token,final_step,final_neg_log_perplexity,steps_to_threshold,wall_s,tokens_per_s,examples_per_s\n");
+    let mut csv = String::from("run_id,group,seed,state,is_baseline,num_experts,top_k,capacity_factor,init_scale,params_total,params_active,flops_per_token,flops_per_token_computed,final_step,final_neg_log_perplexity,test_neg_log_perplexity,steps_to_threshold,wall_s,cpu_s,tokens_per_cpu_s,examples_per_cpu_s,diverged_at\n");
     for r in runs {
         writeln!(
             csv,
-            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             r.id,
             r.group,
             r.seed,
@@ -454,15 +571,19 @@ pub(crate) fn summary_csv(s: &Sweep) -> anyhow::Result<String> {
             r.params_total,
             r.params_active,
             r.flops_per_token,
+            r.flops_per_token_computed,
             r.final_step,
             opt(r.final_quality(), 6),
+            opt(r.test_quality, 6),
             threshold
                 .and_then(|t| stats::first_crossing(&r.nlp_curve(), t))
                 .map(|v| format!("{v:.1}"))
                 .unwrap_or_default(),
             r.final_wall_s,
+            r.final_cpu_s,
             opt(r.tokens_per_s(), 1),
-            opt(r.examples_per_s(), 2)
+            opt(r.examples_per_s(), 2),
+            r.diverged_at.map(|s| format!("{s:.0}")).unwrap_or_default()
         )?;
     }
     Ok(csv)

@@ -78,11 +78,16 @@ fn report_on_synthetic_runs() {
     assert!(md.contains("# Sweep `synthetic`\n\n> Line one.\n> Line two.\n\n"), "{md}");
     // Switch-4's seed mean is −3 + 2s/1000: it reaches dense's final −2.0 at step 500, a 2× speedup,
     // and its final quality is −1.0 ± 0.071 (two seeds ±0.05).
-    // One dense seed: no paired gain (it needs two seeds for a std).
-    assert!(md.contains("| Switch-4, cf 1.25 | 4 | 4000 | 1000 | -1.000 ± 0.071 | +1.000 | – | 2.00× |"), "{md}");
+    // Its test quality is 0.02 lower (synthetic::TEST_GAP); one dense seed pairs with seed 0 only:
+    // (−1.05 − 0.02) − (−2.0 − 0.02) = +0.950, with no std. Computed FLOPs: 5400 ÷ 5100.
+    assert!(
+        md.contains("| Switch-4, cf 1.25 | 4 | 4000 | 1.00 / 1.06 | -1.000 ± 0.071 | -1.020 ± 0.071 | +0.950 | – | 2.00× |"),
+        "{md}"
+    );
     assert!(md.contains("| Dense | 1 |"), "{md}");
-    // Table 1 analog: quality @1000 steps, steps to the dense final quality (mean over seeds: 525 and 475).
-    assert!(md.contains("| Switch-4 | 1.25 | -1.000 ± 0.071 | 500 |"), "{md}");
+    // Table 1 analog: test quality, validation @1000 steps, steps to the dense final quality
+    // (mean over seeds: 525 and 475), CPU seconds (step ÷ 20) at that step.
+    assert!(md.contains("| Switch-4 | preset | 1.25 | 1.00 / 1.06 | -1.020 ± 0.071 | -1.000 ± 0.071 | 500 | 25.0 |"), "{md}");
     assert!(md.contains("| sw16s0 |") && md.contains("failed") && md.contains("metrics.csv is missing"), "{md}");
     assert!(md.contains("| sw8s0 |") && md.contains("running"), "{md}");
     assert!(md.contains("No expert has zero load"));
@@ -192,8 +197,8 @@ fn paired_gains_and_the_width_ceiling_are_computed_seed_by_seed() {
         row("4").contains("| +0.400 ± 0.000 |") && row("4").ends_with("| +0.113 ± 0.023 | +0.28 ± 0.06 |"),
         "{ceiling}"
     );
-    // The ceiling rows are in the experts table too, marked as dense; the paired column there.
-    assert!(md.contains("| +0.100 | +0.100 ± 0.000 |"), "{md}");
+    // The experts table pairs the test scores: every seed gains the same, so the std is 0.
+    assert!(md.contains("| +0.100 ± 0.000 | exact |"), "{md}");
 }
 
 #[test]
@@ -208,7 +213,7 @@ fn a_grid_without_a_dense_model_has_no_study_section() {
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
     assert!(!md.contains("Gain over dense, setting by setting"), "{md}");
     assert!(!dir.join("report/gain_vs_step.png").exists());
-    assert!(md.contains("| Switch-8, cf 1.25 [init_scale=1.0] | 8 | 8000 | 1000 | -3.700 | – |"), "{md}");
+    assert!(md.contains("| Switch-8, cf 1.25 [init_scale=1.0] | 8 | 8000 | – | -3.700 | -3.720 | – | – |"), "{md}");
 }
 
 #[test]
@@ -216,7 +221,7 @@ fn table1_reads_thresholds_off_seed_mean_curves_and_prints_each_paper_row_once()
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("synthetic");
     // Dense, two seeds at −3 + s/1000 ∓ 0.05: the seed mean ends at −2.0 at step 1000, which the
-    // lower seed alone never reaches. Wall-clock is step/10 s.
+    // lower seed alone never reaches. CPU time is step/20 s.
     write_run(&dir, "d0", 1, 0, 1000, |s| -3.0 + s / 1000.0 - 0.05, "done");
     write_run(&dir, "d1", 1, 1, 1000, |s| -3.0 + s / 1000.0 + 0.05, "done");
     // Switch-4 and Switch-8, seed means −3 + 1.6·s/1000: −2.0 at step 625, between evaluations 600 and 700.
@@ -228,8 +233,8 @@ fn table1_reads_thresholds_off_seed_mean_curves_and_prints_each_paper_row_once()
     let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
     let table = md.split("## Switch vs MoE vs dense").nth(1).unwrap();
     let row = |name: &str| table.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap().to_string();
-    assert!(row("Dense").contains("| 1000 | 100.0 |"), "dense reaches its own mean: {}", row("Dense"));
-    assert!(row("Switch-4").contains("| 625 | 62.5 |"), "{}", row("Switch-4"));
+    assert!(row("Dense").contains("| 1000 | 50.0 |"), "dense reaches its own mean: {}", row("Dense"));
+    assert!(row("Switch-4").contains("| 625 | 31."), "{}", row("Switch-4"));
     assert!(row("Switch-4").ends_with("| Switch-Base |"), "{}", row("Switch-4"));
     // The paper's rows, each once: Switch-Base at 1.25 names both of ours; rows we lack say so.
     let paper = table.split("The paper's Table 1").nth(1).unwrap();
@@ -406,7 +411,7 @@ fn the_header_names_the_objective_each_run_trained_on() {
     write_run(&dir, "span", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
     write_run_at(&dir, "prefix", "  data.objective: prefix_lm\n", 1, 0, 300, |s| -2.9 + s / 1000.0, "done");
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
-    let header = md.lines().find(|l| l.starts_with("Held-out")).unwrap();
+    let header = md.lines().find(|l| l.starts_with("Neg log perplexity")).unwrap();
     assert!(
         header.contains("of T5-style span corruption and a prefix LM (NOT the paper's span corruption) on"),
         "{header}"
@@ -451,4 +456,73 @@ fn a_router_only_setting_is_measured_against_the_ceiling_without_it() {
         rows[1].contains("| +0.400 ± 0.000 |") && rows[1].ends_with("| +0.300 ± 0.000 | +0.75 ± 0.00 |"),
         "{ceiling}"
     );
+}
+
+#[test]
+fn a_report_of_a_grid_with_claims_prints_each_verdict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("claims");
+    // Three paired seeds: dense −3 + s/1000 + seed·0.01; Switch-E gains 0.1·log₂E + seed·0.001
+    // (test = final − 0.02 for every run, so paired test gains equal the final ones).
+    for seed in 0..3u64 {
+        let noise = seed as f64 * 0.01;
+        write_run(&dir, &format!("d{seed}"), 1, seed, 1000, move |s| -3.0 + s / 1000.0 + noise, "done");
+        for e in [2u64, 4, 8] {
+            let gain = 0.1 * (e as f64).log2() + seed as f64 * 0.001;
+            write_run(&dir, &format!("s{e}x{seed}"), e, seed, 1000, move |s| -3.0 + s / 1000.0 + noise + gain * s / 1000.0, "done");
+        }
+    }
+    let claims = r#"
+claims:
+  - says: more experts, better
+    improves_with: {key: model.num_experts, among: {}}
+  - says: Switch-8 beats dense
+    beats: {point: {model.num_experts: 8}}
+  - says: dense beats Switch-2
+    beats: {point: {model.num_experts: 1}, over: {model.num_experts: 2}}
+  - says: Switch-4 is 10x faster in steps
+    step_speedup: {point: {model.num_experts: 4}, at_least: 10}
+  - says: Switch-4 sooner than Switch-2
+    sooner: {point: {model.num_experts: 4}, than: {model.num_experts: 2}}
+  - says: Switch-64 beats dense
+    beats: {point: {model.num_experts: 64}}
+"#;
+    std::fs::write(dir.join("grid.yaml"), format!("name: claims\n{claims}")).unwrap();
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let table = md.split("## Claims").nth(1).unwrap().split("\n## ").next().unwrap();
+    let verdict = |says: &str| {
+        let row = table.lines().find(|l| l.starts_with(&format!("| {says} |"))).unwrap_or_else(|| panic!("{table}"));
+        row.split(" | ").nth(1).unwrap().to_string()
+    };
+    assert_eq!(verdict("more experts, better"), "**holds**", "{table}");
+    assert_eq!(verdict("Switch-8 beats dense"), "**holds**", "{table}");
+    assert_eq!(verdict("dense beats Switch-2"), "**fails**", "{table}");
+    // Switch-4 at +0.2: reaches dense's −2.0 at step 1000/1.2 = 833: 1.2×, not 10×.
+    assert_eq!(verdict("Switch-4 is 10x faster in steps"), "**fails**", "{table}");
+    assert!(table.contains("1.20× sooner"), "{table}");
+    assert_eq!(verdict("Switch-4 sooner than Switch-2"), "**holds**", "{table}");
+    assert_eq!(verdict("Switch-64 beats dense"), "not measured", "{table}");
+    // Switch-8's paired gain: 0.3 + seed·0.001 → +0.301 ± 0.001.
+    assert!(table.contains("paired gain +0.301 ± 0.001 over 3 seeds"), "{table}");
+}
+
+#[test]
+fn a_sweep_with_a_diverged_run_reports_in_bounded_time_and_marks_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nan");
+    write_run(&dir, "dense", 1, 0, 500, |s| -3.0 + s / 1000.0, "done");
+    write_run(&dir, "nan", 4, 0, 500, |s| if s > 250.0 { f64::NAN } else { -3.0 + s / 900.0 }, "failed");
+    write_run(&dir, "inf", 8, 0, 500, |s| if s > 350.0 { f64::NEG_INFINITY } else { -3.0 + s / 800.0 }, "failed");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dir.clone();
+    std::thread::spawn(move || tx.send(report(&d, &ReportOptions { threshold: None, at_step: None }).map(|_| ())));
+    let done = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("report finishes within a minute");
+    done.unwrap();
+    let md = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    assert!(md.contains("**Diverged**") && md.contains("nan (step 300)") && md.contains("inf (step 400)"), "{md}");
+    assert!(md.lines().any(|l| l.starts_with("| nan |") && l.contains("diverged at step 300")), "{md}");
+    let csv = std::fs::read_to_string(dir.join("report/summary.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("nan,") && l.ends_with(",300")), "{csv}");
+    let tables = md.lines().filter(|l| l.starts_with('|'));
+    assert!(tables.clone().all(|l| !l.contains("NaN") && !l.contains("-inf")), "no non-finite number reaches a table: {md}");
 }

@@ -14,7 +14,7 @@ fn micro_grid(dir: &Path, steps: u64) -> PathBuf {
 
 /// The micro grid's model and data as grid `name`, over `experts`, with `extra` YAML appended.
 fn grid_with(dir: &Path, name: &str, steps: u64, experts: &str, extra: &str) -> PathBuf {
-    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 120_000).unwrap();
+    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 200_000).unwrap();
     let grid = dir.join(format!("{name}.yaml"));
     std::fs::write(&grid, format!(
         "name: {name}\nsettings:\n  model: {{ d_model: 32, d_ff: 64, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 2 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: {steps}, batch_size: 4, eval_every: 3, log_every: 1, checkpoint_every: 3, warmup_steps: 2, eval_batch_size: 8 }}\ngrid:\n  model.num_experts: {experts}\nbaseline: {{ model.num_experts: 1 }}\n{extra}",
@@ -109,7 +109,7 @@ fn ctrl_c_checkpoints_and_the_same_command_resumes() {
     }
 }
 
-/// Every run's metrics.csv without wall_s (the one column no two runs share) and routing.csv.
+/// Every run's metrics.csv without wall_s and cpu_s (the columns no two runs share) and routing.csv.
 fn logs_by_run(sweep: &Path) -> std::collections::BTreeMap<String, (Vec<String>, String)> {
     let mut out = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(sweep.join("runs")).unwrap() {
@@ -117,7 +117,7 @@ fn logs_by_run(sweep: &Path) -> std::collections::BTreeMap<String, (Vec<String>,
         let metrics = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
         let rows = metrics
             .lines()
-            .map(|l| l.split(',').enumerate().filter(|(i, _)| *i != 2).map(|(_, c)| c).collect::<Vec<_>>().join(","))
+            .map(|l| l.split(',').enumerate().filter(|(i, _)| *i != 2 && *i != 3).map(|(_, c)| c).collect::<Vec<_>>().join(","))
             .collect();
         let routing = std::fs::read_to_string(dir.join("routing.csv")).unwrap();
         out.insert(dir.file_name().unwrap().to_string_lossy().into_owned(), (rows, routing));

@@ -10,7 +10,7 @@ fn switchlab() -> Command {
 }
 
 fn grid(dir: &Path, slurm: &str) -> PathBuf {
-    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 120_000).unwrap();
+    let corpus = switch_data::corpus::write_excerpt(&dir.join("corpus"), 200_000).unwrap();
     let path = dir.join("cluster.yaml");
     std::fs::write(&path, format!(
         "name: cluster\nsettings:\n  model: {{ d_model: 32, d_ff: 64, num_heads: 2, d_kv: 16, num_encoder_layers: 2, num_decoder_layers: 2 }}\n  data: {{ corpus: {}, tokenizer: byte, encoder_len: 32, eval_examples: 16 }}\n  train: {{ steps: 6, batch_size: 4, eval_every: 3, log_every: 1, checkpoint_every: 3, warmup_steps: 2, eval_batch_size: 8 }}\ngrid:\n  model.num_experts: [1, 2, 4, 8]\nbaseline: {{ model.num_experts: 1 }}\n{slurm}",
