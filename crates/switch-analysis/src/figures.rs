@@ -105,7 +105,8 @@ fn setting_name(set: &Setting) -> String {
 pub(crate) fn params_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
     let Some((objective, series)) = params_series(s) else { return Ok(false) };
     let title = "Test quality vs parameters at equal FLOPs/token (Fig. 1 left, Fig. 4 left)";
-    let legend_title = Some(format!("Objective: {}; points labelled by experts; bars ± 1 std over seeds", short(&objective)));
+    let bars = if s.seeds > 1 { "bars ± 1 std over seeds" } else { "one seed, no bars" };
+    let legend_title = Some(format!("Objective: {}; points labelled by experts; {bars}", short(&objective)));
     plots::write(
         out,
         "quality_vs_params",
@@ -212,14 +213,40 @@ pub(crate) fn gain_figure(out: &Path, s: &Sweep, fit: Option<&GainFit>) -> anyho
 pub(crate) fn speedup_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
     let all = settings(s.groups, s.baseline);
     let Some(main) = all.first().filter(|m| m.switches.len() > 1 && m.dense.is_some()) else { return Ok(false) };
-    let dense = main.dense.expect("checked").mean_points();
+    let dense_group = main.dense.expect("checked");
+    let dense = dense_group.mean_points();
     let pts: Vec<(f64, f64)> = main
         .switches
         .iter()
         .filter_map(|g| Some((g.first().num_experts as f64, crate::stats::step_speedup(&dense, &g.mean_points())?)))
         .collect();
+    // ± the std over seeds of each seed's own speedup (its Switch run against its dense run).
+    let errors = main
+        .switches
+        .iter()
+        .filter_map(|g| {
+            let e = g.first().num_experts as f64;
+            let v = pts.iter().find(|p| p.0 == e)?.1;
+            let per_seed: Vec<f64> = g
+                .runs
+                .iter()
+                .filter_map(|r| {
+                    let d = dense_group.runs.iter().find(|d| d.seed == r.seed)?;
+                    crate::stats::step_speedup(&d.nlp_curve(), &r.nlp_curve())
+                })
+                .collect();
+            (per_seed.len() > 1).then(|| {
+                let sd = crate::stats::mean_std(&per_seed).1;
+                (e, v - sd, v + sd)
+            })
+        })
+        .collect();
     let series = vec![
-        Series { labels: pts.iter().map(|p| format!(" {:.2}×", p.1)).collect(), ..Series::line(setting_name(main), pts, color(0)) },
+        Series {
+            labels: pts.iter().map(|p| format!(" {:.2}×", p.1)).collect(),
+            errors,
+            ..Series::line(setting_name(main), pts, color(0))
+        },
         Series::points("paper, Fig. 4 right: Switch-Base-64, 7.5×", vec![(64.0, 7.5)], RGBColor(0, 0, 0), Marker::Triangle),
     ];
     plots::write(
@@ -230,7 +257,7 @@ pub(crate) fn speedup_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
             x_label: "experts (log scale)",
             y_label: "dense steps ÷ Switch steps",
             log_x: true,
-            legend_title: None,
+            legend_title: Some("Seed-mean curves; bars ± 1 std of the per-seed speedups".into()),
             series,
         },
     )?;

@@ -159,7 +159,8 @@ pub fn settings<'a, 'b>(groups: &'b [Group<'a>], baseline: Option<&'b Group<'a>>
 /// Labels each scaling setting (two or more Switch points) by every key on which the scaling
 /// settings differ, including the keys it leaves at their default (`key=default`), so that
 /// series in one figure read apart ("router_init_scale=default objective=\"span_corruption\""
-/// rather than "preset").
+/// rather than "preset"); a setting that sets nothing is labelled by the keys the scaling
+/// settings set.
 fn name_scaling_settings(settings: &mut [Setting]) {
     let scaling: Vec<usize> = (0..settings.len()).filter(|&i| settings[i].switches.len() > 1).collect();
     let value = |s: &Setting, key: &str| -> String {
@@ -170,6 +171,9 @@ fn name_scaling_settings(settings: &mut [Setting]) {
             _ => "default".into(),
         }
     };
+    let label = |s: &Setting, keys: &[String]| {
+        keys.iter().map(|k| format!("{}={}", k.rsplit('.').next().unwrap_or(k), value(s, k))).collect::<Vec<_>>().join(" ")
+    };
     let mut keys: Vec<String> = Vec::new();
     for &i in &scaling {
         for (k, v) in &settings[i].switches[0].first().point {
@@ -178,8 +182,12 @@ fn name_scaling_settings(settings: &mut [Setting]) {
             }
         }
     }
+    for s in settings.iter_mut().filter(|s| s.label == "preset" && s.switches.len() == 1 && !keys.is_empty()) {
+        s.label = label(s, &keys);
+    }
     keys.retain(|k| {
         let mut values: Vec<String> = scaling.iter().map(|&i| value(&settings[i], k)).collect();
+        values.sort();
         values.dedup();
         values.len() > 1
     });
@@ -187,12 +195,7 @@ fn name_scaling_settings(settings: &mut [Setting]) {
         return;
     }
     for &i in &scaling {
-        let label = keys
-            .iter()
-            .map(|k| format!("{}={}", k.rsplit('.').next().unwrap_or(k), value(&settings[i], k)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        settings[i].label = label;
+        settings[i].label = label(&settings[i], &keys);
     }
 }
 

@@ -436,3 +436,70 @@ fn every_shipped_grid_plans_and_the_default_sweep_is_flop_matched() {
     let flops = plan.runs[0].accounting.flops_per_token;
     assert!(plan.runs.iter().all(|r| r.accounting.flops_per_token == flops));
 }
+
+// ---- Run identity ---------------------------------------------------------------------------
+// A run id hashes the resolved config and `RESULTS_VERSION`. The two tests below fail when either
+// can go stale silently: numerics that change without a version bump, and run ids that change
+// without a change of numerics (e.g. a new config field serialized at its default).
+
+/// The version the golden losses below were recorded with.
+const GOLDEN_VERSION: u32 = 7;
+/// (step, training loss) of a fixed Switch-4 micro run, then its final validation and test loss.
+/// Compared to 3e-6 (a few f32 ulps at these losses, room for another CPU's summation order);
+/// RMSNorm's epsilon moved from 1e-6 to 1e-5 changes them by up to 1.2e-5.
+const GOLDEN_LOSSES: [(u64, f64); 8] = [
+    (2, 5.996453),
+    (4, 5.884294),
+    (6, 5.680646),
+    (8, 5.525897),
+    (10, 5.520086),
+    (12, 5.454025),
+    (0, 5.400060653686523),
+    (0, 5.443116903305054),
+];
+
+#[test]
+fn golden_losses_pin_the_numerics_to_results_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&grid(tmp.path(), "golden", "grid:\n  model.num_experts: [4]\n")).unwrap();
+    let run = plan.run_file(&plan.runs[0]);
+    let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
+    let dir = RunDir::new(tmp.path().join("run"));
+    dir.create(&run.yaml()).unwrap();
+    let never = AtomicBool::new(false);
+    assert_eq!(train::train(&run.config, data.values().next().unwrap(), &dir, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+    let rows = std::fs::read_to_string(dir.path.join("metrics.csv")).unwrap();
+    let mut got: Vec<(u64, f64)> =
+        rows.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).map(|c| (c[0].parse().unwrap(), c[5].parse().unwrap())).collect();
+    let status = dir.read_status().unwrap();
+    got.push((0, status.final_eval_loss.unwrap()));
+    got.push((0, status.final_test_loss.unwrap()));
+    eprintln!("{got:?}");
+    let close = got.len() == GOLDEN_LOSSES.len()
+        && got.iter().zip(&GOLDEN_LOSSES).all(|(g, w)| g.0 == w.0 && (g.1 - w.1).abs() <= 3e-6);
+    assert_eq!(
+        (switch_runner::grid::RESULTS_VERSION, close),
+        (GOLDEN_VERSION, true),
+        "the numerics changed ({got:?} against the golden {GOLDEN_LOSSES:?}): bump grid::RESULTS_VERSION, then set \
+         GOLDEN_VERSION and GOLDEN_LOSSES to the new version and losses, and regenerate the committed reports"
+    );
+}
+
+/// The default sweep's run ids, as in its committed report (`results/experts/report/summary.csv`).
+#[test]
+fn the_default_sweeps_run_ids_are_those_of_its_committed_report() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plan = switch_runner::plan(&repo.join("experiments/experts.yaml")).unwrap();
+    let planned: Vec<&str> = plan.runs.iter().map(|r| r.run_id.as_str()).collect();
+    let summary = std::fs::read_to_string(repo.join("results/experts/report/summary.csv")).unwrap();
+    let mut committed: Vec<&str> = summary.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    let mut sorted = planned.clone();
+    sorted.sort_unstable();
+    committed.sort_unstable();
+    assert_eq!(
+        sorted, committed,
+        "experiments/experts.yaml now plans other run ids than its committed report: if the numerics changed, \
+         bump RESULTS_VERSION and regenerate the report (`cargo sweep experts`); if not, a config change altered \
+         the hash (keep new fields at their default out of the serialized config)"
+    );
+}
