@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// How a grid treats FLOPs per token.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, try_from = "Value")]
 pub enum FlopsRule {
     /// `match_baseline` (refuse points whose FLOPs per token differ from the baseline's, router
     /// aside) or `free` (deliberate mismatches, e.g. a T5-Large row).
@@ -29,6 +29,36 @@ pub enum FlopsRule {
 pub enum FlopsMode {
     MatchBaseline,
     Free,
+}
+
+/// Parsed by hand so that a typo inside `{solve: …}` is refused with a hint, not ignored (an
+/// untagged enum ignores unknown fields).
+impl TryFrom<Value> for FlopsRule {
+    type Error = String;
+    fn try_from(v: Value) -> std::result::Result<Self, String> {
+        const FIELDS: [&str; 3] = ["solve", "points", "target"];
+        let allowed = "match_baseline, free or {solve: model.d_model | model.d_ff, points: {…}, target: {…}}";
+        let m = match v {
+            Value::String(s) if s == "match_baseline" => return Ok(Self::Mode(FlopsMode::MatchBaseline)),
+            Value::String(s) if s == "free" => return Ok(Self::Mode(FlopsMode::Free)),
+            Value::Object(m) => m,
+            other => return Err(format!("flops_per_token: `{other}` is not one of {allowed}")),
+        };
+        if let Some(k) = m.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            let hint = FIELDS.iter().min_by_key(|f| crate::config::edit_distance(k, f)).expect("non-empty");
+            return Err(format!("flops_per_token: unknown field `{k}`; did you mean `{hint}`? (allowed: solve, points, target)"));
+        }
+        let selector = |key: &str| match m.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(o)) => Ok(Some(o.clone())),
+            Some(other) => Err(format!("flops_per_token.{key}: `{other}` is not a point selector ({{key: value, …}})")),
+        };
+        let solve = match m.get("solve") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(format!("flops_per_token: `solve` is required in a map (expected {allowed})")),
+        };
+        Ok(Self::Solve { solve, points: selector("points")?, target: selector("target")? })
+    }
 }
 
 /// A grid file as written by the user.
@@ -63,7 +93,13 @@ pub struct GridFile {
     /// What the grid expects its runs to show, judged by the report on the test split.
     #[serde(default)]
     pub claims: Vec<switch_rundir::claims::Claim>,
+    /// The most runs (points × seeds) the grid may expand to (default [`MAX_RUNS`]).
+    pub max_runs: Option<usize>,
 }
+
+/// Default bound on a grid's runs: far above any sweep one machine trains, far below what
+/// exhausts memory while expanding.
+pub const MAX_RUNS: usize = 10_000;
 
 /// One run of a sweep, fully resolved.
 #[derive(Clone, Debug, Serialize)]
@@ -274,9 +310,24 @@ fn base_tree(path: &Path, grid: &GridFile) -> Result<Value> {
     Ok(tree)
 }
 
+/// Refuses, before expanding anything, a grid of more than `max_runs` runs (points × seeds).
+fn check_size(path: &Path, grid: &GridFile) -> Result<()> {
+    let len = |v: &Value| v.as_array().map_or(1, Vec::len);
+    let product = grid.grid.values().fold(1usize, |n, v| n.saturating_mul(len(v)));
+    let zip_rows = grid.zip.values().next().map_or(1, len);
+    let seeds = grid.seeds.as_ref().map_or(1, |s| s.len().max(1));
+    let runs = product.saturating_mul(zip_rows).saturating_add(grid.points.len()).saturating_mul(seeds);
+    let limit = grid.max_runs.unwrap_or(MAX_RUNS);
+    if runs > limit {
+        let shown = if runs == usize::MAX { "more than 10^19".to_string() } else { runs.to_string() };
+        return Err(err(path, format!("the grid expands to {shown} runs (points × seeds), more than the limit of {limit}: split it into smaller grids, or raise the limit with `max_runs: N` in the grid file")));
+    }
+    Ok(())
+}
+
 /// The grid points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
 fn expand(path: &Path, grid: &GridFile) -> Result<Vec<Map<String, Value>>> {
-    // Points: product of `grid`, times the rows of `zip`, plus `points`, minus `exclude`.
+    check_size(path, grid)?;
     let mut points: Vec<Map<String, Value>> = vec![Map::new()];
     for (key, values) in &grid.grid {
         let values = list(path, "grid", key, values)?;
@@ -487,6 +538,8 @@ pub fn plan_with_seeds(path: &Path, seeds: Option<&[u64]>) -> Result<Plan> {
 }
 
 /// The value of `key` (d_model or d_ff, in steps of 1) whose FLOPs per token is closest to `target`.
+/// FLOPs grow with either size, so a bisection over 1..=4× the current size finds it in a few
+/// dozen evaluations, whatever the size.
 fn solve_size(cfg: &RunConfig, key: &str, target: f64) -> (usize, f64) {
     let current = if key == "model.d_model" { cfg.model.d_model } else { cfg.model.d_ff };
     let flops = |v: usize| {
@@ -498,10 +551,21 @@ fn solve_size(cfg: &RunConfig, key: &str, target: f64) -> (usize, f64) {
         }
         c.accounting().flops_per_token
     };
-    (1..=current * 4)
+    // The smallest value in [lo, hi] whose FLOPs reach the target (hi if none does).
+    let (mut lo, mut hi) = (1usize, current.max(1).saturating_mul(4));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if flops(mid) >= target {
+            hi = mid
+        } else {
+            lo = mid + 1
+        }
+    }
+    [lo.saturating_sub(1).max(1), lo]
+        .into_iter()
         .map(|v| (v, flops(v)))
         .min_by(|a, b| (a.1 - target).abs().total_cmp(&(b.1 - target).abs()))
-        .expect("non-empty range")
+        .expect("two candidates")
 }
 
 impl Plan {
@@ -615,13 +679,65 @@ pub struct MemoryLimit {
     pub source: String,
 }
 
+/// The first number (KiB) on the line of `file` that starts with `key` (`/proc` files).
+fn proc_kib(file: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
 impl MemoryLimit {
-    /// MemAvailable from /proc/meminfo; `None` (no limit) when it cannot be read.
+    /// The least of what this process may still use: the machine's MemAvailable, what is left
+    /// under its address-space limit (`ulimit -v`) and under its cgroup's `memory.max` (a
+    /// container's or Slurm job's `--mem`). `None` (no limit) when none can be read.
     pub fn available() -> Option<Self> {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        [Self::mem_available(), Self::address_space_left(), Self::cgroup_left()]
+            .into_iter()
+            .flatten()
+            .min_by(|a, b| a.bytes.total_cmp(&b.bytes))
+    }
+
+    fn mem_available() -> Option<Self> {
+        let kib = proc_kib("/proc/meminfo", "MemAvailable:")?;
         Some(Self { bytes: kib * 1024.0, source: "available (MemAvailable in /proc/meminfo)".into() })
+    }
+
+    /// The soft `RLIMIT_AS` less the address space this process already maps (VmSize).
+    fn address_space_left() -> Option<Self> {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit only writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+            return None;
+        }
+        let mapped = proc_kib("/proc/self/status", "VmSize:").unwrap_or(0.0) * 1024.0;
+        let source = format!(
+            "left under the address-space limit (ulimit -v {} KiB, of which {} already mapped)",
+            r.rlim_cur / 1024,
+            human_bytes(mapped)
+        );
+        Some(Self { bytes: (r.rlim_cur as f64 - mapped).max(0.0), source })
+    }
+
+    /// The cgroup's memory limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) less the anonymous
+    /// memory it already holds (page cache is reclaimable, so it is not counted as used).
+    fn cgroup_left() -> Option<Self> {
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(|rel| (root.join(rel.trim_start_matches('/')), "memory.max", "anon "));
+        let v1 = cgroup.lines().find_map(|l| l.split_once(":memory:")).map(|(_, rel)| {
+            // Inside a container the cgroup's own folder is often mounted as the root.
+            let own = root.join("memory").join(rel.trim_start_matches('/'));
+            (if own.exists() { own } else { root.join("memory") }, "memory.limit_in_bytes", "total_rss ")
+        });
+        [v2, v1].into_iter().flatten().find_map(|(dir, limit_file, used_key)| {
+            let max: f64 = std::fs::read_to_string(dir.join(limit_file)).ok()?.trim().parse().ok()?;
+            if max >= 2f64.powi(60) {
+                return None; // v1 writes "no limit" as a huge number
+            }
+            let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+            let used: f64 = stat.lines().find_map(|l| l.strip_prefix(used_key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+            let source = format!("left under the cgroup limit ({}/{limit_file} = {})", dir.display(), human_bytes(max));
+            Some(Self { bytes: (max - used).max(0.0), source })
+        })
     }
 
     /// The `--max-memory` flag's value.

@@ -122,6 +122,23 @@ pub fn default_split(pending: usize) -> (usize, usize) {
     (jobs, (cores / jobs).max(1))
 }
 
+/// Refuses more threads in all than [`MAX_THREADS_PER_CORE`] per core: beyond that they only
+/// spin against each other, and thousands never let training start.
+fn check_threads(plan: &Plan, jobs: usize, threads: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let limit = cores * MAX_THREADS_PER_CORE;
+    if jobs.saturating_mul(threads) > limit {
+        return Err(Error::input(
+            &plan.path,
+            format!("--jobs {jobs} × --threads {threads} = {} threads, more than {limit} ({MAX_THREADS_PER_CORE} per core on this machine's {cores}): lower --jobs or --threads", jobs.saturating_mul(threads)),
+        ));
+    }
+    Ok(())
+}
+
+/// The most threads a sweep may start per core.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
 /// Trains one run in its folder (created here), recording failure in `status.json`.
 pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> Result<Outcome> {
     dir.create(&run.yaml())?;
@@ -237,6 +254,7 @@ pub fn sweep(plan: &Plan, opts: &SweepOptions) -> Result<SweepSummary> {
     let mut summary = SweepSummary { skipped_done: triage.done, skipped_failed: triage.failed, ..Default::default() };
     let (jobs, threads) = default_split(pending.len());
     let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));
+    check_threads(plan, jobs, threads)?;
     // The `jobs` largest pending runs at once must fit, before anything is written.
     let limit = opts.max_memory.clone().or_else(crate::grid::MemoryLimit::available);
     plan.check_memory(&pending, jobs, limit.as_ref())?;

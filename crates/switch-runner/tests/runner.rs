@@ -503,3 +503,55 @@ fn the_default_sweeps_run_ids_are_those_of_its_committed_report() {
          the hash (keep new fields at their default out of the serialized config)"
     );
 }
+
+// ---- Hostile grids: each fails fast with a message naming the key ----------------------------
+
+#[test]
+fn an_unknown_field_inside_flops_solve_is_refused_with_a_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = plan_err(tmp.path(), "typo", "grid:\n  model.num_experts: [1, 4]\nbaseline: { model.num_experts: 1 }\nflops_per_token: { solve: model.d_ff, piont: { model.num_experts: 4 } }\n");
+    assert!(err.contains("typo.yaml") && err.contains("unknown field `piont`") && err.contains("did you mean `points`"), "{err}");
+    let err = plan_err(tmp.path(), "mode", "grid:\n  model.num_experts: [1, 4]\nflops_per_token: match_baselin\n");
+    assert!(err.contains("match_baselin") && err.contains("match_baseline, free"), "{err}");
+}
+
+#[test]
+fn solving_a_huge_size_is_bounded() {
+    // A bisection: the old scan over 1..4·d_ff took minutes at d_ff 5·10⁸.
+    let tmp = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let result = switch_runner::plan(&grid(tmp.path(), "huge", "zip:\n  model.num_experts: [1, 4]\n  model.d_ff: [64, 500000000]\nbaseline: { model.num_experts: 1 }\nflops_per_token: { solve: model.d_ff }\n"));
+    let p = result.unwrap();
+    assert_eq!(p.runs[1].config.model.d_ff, 64, "solved back to the baseline's FLOPs");
+    assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_grid_too_large_to_expand_is_refused_before_expanding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let forty: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+    let list = format!("[{}]", forty.join(", "));
+    let keys = ["model.d_ff", "model.d_model", "train.steps", "train.batch_size", "model.num_experts", "model.d_kv"];
+    let body: String = keys.iter().map(|k| format!("  {k}: {list}\n")).collect();
+    let err = plan_err(tmp.path(), "big", &format!("grid:\n{body}"));
+    assert!(err.contains("4096000000 runs") && err.contains("max_runs"), "{err}");
+    // The limit is the grid's to raise.
+    let err = plan_err(tmp.path(), "small", "grid:\n  model.num_experts: [1, 2, 4]\nseeds: [0, 1]\nmax_runs: 5\n");
+    assert!(err.contains("6 runs") && err.contains("limit of 5"), "{err}");
+}
+
+#[test]
+fn too_many_threads_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&grid(tmp.path(), "threads", "grid:\n  model.num_experts: [1]\n")).unwrap();
+    let opts = SweepOptions {
+        results_root: tmp.path().join("results"),
+        jobs: Some(1),
+        threads_per_run: Some(100_000),
+        retry_failed: false,
+        max_memory: None,
+    };
+    let err = format!("{:#}", sweep::sweep(&plan, &opts).err().expect("must fail"));
+    assert!(err.contains("--threads 100000") && err.contains("per core"), "{err}");
+    assert!(!tmp.path().join("results").exists());
+}

@@ -347,3 +347,28 @@ fn bench_pytorch_without_torch_says_how_to_install_it() {
     let err = run_err(switchlab().current_dir(&root).args(["bench", "pytorch", "--python"]).arg(&python));
     assert!(err.contains("no-such-python") && err.contains("pip install torch transformers"), "{err}");
 }
+
+/// Under `ulimit -v`, a model that fits the machine's MemAvailable but not the address space is
+/// refused at plan time with the figures, and nothing (no lock, no folder) is written.
+#[test]
+fn a_model_over_the_address_space_limit_is_refused_at_plan_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let grid = grid_with(tmp.path(), "vlimit", 6, "[1, 2048]", "");
+    std::fs::write(&grid, std::fs::read_to_string(&grid).unwrap().replace("d_ff: 64", "d_ff: 1024")).unwrap();
+    let csv = run_ok(switchlab().args(["plan", "--format", "csv", "--max-memory", "1E"]).arg(&grid).stderr(Stdio::null()));
+    let need: f64 = csv.lines().nth(2).unwrap().rsplit(',').next().unwrap().parse().unwrap();
+    let limit_kib = (need / 1024.0 / 2.0) as u64; // half what the model needs
+    let results = tmp.path().join("results");
+    let script = format!("ulimit -v {limit_kib} && exec \"$0\" sweep \"$1\" --results \"$2\"");
+    let err = run_err(
+        Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_switchlab")).arg(&grid).arg(&results),
+    );
+    assert!(err.contains("of memory") && err.contains("vlimit.yaml"), "{err}");
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<f64>().ok());
+    if available.is_some_and(|kib| kib * 1024.0 > need) {
+        assert!(err.contains(&format!("ulimit -v {limit_kib}")), "the address-space limit is named: {err}");
+    }
+    assert!(!results.exists(), "nothing written, no lock left");
+}
