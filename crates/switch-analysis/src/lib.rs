@@ -199,9 +199,12 @@ fn name_scaling_settings(settings: &mut [Setting]) {
     }
 }
 
+/// The runs by grid point. A run whose `config.yaml` cannot be read is in no group: its model
+/// and point are unknown (they would read as a dense model of width 0), so it is compared with
+/// nothing and only the runs table lists it.
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {
     let mut out: Vec<Group> = Vec::new();
-    for r in runs {
+    for r in runs.iter().filter(|r| r.config_readable) {
         match out.iter_mut().find(|g| g.name == r.group) {
             Some(g) => g.runs.push(r),
             None => out.push(Group { name: r.group.clone(), runs: vec![r] }),
@@ -229,6 +232,21 @@ pub struct ReportOptions {
     pub threshold: Option<f64>,
     /// Step of "quality @ N steps"; default: the baseline's last step.
     pub at_step: Option<f64>,
+}
+
+impl ReportOptions {
+    /// Refuses values no table can use (a NaN threshold is never crossed, a negative or
+    /// fractional step is never evaluated), naming the flag and what it accepts, so that a typo
+    /// fails before anything is written rather than as a report of "not reached".
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(t) = self.threshold.filter(|t| !t.is_finite()) {
+            anyhow::bail!("--threshold {t}: must be a finite neg log perplexity (e.g. --threshold -2.5)");
+        }
+        if let Some(n) = self.at_step.filter(|n| !n.is_finite() || *n < 0.0 || n.fract() != 0.0) {
+            anyhow::bail!("--at-step {n}: must be a whole number of training steps, 0 or more (e.g. --at-step 1000)");
+        }
+        Ok(())
+    }
 }
 
 fn fmt_q((m, s): (f64, f64), seeds: usize) -> String {
@@ -262,7 +280,10 @@ impl<'a> Sweep<'a> {
 }
 
 /// Writes `report/report.md`, `report/summary.csv` and the figures for the sweep in `sweep_dir`.
+/// `report.md` is removed first and written last (whole, by a rename), so a report that fails
+/// midway never leaves a `report.md` beside figures it does not describe.
 pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf> {
+    opts.validate()?;
     let runs = runs::load(sweep_dir)?;
     anyhow::ensure!(
         !runs.is_empty(),
@@ -271,6 +292,7 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     );
     let out = sweep_dir.join("report");
     std::fs::create_dir_all(&out)?;
+    remove_if_present(&out.join("report.md"))?;
     let groups = groups(&runs);
     let s = Sweep::new(&runs, &groups, opts);
     let mut md = String::new();
@@ -289,7 +311,24 @@ pub fn report(sweep_dir: &Path, opts: &ReportOptions) -> anyhow::Result<PathBuf>
     tables::runs_table(&mut md, &s)?;
     let figures = figures::draw_all(&out, &s, fit.as_ref())?;
     tables::figure_index(&mut md, &figures)?;
-    std::fs::write(out.join("report.md"), md)?;
     std::fs::write(out.join("summary.csv"), tables::summary_csv(&s)?)?;
+    write_whole(&out.join("report.md"), &md)?;
     Ok(out.join("report.md"))
+}
+
+/// Removes a previous report's file: kept, it would describe runs the failed report could not.
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            anyhow::bail!("{}: cannot remove the previous report ({e}); check its permissions", path.display())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes `path` through a temporary file and a rename: a reader (or a crash) never sees half of it.
+fn write_whole(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("md.partial");
+    std::fs::write(&tmp, text).map_err(|e| anyhow::anyhow!("{}: cannot be written ({e})", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: cannot be written ({e})", path.display()))
 }

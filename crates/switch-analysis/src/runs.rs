@@ -37,6 +37,9 @@ pub struct Run {
     pub point: serde_json::Map<String, Value>,
     /// The fully resolved config (`Null` when `config.yaml` is unreadable).
     pub config: Value,
+    /// False when `config.yaml` cannot be read: the run's model and point are unknown, so it is
+    /// listed with its problem but left out of every group and comparison.
+    pub config_readable: bool,
     /// The group minus the number of experts, as `key=value` items: the setting a Switch point
     /// shares with its dense comparison in a lever study (empty in a plain experts sweep).
     pub variant_items: Vec<String>,
@@ -77,7 +80,8 @@ pub struct Run {
     pub routing: Vec<RoutingRow>,
     /// The first evaluation step whose quality was NaN or infinite.
     pub diverged_at: Option<f64>,
-    /// Why metrics are missing, if they are.
+    /// What is wrong with the run's files, if anything: each problem names its file (metrics
+    /// missing, a config or log that cannot be read), joined by `; `.
     pub problem: Option<String>,
 }
 
@@ -187,7 +191,7 @@ fn complete_rows(path: &Path) -> Result<usize, String> {
 fn run_from_folder(dir: &Path, id: String) -> Run {
     let (file, problem) = match switch_rundir::RunFile::<Value>::read(&dir.join("config.yaml")) {
         Ok(f) => (Some(f), None),
-        Err(e) => (None, Some(e)),
+        Err(e) => (None, Some(format!("{e}; left out of comparisons (restore config.yaml or remove the run folder)"))),
     };
     let cfg = file.as_ref().map_or(&Value::Null, |f| &f.config);
     let status = switch_rundir::RunDir::new(dir).read_status();
@@ -201,13 +205,18 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
             .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v))
             .collect::<Vec<_>>()
     };
-    let group = items(&["train.seed"]).join(" ");
+    let group = match items(&["train.seed"]).join(" ") {
+        _ if file.is_none() => "? (config.yaml unreadable)".into(),
+        g if g.is_empty() => "base".into(),
+        g => g,
+    };
     let variant_items = items(&["train.seed", "model.num_experts"]);
     Run {
         id,
-        group: if group.is_empty() { "base".into() } else { group },
+        group,
         point: point.clone(),
         config: cfg.clone(),
+        config_readable: file.is_some(),
         variant_items,
         seed: num(cfg, "train.seed").unwrap_or(0.0) as u64,
         state: status.as_ref().map(|s| s.state),
@@ -252,9 +261,41 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
     }
 }
 
+/// Adds `problem` to the run `id`'s problems.
+fn add_problem(runs: &mut [Run], id: &str, problem: String) {
+    if let Some(r) = runs.iter_mut().find(|r| r.id == id) {
+        r.problem = Some(match r.problem.take() {
+            Some(p) => format!("{p}; {problem}"),
+            None => problem,
+        });
+    }
+}
+
+/// Every run's rows of one log (`file`, e.g. `routing.csv`) as one frame; `None` when none has
+/// rows. The logs are read together, and only when that fails one by one: a file Polars cannot
+/// parse (not UTF-8, say) then marks its own run, naming the file, and the others are still read,
+/// so one bad log never stops the whole report.
+fn read_logs(runs: &mut [Run], frames: Vec<(String, LazyFrame)>, file: &str) -> anyhow::Result<Option<DataFrame>> {
+    let together = |frames: Vec<LazyFrame>| concat(frames, UnionArgs::default())?.collect();
+    if frames.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(all) = together(frames.iter().map(|(_, f)| f.clone()).collect()) {
+        return Ok(Some(all));
+    }
+    let mut good = Vec::new();
+    for (id, frame) in frames {
+        match frame.collect() {
+            Ok(df) => good.push(df.lazy()),
+            Err(e) => add_problem(runs, &id, format!("{file} cannot be parsed ({e}); its rows are left out")),
+        }
+    }
+    Ok(if good.is_empty() { None } else { Some(together(good)?) })
+}
+
 /// Each run's last logged step, tokens and wall time, and its evaluation curve.
-fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()> {
-    let all = concat(frames, UnionArgs::default())?;
+fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
+    let all = all.lazy();
     // Last logged row of each run: steps, tokens and wall time so far.
     let last = all
         .clone()
@@ -308,8 +349,8 @@ fn attach_metrics(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()
 }
 
 /// Each run's routing rows.
-fn attach_routing(runs: &mut [Run], frames: Vec<LazyFrame>) -> anyhow::Result<()> {
-    let all = concat(frames, UnionArgs::default())?.filter(col("load_fraction").is_not_null()).collect()?;
+fn attach_routing(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
+    let all = all.lazy().filter(col("load_fraction").is_not_null()).collect()?;
     let (ids, steps, layers, loads, drops, entropies) = (
         strs(&all, "run_id")?,
         f64s(&all, "step")?,
@@ -348,21 +389,21 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         let id = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
         let mut problem = None;
         match complete_rows(&dir.join("metrics.csv")) {
-            Ok(rows) => metric_frames.push(scan(&dir.join("metrics.csv"), metrics_schema(), &id, rows)),
+            Ok(rows) => metric_frames.push((id.clone(), scan(&dir.join("metrics.csv"), metrics_schema(), &id, rows))),
             Err(e) => problem = Some(e),
         }
         if let Ok(rows) = complete_rows(&dir.join("routing.csv")) {
-            routing_frames.push(scan(&dir.join("routing.csv"), routing_schema(), &id, rows));
+            routing_frames.push((id.clone(), scan(&dir.join("routing.csv"), routing_schema(), &id, rows)));
         }
         let mut run = run_from_folder(dir, id);
         run.problem = run.problem.or(problem);
         runs.push(run);
     }
-    if !metric_frames.is_empty() {
-        attach_metrics(&mut runs, metric_frames)?;
+    if let Some(all) = read_logs(&mut runs, metric_frames, "metrics.csv")? {
+        attach_metrics(&mut runs, all)?;
     }
-    if !routing_frames.is_empty() {
-        attach_routing(&mut runs, routing_frames)?;
+    if let Some(all) = read_logs(&mut runs, routing_frames, "routing.csv")? {
+        attach_routing(&mut runs, all)?;
     }
     for r in &mut runs {
         if r.problem.is_none() && r.curve.is_empty() {

@@ -8,14 +8,19 @@ use switch_rundir::State;
 /// down from the paper, and the threshold.
 pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { runs, groups, threshold, at_step, seeds, .. } = *s;
-    let first = &runs[0];
+    // What a run trained on is known only from a readable config.
+    let readable: Vec<&crate::runs::Run> = runs.iter().filter(|r| r.config_readable).collect();
+    let first = readable.first().copied().unwrap_or(&runs[0]);
     writeln!(md, "# Sweep `{name}`\n")?;
     if let Some(d) = description {
         writeln!(md, "> {}\n", d.replace('\n', "\n> "))?;
     }
-    let mut objectives: Vec<&str> = runs.iter().map(|r| r.objective.as_str()).collect();
+    let mut objectives: Vec<&str> = readable.iter().map(|r| r.objective.as_str()).collect();
     objectives.sort_unstable();
     objectives.dedup();
+    if objectives.is_empty() {
+        objectives.push("an unknown objective (no readable config.yaml)");
+    }
     writeln!(md, "Neg log perplexity (nats per target token, higher is better) of {} on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", objectives.join(" and "), runs.len(), groups.len(), seeds)?;
     let tested = runs.iter().filter(|r| r.test_quality.is_some()).count();
     if tested > 0 {
@@ -331,7 +336,8 @@ pub(crate) fn gain_over_training(md: &mut String, s: &Sweep) -> anyhow::Result<(
 }
 
 pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
-    let dense: Vec<&Group> = s.groups.iter().filter(|g| g.first().num_experts == 1).collect();
+    // Width 0: a config without `model.d_ff`, whose width is unknown; no ceiling is measured from it.
+    let dense: Vec<&Group> = s.groups.iter().filter(|g| g.first().num_experts == 1 && g.first().d_ff > 0).collect();
     // A Switch model's setting items that no dense model sets (e.g. `router_init_scale=10.0`)
     // touch only its routers: it is measured against the ceiling of the dense models without them.
     let dense_items: Vec<&str> = dense.iter().flat_map(|d| d.first().setting_without_width()).collect();
@@ -345,7 +351,7 @@ pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         if dense.iter().any(|d| same_setting(d) && d.first().d_ff < width) {
             continue; // the ceiling is measured from the narrowest dense model of a setting
         }
-        let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff % width.max(1) == 0;
+        let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff % width == 0;
         for wide in dense.iter().filter(wider) {
             let e = wide.first().d_ff / width;
             let switches: Vec<&Group> = s
@@ -486,7 +492,7 @@ pub(crate) fn routing_health(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped | Router entropy ÷ ln E |\n|---|---|---|---|---|---|---|---|"
     )?;
     let mut dead_total = 0;
-    for r in runs.iter().filter(|r| r.num_experts > 1) {
+    for r in runs.iter().filter(|r| r.config_readable && r.num_experts > 1) {
         let Some(last) = r.routing.iter().map(|x| x.step).reduce(f64::max) else { continue };
         let mut layers: Vec<&str> = r.routing.iter().filter(|x| x.step == last).map(|x| x.layer.as_str()).collect();
         layers.dedup();
@@ -526,7 +532,8 @@ pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { runs, .. } = *s;
     writeln!(md, "## Runs\n\n| Run | Point | Seed | State | Steps | Validation | Test | CPU s | Wall s | Tokens per CPU s | Note |\n|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in runs {
-        let note = r.error.clone().or_else(|| r.problem.clone()).unwrap_or_default();
+        // Both: a failed run's error does not hide that one of its files cannot be read.
+        let note = [r.error.as_deref(), r.problem.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("; ");
         let note = match r.diverged_at {
             Some(step) => format!("diverged at step {step:.0}. {note}"),
             None => note,

@@ -526,3 +526,122 @@ fn a_sweep_with_a_diverged_run_reports_in_bounded_time_and_marks_it() {
     let tables = md.lines().filter(|l| l.starts_with('|'));
     assert!(tables.clone().all(|l| !l.contains("NaN") && !l.contains("-inf")), "no non-finite number reaches a table: {md}");
 }
+
+/// `len` bytes that are neither UTF-8 nor YAML, the same every time (a xorshift generator).
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    out[0] = 0xff; // never a UTF-8 byte, whatever the generator gives
+    out
+}
+
+#[test]
+fn a_run_whose_config_is_garbage_is_listed_with_its_problem_and_compared_with_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("garbage");
+    // A width-ceiling grid (dense, dense 2× wider, Switch-2), and one run whose config.yaml
+    // is random bytes: without a width of its own it must not become a dense model of width 0.
+    let q = |s: f64| -3.0 + s / 1000.0;
+    for (id, setting, experts, d_ff) in [("d", "", 1, 4), ("w", "  model.d_ff: 8\n", 1, 8), ("s", "", 2, 4)] {
+        write_run_at(&dir, id, setting, experts, 0, 300, q, "done");
+        set_model(&dir, id, "d_ff", &d_ff.to_string());
+    }
+    write_run(&dir, "bad", 1, 0, 300, q, "done");
+    std::fs::write(dir.join("runs/bad/config.yaml"), random_bytes(4096)).unwrap();
+
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let row = md.lines().find(|l| l.starts_with("| bad |")).unwrap_or_else(|| panic!("{md}"));
+    assert!(row.contains("config.yaml"), "{row}");
+    // Left out of comparisons: Table 1 has the two good dense models only, and the width
+    // ceiling is the good pair's.
+    let table1 = md.split("## Switch vs MoE vs dense").nth(1).unwrap().split("\n## ").next().unwrap();
+    assert_eq!(table1.lines().filter(|l| l.starts_with("| Dense |")).count(), 2, "{table1}");
+    let ceiling = md.split("## How much of the width ceiling").nth(1).expect("ceiling").split("\n## ").next().unwrap();
+    assert_eq!(ceiling.lines().filter(|l| l.starts_with("| preset |")).count(), 1, "{ceiling}");
+    let csv = std::fs::read_to_string(dir.join("report/summary.csv")).unwrap();
+    assert!(csv.lines().any(|l| l.starts_with("bad,")), "{csv}");
+
+    // A sweep of nothing but such runs still reports, and says why there is nothing to compare.
+    for id in ["d", "w", "s"] {
+        std::fs::remove_dir_all(dir.join("runs").join(id)).unwrap();
+    }
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(md.lines().any(|l| l.starts_with("| bad |") && l.contains("config.yaml")), "{md}");
+}
+
+#[test]
+fn a_routing_log_that_is_not_utf8_marks_its_own_run_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bad-routing");
+    write_run(&dir, "dense", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
+    for seed in 0..2 {
+        write_run(&dir, &format!("sw{seed}"), 4, seed, 300, |s| -3.0 + 2.0 * s / 1000.0, "done");
+    }
+    // sw1's routing log has a row whose layer name is not UTF-8.
+    let path = dir.join("runs/sw1/routing.csv");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"300,\xff\xfe\x80,0,0.25,0.01,0.5\n");
+    std::fs::write(&path, bytes).unwrap();
+
+    let runs = runs::load(&dir).unwrap();
+    let run = |id: &str| runs.iter().find(|r| r.id == id).unwrap();
+    let problem = run("sw1").problem.clone().unwrap_or_default();
+    assert!(problem.contains("routing.csv"), "{problem}");
+    assert!(run("sw1").routing.is_empty());
+    // Its metrics are fine: its curve still counts. The other runs are untouched.
+    assert_eq!(run("sw1").curve.len(), 3);
+    assert_eq!(run("sw0").problem, None);
+    assert!(!run("sw0").routing.is_empty());
+
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let row = md.lines().find(|l| l.starts_with("| sw1 |") && l.contains("| done |")).unwrap_or_else(|| panic!("{md}"));
+    assert!(row.contains("routing.csv"), "{row}");
+    assert!(md.contains("| sw0 | Switch-4 | encoder.1 | 1.00 | 1.00 | 0 |"), "{md}");
+    assert!(dir.join("report/summary.csv").exists());
+}
+
+#[test]
+fn report_options_out_of_range_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("options");
+    write_run(&dir, "dense", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
+    let cases = [
+        (None, Some(-5.0), "--at-step"),
+        (None, Some(2.5), "--at-step"),
+        (None, Some(f64::INFINITY), "--at-step"),
+        (None, Some(f64::NAN), "--at-step"),
+        (Some(f64::NAN), None, "--threshold"),
+        (Some(f64::INFINITY), None, "--threshold"),
+        (Some(f64::NEG_INFINITY), None, "--threshold"),
+    ];
+    for (threshold, at_step, flag) in cases {
+        let err = report(&dir, &ReportOptions { threshold, at_step }).expect_err(flag).to_string();
+        assert!(err.contains(flag), "{threshold:?} {at_step:?}: {err}");
+        assert!(!dir.join("report").exists(), "{threshold:?} {at_step:?}: report/ was created");
+    }
+    // In range: accepted.
+    for (threshold, at_step) in [(Some(-2.5), Some(0.0)), (Some(-2.5), Some(200.0))] {
+        assert!(ReportOptions { threshold, at_step }.validate().is_ok());
+    }
+}
+
+#[test]
+fn a_dense_model_of_unknown_width_measures_no_ceiling() {
+    // A config without `model.d_ff` (width 0) beside a dense model that sets it: no ceiling is
+    // measured from width 0 (it was a division by zero), the rest of the report is written.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("no-width");
+    write_run(&dir, "d", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
+    write_run_at(&dir, "w", "  model.d_ff: 8\n", 1, 0, 300, |s| -2.9 + s / 1000.0, "done");
+    set_model(&dir, "w", "d_ff", "8");
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(!md.contains("## How much of the width ceiling"), "{md}");
+    assert!(md.lines().any(|l| l.starts_with("| w |")), "{md}");
+}

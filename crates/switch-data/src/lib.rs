@@ -8,6 +8,10 @@
 //! stream; evaluations during training read validation; the test split is scored once, at the
 //! end of a run. Training batches are a pure function of `(seed, step)`, so a resumed run
 //! reads exactly the batches it would have read, and the data position is just the step.
+//!
+//! The tokenizer and the tokenized splits are cached per corpus and vocabulary ([`cache`]),
+//! with checksums: a damaged entry is rebuilt, never trusted, and a refused corpus writes none.
+pub mod cache;
 pub mod corpus;
 pub mod span;
 pub mod tokenizer;
@@ -246,6 +250,74 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// Chunks of a corpus by split: train, validation, test.
+type SplitTexts<'a> = [Vec<&'a str>; 3];
+
+/// The chunks of every source by split, and per source (name, chunks, of which validation, of
+/// which test).
+fn split_sources(sources: &[corpus::Source], fraction: f64) -> (SplitTexts<'_>, Vec<(String, usize, usize, usize)>) {
+    let mut texts = SplitTexts::default();
+    let mut summary = Vec::new();
+    for s in sources {
+        let cs = chunks(&s.text);
+        let count = |want| (0..cs.len()).filter(|&i| split_of(i, fraction) == want).count();
+        summary.push((s.name.clone(), cs.len(), count(Split::Validation), count(Split::Test)));
+        for (i, c) in cs.into_iter().enumerate() {
+            texts[split_of(i, fraction) as usize].push(c);
+        }
+    }
+    (texts, summary)
+}
+
+/// Refuses splits too small to use: `sizes` (train, validation, test) in `unit`s, bytes before
+/// tokenizing (an upper bound on tokens) and tokens after. Training needs room for random
+/// windows, each held-out split `eval_examples` windows.
+fn check_split_sizes(
+    what: &str,
+    cfg: &DataConfig,
+    lengths: Lengths,
+    sizes: [usize; 3],
+    unit: &str,
+) -> Result<(), DataError> {
+    let [train, validation, test] = sizes;
+    let needed = cfg.eval_examples * lengths.raw;
+    for (name, size) in [("validation", validation), ("test", test)] {
+        if size < needed {
+            return Err(DataError::new(
+                what,
+                format!(
+                    "gives a {name} split of {size} {unit}; {} examples of {} raw tokens need {needed} tokens",
+                    cfg.eval_examples, lengths.raw
+                ),
+                "add text, raise data.held_out_fraction or lower data.eval_examples",
+            ));
+        }
+    }
+    if train < lengths.raw * 8 {
+        return Err(DataError::new(
+            what,
+            format!(
+                "gives a training split of {train} {unit}, too few for batches of {}-token windows (at least {} tokens)",
+                lengths.raw,
+                lengths.raw * 8
+            ),
+            "add text or lower data.encoder_len",
+        ));
+    }
+    Ok(())
+}
+
+/// The cache entry of a corpus and vocabulary: its texts, tokenizer settings and split.
+fn cache_key(cfg: &DataConfig, sources: &[corpus::Source]) -> String {
+    let corpus_hash =
+        sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
+    let key = format!(
+        "{corpus_hash}-{:?}-{}-{}-{}-{}-train/validation/test",
+        cfg.tokenizer, cfg.vocab_size, cfg.num_sentinels, CHUNK_CHARS, cfg.held_out_fraction
+    );
+    format!("{:016x}", fnv1a(key.as_bytes()))
+}
+
 /// Tokenized training stream and held-out examples, ready for batching.
 pub struct Dataset {
     pub vocab: Vocab,
@@ -261,7 +333,9 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Loads, tokenizes (training or loading a cached tokenizer in `cache_dir`) and splits.
+    /// Loads, splits and tokenizes, or reads the tokenizer and splits cached in `cache_dir`
+    /// (see [`cache`]). Every check that can refuse the corpus runs before anything is written
+    /// there, so a refused corpus leaves no cache entry behind.
     pub fn build(cfg: &DataConfig, cache_dir: &Path) -> Result<Self, DataError> {
         cfg.validate()?;
         let lengths = cfg.lengths()?;
@@ -270,79 +344,29 @@ impl Dataset {
             Objective::PrefixLm | Objective::CausalLm => None,
         };
         let sources = if cfg.corpus == "default" { corpus::embedded() } else { corpus::load(Path::new(&cfg.corpus))? };
-
-        let mut texts: [Vec<&str>; 3] = Default::default();
-        let mut split_summary = Vec::new();
-        for s in &sources {
-            let cs = chunks(&s.text);
-            let count = |want| (0..cs.len()).filter(|&i| split_of(i, cfg.held_out_fraction) == want).count();
-            split_summary.push((s.name.clone(), cs.len(), count(Split::Validation), count(Split::Test)));
-            for (i, c) in cs.into_iter().enumerate() {
-                texts[split_of(i, cfg.held_out_fraction) as usize].push(c);
-            }
-        }
-        let [train_text, validation_text, test_text] = texts;
-        // A token covers at least one byte, so text shorter than the split needs in tokens cannot
-        // fill it: refuse before training a tokenizer or writing the cache.
+        let (texts, split_summary) = split_sources(&sources, cfg.held_out_fraction);
         let what = if cfg.corpus == "default" { "the default corpus".to_string() } else { cfg.corpus.clone() };
-        for (name, text) in [("validation", &validation_text), ("test", &test_text)] {
-            let bytes: usize = text.iter().map(|t| t.len()).sum();
-            if bytes < cfg.eval_examples * lengths.raw {
-                return Err(DataError::new(
-                    &what,
-                    format!(
-                        "gives a {name} split of {bytes} bytes; {} examples of {} raw tokens need more",
-                        cfg.eval_examples, lengths.raw
-                    ),
-                    "add text, raise data.held_out_fraction or lower data.eval_examples",
-                ));
+        // A token covers at least one byte, so text shorter than a split needs in tokens cannot
+        // fill it: refuse before training a tokenizer.
+        let bytes = texts.each_ref().map(|t| t.iter().map(|c| c.len()).sum());
+        check_split_sizes(&what, cfg, lengths, bytes, "bytes")?;
+        let dir: PathBuf = cache_dir.join(format!("data-{}", cache_key(cfg, &sources)));
+        let (vocab, tokens, cached) = match cache::load(cfg, &dir) {
+            Some((vocab, tokens)) => (vocab, tokens, true),
+            None => {
+                let [train, validation, test] = &texts;
+                let vocab = Vocab::train(cfg, train)?;
+                let tokens =
+                    [vocab.encode_chunks(train)?, vocab.encode_chunks(validation)?, vocab.encode_chunks(test)?];
+                (vocab, tokens, false)
             }
+        };
+        // Checked on a cache hit too: the cache key leaves out encoder_len and eval_examples.
+        check_split_sizes(&what, cfg, lengths, tokens.each_ref().map(|t| t.len()), "tokens")?;
+        if !cached {
+            cache::store(&dir, &vocab, &tokens)?;
         }
-        let corpus_hash =
-            sources.iter().fold(fnv1a(cfg.corpus.as_bytes()), |h, s| h ^ fnv1a(s.text.as_bytes()).rotate_left(7));
-        let key = format!(
-            "{:016x}",
-            fnv1a(
-                format!(
-                    "{corpus_hash}-{:?}-{}-{}-{}-{}-train/validation/test",
-                    cfg.tokenizer, cfg.vocab_size, cfg.num_sentinels, CHUNK_CHARS, cfg.held_out_fraction
-                )
-                .as_bytes()
-            )
-        );
-        let dir: PathBuf = cache_dir.join(format!("data-{key}"));
-        let vocab = Vocab::load_or_train(cfg, &dir, &train_text)?;
-        let train_tokens = tokenizer::cached_ids(&dir.join("train.u32"), || vocab.encode_chunks(&train_text))?;
-        let validation_tokens =
-            tokenizer::cached_ids(&dir.join("validation.u32"), || vocab.encode_chunks(&validation_text))?;
-        let test_tokens = tokenizer::cached_ids(&dir.join("test.u32"), || vocab.encode_chunks(&test_text))?;
-
-        if train_tokens.len() < lengths.raw * 8 {
-            return Err(DataError::new(
-                &what,
-                format!(
-                    "has {} training tokens, too few for batches of {}-token windows",
-                    train_tokens.len(),
-                    lengths.raw
-                ),
-                "add text or lower data.encoder_len",
-            ));
-        }
-        let needed = cfg.eval_examples * lengths.raw;
-        for (name, tokens) in [("validation", &validation_tokens), ("test", &test_tokens)] {
-            if tokens.len() < needed {
-                return Err(DataError::new(
-                    &what,
-                    format!(
-                        "gives a {name} split of {} tokens; {} examples of {} raw tokens need {needed}",
-                        tokens.len(),
-                        cfg.eval_examples,
-                        lengths.raw
-                    ),
-                    "add text, raise data.held_out_fraction or lower data.eval_examples",
-                ));
-            }
-        }
+        let [train_tokens, validation_tokens, test_tokens] = tokens;
         Ok(Self {
             vocab,
             lengths,

@@ -3,7 +3,6 @@
 //! span-corruption sentinels `<extra_id_0>`, `<extra_id_1>`, …
 use crate::{DataConfig, DataError};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -26,34 +25,6 @@ pub struct Vocab {
     pub size: usize,
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> DataError {
-    DataError::new(
-        &path.display().to_string(),
-        format!("cannot be written or read ({e})"),
-        "check that the cache folder is writable",
-    )
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| io_err(path, e))
-}
-
-/// Token ids cached as little-endian u32 at `path`, computed by `make` on a miss.
-pub(crate) fn cached_ids(
-    path: &Path,
-    make: impl FnOnce() -> Result<Vec<u32>, DataError>,
-) -> Result<Vec<u32>, DataError> {
-    if let Ok(bytes) = std::fs::read(path) {
-        return Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
-    }
-    let ids = make()?;
-    let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
-    write_atomic(path, &bytes)?;
-    Ok(ids)
-}
-
 impl Vocab {
     pub const PAD: u32 = 0;
     pub const EOS: u32 = 1;
@@ -68,48 +39,58 @@ impl Vocab {
         v
     }
 
-    /// The byte tokenizer, or the BPE tokenizer cached in `dir` (trained on `train_text` on a miss).
-    pub fn load_or_train(cfg: &DataConfig, dir: &Path, train_text: &[&str]) -> Result<Self, DataError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    /// The byte tokenizer: no training, nothing cached.
+    pub fn byte(num_sentinels: usize) -> Self {
+        Self { bpe: None, num_sentinels, size: byte_vocab_size(num_sentinels) }
+    }
+
+    /// The configured tokenizer, BPE trained on `train_text` in memory: the cache is written
+    /// only once every check on the corpus has passed (see [`crate::cache::store`]).
+    pub fn train(cfg: &DataConfig, train_text: &[&str]) -> Result<Self, DataError> {
         if cfg.tokenizer == TokenizerKind::Byte {
-            return Ok(Self { bpe: None, num_sentinels: cfg.num_sentinels, size: byte_vocab_size(cfg.num_sentinels) });
+            return Ok(Self::byte(cfg.num_sentinels));
         }
-        let path = dir.join("tokenizer.json");
-        let tokenizer = match Tokenizer::from_file(&path) {
-            Ok(t) => t,
-            Err(_) => {
-                let mut trainer = BpeTrainerBuilder::new()
-                    .vocab_size(cfg.vocab_size)
-                    .min_frequency(2)
-                    .show_progress(false)
-                    .special_tokens(Self::special_tokens(cfg.num_sentinels))
-                    .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-                    .build();
-                let mut t = TokenizerBuilder::new()
-                    .with_model(BPE::default())
-                    .with_normalizer(None::<NormalizerWrapper>)
-                    .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
-                    .with_post_processor(None::<ByteLevel>)
-                    .with_decoder(Some(ByteLevel::default().add_prefix_space(false)))
-                    .build()
-                    .map_err(|e| DataError::new("tokenizer", e.to_string(), "report this as a bug"))?;
-                t.train(&mut trainer, train_text.iter().copied())
-                    .map_err(|e| DataError::new("tokenizer training", e.to_string(), "check the corpus"))?;
-                let json = t.to_string(false).map_err(|e| io_err(&path, e))?;
-                write_atomic(&path, json.as_bytes())?;
-                Tokenizer::from_file(&path).map_err(|e| io_err(&path, e))?
-            }
-        };
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(cfg.vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(Self::special_tokens(cfg.num_sentinels))
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut t = TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None::<NormalizerWrapper>)
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_post_processor(None::<ByteLevel>)
+            .with_decoder(Some(ByteLevel::default().add_prefix_space(false)))
+            .build()
+            .map_err(|e| DataError::new("tokenizer", e.to_string(), "report this as a bug"))?;
+        t.train(&mut trainer, train_text.iter().copied())
+            .map_err(|e| DataError::new("tokenizer training", e.to_string(), "check the corpus"))?;
+        // Through JSON and back, so this run encodes with exactly the tokenizer later runs load.
+        let json =
+            t.to_string(false).map_err(|e| DataError::new("tokenizer", e.to_string(), "report this as a bug"))?;
+        Self::from_json(cfg, json.as_bytes())
+            .map_err(|e| DataError::new("the trained tokenizer", e, "report this as a bug"))
+    }
+
+    /// A BPE tokenizer from its JSON, if it parses and fits in `cfg.vocab_size`.
+    pub(crate) fn from_json(cfg: &DataConfig, json: &[u8]) -> Result<Self, String> {
+        let tokenizer = Tokenizer::from_bytes(json).map_err(|e| format!("is not a tokenizer ({e})"))?;
         let size = tokenizer.get_vocab_size(true);
         if size > cfg.vocab_size {
-            return Err(DataError::new(
-                "data.vocab_size",
-                format!("= {} but the trained tokenizer has {size} entries", cfg.vocab_size),
-                "report this as a bug",
-            ));
+            return Err(format!("has {size} entries, more than data.vocab_size = {}", cfg.vocab_size));
         }
         // A small corpus can end BPE training early; the model keeps the configured size.
         Ok(Self { bpe: Some(tokenizer), num_sentinels: cfg.num_sentinels, size: cfg.vocab_size })
+    }
+
+    /// The BPE tokenizer as JSON, to cache; `None` for the byte tokenizer.
+    pub(crate) fn to_json(&self) -> Result<Option<String>, DataError> {
+        self.bpe
+            .as_ref()
+            .map(|t| t.to_string(false).map_err(|e| DataError::new("tokenizer", e.to_string(), "report this as a bug")))
+            .transpose()
     }
 
     pub fn encode(&self, text: &str) -> Vec<u32> {

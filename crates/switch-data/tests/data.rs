@@ -1,7 +1,7 @@
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::HashSet;
 use switch_data::span::SpanCorruption;
-use switch_data::{split_of, DataConfig, Dataset, Objective, Split, TokenizerKind, Vocab};
+use switch_data::{fnv1a, split_of, DataConfig, Dataset, Objective, Split, TokenizerKind, Vocab};
 
 const SENTINELS: [u32; 60] = {
     let mut s = [0u32; 60];
@@ -197,6 +197,19 @@ fn bad_corpora_get_clear_errors() {
     std::fs::write(&small, "a short text\n".repeat(50)).unwrap();
     check(&small, "validation split");
     assert!(!cache.exists(), "a refused corpus writes nothing to the cache");
+    // Held-out splits big enough, but too little training text for 8 windows of 568 tokens: the
+    // byte tokenizer's 4 KiB training chunk (refused before tokenizing), and BPE's 5 KiB training
+    // text that encodes to fewer tokens than bytes (refused after tokenizing, still before writing).
+    let few = |path: &std::path::Path, tokenizer, bytes: usize, unit: &str| {
+        let line = "one line of a corpus with far too little training text\n";
+        std::fs::write(path, line.repeat(bytes / line.len())).unwrap();
+        let c = DataConfig { encoder_len: 512, eval_examples: 1, held_out_fraction: 0.25, ..cfg(path, tokenizer) };
+        let err = Dataset::build(&c, &cache).err().expect("must fail").to_string();
+        assert!(!cache.exists(), "a corpus refused for its training split writes nothing to the cache: {err}");
+        assert!(err.contains(&path.display().to_string()) && err.contains("training") && err.contains(unit), "{err}");
+    };
+    few(&tmp.path().join("few-bytes.txt"), TokenizerKind::Byte, 12_000, "bytes");
+    few(&tmp.path().join("few-tokens.txt"), TokenizerKind::Bpe, 13_500, "tokens");
     let jsonl = tmp.path().join("bad.jsonl");
     std::fs::write(&jsonl, "{\"body\": \"x\"}\n").unwrap();
     let err = Dataset::build(&cfg(&jsonl, TokenizerKind::Byte), &cache).err().unwrap().to_string();
@@ -267,4 +280,92 @@ fn causal_lm_predicts_every_token_of_its_window() {
     }
     assert_eq!(ds.eval_batches(Split::Validation, 8)[0].targets.len(), 8 * 128);
     assert!(serde_json::to_string(&c).unwrap().contains(r#""objective":"causal_lm""#));
+}
+
+/// The one entry (corpus and vocabulary) of a cache folder.
+fn cache_entry(cache: &std::path::Path) -> std::path::PathBuf {
+    let entries: Vec<_> = std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries[0].clone()
+}
+
+/// The (bytes, FNV-1a) that `checksums.json` in `entry` records for `name`.
+fn recorded(entry: &std::path::Path, name: &str) -> (u64, String) {
+    let sums: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(entry.join("checksums.json")).expect("checksums are written")).unwrap();
+    let file = sums["files"].as_array().unwrap().iter().find(|f| f["name"] == name).expect("a checksum per file");
+    (file["bytes"].as_u64().unwrap(), file["fnv1a"].as_str().unwrap().to_string())
+}
+
+/// Writes the checksum of `entry/name` as it now is, as a stale or hand-edited cache would have it.
+fn rewrite_checksum(entry: &std::path::Path, name: &str) {
+    let path = entry.join("checksums.json");
+    let mut sums: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let bytes = std::fs::read(entry.join(name)).unwrap();
+    for f in sums["files"].as_array_mut().unwrap().iter_mut().filter(|f| f["name"] == name) {
+        f["bytes"] = bytes.len().into();
+        f["fnv1a"] = format!("{:016x}", fnv1a(&bytes)).into();
+    }
+    std::fs::write(&path, serde_json::to_vec(&sums).unwrap()).unwrap();
+}
+
+#[test]
+fn a_damaged_token_cache_is_rebuilt_not_trusted() {
+    for tokenizer in [TokenizerKind::Bpe, TokenizerKind::Byte] {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = corpus_dir(tmp.path());
+        let cache = tmp.path().join("cache");
+        let c = cfg(&corpus, tokenizer);
+        let first = Dataset::build(&c, &cache).unwrap();
+        let entry = cache_entry(&cache);
+        let train = entry.join("train.u32");
+        let healthy = std::fs::read(&train).unwrap();
+        let files: &[&str] = match tokenizer {
+            TokenizerKind::Bpe => &["tokenizer.json", "train.u32", "validation.u32", "test.u32"],
+            TokenizerKind::Byte => &["train.u32", "validation.u32", "test.u32"],
+        };
+        for name in files {
+            let bytes = std::fs::read(entry.join(name)).unwrap();
+            assert_eq!(recorded(&entry, name), (bytes.len() as u64, format!("{:016x}", fnv1a(&bytes))), "{name}");
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        let noise: Vec<u8> = (0..healthy.len()).map(|_| rng.gen()).collect();
+        let damage = |what: &str| match what {
+            "random bytes of the same length" => std::fs::write(&train, &noise).unwrap(),
+            "a truncated file" => std::fs::write(&train, &healthy[..healthy.len() - 4003]).unwrap(),
+            "no checksums (an older cache)" => std::fs::remove_file(entry.join("checksums.json")).unwrap(),
+            "a missing token file" => std::fs::remove_file(entry.join("test.u32")).unwrap(),
+            "out-of-vocabulary ids under a matching checksum" => {
+                std::fs::write(&train, &noise).unwrap();
+                rewrite_checksum(&entry, "train.u32");
+            }
+            _ => unreachable!(),
+        };
+        for what in [
+            "random bytes of the same length",
+            "a truncated file",
+            "no checksums (an older cache)",
+            "a missing token file",
+            "out-of-vocabulary ids under a matching checksum",
+        ] {
+            damage(what);
+            let again = Dataset::build(&c, &cache).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(again.train_tokens, first.train_tokens, "{what}");
+            assert_eq!(again.validation_tokens, first.validation_tokens, "{what}");
+            assert_eq!(again.test_tokens, first.test_tokens, "{what}");
+            assert!(again.train_tokens.iter().all(|&t| (t as usize) < again.vocab.size), "{what}");
+            assert_eq!(std::fs::read(&train).unwrap(), healthy, "{what}: the rebuilt file is the healthy one");
+            assert_eq!(recorded(&entry, "train.u32"), (healthy.len() as u64, format!("{:016x}", fnv1a(&healthy))));
+            // Batches read the rebuilt stream (a damaged one indexed past the embedding table).
+            assert_eq!(again.train_batch(0, 3, 4), first.train_batch(0, 3, 4), "{what}");
+        }
+        if tokenizer == TokenizerKind::Bpe {
+            let json = entry.join("tokenizer.json");
+            let good = std::fs::read(&json).unwrap();
+            std::fs::write(&json, &good[..good.len() / 2]).unwrap();
+            let again = Dataset::build(&c, &cache).expect("a damaged tokenizer is retrained");
+            assert_eq!((again.train_tokens, std::fs::read(&json).unwrap()), (first.train_tokens, good));
+        }
+        assert_eq!(cache_entry(&cache), entry, "rebuilt in place");
+    }
 }

@@ -264,10 +264,12 @@ impl RunDir {
     pub fn truncate_logs(&self, step: u64) -> std::io::Result<()> {
         for (name, header) in [("metrics.csv", METRICS_HEADER), ("routing.csv", ROUTING_HEADER)] {
             let path = self.path.join(name);
-            let Ok(f) = File::open(&path) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else { continue };
             let mut kept = String::new();
-            for (i, line) in BufReader::new(f).lines().enumerate() {
-                let line = line?;
+            // Anything a crash or a stray write left behind (a torn row, bytes that are not
+            // UTF-8, rows past the checkpoint) is dropped, never fatal.
+            for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+                let Ok(line) = std::str::from_utf8(line) else { continue };
                 let first = line.split(',').next().unwrap_or("");
                 let keep = if i == 0 {
                     line.starts_with("step,")
@@ -301,10 +303,14 @@ impl RunDir {
             .into_iter()
             .find(|d| d.join("state.json").exists());
         let Some(dir) = dir else { return Ok(None) };
-        let state: CheckpointState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        let named = |path: &Path, e: &dyn std::fmt::Display| std::io::Error::other(format!("{}: {e}", path.display()));
+        let state_file = dir.join("state.json");
+        let text = std::fs::read(&state_file).map_err(|e| named(&state_file, &e))?;
+        let state: CheckpointState = serde_json::from_slice(&text).map_err(|e| named(&state_file, &e))?;
         let file = dir.join("tensors.bin");
-        let len = std::fs::metadata(&file)?.len();
-        Ok(Some(CheckpointReader { dir, state, input: BufReader::new(File::open(&file)?), len, at: 0, next: 0 }))
+        let len = std::fs::metadata(&file).map_err(|e| named(&file, &e))?.len();
+        let input = BufReader::new(File::open(&file).map_err(|e| named(&file, &e))?);
+        Ok(Some(CheckpointReader { dir, state, input, len, at: 0, next: 0 }))
     }
 }
 

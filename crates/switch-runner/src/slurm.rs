@@ -18,10 +18,31 @@ pub struct Submission {
     pub triage: Triage,
 }
 
+/// Refuses a real submission where there is no `sbatch`: called before anything is written (the
+/// token cache included), so a refused submission leaves nothing behind.
+pub fn check_sbatch(dry_run: bool) -> Result<()> {
+    if !dry_run && !on_path("sbatch") {
+        return Err(Error::Slurm(
+            "no `sbatch` on PATH: is Slurm installed here? Use --dry-run to only write the script".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an executable file `name` is in a folder of `$PATH`.
+fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .any(|f| std::fs::metadata(f).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// Creates the pending runs' folders, writes the array script and submits it with `sbatch --parsable`.
 pub fn submit(plan: &Plan, results_root: &Path, retry_failed: bool, dry_run: bool) -> Result<Submission> {
     let cfg = plan.slurm.clone().unwrap_or_default();
     cfg.validate(&plan.path)?;
+    check_sbatch(dry_run)?;
     let sweep_dir = results_root.join(&plan.name);
     std::fs::create_dir_all(sweep_dir.join("slurm")).map_err(|e| {
         Error::Folder(format!("cannot create {} ({e}): choose a writable --results folder", sweep_dir.display()))

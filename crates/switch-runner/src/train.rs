@@ -183,12 +183,19 @@ pub fn load_checkpoint(
     model: &mut SwitchTransformer<Dev>,
     opt: &mut OptimizerState,
 ) -> Result<Option<rundir::CheckpointState>> {
-    let Some(mut r) = dir.checkpoint_reader()? else { return Ok(None) };
+    // Every problem names the file and says how to go on.
+    let fix = |e: &dyn std::fmt::Display| {
+        Error::Training(format!(
+            "cannot resume from the checkpoint: {e}. Delete {} to retrain this run from scratch",
+            dir.path.join("checkpoint").display()
+        ))
+    };
+    let Some(mut r) = dir.checkpoint_reader().map_err(|e| fix(&e))? else { return Ok(None) };
     let mut params = model.params_mut();
-    r.expect_tensors(params.len()).map_err(Error::Training)?;
+    r.expect_tensors(params.len()).map_err(|e| fix(&e))?;
     for (i, (name, p)) in params.iter_mut().enumerate() {
         let n = p.shape().0;
-        let floats = r.tensor(name, n, 3).map_err(Error::Training)?;
+        let floats = r.tensor(name, n, 3).map_err(|e| fix(&e))?;
         p.copy_from(&floats[..n]);
         opt.m[i].copy_from_slice(&floats[n..2 * n]);
         opt.v[i].copy_from_slice(&floats[2 * n..]);

@@ -555,3 +555,58 @@ fn too_many_threads_are_refused_before_anything_is_written() {
     assert!(err.contains("--threads 100000") && err.contains("per core"), "{err}");
     assert!(!tmp.path().join("results").exists());
 }
+
+/// An interrupted Switch-4 run (checkpoint at step 4) in `tmp/<name>`, with its config and data.
+fn interrupted(tmp: &Path, name: &str) -> (switch_runner::grid::RunFile, RunDir, std::sync::Arc<switch_data::Dataset>) {
+    let plan = switch_runner::plan(&grid(tmp, name, "grid:\n  model.num_experts: [4]\n")).unwrap();
+    let run = plan.run_file(&plan.runs[0]);
+    let mut data = sweep::datasets(&[&run.config.data], tmp).unwrap();
+    let ds = data.drain().next().unwrap().1;
+    let dir = RunDir::new(tmp.join(format!("run-{name}")));
+    dir.create(&run.yaml()).unwrap();
+    let stop = AtomicBool::new(false);
+    let out = train::train(&run.config, &ds, &dir, &stop, &|step, _, _| {
+        if step == 4 {
+            stop.store(true, Ordering::SeqCst)
+        }
+    })
+    .unwrap();
+    assert_eq!(out, Outcome::Interrupted);
+    (run, dir, ds)
+}
+
+#[test]
+fn a_damaged_checkpoint_fails_its_run_naming_the_file_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    let damage: [(&str, fn(&Path)); 3] = [
+        ("state.json", |c| std::fs::write(c.join("state.json"), b"\x00garbage").unwrap()),
+        ("tensors.bin", |c| {
+            let t = std::fs::read(c.join("tensors.bin")).unwrap();
+            std::fs::write(c.join("tensors.bin"), &t[..t.len() / 2]).unwrap()
+        }),
+        ("tensors.bin", |c| std::fs::remove_file(c.join("tensors.bin")).unwrap()),
+    ];
+    for (i, (file, damage)) in damage.into_iter().enumerate() {
+        let (run, dir, ds) = interrupted(tmp.path(), &format!("ck{i}"));
+        damage(&dir.path.join("checkpoint"));
+        let err = format!("{:#}", train::train(&run.config, &ds, &dir, &never, &|_, _, _| {}).err().expect("must fail"));
+        let named = err.contains(file) || err.contains(&dir.path.join("checkpoint").display().to_string());
+        assert!(named && err.contains("Delete") && err.contains("from scratch"), "{err}");
+    }
+}
+
+#[test]
+fn garbage_after_an_interrupted_runs_logs_is_dropped_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, dir, ds) = interrupted(tmp.path(), "torn");
+    let metrics = dir.path.join("metrics.csv");
+    let mut bytes = std::fs::read(&metrics).unwrap();
+    bytes.extend_from_slice(b"\xff\xfe\x00garbage,1,2\n4,\xc3\x28torn");
+    std::fs::write(&metrics, bytes).unwrap();
+    let never = AtomicBool::new(false);
+    assert_eq!(train::train(&run.config, &ds, &dir, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+    let text = std::fs::read_to_string(&metrics).expect("clean UTF-8 again");
+    let steps: Vec<u64> = text.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(steps, [2, 4, 6, 8, 10, 12]);
+}

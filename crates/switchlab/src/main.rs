@@ -91,8 +91,9 @@ enum Command {
         /// Quality threshold for "time to threshold" (default: the dense baseline's final quality).
         #[arg(long, allow_hyphen_values = true)]
         threshold: Option<f64>,
-        /// Step of "quality @ N steps" (default: the baseline's last step).
-        #[arg(long)]
+        /// Step of "quality @ N steps" (default: the baseline's last step). A negative value is
+        /// let through to `ReportOptions::validate`, whose error says what the flag accepts.
+        #[arg(long, allow_hyphen_values = true)]
         at_step: Option<f64>,
     },
     /// For each finished Switch run of a sweep: the norm of each router's gradient from the
@@ -233,6 +234,7 @@ fn slurm_sweep(
     if let Some(cfg) = &plan.slurm {
         cfg.validate(&plan.path)?;
     }
+    slurm::check_sbatch(dry_run)?;
     // Each task trains one run in its own allocation: check each run alone.
     let limit = max_memory.or_else(|| slurm_mem_limit(plan));
     plan.check_memory(&plan.runs.iter().collect::<Vec<_>>(), 1, limit.as_ref())?;
@@ -309,6 +311,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train { config } => {
             let run = RunFile::read(&config).map_err(switch_runner::Error::Folder)?;
+            // A config edited by hand is checked as a grid's would be, before anything runs.
+            run.config.validate().map_err(|e| switch_runner::Error::input(&config, format!("{e}: fix the value in this file")))?;
             check_run_memory(&config, &run)?;
             let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
             let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));

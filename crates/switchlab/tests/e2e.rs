@@ -372,3 +372,21 @@ fn a_model_over_the_address_space_limit_is_refused_at_plan_time() {
     }
     assert!(!results.exists(), "nothing written, no lock left");
 }
+
+/// `switchlab train` checks a config.yaml edited by hand as a grid's would be, naming the file
+/// and the key, instead of panicking in the memory estimate.
+#[test]
+fn train_refuses_an_invalid_hand_edited_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let grid = grid_with(tmp.path(), "edited", 6, "[1]", "");
+    let cluster = tmp.path().join("cluster");
+    run_ok(switchlab().args(["sweep", "--backend", "slurm", "--dry-run", "--results"]).arg(&cluster).arg(&grid));
+    let run = std::fs::read_dir(cluster.join("edited/runs")).unwrap().next().unwrap().unwrap().path();
+    let config = run.join("config.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("encoder_len: 32"), "{text}");
+    std::fs::write(&config, text.replace("encoder_len: 32", "encoder_len: 0")).unwrap();
+    let err = run_err(switchlab().arg("train").arg(&config));
+    assert!(err.contains("config.yaml") && err.contains("encoder_len"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

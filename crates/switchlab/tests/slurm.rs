@@ -104,3 +104,21 @@ fn bad_slurm_settings_are_refused_before_submission() {
     );
     assert!(!results.join("cluster/slurm/jobs.txt").exists());
 }
+
+/// Without `sbatch`, a Slurm sweep is refused before any folder, grid.yaml or plan.csv is written.
+#[test]
+fn without_sbatch_a_slurm_sweep_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results");
+    let grid = grid(tmp.path(), "");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchlab"))
+        .args(["sweep", "--backend", "slurm", "--results"])
+        .arg(&results)
+        .arg(&grid)
+        .env("PATH", tmp.path()) // a PATH with no sbatch on it
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no `sbatch` on PATH") && err.contains("--dry-run"), "{err}");
+    assert!(!results.exists(), "nothing written");
+}
