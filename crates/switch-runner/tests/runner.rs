@@ -610,3 +610,26 @@ fn garbage_after_an_interrupted_runs_logs_is_dropped_on_resume() {
     let steps: Vec<u64> = text.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
     assert_eq!(steps, [2, 4, 6, 8, 10, 12]);
 }
+
+#[test]
+fn typos_in_selectors_and_bad_tolerances_are_refused_and_group_size_is_settable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = "grid:\n  model.num_experts: [1, 4]\nbaseline: { model.num_experts: 1 }\n";
+    let cases = [
+        ("exclude:\n  - { model.num_expert: 4 }\n", "exclude[0]: unknown key `model.num_expert`; did you mean `model.num_experts`?"),
+        ("exclude:\n  - { model.num_experts: 3 }\n", "exclude[0]"),
+        ("flops_per_token: { solve: model.d_ff, points: { model.top_kk: 1 } }\n", "flops_per_token.points: unknown key `model.top_kk`"),
+        ("tolerance: .nan\n", "tolerance = NaN: use a finite fraction"),
+        ("tolerance: -0.1\n", "tolerance = -0.1: use a finite fraction"),
+    ];
+    for (i, (extra, needle)) in cases.iter().enumerate() {
+        let err = plan_err(tmp.path(), &format!("t{i}"), &format!("{g}{extra}"));
+        assert!(err.contains(needle), "{extra}: {err}");
+    }
+    // model.group_size is a documented key: settable (a group that does not divide the batch
+    // leaves a shorter last group), and checked.
+    let p = switch_runner::plan(&grid(tmp.path(), "gs", "grid:\n  model.num_experts: [4]\n  model.group_size: [2]\n")).unwrap();
+    assert_eq!(p.runs[0].config.model.group_size, Some(2));
+    let err = plan_err(tmp.path(), "gs0", "grid:\n  model.num_experts: [4]\n  model.group_size: [0]\n");
+    assert!(err.contains("group_size") && err.contains("at least 1"), "{err}");
+}
