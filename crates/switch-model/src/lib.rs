@@ -12,6 +12,7 @@ pub mod config;
 pub mod kernels;
 pub mod moe;
 pub mod nn;
+pub mod procfs;
 pub mod t5;
 
 pub use accounting::Accounting;

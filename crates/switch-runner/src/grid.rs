@@ -679,12 +679,6 @@ pub struct MemoryLimit {
     pub source: String,
 }
 
-/// The first number (KiB) on the line of `file` that starts with `key` (`/proc` files).
-fn proc_kib(file: &str, key: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
-}
-
 impl MemoryLimit {
     /// The least of what this process may still use: the machine's MemAvailable, what is left
     /// under its address-space limit (`ulimit -v`) and under its cgroup's `memory.max` (a
@@ -697,8 +691,8 @@ impl MemoryLimit {
     }
 
     fn mem_available() -> Option<Self> {
-        let kib = proc_kib("/proc/meminfo", "MemAvailable:")?;
-        Some(Self { bytes: kib * 1024.0, source: "available (MemAvailable in /proc/meminfo)".into() })
+        let bytes = switch_model::procfs::mem_available_bytes()? as f64;
+        Some(Self { bytes, source: "available (MemAvailable in /proc/meminfo)".into() })
     }
 
     /// The soft `RLIMIT_AS` less the address space this process already maps (VmSize).
@@ -708,7 +702,7 @@ impl MemoryLimit {
         if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
             return None;
         }
-        let mapped = proc_kib("/proc/self/status", "VmSize:").unwrap_or(0.0) * 1024.0;
+        let mapped = switch_model::procfs::status_bytes(None, "VmSize").unwrap_or(0) as f64;
         let source = format!(
             "left under the address-space limit (ulimit -v {} KiB, of which {} already mapped)",
             r.rlim_cur / 1024,

@@ -6,9 +6,7 @@ use std::sync::atomic::AtomicBool;
 use switch_runner::rundir::RunDir;
 
 fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
-    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+    switch_model::procfs::resident_bytes()
 }
 
 #[cfg(target_os = "linux")] // reads /proc/self/status

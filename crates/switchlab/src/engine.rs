@@ -35,21 +35,14 @@ fn shape(num_experts: usize) -> RunConfig {
     c
 }
 
-/// CPU time of this process so far, (user, kernel) seconds, from /proc/self/stat (clock ticks of
-/// 1/100 s, Linux's USER_HZ).
+/// CPU time of this process so far, (user, kernel) seconds (0 where /proc cannot be read).
 fn cpu_times() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // fields after the ")" that ends the command name: state is field 3, utime 14, stime 15
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
-    (f.get(11).copied().unwrap_or(0.0) / 100.0, f.get(12).copied().unwrap_or(0.0) / 100.0)
+    switch_model::procfs::cpu_times().unwrap_or((0.0, 0.0))
 }
 
 /// A field of /proc/self/status in bytes (`VmRSS`: resident now, `VmHWM`: peak resident).
 fn status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next());
-    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+    switch_model::procfs::status_bytes(None, field).unwrap_or(0)
 }
 
 /// The numbers on the first line of a child's output that starts with `prefix` (none if no line does).

@@ -302,9 +302,7 @@ fn empty_grids_and_bad_slurm_settings_are_refused_at_plan_time() {
 
 /// Peak resident memory (VmHWM) of a process so far, bytes; `None` once it has exited.
 fn peak_rss(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
+    switch_model::procfs::status_bytes(Some(pid), "VmHWM").map(|b| b as f64)
 }
 
 #[test]
@@ -364,10 +362,7 @@ fn a_model_over_the_address_space_limit_is_refused_at_plan_time() {
         Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_switchlab")).arg(&grid).arg(&results),
     );
     assert!(err.contains("of memory") && err.contains("vlimit.yaml"), "{err}");
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<f64>().ok());
-    if available.is_some_and(|kib| kib * 1024.0 > need) {
+    if switch_model::procfs::mem_available_bytes().is_some_and(|b| b as f64 > need) {
         assert!(err.contains(&format!("ulimit -v {limit_kib}")), "the address-space limit is named: {err}");
     }
     assert!(!results.exists(), "nothing written, no lock left");

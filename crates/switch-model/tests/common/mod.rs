@@ -18,7 +18,5 @@ pub fn batch(cfg: &ModelConfig, b: usize, le: usize, ld: usize, seed: u64) -> Ba
 
 /// Resident memory of this process, from /proc/self/status (0 where it cannot be read).
 pub fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
-    kib.and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+    switch_model::procfs::resident_bytes()
 }
