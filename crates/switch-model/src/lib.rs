@@ -14,6 +14,7 @@ pub mod moe;
 pub mod nn;
 pub mod procfs;
 pub mod t5;
+pub mod tensor;
 
 pub use accounting::Accounting;
 pub use config::{Activation, ConfigError, LossReduction, ModelConfig, Router, RoutingPriority};

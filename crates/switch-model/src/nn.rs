@@ -15,17 +15,9 @@
 //! assert_eq!(y.as_vec(), vec![5.0, 7.0, 9.0]);
 //! ```
 use crate::kernels::{Act3, Kernels, Stacked};
+pub use crate::tensor::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-
-/// A flat parameter tensor.
-pub type Param<D> = Tensor<(usize,), f32, D>;
-/// 2-D activations `[tokens, features]` carrying tape `T`.
-pub type Act<D, T> = Tensor<(usize, usize), f32, D, T>;
-
-/// A tape that can be merged with itself: `OwnedTape` when training, `NoneTape` when evaluating.
-pub trait Tp<D: Device<f32>>: Tape<f32, D> + Merge<Self> + 'static {}
-impl<D: Device<f32>, T: Tape<f32, D> + Merge<T> + 'static> Tp<D> for T {}
 
 /// Per-forward state: training mode and the randomness of this step.
 pub struct Ctx {
@@ -57,18 +49,6 @@ pub fn truncated_normal<D: Device<f32>>(dev: &D, rng: &mut StdRng, n: usize, sca
         })
         .collect();
     dev.tensor_from_vec(v, (n,))
-}
-
-/// A tensor holding `values`, in a buffer taken from the device. dfdx's `tensor_from_vec` wraps
-/// the `Vec` itself, and with the buffer cache on (as in training) that buffer goes into the cache
-/// when the tensor drops and is never taken out again: a Switch-8 run of the `tiny` preset grew by
-/// about 1 MB per step that way (its per-step index, noise and mask tensors), until a
-/// 13,500-step sweep was killed at 24 GB. Every tensor made from host values while training
-/// comes from here or, for indices, from [`Kernels::indices`].
-pub fn device_tensor<S: Shape, D: Device<f32>>(dev: &D, values: &[f32], shape: S) -> Tensor<S, f32, D> {
-    let mut t = dev.zeros_like(&shape);
-    t.copy_from(values);
-    t
 }
 
 /// Multiplies by a fresh mask of 0 or 1/(1−rate) in training; identity otherwise.

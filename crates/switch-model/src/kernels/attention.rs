@@ -1,7 +1,7 @@
 //! Attention: softmax(q·kᵀ + bias)·v per example and head, with T5's relative-position bias
 //! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
 use super::{data, gemm_into, gemm_strided, softmax_row, with_overwritten_output, Kernels};
-use crate::nn::{device_tensor, Act, Param, Tp};
+use crate::tensor::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 

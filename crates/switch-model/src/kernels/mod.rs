@@ -19,7 +19,7 @@
 //! assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 2.2627).abs() < 1e-4 && (y[3] - 2.8284).abs() < 1e-4);
 //! assert_eq!(y, rms_norm_plain(x, &w).as_vec());
 //! ```
-use crate::nn::{Act, Param, Tp};
+use crate::tensor::{Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -88,7 +88,7 @@ pub const RMS_EPS: f32 = 1e-6;
 /// The engine's kernels for device `Self`. The defaults are the plain dfdx compositions.
 pub trait Kernels: Device<f32> {
     /// An index tensor holding `values`. On the CPU its buffer comes from the device's allocator,
-    /// for the reason given at [`crate::nn::device_tensor`].
+    /// for the reason given at [`crate::tensor::device_tensor`].
     fn indices(&self, values: &[usize]) -> Tensor<(usize,), usize, Self> {
         self.tensor_from_vec(values.to_vec(), (values.len(),))
     }

@@ -16,7 +16,7 @@
 //! assert_eq!(combine_fused(x, gate, &[Some(1), None]).as_vec(), vec![1.5, 2.0, 0.0, 0.0]);
 //! ```
 use super::{data, with_output, with_overwritten_output, Kernels};
-use crate::nn::{device_tensor, Act, Tp};
+use crate::tensor::{device_tensor, Act, Tp};
 use dfdx::prelude::*;
 
 /// Rows by index as dfdx ops (the reference): one `gather`.
