@@ -184,6 +184,20 @@ pub struct RoutingStats {
     pub router_entropy: f32,
 }
 
+impl RoutingStats {
+    /// The statistics of `routing` over `n` tokens and `k` choices each, with the router's
+    /// probabilities `probs` (`[n, E]`, row-major).
+    fn of(routing: &Routing, probs: &[f32], n: usize, k: usize) -> Self {
+        let dropped = routing.slot_of.iter().filter(|s| s.is_none()).count();
+        let entropy: f32 = probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32;
+        RoutingStats {
+            load_fraction: routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect(),
+            drop_fraction: dropped as f32 / (n * k) as f32,
+            router_entropy: entropy,
+        }
+    }
+}
+
 /// A sparse feed-forward layer: router + `num_experts` experts, `top_k` per token.
 pub struct MoeLayer<D: Device<f32>> {
     pub router: Linear<D>,
@@ -255,14 +269,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let (x, x_tape) = x.split_tape();
 
         // Router, in f32, on its own (jittered) copy of the input so the noise never reaches the experts.
-        let router_in = x.clone().put_tape(x_tape);
-        let router_in = if ctx.train && self.jitter_eps > 0.0 {
-            let eps = self.jitter_eps as f32;
-            let noise: Vec<f32> = (0..n * d).map(|_| ctx.rng.gen_range(1.0 - eps..=1.0 + eps)).collect();
-            D::mul_constant(router_in, &noise)
-        } else {
-            router_in
-        };
+        let router_in = self.jitter(x.clone().put_tape(x_tape), ctx);
         let (logits, logits_tape) = self.router.forward(router_in).split_tape();
         let (z_coef, balance_coef) =
             if self.hash_routing { (0.0, 0.0) } else { (self.z_loss_coef, self.balance_loss_coef) };
@@ -316,14 +323,20 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
             });
         }
 
-        let dropped = routing.slot_of.iter().filter(|s| s.is_none()).count();
-        let entropy: f32 = probs_host.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32;
-        let stats = RoutingStats {
-            load_fraction: routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect(),
-            drop_fraction: dropped as f32 / (n * k) as f32,
-            router_entropy: entropy,
-        };
+        let stats = RoutingStats::of(&routing, &probs_host, n, k);
         MoeOutput { output: output.expect("top_k >= 1"), balance_loss, z_loss, routing: stats }
+    }
+
+    /// The router's input times uniform noise in [1 − ε, 1 + ε] while training (the paper's
+    /// jitter); unchanged otherwise.
+    fn jitter<T: Tp<D>>(&self, router_in: Act<D, T>, ctx: &mut Ctx) -> Act<D, T> {
+        if !(ctx.train && self.jitter_eps > 0.0) {
+            return router_in;
+        }
+        let (n, d) = *router_in.shape();
+        let eps = self.jitter_eps as f32;
+        let noise: Vec<f32> = (0..n * d).map(|_| ctx.rng.gen_range(1.0 - eps..=1.0 + eps)).collect();
+        D::mul_constant(router_in, &noise)
     }
 
     pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {

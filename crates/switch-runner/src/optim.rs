@@ -137,24 +137,11 @@ fn rms(x: &[f32]) -> f32 {
     (sum_of_squares(x) / x.len().max(1) as f64).sqrt() as f32
 }
 
-/// Adafactor (Shazeer & Stern 2018) as Mesh TF's T5 runs use it: β₁ = 0, second-moment decay
-/// 1 − t^−0.8, update clipped to RMS ≤ 1, step = lr × max(RMS(p), ε₂) (relative to the
-/// parameter's scale), no weight decay. `v`: the whole second moment, or for a factored matrix
-/// the row means (`batch·rows`) followed by the column means (`batch·cols`).
-fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_scale: f32, t: u64, lr: f64) {
-    let decay = (1.0 - (t as f64).powf(-DECAY_EXPONENT)) as f32;
-    let mix = 1.0 - decay;
+/// Adafactor's factored second moments of one variable, updated in place: `vr` (`[batch, rows]`)
+/// and `vc` (`[batch, cols]`) decay towards the row and column means of (g·scale)² + ε₁.
+fn factored_moments(g: &[f32], (vr, vc): (&mut [f32], &mut [f32]), shape: [usize; 3], grad_scale: f32, decay: f32) {
     let [batch, rows, cols] = shape;
-    let step = lr as f32 * rms(p).max(EPS2);
-    if rows.min(cols) < MIN_DIM_TO_FACTOR {
-        for (v, &x) in v.iter_mut().zip(g) {
-            *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
-        }
-        apply_clipped(p, step, |i| g[i] * grad_scale * (1.0 / v[i].sqrt()));
-        return;
-    }
-    // Factored: row and column means of g², per stacked matrix.
-    let (vr, vc) = v[..batch * (rows + cols)].split_at_mut(batch * rows);
+    let mix = 1.0 - decay;
     // Each stacked matrix (expert) on its own: in parallel, every bit kept.
     let moments = |((gb, vr), vc): ((&[f32], &mut [f32]), &mut [f32])| {
         let mut col_sums = vec![0f64; cols];
@@ -186,6 +173,27 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     } else {
         g.chunks(matrix).zip(vr.chunks_mut(rows)).zip(vc.chunks_mut(cols)).for_each(moments);
     }
+}
+
+/// Adafactor (Shazeer & Stern 2018) as Mesh TF's T5 runs use it: β₁ = 0, second-moment decay
+/// 1 − t^−0.8, update clipped to RMS ≤ 1, step = lr × max(RMS(p), ε₂) (relative to the
+/// parameter's scale), no weight decay. `v`: the whole second moment, or for a factored matrix
+/// the row means (`batch·rows`) followed by the column means (`batch·cols`).
+fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_scale: f32, t: u64, lr: f64) {
+    let decay = (1.0 - (t as f64).powf(-DECAY_EXPONENT)) as f32;
+    let mix = 1.0 - decay;
+    let [batch, rows, cols] = shape;
+    let step = lr as f32 * rms(p).max(EPS2);
+    if rows.min(cols) < MIN_DIM_TO_FACTOR {
+        for (v, &x) in v.iter_mut().zip(g) {
+            *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
+        }
+        apply_clipped(p, step, |i| g[i] * grad_scale * (1.0 / v[i].sqrt()));
+        return;
+    }
+    // Factored: row and column means of g², per stacked matrix.
+    let (vr, vc) = v[..batch * (rows + cols)].split_at_mut(batch * rows);
+    factored_moments(g, (vr, vc), shape, grad_scale, decay);
     // v̂ = row · column / mean(row): the rank-1 estimate, as 1/√ of its two factors.
     let mut r_factor = vec![0f32; batch * rows];
     for (rf, vr) in r_factor.chunks_exact_mut(rows).zip(vr.chunks_exact(rows)) {

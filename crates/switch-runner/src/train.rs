@@ -309,11 +309,7 @@ fn train_on(
 
         let done = step + 1;
         let last = done == t.steps;
-        let drop_fraction = if step_routing.is_empty() {
-            0.0
-        } else {
-            step_routing.iter().map(|(_, r)| r.drop_fraction).sum::<f32>() / step_routing.len() as f32
-        };
+        let drop_fraction = mean_drop_fraction(&step_routing);
         if done % t.eval_every == 0 || done % t.log_every == 0 || last {
             let (eval_loss, routing) = if done % t.eval_every == 0 || last {
                 let (l, r) = evaluate(&model, ds, cfg, Split::Validation);
@@ -357,15 +353,35 @@ fn train_on(
             return Ok(Outcome::Interrupted);
         }
     }
-    // The test split, once, after the last step: nothing during training or in choosing settings
-    // reads it. Its time is not training time, so the clocks are read first.
+    finish(&model, ds, cfg, dir, status, &clock)
+}
+
+/// The mean over sparse layers of the training batch's dropped fraction (0 for a dense model).
+fn mean_drop_fraction(routing: &LayerRouting) -> f32 {
+    if routing.is_empty() {
+        return 0.0;
+    }
+    routing.iter().map(|(_, r)| r.drop_fraction).sum::<f32>() / routing.len() as f32
+}
+
+/// Scores the test split, once, after the last step (nothing during training or in choosing
+/// settings reads it), and marks the run done. Its time is not training time, so the clocks are
+/// read first.
+fn finish(
+    model: &SwitchTransformer<Dev>,
+    ds: &Dataset,
+    cfg: &RunConfig,
+    dir: &RunDir,
+    mut status: Status,
+    clock: &Clock,
+) -> Result<Outcome> {
     status.wall_s = Some(clock.wall_s());
     status.cpu_s = Some(clock.cpu_s());
-    let (test_loss, _) = evaluate(&model, ds, cfg, Split::Test);
+    let (test_loss, _) = evaluate(model, ds, cfg, Split::Test);
     status.final_test_loss = Some(test_loss);
     status.final_test_neg_log_perplexity = Some(-test_loss);
     status.state = State::Done;
-    status.steps_done = t.steps;
+    status.steps_done = cfg.train.steps;
     status.finished_at = Some(rundir::now());
     dir.write_status(&status)?;
     Ok(Outcome::Done)

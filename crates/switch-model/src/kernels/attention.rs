@@ -83,14 +83,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
     let (v, tv) = v.split_tape();
     let mut tape = tq.merge(tk).merge(tv);
     let (qs, ks, vs) = (data(&q), data(&k), data(&v));
-    let bias_values: Option<Vec<f32>> = bias.map(|b| {
-        let table = data(&b.table);
-        (0..heads)
-            .flat_map(|h| {
-                b.buckets.iter().enumerate().map(|(i, &bk)| table[bk * heads + h] + b.mask(i)).collect::<Vec<_>>()
-            })
-            .collect()
-    });
+    let bias_values: Option<Vec<f32>> = bias.map(|b| bias_rows(b, heads));
     // Example b owns rows b·lq.. of q and out, b·lk.. of k and v, and its heads' slices of P:
     // examples run in parallel on the run's threads, heads one after another in each; every sum
     // keeps its order, so the result does not depend on the number of threads.
@@ -146,16 +139,29 @@ pub fn attention_fused<T: Tp<Cpu>>(
             grads.get_or_alloc_mut(ghost)?.iter_mut().zip(&d).for_each(|(a, d)| *a += d);
         }
         if let Some((table_ghost, buckets)) = &table {
-            let mut summed = vec![0f32; p_len];
-            for example in &dbias {
-                summed.iter_mut().zip(example).for_each(|(a, d)| *a += d);
-            }
-            let gt = grads.get_or_alloc_mut(table_ghost)?;
-            for (h, dbias) in summed.chunks_exact(lq * lk).enumerate() {
-                buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
-            }
+            add_bias_grad(grads.get_or_alloc_mut(table_ghost)?, buckets, &dbias, p_len, heads);
         }
         Ok(())
     });
     out.put_tape(tape)
+}
+
+/// The bias (with the mask) of every head, query and key: `[heads, lq·lk]`, row-major.
+fn bias_rows(b: &PositionBias<Cpu>, heads: usize) -> Vec<f32> {
+    let table = data(&b.table);
+    (0..heads)
+        .flat_map(|h| b.buckets.iter().enumerate().map(|(i, &bk)| table[bk * heads + h] + b.mask(i)).collect::<Vec<_>>())
+        .collect()
+}
+
+/// Adds Σ over examples (in order) of each example's ∂S (`[heads, lq·lk]` each, `p_len` long)
+/// to the bias table's gradient `gt`, bucket by bucket.
+fn add_bias_grad(gt: &mut [f32], buckets: &[usize], dbias: &[Vec<f32>], p_len: usize, heads: usize) {
+    let mut summed = vec![0f32; p_len];
+    for example in dbias {
+        summed.iter_mut().zip(example).for_each(|(a, d)| *a += d);
+    }
+    for (h, dbias) in summed.chunks_exact(buckets.len()).enumerate() {
+        buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
+    }
 }
