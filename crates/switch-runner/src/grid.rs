@@ -625,10 +625,8 @@ pub const PROCESS_BYTES: f64 = 160.0 * 1024.0 * 1024.0;
 
 /// Estimated peak memory of one run trained alone, in bytes: [`PROCESS_BYTES`] plus 4 bytes
 /// per float of the larger of a training step, 6·P + 1.25·A(batch) (weights, tape gradients,
-/// AdamW's m and v, and 2·P of slack, once host copies of weights and gradients, now updated in
-/// place; the activations the tape keeps:
-/// backward frees each op's inputs as it makes their gradients, so about A at once, with a
-/// quarter for slack), and an evaluation, 5·P + A(eval batch). A is
+/// AdamW's m and v, and 2·P of slack; the activations the tape keeps: backward frees each op's
+/// inputs as it makes their gradients, so about A at once, with a quarter for slack), and an evaluation, 5·P + A(eval batch). A is
 /// [`switch_model::ModelConfig::activation_floats`]. f64 throughout: 10⁹ experts do not overflow.
 pub fn memory_bytes(cfg: &RunConfig) -> f64 {
     let params = cfg.accounting().params_total as f64;

@@ -276,8 +276,8 @@ pub fn train(cfg: &RunConfig, ds: &Dataset, dir: &RunDir, stop: &AtomicBool, pro
 }
 
 /// The run's device. Dropped after every tensor of the run (also when training panics), it
-/// empties the device's buffer cache, which dfdx never frees on its own: without this, a sweep's
-/// process kept every finished run's memory (a 22-run sweep grew to 24 GB and was killed).
+/// empties the device's buffer cache, which dfdx never frees on its own, so a sweep's process
+/// does not keep every finished run's memory.
 struct CacheOwner(Dev);
 
 impl Drop for CacheOwner {
