@@ -19,16 +19,16 @@ test:
 # Speed figures: Switch ÷ dense layer, sweep parallelism, data pipeline, report, training engine.
 bench:
     cargo bench -p switch-model --bench switch_layer
-    cargo run --release -q -p switchlab -- bench sweep
-    cargo run --release -q -p switchlab -- bench data
-    cargo run --release -q -p switchlab -- bench report
-    cargo run --release -q -p switchlab -- bench engine
+    cargo run --release -q -p switch-bench -- sweep
+    cargo run --release -q -p switch-bench -- data
+    cargo run --release -q -p switch-bench -- report
+    cargo run --release -q -p switch-bench -- engine
 
 # switchlab's engine against PyTorch (HF transformers' T5 and Switch Transformer) on the engine
 # benchmark's shape; installs torch and transformers into .venv-torch on first use (~6 GB).
 bench-pytorch:
     test -x .venv-torch/bin/python || (python3 -m venv .venv-torch && .venv-torch/bin/pip install -q torch transformers)
-    cargo run --release -q -p switchlab -- bench pytorch --python .venv-torch/bin/python
+    cargo run --release -q -p switch-bench -- pytorch --python .venv-torch/bin/python
 
 # Delete results/NAME (runs, checkpoints and report).
 clean NAME:

@@ -1,11 +1,13 @@
-"""The PyTorch side of `switchlab bench pytorch`: trains HF transformers' T5 (one expert) or
-Switch Transformer on random tokens of the given shape and prints `RESULT tokens/s step_s`.
+"""The PyTorch side of `switch-bench pytorch`: trains HF transformers' T5 (one expert) or
+Switch Transformer on random tokens of the given shape and prints one line of JSON,
+`{"tokens_per_s": ..., "step_s": ...}` (`PytorchRun` in crates/switch-bench/src/child.rs).
 
-Run by `switchlab bench pytorch`, which passes the engine's comparison shape and measures
+Run by `switch-bench pytorch`, which passes the engine's comparison shape and measures
 switchlab's engine on the same shape in the same run. Needs torch and transformers:
     python3 -m venv .venv-torch && .venv-torch/bin/pip install torch transformers
 """
 import argparse
+import json
 import time
 
 import torch
@@ -48,9 +50,10 @@ def step():
     opt.step()
 
 
-step()  # the first step allocates the optimizer's moments, as switchlab's bench does
+step()  # the first step allocates the optimizer's moments, as switch-bench's engine runs do
 start = time.perf_counter()
 for _ in range(a.steps):
     step()
 secs = time.perf_counter() - start
-print(f"RESULT {a.batch * (a.encoder_len + a.decoder_len) * a.steps / secs} {secs / a.steps}")
+print(json.dumps({"tokens_per_s": a.batch * (a.encoder_len + a.decoder_len) * a.steps / secs,
+                  "step_s": secs / a.steps}))

@@ -1,5 +1,5 @@
 //! Run folders whose answers are known by construction, written through the run-folder format
-//! crate: for the report's tests and `switchlab bench report`.
+//! crate: for the report's tests and `switch-bench report`.
 use std::path::Path;
 use switch_rundir::{MetricsRow, RoutingRow, RunDir, RunFile, State, Status};
 

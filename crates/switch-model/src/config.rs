@@ -158,26 +158,6 @@ impl ModelConfig {
         self.num_experts > 1 && (i + 1) % self.expert_every == 0
     }
 
-    /// The `[batch, rows, cols]` layout of the parameter named `name` (as in
-    /// `SwitchTransformer::params_mut`): row-major matrices, `batch` experts stacked, vectors as
-    /// `[1, 1, n]`. For optimizers that treat matrices by row and column (Adafactor).
-    pub fn param_shape(&self, name: &str) -> [usize; 3] {
-        let (d, f, e) = (self.d_model, self.d_ff, self.num_experts);
-        let inner = self.num_heads * self.d_kv;
-        let last = name.rsplit('.').next().unwrap_or(name);
-        let in_moe = name.contains(".moe.");
-        match last {
-            "embedding" => [1, self.vocab_size, d],
-            "relative_bias" => [1, self.relative_attention_num_buckets, self.num_heads],
-            "q" | "k" | "v" => [1, d, inner],
-            "o" => [1, inner, d],
-            "router" => [1, d, e],
-            "w_in" | "w_gate" => [if in_moe { e } else { 1 }, d, f],
-            "w_out" => [if in_moe { e } else { 1 }, f, d],
-            _ => [1, 1, d], // the RMSNorm weights
-        }
-    }
-
     /// No encoder: the decoder alone, without cross-attention.
     pub fn is_decoder_only(&self) -> bool {
         self.num_encoder_layers == 0

@@ -15,7 +15,7 @@
 //! assert_eq!(r.first_choice_counts, vec![2, 2]);
 //! ```
 use crate::config::{ModelConfig, RoutingPriority};
-use crate::nn::{device_tensor, Act, Ctx, ExpertFfn, Linear, Param, Tp};
+use crate::nn::{device_tensor, Act, Ctx, ExpertFfn, Linear, ModelParam, Role, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng};
 
@@ -339,9 +339,10 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         D::mul_constant(router_in, &noise)
     }
 
-    pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {
-        let mut v = vec![("router", &mut self.router.weight)];
-        v.extend(self.experts.params_mut());
+    /// The router `[1, d, E]`, then the experts.
+    pub fn params(&mut self) -> Vec<ModelParam<'_, D>> {
+        let mut v = vec![self.router.param("router", Role::Router)];
+        v.extend(self.experts.params(Role::Expert));
         v
     }
 }

@@ -19,6 +19,44 @@ pub use crate::tensor::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+/// What a parameter is for. The optimizer (matrix layout), the router's learning rate and the
+/// router probe read this, never the parameter's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Embedding,
+    PositionBias,
+    Norm,
+    Attention,
+    /// A dense model's feed-forward weights.
+    Ffn,
+    /// A sparse layer's expert weights, `[experts, rows, cols]`.
+    Expert,
+    Router,
+}
+
+/// One trainable parameter as its module creates it: the name checkpoints and reports use, its
+/// role, and its `[batch, rows, cols]` layout (row-major matrices, experts stacked in `batch`,
+/// vectors as `[1, 1, n]`).
+pub struct ModelParam<'a, D: Device<f32>> {
+    pub name: String,
+    pub role: Role,
+    pub shape: [usize; 3],
+    pub param: &'a mut Param<D>,
+}
+
+impl<'a, D: Device<f32>> ModelParam<'a, D> {
+    /// Checks that `shape` holds exactly the parameter's floats.
+    pub fn new(name: impl Into<String>, role: Role, shape: [usize; 3], param: &'a mut Param<D>) -> Self {
+        let name = name.into();
+        assert_eq!(shape.iter().product::<usize>(), param.shape().0, "parameter {name}: layout {shape:?}");
+        Self { name, role, shape, param }
+    }
+    /// The same parameter named under `prefix` (`prefix.name`).
+    pub fn under(self, prefix: &str) -> Self {
+        Self { name: format!("{prefix}.{}", self.name), ..self }
+    }
+}
+
 /// Per-forward state: training mode and the randomness of this step.
 pub struct Ctx {
     pub train: bool,
@@ -77,6 +115,11 @@ impl<D: Device<f32>> Linear<D> {
     pub fn new(dev: &D, rng: &mut StdRng, d_in: usize, d_out: usize, init_scale: f64) -> Self {
         Self { weight: truncated_normal(dev, rng, d_in * d_out, init_scale, d_in), d_in, d_out }
     }
+    /// The weight as parameter `name` with `role`, laid out `[1, d_in, d_out]`.
+    pub fn param(&mut self, name: &str, role: Role) -> ModelParam<'_, D> {
+        let shape = [1, self.d_in, self.d_out];
+        ModelParam::new(name, role, shape, &mut self.weight)
+    }
     /// A layer with the given row-major `[d_in, d_out]` weights (for tests and examples).
     pub fn from_rows(dev: &D, d_in: usize, d_out: usize, rows: &[f32]) -> Self {
         Self { weight: dev.tensor_from_vec(rows.to_vec(), (d_in * d_out,)), d_in, d_out }
@@ -101,6 +144,11 @@ pub struct RmsNorm<D: Device<f32>> {
 impl<D: Device<f32>> RmsNorm<D> {
     pub fn new(dev: &D, d: usize) -> Self {
         Self { weight: dev.ones_like(&(d,)) }
+    }
+    /// The weight as parameter `name`, laid out `[1, 1, d]`.
+    pub fn param(&mut self, name: &str) -> ModelParam<'_, D> {
+        let d = self.weight.shape().0;
+        ModelParam::new(name, Role::Norm, [1, 1, d], &mut self.weight)
     }
     pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T>
     where
@@ -153,9 +201,15 @@ impl<D: Device<f32>> ExpertFfn<D> {
         D::param_matmul(hidden, &self.w_out, down)
     }
 
-    pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Param<D>)> {
-        let mut v = vec![("w_in", &mut self.w_in), ("w_out", &mut self.w_out)];
-        v.extend(self.w_gate.iter_mut().map(|w| ("w_gate", w)));
+    /// `w_in` `[E, d, f]`, `w_out` `[E, f, d]` and GEGLU's `w_gate` `[E, d, f]`, as `role`
+    /// ([`Role::Ffn`] for a dense layer, [`Role::Expert`] in a sparse one).
+    pub fn params(&mut self, role: Role) -> Vec<ModelParam<'_, D>> {
+        let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
+        let mut v = vec![
+            ModelParam::new("w_in", role, [e, d, f], &mut self.w_in),
+            ModelParam::new("w_out", role, [e, f, d], &mut self.w_out),
+        ];
+        v.extend(self.w_gate.iter_mut().map(|w| ModelParam::new("w_gate", role, [e, d, f], w)));
         v
     }
 }

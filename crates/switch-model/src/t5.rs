@@ -4,7 +4,7 @@
 use crate::config::{LossReduction, ModelConfig};
 use crate::kernels::{PositionBias, Stacked};
 use crate::moe::MoeLayer;
-use crate::nn::{dropout, truncated_normal, Act, Ctx, ExpertFfn, Linear, Param, RmsNorm, Tp};
+use crate::nn::{dropout, truncated_normal, Act, Ctx, ExpertFfn, Linear, ModelParam, Param, RmsNorm, Role, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -80,8 +80,9 @@ impl<D: crate::kernels::Kernels> Attention<D> {
         self.o.forward(D::attention(q, k, v, bias, batch, self.num_heads))
     }
 
-    fn params_mut(&mut self) -> [(&'static str, &mut Param<D>); 4] {
-        [("q", &mut self.q.weight), ("k", &mut self.k.weight), ("v", &mut self.v.weight), ("o", &mut self.o.weight)]
+    fn params(&mut self) -> [ModelParam<'_, D>; 4] {
+        let a = Role::Attention;
+        [self.q.param("q", a), self.k.param("k", a), self.v.param("v", a), self.o.param("o", a)]
     }
 }
 
@@ -98,6 +99,24 @@ pub struct Block<D: Device<f32>> {
     pub cross_attn: Option<(RmsNorm<D>, Attention<D>)>,
     pub ffn_norm: RmsNorm<D>,
     pub ffn: FeedForward<D>,
+}
+
+impl<D: crate::kernels::Kernels> Block<D> {
+    /// The block's parameters, named within it (`self_attn.q`, `moe.router`, …).
+    fn params(&mut self) -> Vec<ModelParam<'_, D>> {
+        let mut out = vec![self.self_attn_norm.param("self_attn_norm")];
+        out.extend(self.self_attn.params().into_iter().map(|p| p.under("self_attn")));
+        if let Some((norm, attn)) = &mut self.cross_attn {
+            out.push(norm.param("cross_attn_norm"));
+            out.extend(attn.params().into_iter().map(|p| p.under("cross_attn")));
+        }
+        out.push(self.ffn_norm.param("ffn_norm"));
+        match &mut self.ffn {
+            FeedForward::Dense(f) => out.extend(f.params(Role::Ffn).into_iter().map(|p| p.under("ffn"))),
+            FeedForward::Sparse(m) => out.extend(m.params().into_iter().map(|p| p.under("moe"))),
+        }
+        out
+    }
 }
 
 /// An encoder or decoder stack; the relative-position bias is shared by its layers, as in T5.
@@ -212,34 +231,28 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
     }
 
     /// Every parameter with a dotted name, in a fixed order (the checkpoint and optimizer order).
-    pub fn params_mut(&mut self) -> Vec<(String, &mut Param<D>)> {
-        let mut out = vec![("embedding".to_string(), &mut self.embedding)];
+    /// Every trainable parameter, in the order of checkpoints and optimizer state.
+    pub fn params(&mut self) -> Vec<ModelParam<'_, D>> {
+        let c = &self.cfg;
+        let (vocab, d, buckets, heads) = (c.vocab_size, c.d_model, c.relative_attention_num_buckets, c.num_heads);
+        let mut out = vec![ModelParam::new("embedding", Role::Embedding, [1, vocab, d], &mut self.embedding)];
         for (prefix, stack) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
             if stack.blocks.is_empty() {
                 continue; // a decoder-only model's (unused) encoder has no parameters to train
             }
-            out.push((format!("{prefix}.relative_bias"), &mut stack.relative_bias));
-            out.push((format!("{prefix}.final_norm"), &mut stack.final_norm.weight));
+            let bias = ModelParam::new("relative_bias", Role::PositionBias, [1, buckets, heads], &mut stack.relative_bias);
+            out.push(bias.under(prefix));
+            out.push(stack.final_norm.param("final_norm").under(prefix));
             for (i, b) in stack.blocks.iter_mut().enumerate() {
-                let p = format!("{prefix}.{i}");
-                out.push((format!("{p}.self_attn_norm"), &mut b.self_attn_norm.weight));
-                out.extend(b.self_attn.params_mut().into_iter().map(|(n, t)| (format!("{p}.self_attn.{n}"), t)));
-                if let Some((norm, attn)) = &mut b.cross_attn {
-                    out.push((format!("{p}.cross_attn_norm"), &mut norm.weight));
-                    out.extend(attn.params_mut().into_iter().map(|(n, t)| (format!("{p}.cross_attn.{n}"), t)));
-                }
-                out.push((format!("{p}.ffn_norm"), &mut b.ffn_norm.weight));
-                match &mut b.ffn {
-                    FeedForward::Dense(f) => {
-                        out.extend(f.params_mut().into_iter().map(|(n, t)| (format!("{p}.ffn.{n}"), t)))
-                    }
-                    FeedForward::Sparse(m) => {
-                        out.extend(m.params_mut().into_iter().map(|(n, t)| (format!("{p}.moe.{n}"), t)))
-                    }
-                }
+                out.extend(b.params().into_iter().map(|p| p.under(&format!("{prefix}.{i}"))));
             }
         }
         out
+    }
+
+    /// [`Self::params`] as (name, parameter) pairs.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Param<D>)> {
+        self.params().into_iter().map(|p| (p.name, p.param)).collect()
     }
 
     /// The stack's relative-position bias for sequences of `len` (plus the causal mask in the decoder).

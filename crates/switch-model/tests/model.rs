@@ -3,7 +3,7 @@
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::moe::{load_balancing_loss, route, route_in_groups, router_z_loss, MoeLayer};
-use switch_model::nn::{Ctx, ExpertFfn, Linear};
+use switch_model::nn::{Ctx, ExpertFfn, Linear, Role};
 use switch_model::t5::relative_position_bucket;
 use switch_model::{Activation, Batch, ModelConfig, RoutingPriority, SwitchTransformer};
 
@@ -607,7 +607,7 @@ fn routers_learn_from_the_cross_entropy_alone() {
 }
 
 #[test]
-fn param_shapes_cover_every_parameter_with_the_init_fan_in_as_rows() {
+fn every_parameter_carries_a_layout_with_the_init_fan_in_as_rows_and_its_role() {
     let dev = Dev::default();
     for cfg in [
         ModelConfig { d_model: 16, d_ff: 48, num_heads: 2, d_kv: 4, ..tiny(1) },
@@ -615,9 +615,16 @@ fn param_shapes_cover_every_parameter_with_the_init_fan_in_as_rows() {
         ModelConfig { d_model: 16, d_ff: 48, num_heads: 2, d_kv: 4, activation: Activation::Geglu, ..tiny(4) },
     ] {
         let mut model = SwitchTransformer::new(&dev, &cfg, 0).unwrap();
-        for (name, p) in model.params_mut() {
-            let shape = cfg.param_shape(&name);
+        let mut routers = 0;
+        for mp in model.params() {
+            let (name, shape, p) = (mp.name, mp.shape, mp.param);
             assert_eq!(shape.iter().product::<usize>(), p.shape().0, "{name}: {shape:?}");
+            assert_eq!(mp.role == Role::Router, name.ends_with(".moe.router"), "{name}: {:?}", mp.role);
+            assert_eq!(mp.role == Role::Expert, name.contains(".moe.w_"), "{name}: {:?}", mp.role);
+            if mp.role == Role::Expert {
+                assert_eq!(shape[0], cfg.num_experts, "{name}: experts stacked in the layout's batch");
+            }
+            routers += (mp.role == Role::Router) as usize;
             // A weight is drawn with σ = √(init_scale / fan_in), and its fan-in is its rows.
             let matrix = ["w_in", "w_gate", "w_out", "router", "o"].iter().any(|s| name.ends_with(s));
             if matrix {
@@ -628,5 +635,8 @@ fn param_shapes_cover_every_parameter_with_the_init_fan_in_as_rows() {
                 assert!((std / want - 1.0).abs() < 0.2, "{name}: std {std}, want {want} for rows {}", shape[1]);
             }
         }
+        let sparse_layers = (0..cfg.num_encoder_layers).filter(|&i| cfg.is_sparse_layer(i)).count()
+            + (0..cfg.num_decoder_layers).filter(|&i| cfg.is_sparse_layer(i)).count();
+        assert_eq!(routers, sparse_layers, "one router per sparse layer");
     }
 }

@@ -37,7 +37,7 @@ const CHUNK: usize = 1 << 15;
 
 pub struct OptimizerState {
     pub kind: OptimizerKind,
-    /// Each parameter as `[batch, rows, cols]` (see `ModelConfig::param_shape`).
+    /// Each parameter as `[batch, rows, cols]` (its `ModelParam::shape`).
     shapes: Vec<[usize; 3]>,
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::train::{load_checkpoint, to_batch, Dev, OptimizerState};
 use dfdx::prelude::*;
 use switch_data::Dataset;
-use switch_model::nn::Ctx;
+use switch_model::nn::{Ctx, Role};
 use switch_model::SwitchTransformer;
 use switch_rundir::RunDir;
 
@@ -27,10 +27,10 @@ fn router_grads(model: &mut SwitchTransformer<Dev>, batch: &switch_model::Batch,
     let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut Ctx::train(seed));
     let grads = out.total.backward();
     model
-        .params_mut()
+        .params()
         .into_iter()
-        .filter(|(n, _)| n.ends_with(".moe.router"))
-        .map(|(n, p)| (n, grads.get(&*p).as_vec()))
+        .filter(|p| p.role == Role::Router)
+        .map(|p| (p.name, grads.get(&*p.param).as_vec()))
         .collect()
 }
 

@@ -115,7 +115,7 @@ pub fn datasets(configs: &[&DataConfig], results_root: &Path) -> Result<HashMap<
 }
 
 /// On 2 cores, two runs with one thread each beat one run with two threads (only dfdx's matmul
-/// is multi-threaded); `switchlab bench sweep` measures it.
+/// is multi-threaded); `switch-bench sweep` measures it.
 pub fn default_split(pending: usize) -> (usize, usize) {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let jobs = pending.clamp(1, cores);

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use switch_data::{Dataset, Example, Split};
-use switch_model::nn::Ctx;
+use switch_model::nn::{Ctx, Role};
 use switch_model::{Batch, SwitchTransformer};
 
 pub type Dev = Cpu;
@@ -116,19 +116,19 @@ pub fn train_step(
     // Gradients and weights are read and written in place (the patched dfdx's `host_slice_mut`):
     // no per-step copy or allocation in proportion to the parameters.
     let mut grads = out.total.backward();
-    let mut params = model.params_mut();
+    let mut params = model.params();
     let mut norm_sq = 0.0f64;
-    for (_, p) in params.iter_mut() {
-        norm_sq += sum_of_squares(grads.get_or_alloc_mut(&**p)?);
+    for p in params.iter_mut() {
+        norm_sq += sum_of_squares(grads.get_or_alloc_mut(&*p.param)?);
     }
     let norm = norm_sq.sqrt();
     let grad_scale = if t.grad_clip > 0.0 && norm > t.grad_clip { (t.grad_clip / norm) as f32 } else { 1.0 };
     let lr = t.learning_rate_at(step);
     let router_lr = t.router_learning_rate_at(step);
-    for (k, (name, p)) in params.iter_mut().enumerate() {
-        let lr = if name.ends_with(".moe.router") { router_lr } else { lr };
-        let g = grads.get_or_alloc_mut(&p.ghost())?;
-        opt.update(k, p.host_slice_mut(), g, grad_scale, step + 1, lr, t);
+    for (k, p) in params.iter_mut().enumerate() {
+        let lr = if p.role == Role::Router { router_lr } else { lr };
+        let g = grads.get_or_alloc_mut(&p.param.ghost())?;
+        opt.update(k, p.param.host_slice_mut(), g, grad_scale, step + 1, lr, t);
     }
     Ok((losses, routing, lr))
 }
@@ -235,17 +235,7 @@ impl Clock {
 
 /// `cfg`'s optimizer, its state sized from each parameter's shape.
 pub fn optimizer_for(cfg: &RunConfig, model: &mut SwitchTransformer<Dev>) -> OptimizerState {
-    // A name `param_shape` does not know must fail here, not leave a parameter with a short state
-    // that the update's zip would truncate.
-    let shapes: Vec<[usize; 3]> = model
-        .params_mut()
-        .iter()
-        .map(|(name, p)| {
-            let shape = cfg.model.param_shape(name);
-            assert_eq!(shape.iter().product::<usize>(), p.shape().0, "ModelConfig::param_shape({name}) = {shape:?}");
-            shape
-        })
-        .collect();
+    let shapes: Vec<[usize; 3]> = model.params().iter().map(|p| p.shape).collect();
     OptimizerState::new(cfg.train.optimizer, &shapes)
 }
 

@@ -1,5 +1,5 @@
 //! `switchlab`: plan, run and report Switch Transformer sweeps.
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use switch_runner::grid::RunFile;
@@ -7,9 +7,6 @@ use switch_runner::grid::{human_bytes, MemoryLimit};
 use switch_runner::rundir::{self, RunDir, State};
 use switch_runner::slurm;
 use switch_runner::sweep::{self, SweepOptions};
-
-mod bench;
-mod engine;
 
 #[derive(Parser)]
 #[command(name = "switchlab", version, about = "Reproduce Switch Transformers scaling results on a CPU")]
@@ -46,40 +43,7 @@ enum Command {
         max_memory: Option<String>,
     },
     /// Train every point of a grid that is not done yet (resuming interrupted runs).
-    Sweep {
-        /// A grid file, or the name of one in experiments/ (e.g. `experts`).
-        grid: PathBuf,
-        /// Folder that holds one sub-folder per sweep.
-        #[arg(long, default_value = "results")]
-        results: PathBuf,
-        /// Runs trained at once (default: one per core).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Matmul threads per run (default: cores ÷ jobs).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Train runs that failed before again.
-        #[arg(long)]
-        retry_failed: bool,
-        /// Replace the grid's seeds, e.g. `--seeds 0,1,2`.
-        #[arg(long, value_delimiter = ',')]
-        seeds: Option<Vec<u64>>,
-        #[arg(long, value_enum, default_value = "local")]
-        backend: Backend,
-        /// Write the report (results/<sweep>/report) when the sweep ends.
-        #[arg(long)]
-        report: bool,
-        /// Slurm: block until the array job ends, then write the report.
-        #[arg(long)]
-        wait: bool,
-        /// Slurm: write the sbatch script and print the command without submitting.
-        #[arg(long)]
-        dry_run: bool,
-        /// Memory budget, e.g. `8G`: refuse runs estimated above it (default: MemAvailable from
-        /// /proc/meminfo; with --backend slurm, the grid's slurm.mem per task).
-        #[arg(long)]
-        max_memory: Option<String>,
-    },
+    Sweep(SweepArgs),
     /// Show each run's state in a sweep folder, joined with Slurm's view of its jobs.
     Status { sweep_dir: PathBuf },
     /// Train one run folder from its config.yaml (what each Slurm task runs).
@@ -105,11 +69,43 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         batches: u64,
     },
-    /// Print measured speed figures.
-    Bench {
-        #[command(subcommand)]
-        what: bench::Bench,
-    },
+}
+
+/// `switchlab sweep`'s flags.
+#[derive(Args)]
+struct SweepArgs {
+    /// A grid file, or the name of one in experiments/ (e.g. `experts`).
+    grid: PathBuf,
+    /// Folder that holds one sub-folder per sweep.
+    #[arg(long, default_value = "results")]
+    results: PathBuf,
+    /// Runs trained at once (default: one per core).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Matmul threads per run (default: cores ÷ jobs).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Train runs that failed before again.
+    #[arg(long)]
+    retry_failed: bool,
+    /// Replace the grid's seeds, e.g. `--seeds 0,1,2`.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    #[arg(long, value_enum, default_value = "local")]
+    backend: Backend,
+    /// Write the report (results/<sweep>/report) when the sweep ends.
+    #[arg(long)]
+    report: bool,
+    /// Slurm: block until the array job ends, then write the report.
+    #[arg(long)]
+    wait: bool,
+    /// Slurm: write the sbatch script and print the command without submitting.
+    #[arg(long)]
+    dry_run: bool,
+    /// Memory budget, e.g. `8G`: refuse runs estimated above it (default: MemAvailable from
+    /// /proc/meminfo; with --backend slurm, the grid's slurm.mem per task).
+    #[arg(long)]
+    max_memory: Option<String>,
 }
 
 fn main() {
@@ -267,70 +263,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let jobs = jobs.unwrap_or_else(|| sweep::default_split(runs.len()).0);
             plan.check_memory(&runs, jobs, memory_limit(max_memory.as_deref())?.as_ref())?;
         }
-        Command::Sweep {
-            grid,
-            results,
-            jobs,
-            threads,
-            retry_failed,
-            seeds,
-            backend,
-            report,
-            wait,
-            dry_run,
-            max_memory,
-        } => {
-            let plan = switch_runner::grid::plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
-            let max_memory = max_memory.as_deref().map(MemoryLimit::from_flag).transpose()?;
-            if backend == Backend::Slurm {
-                return slurm_sweep(&plan, &results, retry_failed, dry_run, wait, max_memory);
-            }
-            install_ctrl_c();
-            let summary = switch_runner::sweep(
-                &plan,
-                &SweepOptions {
-                    results_root: results.clone(),
-                    jobs,
-                    threads_per_run: threads,
-                    retry_failed,
-                    max_memory,
-                },
-            )?;
-            eprintln!("sweep {}: {}", plan.name, summary.describe());
-            eprintln!("results in {}", results.join(&plan.name).display());
-            if report {
-                let path = switch_analysis::report(
-                    &results.join(&plan.name),
-                    &switch_analysis::ReportOptions { threshold: None, at_step: None },
-                )?;
-                eprintln!("report: {}", path.display());
-            }
-            if !summary.ok() {
-                std::process::exit(2);
-            }
-        }
-        Command::Train { config } => {
-            let run = RunFile::read(&config).map_err(switch_runner::Error::Folder)?;
-            // A config edited by hand is checked as a grid's would be, before anything runs.
-            run.config.validate().map_err(|e| switch_runner::Error::input(&config, format!("{e}: fix the value in this file")))?;
-            check_run_memory(&config, &run)?;
-            let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-            let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-            let data = sweep::datasets(&[&run.config.data], &results_root)?;
-            let ds = data.values().next().expect("one dataset");
-            install_ctrl_c();
-            let progress = |step: u64, loss: f32, tps: f64| {
-                if step % run.config.train.eval_every == 0 || step == run.config.train.steps {
-                    tracing::info!(
-                        "{}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
-                        run.run_id,
-                        run.config.train.steps
-                    );
-                }
-            };
-            let outcome = sweep::run_one(&run, ds, &RunDir::new(dir), &progress)?;
-            tracing::info!("{}: {:?}", run.run_id, outcome);
-        }
+        Command::Sweep(args) => sweep_grid(args)?,
+        Command::Train { config } => train(&config)?,
         Command::Report { sweep_dir, threshold, at_step } => {
             let sweep_dir = sweep_path(sweep_dir);
             let path = switch_analysis::report(&sweep_dir, &switch_analysis::ReportOptions { threshold, at_step })?;
@@ -341,7 +275,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", slurm::status_table(&sweep_dir)?);
         }
         Command::Probe { sweep_dir, batches } => probe(&sweep_path(sweep_dir), batches)?,
-        Command::Bench { what } => bench::run(what)?,
     }
+    Ok(())
+}
+
+/// `switchlab sweep`: train the grid's runs that are not done, here or as a Slurm array job; exits
+/// with status 2 when a run failed.
+fn sweep_grid(args: SweepArgs) -> anyhow::Result<()> {
+    let SweepArgs { grid, results, jobs, threads, retry_failed, seeds, backend, report, wait, dry_run, max_memory } =
+        args;
+    let plan = switch_runner::grid::plan_with_seeds(&grid_path(&grid), seeds.as_deref())?;
+    let max_memory = max_memory.as_deref().map(MemoryLimit::from_flag).transpose()?;
+    if backend == Backend::Slurm {
+        return slurm_sweep(&plan, &results, retry_failed, dry_run, wait, max_memory);
+    }
+    install_ctrl_c();
+    let summary = switch_runner::sweep(
+        &plan,
+        &SweepOptions { results_root: results.clone(), jobs, threads_per_run: threads, retry_failed, max_memory },
+    )?;
+    eprintln!("sweep {}: {}", plan.name, summary.describe());
+    eprintln!("results in {}", results.join(&plan.name).display());
+    if report {
+        let path = switch_analysis::report(
+            &results.join(&plan.name),
+            &switch_analysis::ReportOptions { threshold: None, at_step: None },
+        )?;
+        eprintln!("report: {}", path.display());
+    }
+    if !summary.ok() {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// `switchlab train`: train one run folder from its config.yaml (what each Slurm task runs).
+fn train(config: &Path) -> anyhow::Result<()> {
+    let run = RunFile::read(config).map_err(switch_runner::Error::Folder)?;
+    // A config edited by hand is checked as a grid's would be, before anything runs.
+    run.config
+        .validate()
+        .map_err(|e| switch_runner::Error::input(config, format!("{e}: fix the value in this file")))?;
+    check_run_memory(config, &run)?;
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let results_root = dir.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let data = sweep::datasets(&[&run.config.data], &results_root)?;
+    let ds = data.values().next().expect("one dataset");
+    install_ctrl_c();
+    let progress = |step: u64, loss: f32, tps: f64| {
+        if step % run.config.train.eval_every == 0 || step == run.config.train.steps {
+            tracing::info!(
+                "{}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
+                run.run_id,
+                run.config.train.steps
+            );
+        }
+    };
+    let outcome = sweep::run_one(&run, ds, &RunDir::new(dir), &progress)?;
+    tracing::info!("{}: {:?}", run.run_id, outcome);
     Ok(())
 }

@@ -338,12 +338,20 @@ fn the_memory_estimate_bounds_the_measured_peak_of_a_parameter_heavy_run() {
     assert!(model < 1.5 * peak, "the estimate {estimate} is within reason of the measured {peak}");
 }
 
+/// The product's commands, and no benchmark harness (that is the `switch-bench` binary).
 #[test]
-fn bench_pytorch_without_torch_says_how_to_install_it() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join("no-such-python");
-    let err = run_err(switchlab().current_dir(&root).args(["bench", "pytorch", "--python"]).arg(&python));
-    assert!(err.contains("no-such-python") && err.contains("pip install torch transformers"), "{err}");
+fn help_lists_the_product_commands_only() {
+    let help = run_ok(switchlab().arg("--help"));
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(commands, ["plan", "sweep", "status", "train", "report", "probe", "help"], "{help}");
+    assert!(!help.contains("bench"), "{help}");
+    assert!(!switchlab().args(["bench", "report"]).output().unwrap().status.success(), "no `bench` subcommand");
 }
 
 /// Under `ulimit -v`, a model that fits the machine's MemAvailable but not the address space is

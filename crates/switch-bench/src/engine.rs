@@ -1,4 +1,4 @@
-//! `switchlab bench engine`: the training engine's speed on this machine, in one process — tokens/s
+//! `switch-bench engine`: the training engine's speed on this machine, in one process — tokens/s
 //! of real training steps, model FLOPs/s ÷ the best f32 matmul FLOPs/s, Switch ÷ dense step time at
 //! equal FLOPs per token, kernel ÷ user CPU time, and peak resident memory per run.
 use dfdx::prelude::*;
@@ -10,6 +10,8 @@ use switch_model::{Batch, ModelConfig, SwitchTransformer};
 use switch_runner::config::OptimizerKind;
 use switch_runner::train::{optimizer_for, to_batch, train_step, Dev, OptimizerState};
 use switch_runner::RunConfig;
+
+use crate::child::{self, Measured, PairRatios, PytorchRun};
 
 /// The comparison shape: d_model 256, d_ff 1024, 4 heads of 64, 2+2 layers, byte vocabulary,
 /// 16 × 128 encoder tokens, capacity factor 1.0, experts in every feed-forward layer.
@@ -43,53 +45,6 @@ fn cpu_times() -> (f64, f64) {
 /// A field of /proc/self/status in bytes (`VmRSS`: resident now, `VmHWM`: peak resident).
 fn status_bytes(field: &str) -> u64 {
     switch_model::procfs::status_bytes(None, field).unwrap_or(0)
-}
-
-/// The numbers on the first line of a child's output that starts with `prefix` (none if no line does).
-fn numbers_after(out: &str, prefix: &str) -> Vec<f64> {
-    let line = out.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or("");
-    line.split(' ').filter_map(|x| x.parse().ok()).collect()
-}
-
-/// What one measured run printed (its own process, so its peak memory is its own).
-#[derive(Clone)]
-struct Measured {
-    tokens_per_s: f64,
-    step_s: f64,
-    sys_over_user: f64,
-    /// Peak resident memory of the process, and its resident memory before the model was built
-    /// (binary, corpus, token ids, batches).
-    peak_rss: u64,
-    base_rss: u64,
-    params: u64,
-    flops_per_token: f64,
-}
-
-impl Measured {
-    fn to_line(&self) -> String {
-        format!(
-            "RESULT {} {} {} {} {} {} {}",
-            self.tokens_per_s,
-            self.step_s,
-            self.sys_over_user,
-            self.peak_rss,
-            self.base_rss,
-            self.params,
-            self.flops_per_token
-        )
-    }
-    fn parse(out: &str) -> Option<Self> {
-        let f = numbers_after(out, "RESULT ");
-        (f.len() == 7).then(|| Measured {
-            tokens_per_s: f[0],
-            step_s: f[1],
-            sys_over_user: f[2],
-            peak_rss: f[3] as u64,
-            base_rss: f[4] as u64,
-            params: f[5] as u64,
-            flops_per_token: f[6],
-        })
-    }
 }
 
 /// A model of `cfg` and its optimizer on a new device (dfdx's buffer cache on or off), after one
@@ -147,7 +102,7 @@ fn config(tiny: bool, num_experts: usize, optimizer: OptimizerKind) -> anyhow::R
     Ok(c)
 }
 
-/// The optimizer named on `bench engine-run`'s command line.
+/// The optimizer named on `engine-run`'s and `engine-pairs`' command lines.
 pub fn optimizer_named(name: &str) -> anyhow::Result<OptimizerKind> {
     match name {
         "adamw" => Ok(OptimizerKind::Adamw),
@@ -156,7 +111,8 @@ pub fn optimizer_named(name: &str) -> anyhow::Result<OptimizerKind> {
     }
 }
 
-/// One measured run, in this process: prints its `RESULT` line (what `run` reads back).
+/// One measured run, in this process: prints its `Measured` as one line of JSON (what `child`
+/// reads back).
 pub fn run_one(
     tiny: bool,
     num_experts: usize,
@@ -168,14 +124,13 @@ pub fn run_one(
     let cfg = config(tiny, num_experts, optimizer)?;
     let ds = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
     let ds = ds.into_values().next().expect("dataset");
-    println!("{}", measure(&cfg, &ds, threads, steps, cache)?.to_line());
-    Ok(())
+    child::emit(&measure(&cfg, &ds, threads, steps, cache)?)
 }
 
 /// Switch ÷ dense step times of the comparison shape, measured with a dense and a Switch model
 /// in this process, their steps alternating (dense, Switch, dense, …; one warm-up step each): each
 /// ratio compares two steps a second apart, so the drift of a shared machine's speed cancels.
-/// Prints `PAIRS r₁ r₂ …`.
+/// Prints them as one line of JSON, a `PairRatios`.
 pub fn run_pairs(
     num_experts: usize,
     threads: usize,
@@ -207,38 +162,34 @@ pub fn run_pairs(
         }
         Ok(ratios)
     })?;
-    println!("PAIRS {}", ratios.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" "));
-    Ok(())
+    child::emit(&PairRatios { ratios })
 }
 
 /// Runs `run_pairs` in a child process with `engine`'s kernels: the Switch ÷ dense ratios.
 fn pair_child(num_experts: usize, pairs: u64, engine: Engine) -> anyhow::Result<Vec<f64>> {
     let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "engine-pairs", "--experts", &num_experts.to_string(), "--threads", "2"])
+        .args(["engine-pairs", "--experts", &num_experts.to_string(), "--threads", "2"])
         .args(["--pairs", &pairs.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
         .args(["--optimizer", if engine.optimizer == OptimizerKind::Adafactor { "adafactor" } else { "adamw" }])
         .env("RAYON_NUM_THREADS", "2")
         .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
         .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let ratios = numbers_after(&text, "PAIRS ");
-    anyhow::ensure!(!ratios.is_empty(), "benchmark pair run failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let PairRatios { ratios } = child::parse("benchmark pair run", &out)?;
+    anyhow::ensure!(!ratios.is_empty(), "benchmark pair run failed: no ratios");
     Ok(ratios)
 }
 
 /// Runs `run_one` in a child process, so that its peak memory and CPU times are its own.
 fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Engine) -> anyhow::Result<Measured> {
     let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
+        .args(["engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--steps", &steps.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
         .args(["--optimizer", if engine.optimizer == OptimizerKind::Adafactor { "adafactor" } else { "adamw" }])
         .args(tiny.then_some("--tiny"))
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
         .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Measured::parse(&text)
-        .ok_or_else(|| anyhow::anyhow!("benchmark run failed: {}{}", text, String::from_utf8_lossy(&out.stderr)))
+    child::parse("benchmark run", &out)
 }
 
 /// f32 matmul FLOP/s at 1024³ on `threads` threads: (dfdx 0.13's matmul, gemm 0.15; the engine's
@@ -415,14 +366,14 @@ pub fn run(steps: u64, pairs: u64) -> anyhow::Result<()> {
 /// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.
 const TRAINING: Engine = Engine { cache: true, fused: true, optimizer: OptimizerKind::Adamw, name: "training" };
 
-/// `bench pytorch`: switchlab's engine as it trains and HF transformers' T5 / Switch Transformer
-/// in PyTorch (`bench/pytorch_engine.py`, run by `python`) on the comparison shape, 2 threads,
+/// `switch-bench pytorch`: switchlab's engine as it trains and HF transformers' T5 / Switch
+/// Transformer in PyTorch (`bench/pytorch_engine.py`, run by `python`) on the comparison shape, 2 threads,
 /// dense, Switch-8 and Switch-64, each run in its own process, the two alternating `rounds` times.
 pub fn pytorch(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
     let script = Path::new("bench/pytorch_engine.py");
     anyhow::ensure!(
         script.exists(),
-        "{} not found: run `switchlab bench pytorch` from the repository root",
+        "{} not found: run `switch-bench pytorch` from the repository root",
         script.display()
     );
     let versions = std::process::Command::new(python)
@@ -469,7 +420,7 @@ pub fn pytorch(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One PyTorch run of the comparison shape: its step seconds.
+/// One PyTorch run of the comparison shape (its `PytorchRun` line of JSON): its step seconds.
 fn pytorch_child(python: &Path, script: &Path, experts: usize, steps: u64) -> anyhow::Result<f64> {
     let c = shape(experts);
     let (le, ld) = c.lengths();
@@ -493,9 +444,5 @@ fn pytorch_child(python: &Path, script: &Path, experts: usize, steps: u64) -> an
         cmd.args([format!("--{name}"), v.to_string()]);
     }
     let out = cmd.args(["--capacity-factor", &m.capacity_factor.to_string()]).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match numbers_after(&text, "RESULT ")[..] {
-        [_tokens_per_s, step_s] => Ok(step_s),
-        _ => anyhow::bail!("PyTorch run failed: {text}{}", String::from_utf8_lossy(&out.stderr)),
-    }
+    Ok(child::parse::<PytorchRun>("PyTorch run", &out)?.step_s)
 }

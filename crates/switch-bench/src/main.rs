@@ -1,0 +1,115 @@
+//! `switch-bench`: speed figures measured side by side in one process, printed as ratios. The
+//! benchmark harness of switchlab, apart from the `switchlab` binary; hidden subcommands are the
+//! children it re-runs itself as, which report to it in JSON (`child`).
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+mod child;
+mod engine;
+mod harness;
+
+#[derive(Parser)]
+#[command(name = "switch-bench", version, about = "Measure switchlab's speed figures on this machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Aggregate training tokens/s of a 4-point sweep for each split of cores (runs × threads),
+    /// ÷ one run alone; and model FLOPs/s ÷ the machine's f32 matmul FLOPs/s.
+    Sweep {
+        #[arg(long, default_value = "experiments/experts.yaml")]
+        grid: PathBuf,
+        #[arg(long, default_value_t = 12)]
+        steps: u64,
+    },
+    /// Batch-production time ÷ training-step time for a grid's first point.
+    Data {
+        #[arg(long, default_value = "experiments/experts.yaml")]
+        grid: PathBuf,
+    },
+    /// Time of `switchlab report` on a synthetic sweep of 6 runs × 2,000 logged steps.
+    Report,
+    /// The training engine: tokens/s, model FLOPs/s ÷ matmul FLOPs/s, Switch ÷ dense step time,
+    /// kernel ÷ user CPU time and peak memory, on the comparison shape and the tiny preset.
+    Engine {
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
+        /// Switch ÷ dense: this many pairs of steps, dense and Switch alternating in one process.
+        #[arg(long, default_value_t = 16)]
+        pairs: u64,
+    },
+    /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
+    /// engine benchmark's comparison shape, side by side (needs a Python with torch and
+    /// transformers; see `bench/pytorch_engine.py`).
+    Pytorch {
+        #[arg(long, default_value_t = 8)]
+        steps: u64,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+    },
+    /// Switch ÷ dense ratios of `engine`, in their own process (used by `engine`; prints one line
+    /// of JSON, `child::PairRatios`).
+    #[command(hide = true)]
+    EnginePairs {
+        #[arg(long)]
+        experts: usize,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        pairs: u64,
+        #[arg(long)]
+        cache: String,
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
+    },
+    /// One run of `engine`, in its own process (used by `engine` and `pytorch`; prints one line of
+    /// JSON, `child::Measured`).
+    #[command(hide = true)]
+    EngineRun {
+        #[arg(long)]
+        tiny: bool,
+        #[arg(long)]
+        experts: usize,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        steps: u64,
+        #[arg(long)]
+        cache: String,
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
+    },
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    if let Err(e) = run(Cli::parse().command) {
+        let _ = std::io::Write::flush(&mut std::io::stdout()); // the figures printed before the failure
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(what: Command) -> anyhow::Result<()> {
+    match what {
+        Command::Sweep { grid, steps } => harness::sweep(&grid, steps),
+        Command::Data { grid } => harness::data(&grid),
+        Command::Report => harness::report(),
+        Command::Engine { steps, pairs } => engine::run(steps, pairs),
+        Command::Pytorch { steps, rounds, python } => engine::pytorch(steps, rounds, &python),
+        Command::EnginePairs { experts, threads, pairs, cache, optimizer } => {
+            let optimizer = engine::optimizer_named(&optimizer)?;
+            engine::run_pairs(experts, threads, pairs, cache == "on", optimizer)
+        }
+        Command::EngineRun { tiny, experts, threads, steps, cache, optimizer } => {
+            let optimizer = engine::optimizer_named(&optimizer)?;
+            engine::run_one(tiny, experts, threads, steps, cache == "on", optimizer)
+        }
+    }
+}
