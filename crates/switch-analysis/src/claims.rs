@@ -70,8 +70,10 @@ fn improves_with(s: &Sweep, key: &str, among: &Selector, from: Option<&Selector>
     let mut chain: Vec<&Group> = s.groups.iter().filter(|g| g.selected_by(among) && !std::ptr::eq(*g, start)).collect();
     chain.sort_by(|a, b| key_value(a, key).unwrap_or(f64::MIN).total_cmp(&key_value(b, key).unwrap_or(f64::MIN)));
     chain.insert(0, start);
-    let qs: Vec<(String, Option<(f64, f64)>)> =
-        chain.iter().map(|g| (key_value(g, key).map_or(g.first().model_name(), |v| format!("{v}")), g.test_quality())).collect();
+    let qs: Vec<(String, Option<(f64, f64)>)> = chain
+        .iter()
+        .map(|g| (key_value(g, key).map_or(g.first().model_name(), |v| format!("{v}")), g.test_quality()))
+        .collect();
     if let Some((name, _)) = qs.iter().find(|(_, q)| q.is_none()) {
         return Err(format!("{key} = {name} has no test score yet"));
     }
@@ -117,7 +119,11 @@ fn step_speedup(s: &Sweep, point: &Selector, at_least: f64) -> Result<(Verdict, 
     let base = s.baseline.ok_or("the grid has no baseline")?;
     let speedup = stats::step_speedup(&base.mean_points(), &g.mean_points());
     let evidence = match speedup {
-        Some(x) => format!("{} reaches {}'s final validation quality {x:.2}× sooner (needs ≥ {at_least}×)", g.label(), base.label()),
+        Some(x) => format!(
+            "{} reaches {}'s final validation quality {x:.2}× sooner (needs ≥ {at_least}×)",
+            g.label(),
+            base.label()
+        ),
         None => format!("{} never reaches {}'s final validation quality", g.label(), base.label()),
     };
     Ok((if speedup.is_some_and(|x| x >= at_least) { Verdict::Holds } else { Verdict::Fails }, evidence))

@@ -20,8 +20,14 @@ fn drawn_groups<'a, 'b>(s: &'b Sweep<'a>) -> (Vec<&'b Group<'a>>, Option<String>
         return (s.groups.iter().collect(), None);
     }
     match settings(s.groups, s.baseline).into_iter().next() {
-        Some(main) => (main.groups(), Some(format!("Setting: {} (the leading one of {} grid points)", main.label, s.groups.len()))),
-        None => (s.groups.iter().take(MAX_LINES).collect(), Some(format!("The first {MAX_LINES} of {} grid points", s.groups.len()))),
+        Some(main) => (
+            main.groups(),
+            Some(format!("Setting: {} (the leading one of {} grid points)", main.label, s.groups.len())),
+        ),
+        None => (
+            s.groups.iter().take(MAX_LINES).collect(),
+            Some(format!("The first {MAX_LINES} of {} grid points", s.groups.len())),
+        ),
     }
 }
 
@@ -44,9 +50,17 @@ fn group_series(groups: &[&Group], one_setting: bool, f: &GroupCurve) -> Vec<Ser
             let c = f(g);
             let base = g.first().is_baseline;
             Series {
-                band: if g.evaluated().len() > 1 { c.iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect() } else { vec![] },
+                band: if g.evaluated().len() > 1 {
+                    c.iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect()
+                } else {
+                    vec![]
+                },
                 highlight: base,
-                ..Series::line(legend_name(g, one_setting), c.iter().map(|p| (p.0, p.1)).collect(), if base { RGBColor(0, 0, 0) } else { color(i) })
+                ..Series::line(
+                    legend_name(g, one_setting),
+                    c.iter().map(|p| (p.0, p.1)).collect(),
+                    if base { RGBColor(0, 0, 0) } else { color(i) },
+                )
             }
         })
         .collect()
@@ -58,7 +72,9 @@ pub(crate) fn quality_figures(out: &Path, s: &Sweep) -> anyhow::Result<()> {
     let (groups, which) = drawn_groups(s);
     let figures: [(&str, &str, &str, &GroupCurve); 2] = [
         ("quality_vs_step", "Validation quality vs step", "training step", &|g| g.mean_curve()),
-        ("quality_vs_time", "Validation quality vs CPU time", "CPU seconds of the run's own threads", &|g| g.mean_cpu_curve()),
+        ("quality_vs_time", "Validation quality vs CPU time", "CPU seconds of the run's own threads", &|g| {
+            g.mean_cpu_curve()
+        }),
     ];
     for (stem, title, x_label, curve) in figures {
         let paper = if stem == "quality_vs_step" { "Fig. 4 right" } else { "Fig. 5 right" };
@@ -110,7 +126,14 @@ pub(crate) fn params_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
     plots::write(
         out,
         "quality_vs_params",
-        &Chart { title, x_label: "total parameters (log scale)", y_label: "test neg log perplexity (nats)", log_x: true, legend_title, series },
+        &Chart {
+            title,
+            x_label: "total parameters (log scale)",
+            y_label: "test neg log perplexity (nats)",
+            log_x: true,
+            legend_title,
+            series,
+        },
     )?;
     Ok(true)
 }
@@ -184,7 +207,11 @@ pub(crate) fn gain_figure(out: &Path, s: &Sweep, fit: Option<&GainFit>) -> anyho
             band: curve.iter().map(|p| (p.0, p.1 - p.2, p.1 + p.2)).collect(),
             dashed: true,
             marker: Marker::None,
-            ..Series::line(format!("fit: gain = b·log₂E + c·(log₂E)², {}", f.setting), curve.iter().map(|p| (p.0, p.1)).collect(), color(0))
+            ..Series::line(
+                format!("fit: gain = b·log₂E + c·(log₂E)², {}", f.setting),
+                curve.iter().map(|p| (p.0, p.1)).collect(),
+                color(0),
+            )
         });
     }
     series.push(Series::points(
@@ -247,7 +274,12 @@ pub(crate) fn speedup_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
             errors,
             ..Series::line(setting_name(main), pts, color(0))
         },
-        Series::points("paper, Fig. 4 right: Switch-Base-64, 7.5×", vec![(64.0, 7.5)], RGBColor(0, 0, 0), Marker::Triangle),
+        Series::points(
+            "paper, Fig. 4 right: Switch-Base-64, 7.5×",
+            vec![(64.0, 7.5)],
+            RGBColor(0, 0, 0),
+            Marker::Triangle,
+        ),
     ];
     plots::write(
         out,
@@ -294,7 +326,11 @@ pub(crate) fn capacity_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
         let name = s.groups.iter().find(|g| key(g) == *k).map(|g| g.first().model_name()).unwrap_or_default();
         series.push(Series {
             errors: pts.iter().map(|(x, q)| (*x, q.0 - q.1, q.0 + q.1)).collect(),
-            ..Series::line(format!("{name} {}", k.2.replace(['[', ']', '"'], "")), pts.iter().map(|(x, q)| (*x, q.0)).collect(), color(series.len()))
+            ..Series::line(
+                format!("{name} {}", k.2.replace(['[', ']', '"'], "")),
+                pts.iter().map(|(x, q)| (*x, q.0)).collect(),
+                color(series.len()),
+            )
         });
     }
     if series.is_empty() {
@@ -359,24 +395,39 @@ pub(crate) fn routing_figures(out: &Path, s: &Sweep) -> anyhow::Result<()> {
         let mut steps: Vec<f64> = r.routing.iter().map(|x| x.step).collect();
         steps.dedup();
         let e = r.num_experts as f64;
-        let min_at = |s: f64| r.routing.iter().filter(|x| x.step == s).map(|x| x.load_fraction * e).fold(f64::MAX, f64::min);
+        let min_at =
+            |s: f64| r.routing.iter().filter(|x| x.step == s).map(|x| x.load_fraction * e).fold(f64::MAX, f64::min);
         steps.into_iter().map(|s| (s, min_at(s))).collect()
     };
-    let drops = |r: &crate::runs::Run| -> Vec<(f64, f64)> { r.curve.iter().map(|p| (p.step, p.drop_fraction)).collect() };
+    let drops =
+        |r: &crate::runs::Run| -> Vec<(f64, f64)> { r.curve.iter().map(|p| (p.step, p.drop_fraction)).collect() };
     for (stem, title, y_label, f) in [
-        ("routing_min_load", "Least-loaded expert over training (1 = uniform, 0 = dead)", "min expert load × experts", &min_load as &dyn Fn(&crate::runs::Run) -> Vec<(f64, f64)>),
+        (
+            "routing_min_load",
+            "Least-loaded expert over training (1 = uniform, 0 = dead)",
+            "min expert load × experts",
+            &min_load as &dyn Fn(&crate::runs::Run) -> Vec<(f64, f64)>,
+        ),
         ("routing_drop_fraction", "Fraction of tokens dropped (training batch)", "dropped fraction", &drops),
     ] {
-        let series =
-            sparse.iter().enumerate().map(|(i, g)| Series::line(legend_name(g, which.is_some()), seed_mean(g, f), color(i))).collect();
-        let chart = Chart { title, x_label: "training step", y_label, log_x: false, legend_title: which.clone(), series };
+        let series = sparse
+            .iter()
+            .enumerate()
+            .map(|(i, g)| Series::line(legend_name(g, which.is_some()), seed_mean(g, f), color(i)))
+            .collect();
+        let chart =
+            Chart { title, x_label: "training step", y_label, log_x: false, legend_title: which.clone(), series };
         plots::write(out, stem, &chart)?;
     }
     Ok(())
 }
 
 /// Draws every figure that applies to this sweep; returns `(file stem, title)` in report order.
-pub(crate) fn draw_all(out: &Path, s: &Sweep, fit: Option<&GainFit>) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+pub(crate) fn draw_all(
+    out: &Path,
+    s: &Sweep,
+    fit: Option<&GainFit>,
+) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
     let mut figs = vec![];
     if params_figure(out, s)? {
         figs.push(("quality_vs_params", "Test quality vs parameters at equal FLOPs (Fig. 1 left / Fig. 4 left)"));
@@ -422,7 +473,8 @@ mod tests {
             let dense = SyntheticRun::new("x", 1, seed, 300);
             dense.write(tmp.path(), |s| -3.0 + s / 1000.0).unwrap();
             for e in [2u64, 4, 8] {
-                for (tag, setting) in [("p", vec![]), ("c", vec![("model.router_init_scale", serde_json::json!(10.0))])] {
+                for (tag, setting) in [("p", vec![]), ("c", vec![("model.router_init_scale", serde_json::json!(10.0))])]
+                {
                     let id = format!("{tag}{e}s{seed}");
                     let bonus = if tag == "c" { 0.1 } else { 0.01 } * e as f64;
                     SyntheticRun { setting, ..SyntheticRun::new(&id, e, seed, 300) }

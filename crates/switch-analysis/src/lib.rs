@@ -172,7 +172,10 @@ fn name_scaling_settings(settings: &mut [Setting]) {
         }
     };
     let label = |s: &Setting, keys: &[String]| {
-        keys.iter().map(|k| format!("{}={}", k.rsplit('.').next().unwrap_or(k), value(s, k))).collect::<Vec<_>>().join(" ")
+        keys.iter()
+            .map(|k| format!("{}={}", k.rsplit('.').next().unwrap_or(k), value(s, k)))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let mut keys: Vec<String> = Vec::new();
     for &i in &scaling {

@@ -20,8 +20,13 @@ pub fn experts_row(experts: u64) -> (String, String, String) {
 
 /// Table 7's gains of Switch-Base over T5-Base, `(experts, nats)`: the paper's Fig. 1 (left)
 /// scaling in the units of our paired gains.
-pub const TABLE7_GAINS: [(f64, f64); 5] =
-    [(16.0, 1.636 - 1.505), (32.0, 1.636 - 1.474), (64.0, 1.636 - 1.444), (128.0, 1.636 - 1.432), (256.0, 1.636 - 1.427)];
+pub const TABLE7_GAINS: [(f64, f64); 5] = [
+    (16.0, 1.636 - 1.505),
+    (32.0, 1.636 - 1.474),
+    (64.0, 1.636 - 1.444),
+    (128.0, 1.636 - 1.432),
+    (256.0, 1.636 - 1.427),
+];
 
 /// A row of Table 1 (128 experts, T5-Base FLOPs, 100k steps): quality, hours to −1.50, examples/s.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -121,7 +121,12 @@ fn finite_only(series: &[Series], log_x: bool) -> Vec<Series> {
                 name: s.name.clone(),
                 points: s.points.iter().zip(&keep).filter(|(_, k)| **k).map(|(p, _)| *p).collect(),
                 labels: s.labels.iter().zip(&keep).filter(|(_, k)| **k).map(|(l, _)| l.clone()).collect(),
-                band: s.band.iter().copied().filter(|&(x, lo, hi)| ok_x(x) && lo.is_finite() && hi.is_finite()).collect(),
+                band: s
+                    .band
+                    .iter()
+                    .copied()
+                    .filter(|&(x, lo, hi)| ok_x(x) && lo.is_finite() && hi.is_finite())
+                    .collect(),
                 errors: s
                     .errors
                     .iter()
@@ -210,7 +215,8 @@ where
             c.draw_series(std::iter::once(ErrorBar::new_vertical(tx(x), lo, (lo + hi) / 2.0, hi, s.color.filled(), 8)))
                 .map_err(e)?;
         }
-        let style = ShapeStyle { color: s.color.to_rgba(), filled: true, stroke_width: if s.highlight { 4 } else { 2 } };
+        let style =
+            ShapeStyle { color: s.color.to_rgba(), filled: true, stroke_width: if s.highlight { 4 } else { 2 } };
         if s.line && s.dashed {
             c.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style)).map_err(e)?;
         } else if s.line {
@@ -219,7 +225,9 @@ where
         if s.marker != Marker::None && (pts.len() <= 16 || !s.line) {
             let color = s.color;
             match s.marker {
-                Marker::Triangle => c.draw_series(pts.iter().map(|&p| TriangleMarker::new(p, 7, color.stroke_width(2)))),
+                Marker::Triangle => {
+                    c.draw_series(pts.iter().map(|&p| TriangleMarker::new(p, 7, color.stroke_width(2))))
+                }
                 _ => c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))),
             }
             .map_err(e)?;
@@ -253,7 +261,8 @@ fn draw_legend<DB: DrawingBackend>(
         y += 8;
     }
     for s in series {
-        let style = ShapeStyle { color: s.color.to_rgba(), filled: true, stroke_width: if s.highlight { 4 } else { 3 } };
+        let style =
+            ShapeStyle { color: s.color.to_rgba(), filled: true, stroke_width: if s.highlight { 4 } else { 3 } };
         if s.line && s.dashed {
             area.draw(&PathElement::new(vec![(6, y + 8), (16, y + 8)], style))?;
             area.draw(&PathElement::new(vec![(22, y + 8), (34, y + 8)], style))?;
@@ -342,10 +351,9 @@ mod tests {
 
     #[test]
     fn legend_names_wrap_at_spaces() {
-        assert_eq!(wrap("Switch-8 router_init_scale=10.0 capacity_factor=1.0", 20), vec![
-            "Switch-8",
-            "router_init_scale=10.0",
-            "capacity_factor=1.0"
-        ]);
+        assert_eq!(
+            wrap("Switch-8 router_init_scale=10.0 capacity_factor=1.0", 20),
+            vec!["Switch-8", "router_init_scale=10.0", "capacity_factor=1.0"]
+        );
     }
 }

@@ -33,9 +33,14 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
     if let (Some(t), Some(n)) = (threshold, at_step) {
         writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final validation quality). Quality @ N uses N = {n:.0}.\n")?;
     }
-    let diverged: Vec<String> = runs.iter().filter_map(|r| Some(format!("{} (step {:.0})", r.id, r.diverged_at?))).collect();
+    let diverged: Vec<String> =
+        runs.iter().filter_map(|r| Some(format!("{} (step {:.0})", r.id, r.diverged_at?))).collect();
     if !diverged.is_empty() {
-        writeln!(md, "**Diverged** (NaN or infinite validation loss; curves stop at the last finite evaluation): {}.\n", diverged.join(", "))?;
+        writeln!(
+            md,
+            "**Diverged** (NaN or infinite validation loss; curves stop at the last finite evaluation): {}.\n",
+            diverged.join(", ")
+        )?;
     }
     Ok(())
 }
@@ -74,7 +79,11 @@ pub(crate) fn experts_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         experts_rows(md, &set.groups().iter().map(|g| (*g, set.dense)).collect::<Vec<_>>())?;
     }
     if !single.is_empty() {
-        writeln!(md, "### {}\n", if scaling.is_empty() { "Switch points" } else { "Other points, each against its setting's dense model" })?;
+        writeln!(
+            md,
+            "### {}\n",
+            if scaling.is_empty() { "Switch points" } else { "Other points, each against its setting's dense model" }
+        )?;
         let mut rows: Vec<(&Group, Option<&Group>)> = Vec::new();
         for d in single.iter().filter_map(|set| set.dense) {
             if !rows.iter().any(|(g, _)| std::ptr::eq(*g, d)) {
@@ -211,7 +220,11 @@ pub(crate) fn table1(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         let reached =
             |v: Option<f64>, digits| v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "not reached".into());
         let flops = base.map_or("–".into(), |b| {
-            format!("{:.2} / {:.2}", r.flops_per_token / b.flops_per_token.max(1.0), r.flops_per_token_computed / b.flops_per_token_computed.max(1.0))
+            format!(
+                "{:.2} / {:.2}",
+                r.flops_per_token / b.flops_per_token.max(1.0),
+                r.flops_per_token_computed / b.flops_per_token_computed.max(1.0)
+            )
         });
         writeln!(
             md,

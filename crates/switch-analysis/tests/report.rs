@@ -81,13 +81,18 @@ fn report_on_synthetic_runs() {
     // Its test quality is 0.02 lower (synthetic::TEST_GAP); one dense seed pairs with seed 0 only:
     // (−1.05 − 0.02) − (−2.0 − 0.02) = +0.950, with no std. Computed FLOPs: 5400 ÷ 5100.
     assert!(
-        md.contains("| Switch-4, cf 1.25 | 4 | 4000 | 1.00 / 1.06 | -1.000 ± 0.071 | -1.020 ± 0.071 | +0.950 | – | 2.00× |"),
+        md.contains(
+            "| Switch-4, cf 1.25 | 4 | 4000 | 1.00 / 1.06 | -1.000 ± 0.071 | -1.020 ± 0.071 | +0.950 | – | 2.00× |"
+        ),
         "{md}"
     );
     assert!(md.contains("| Dense | 1 |"), "{md}");
     // Table 1 analog: test quality, validation @1000 steps, steps to the dense final quality
     // (mean over seeds: 525 and 475), CPU seconds (step ÷ 20) at that step.
-    assert!(md.contains("| Switch-4 | preset | 1.25 | 1.00 / 1.06 | -1.020 ± 0.071 | -1.000 ± 0.071 | 500 | 25.0 |"), "{md}");
+    assert!(
+        md.contains("| Switch-4 | preset | 1.25 | 1.00 / 1.06 | -1.020 ± 0.071 | -1.000 ± 0.071 | 500 | 25.0 |"),
+        "{md}"
+    );
     assert!(md.contains("| sw16s0 |") && md.contains("failed") && md.contains("metrics.csv is missing"), "{md}");
     assert!(md.contains("| sw8s0 |") && md.contains("running"), "{md}");
     assert!(md.contains("No expert has zero load"));
@@ -469,7 +474,15 @@ fn a_report_of_a_grid_with_claims_prints_each_verdict() {
         write_run(&dir, &format!("d{seed}"), 1, seed, 1000, move |s| -3.0 + s / 1000.0 + noise, "done");
         for e in [2u64, 4, 8] {
             let gain = 0.1 * (e as f64).log2() + seed as f64 * 0.001;
-            write_run(&dir, &format!("s{e}x{seed}"), e, seed, 1000, move |s| -3.0 + s / 1000.0 + noise + gain * s / 1000.0, "done");
+            write_run(
+                &dir,
+                &format!("s{e}x{seed}"),
+                e,
+                seed,
+                1000,
+                move |s| -3.0 + s / 1000.0 + noise + gain * s / 1000.0,
+                "done",
+            );
         }
     }
     let claims = r#"
@@ -524,7 +537,10 @@ fn a_sweep_with_a_diverged_run_reports_in_bounded_time_and_marks_it() {
     let csv = std::fs::read_to_string(dir.join("report/summary.csv")).unwrap();
     assert!(csv.lines().any(|l| l.starts_with("nan,") && l.ends_with(",300")), "{csv}");
     let tables = md.lines().filter(|l| l.starts_with('|'));
-    assert!(tables.clone().all(|l| !l.contains("NaN") && !l.contains("-inf")), "no non-finite number reaches a table: {md}");
+    assert!(
+        tables.clone().all(|l| !l.contains("NaN") && !l.contains("-inf")),
+        "no non-finite number reaches a table: {md}"
+    );
 }
 
 /// `len` bytes that are neither UTF-8 nor YAML, the same every time (a xorshift generator).

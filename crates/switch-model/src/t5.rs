@@ -240,7 +240,8 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
             if stack.blocks.is_empty() {
                 continue; // a decoder-only model's (unused) encoder has no parameters to train
             }
-            let bias = ModelParam::new("relative_bias", Role::PositionBias, [1, buckets, heads], &mut stack.relative_bias);
+            let bias =
+                ModelParam::new("relative_bias", Role::PositionBias, [1, buckets, heads], &mut stack.relative_bias);
             out.push(bias.under(prefix));
             out.push(stack.final_norm.param("final_norm").under(prefix));
             for (i, b) in stack.blocks.iter_mut().enumerate() {

@@ -21,4 +21,3 @@ pub fn device_tensor<S: Shape, D: Device<f32>>(dev: &D, values: &[f32], shape: S
     t.copy_from(values);
     t
 }
-

@@ -46,7 +46,9 @@ impl TryFrom<Value> for FlopsRule {
         };
         if let Some(k) = m.keys().find(|k| !FIELDS.contains(&k.as_str())) {
             let hint = FIELDS.iter().min_by_key(|f| crate::config::edit_distance(k, f)).expect("non-empty");
-            return Err(format!("flops_per_token: unknown field `{k}`; did you mean `{hint}`? (allowed: solve, points, target)"));
+            return Err(format!(
+                "flops_per_token: unknown field `{k}`; did you mean `{hint}`? (allowed: solve, points, target)"
+            ));
         }
         let selector = |key: &str| match m.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -202,7 +204,10 @@ fn check_claims(path: &Path, claims: &[switch_rundir::claims::Claim], points: &[
         if let switch_rundir::claims::ClaimTest::ImprovesWith(w) = &c.test {
             if !crate::config::valid_keys().contains(&w.key) {
                 let hint = crate::config::closest_key(&w.key);
-                return Err(err(path, format!("claims[{i}].improves_with.key: unknown key `{}`; did you mean `{hint}`?", w.key)));
+                return Err(err(
+                    path,
+                    format!("claims[{i}].improves_with.key: unknown key `{}`; did you mean `{hint}`?", w.key),
+                ));
             }
         }
     }
@@ -714,7 +719,10 @@ impl MemoryLimit {
     fn cgroup_left() -> Option<Self> {
         let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let root = Path::new("/sys/fs/cgroup");
-        let v2 = cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(|rel| (root.join(rel.trim_start_matches('/')), "memory.max", "anon "));
+        let v2 = cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|rel| (root.join(rel.trim_start_matches('/')), "memory.max", "anon "));
         let v1 = cgroup.lines().find_map(|l| l.split_once(":memory:")).map(|(_, rel)| {
             // Inside a container the cgroup's own folder is often mounted as the root.
             let own = root.join("memory").join(rel.trim_start_matches('/'));
@@ -726,7 +734,8 @@ impl MemoryLimit {
                 return None; // v1 writes "no limit" as a huge number
             }
             let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
-            let used: f64 = stat.lines().find_map(|l| l.strip_prefix(used_key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+            let used: f64 =
+                stat.lines().find_map(|l| l.strip_prefix(used_key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
             let source = format!("left under the cgroup limit ({}/{limit_file} = {})", dir.display(), human_bytes(max));
             Some(Self { bytes: (max - used).max(0.0), source })
         })

@@ -467,10 +467,17 @@ fn golden_losses_pin_the_numerics_to_results_version() {
     let dir = RunDir::new(tmp.path().join("run"));
     dir.create(&run.yaml()).unwrap();
     let never = AtomicBool::new(false);
-    assert_eq!(train::train(&run.config, data.values().next().unwrap(), &dir, &never, &|_, _, _| {}).unwrap(), Outcome::Done);
+    assert_eq!(
+        train::train(&run.config, data.values().next().unwrap(), &dir, &never, &|_, _, _| {}).unwrap(),
+        Outcome::Done
+    );
     let rows = std::fs::read_to_string(dir.path.join("metrics.csv")).unwrap();
-    let mut got: Vec<(u64, f64)> =
-        rows.lines().skip(1).map(|l| l.split(',').collect::<Vec<_>>()).map(|c| (c[0].parse().unwrap(), c[5].parse().unwrap())).collect();
+    let mut got: Vec<(u64, f64)> = rows
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .map(|c| (c[0].parse().unwrap(), c[5].parse().unwrap()))
+        .collect();
     let status = dir.read_status().unwrap();
     got.push((0, status.final_eval_loss.unwrap()));
     got.push((0, status.final_test_loss.unwrap()));
@@ -510,7 +517,10 @@ fn the_default_sweeps_run_ids_are_those_of_its_committed_report() {
 fn an_unknown_field_inside_flops_solve_is_refused_with_a_hint() {
     let tmp = tempfile::tempdir().unwrap();
     let err = plan_err(tmp.path(), "typo", "grid:\n  model.num_experts: [1, 4]\nbaseline: { model.num_experts: 1 }\nflops_per_token: { solve: model.d_ff, piont: { model.num_experts: 4 } }\n");
-    assert!(err.contains("typo.yaml") && err.contains("unknown field `piont`") && err.contains("did you mean `points`"), "{err}");
+    assert!(
+        err.contains("typo.yaml") && err.contains("unknown field `piont`") && err.contains("did you mean `points`"),
+        "{err}"
+    );
     let err = plan_err(tmp.path(), "mode", "grid:\n  model.num_experts: [1, 4]\nflops_per_token: match_baselin\n");
     assert!(err.contains("match_baselin") && err.contains("match_baseline, free"), "{err}");
 }
@@ -590,7 +600,8 @@ fn a_damaged_checkpoint_fails_its_run_naming_the_file_and_the_fix() {
     for (i, (file, damage)) in damage.into_iter().enumerate() {
         let (run, dir, ds) = interrupted(tmp.path(), &format!("ck{i}"));
         damage(&dir.path.join("checkpoint"));
-        let err = format!("{:#}", train::train(&run.config, &ds, &dir, &never, &|_, _, _| {}).err().expect("must fail"));
+        let err =
+            format!("{:#}", train::train(&run.config, &ds, &dir, &never, &|_, _, _| {}).err().expect("must fail"));
         let named = err.contains(file) || err.contains(&dir.path.join("checkpoint").display().to_string());
         assert!(named && err.contains("Delete") && err.contains("from scratch"), "{err}");
     }
@@ -616,9 +627,15 @@ fn typos_in_selectors_and_bad_tolerances_are_refused_and_group_size_is_settable(
     let tmp = tempfile::tempdir().unwrap();
     let g = "grid:\n  model.num_experts: [1, 4]\nbaseline: { model.num_experts: 1 }\n";
     let cases = [
-        ("exclude:\n  - { model.num_expert: 4 }\n", "exclude[0]: unknown key `model.num_expert`; did you mean `model.num_experts`?"),
+        (
+            "exclude:\n  - { model.num_expert: 4 }\n",
+            "exclude[0]: unknown key `model.num_expert`; did you mean `model.num_experts`?",
+        ),
         ("exclude:\n  - { model.num_experts: 3 }\n", "exclude[0]"),
-        ("flops_per_token: { solve: model.d_ff, points: { model.top_kk: 1 } }\n", "flops_per_token.points: unknown key `model.top_kk`"),
+        (
+            "flops_per_token: { solve: model.d_ff, points: { model.top_kk: 1 } }\n",
+            "flops_per_token.points: unknown key `model.top_kk`",
+        ),
         ("tolerance: .nan\n", "tolerance = NaN: use a finite fraction"),
         ("tolerance: -0.1\n", "tolerance = -0.1: use a finite fraction"),
     ];
@@ -628,7 +645,8 @@ fn typos_in_selectors_and_bad_tolerances_are_refused_and_group_size_is_settable(
     }
     // model.group_size is a documented key: settable (a group that does not divide the batch
     // leaves a shorter last group), and checked.
-    let p = switch_runner::plan(&grid(tmp.path(), "gs", "grid:\n  model.num_experts: [4]\n  model.group_size: [2]\n")).unwrap();
+    let p = switch_runner::plan(&grid(tmp.path(), "gs", "grid:\n  model.num_experts: [4]\n  model.group_size: [2]\n"))
+        .unwrap();
     assert_eq!(p.runs[0].config.model.group_size, Some(2));
     let err = plan_err(tmp.path(), "gs0", "grid:\n  model.num_experts: [4]\n  model.group_size: [0]\n");
     assert!(err.contains("group_size") && err.contains("at least 1"), "{err}");

@@ -117,7 +117,14 @@ fn logs_by_run(sweep: &Path) -> std::collections::BTreeMap<String, (Vec<String>,
         let metrics = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
         let rows = metrics
             .lines()
-            .map(|l| l.split(',').enumerate().filter(|(i, _)| *i != 2 && *i != 3).map(|(_, c)| c).collect::<Vec<_>>().join(","))
+            .map(|l| {
+                l.split(',')
+                    .enumerate()
+                    .filter(|(i, _)| *i != 2 && *i != 3)
+                    .map(|(_, c)| c)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .collect();
         let routing = std::fs::read_to_string(dir.join("routing.csv")).unwrap();
         out.insert(dir.file_name().unwrap().to_string_lossy().into_owned(), (rows, routing));
@@ -361,14 +368,14 @@ fn a_model_over_the_address_space_limit_is_refused_at_plan_time() {
     let tmp = tempfile::tempdir().unwrap();
     let grid = grid_with(tmp.path(), "vlimit", 6, "[1, 2048]", "");
     std::fs::write(&grid, std::fs::read_to_string(&grid).unwrap().replace("d_ff: 64", "d_ff: 1024")).unwrap();
-    let csv = run_ok(switchlab().args(["plan", "--format", "csv", "--max-memory", "1E"]).arg(&grid).stderr(Stdio::null()));
+    let csv =
+        run_ok(switchlab().args(["plan", "--format", "csv", "--max-memory", "1E"]).arg(&grid).stderr(Stdio::null()));
     let need: f64 = csv.lines().nth(2).unwrap().rsplit(',').next().unwrap().parse().unwrap();
     let limit_kib = (need / 1024.0 / 2.0) as u64; // half what the model needs
     let results = tmp.path().join("results");
     let script = format!("ulimit -v {limit_kib} && exec \"$0\" sweep \"$1\" --results \"$2\"");
-    let err = run_err(
-        Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_switchlab")).arg(&grid).arg(&results),
-    );
+    let err =
+        run_err(Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_switchlab")).arg(&grid).arg(&results));
     assert!(err.contains("of memory") && err.contains("vlimit.yaml"), "{err}");
     if switch_model::procfs::mem_available_bytes().is_some_and(|b| b as f64 > need) {
         assert!(err.contains(&format!("ulimit -v {limit_kib}")), "the address-space limit is named: {err}");

@@ -150,7 +150,9 @@ pub fn attention_fused<T: Tp<Cpu>>(
 fn bias_rows(b: &PositionBias<Cpu>, heads: usize) -> Vec<f32> {
     let table = data(&b.table);
     (0..heads)
-        .flat_map(|h| b.buckets.iter().enumerate().map(|(i, &bk)| table[bk * heads + h] + b.mask(i)).collect::<Vec<_>>())
+        .flat_map(|h| {
+            b.buckets.iter().enumerate().map(|(i, &bk)| table[bk * heads + h] + b.mask(i)).collect::<Vec<_>>()
+        })
         .collect()
 }
 
