@@ -58,12 +58,6 @@ pub enum Objective {
     CausalLm,
 }
 
-impl Objective {
-    fn is_span_corruption(&self) -> bool {
-        *self == Objective::SpanCorruption
-    }
-}
-
 /// The lengths every example of a config has (no padding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lengths {
@@ -76,9 +70,7 @@ pub struct Lengths {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Left out of the serialized config when it is the default, so the run ids (a hash of the
-    /// resolved config) of every span-corruption run stay what they were before this key existed.
-    #[serde(skip_serializing_if = "Objective::is_span_corruption")]
+    /// What the model learns to predict (default: T5's span corruption, as in the paper).
     pub objective: Objective,
     /// `default` for the embedded corpus, or a path to a text / `.jsonl` file or a folder of them.
     pub corpus: String,

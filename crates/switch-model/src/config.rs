@@ -21,12 +21,6 @@ pub enum Router {
     Hash,
 }
 
-impl Router {
-    fn is_learned(&self) -> bool {
-        *self == Router::Learned
-    }
-}
-
 /// Which tokens win when an expert is over capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -78,12 +72,9 @@ pub struct ModelConfig {
     /// stack (Mesh TF's `group_size` counts tokens; whole examples keep the encoder's and
     /// decoder's groups aligned). Unset: the whole batch is one group (the runner always sets
     /// it, by default to `train.batch_size`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub group_size: Option<usize>,
     pub routing_priority: RoutingPriority,
-    /// `learned` (the paper) or `hash` (a control; top_k 1 only). Left out of the resolved config
-    /// when learned, so run ids stay as they were.
-    #[serde(skip_serializing_if = "Router::is_learned")]
+    /// `learned` (the paper) or `hash` (a control; top_k 1 only).
     pub router: Router,
     /// α of the load-balancing loss α·N·Σ fᵢPᵢ.
     pub balance_loss_coef: f64,
@@ -95,7 +86,6 @@ pub struct ModelConfig {
     pub init_scale: f64,
     /// Init scale of the router weights alone (default: `init_scale`). Not in the paper: a lever
     /// for small models, whose near-uniform routers scale every expert's output by about 1/E.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub router_init_scale: Option<f64>,
     pub dropout: f64,
     pub expert_dropout: f64,

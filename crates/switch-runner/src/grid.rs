@@ -230,10 +230,95 @@ fn list<'a>(path: &Path, section: &str, key: &str, v: &'a Value) -> Result<&'a V
 /// training text; the tokenizer is trained on what remains).
 pub const RESULTS_VERSION: u32 = 7;
 
-/// The run id: a short stable hash of the resolved config (seed included) and [`RESULTS_VERSION`].
+/// The run id: a short stable hash of the resolved config's identity (seed included, see
+/// [`identity`]) and [`RESULTS_VERSION`].
 pub fn run_id(cfg: &RunConfig) -> String {
-    let json = serde_json::to_string(cfg).expect("serializable");
+    let json = identity(cfg).to_string();
     format!("{:012x}", switch_data::fnv1a(format!("results-v{RESULTS_VERSION} {json}").as_bytes()) >> 16)
+}
+
+/// The keys every run id has hashed since version 7, at any value. Frozen: a key added to the
+/// config later enters the hash only where a run sets it away from its default, so adding a
+/// field never changes an existing run id. (At the next `RESULTS_VERSION` bump every id changes
+/// anyway; this list can then be emptied.)
+pub const ALWAYS_HASHED: [(&str, &[&str]); 3] = [
+    (
+        "model",
+        &[
+            "vocab_size",
+            "d_model",
+            "d_ff",
+            "num_heads",
+            "d_kv",
+            "num_encoder_layers",
+            "num_decoder_layers",
+            "activation",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+            "num_experts",
+            "top_k",
+            "expert_every",
+            "capacity_factor",
+            "eval_capacity_factor",
+            "min_expert_capacity",
+            "routing_priority",
+            "balance_loss_coef",
+            "z_loss_coef",
+            "router_loss_reduction",
+            "jitter_eps",
+            "init_scale",
+            "dropout",
+            "expert_dropout",
+        ],
+    ),
+    (
+        "data",
+        &[
+            "corpus",
+            "tokenizer",
+            "vocab_size",
+            "num_sentinels",
+            "encoder_len",
+            "noise_density",
+            "mean_noise_span_len",
+            "held_out_fraction",
+            "eval_examples",
+        ],
+    ),
+    (
+        "train",
+        &[
+            "steps",
+            "batch_size",
+            "learning_rate",
+            "warmup_steps",
+            "schedule",
+            "weight_decay",
+            "beta1",
+            "beta2",
+            "grad_clip",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+            "seed",
+            "eval_batch_size",
+        ],
+    ),
+];
+
+/// What a run id hashes: the resolved config as JSON (in field order), less every field outside
+/// [`ALWAYS_HASHED`] that holds its default value.
+pub fn identity(cfg: &RunConfig) -> Value {
+    let mut tree = serde_json::to_value(cfg).expect("serializable");
+    let defaults = serde_json::to_value(RunConfig::default()).expect("serializable");
+    for (section, fields) in tree.as_object_mut().expect("a struct").iter_mut() {
+        let always = ALWAYS_HASHED.iter().find(|(s, _)| s == section).map_or(&[][..], |(_, f)| *f);
+        fields
+            .as_object_mut()
+            .expect("a struct")
+            .retain(|key, value| always.contains(&key.as_str()) || defaults[section.as_str()].get(key) != Some(value));
+    }
+    tree
 }
 
 fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> Result<RunConfig> {

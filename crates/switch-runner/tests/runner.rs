@@ -511,6 +511,58 @@ fn the_default_sweeps_run_ids_are_those_of_its_committed_report() {
     );
 }
 
+/// The paper sweep's run ids, as in its committed report: its runs set the fields added after
+/// version 7 (objective, optimizer, router init and learning rate) away from their defaults.
+#[test]
+fn the_paper_sweeps_run_ids_are_those_of_its_committed_report() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plan = switch_runner::plan(&repo.join("experiments/paper.yaml")).unwrap();
+    let mut planned: Vec<&str> = plan.runs.iter().map(|r| r.run_id.as_str()).collect();
+    let summary = std::fs::read_to_string(repo.join("results/paper/report/summary.csv")).unwrap();
+    let mut committed: Vec<&str> = summary.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    planned.sort_unstable();
+    committed.sort_unstable();
+    assert_eq!(planned, committed, "experiments/paper.yaml plans other run ids than its committed report");
+}
+
+/// Every config key outside the frozen `ALWAYS_HASHED` list stays out of a run's identity at its
+/// default and enters it when set: a field added to the config with a default changes no run id,
+/// with no attribute on the field.
+#[test]
+fn fields_at_their_default_stay_out_of_the_run_id() {
+    use switch_runner::grid::{identity, run_id, ALWAYS_HASHED};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = switch_runner::plan(&grid(tmp.path(), "id", "grid:\n  model.num_experts: [4]\n")).unwrap().runs[0]
+        .config
+        .clone();
+    let always = |key: &str| {
+        ALWAYS_HASHED.iter().any(|(s, f)| key.split_once('.').is_some_and(|(a, b)| a == *s && f.contains(&b)))
+    };
+    let newer: Vec<String> = switch_runner::config::valid_keys().into_iter().filter(|k| !always(k)).collect();
+    assert!(newer.len() >= 7, "{newer:?}");
+    let mut changed = std::collections::HashSet::new();
+    for key in &newer {
+        let (section, field) = key.split_once('.').unwrap();
+        let at_default = identity(&switch_runner::config::RunConfig::default());
+        assert!(at_default[section].get(field).is_none(), "{key} at its default is in the identity");
+        // Set the key away from its default through the same path a grid takes.
+        let mut tree = serde_json::to_value(&base).unwrap();
+        let other = match (section, field) {
+            ("model", "router") => serde_json::json!("hash"),
+            ("data", "objective") => serde_json::json!("prefix_lm"),
+            ("train", "optimizer") => serde_json::json!("adafactor"),
+            ("train", "kernels") => serde_json::json!("plain"),
+            ("model", "group_size") => serde_json::json!(2),
+            _ => serde_json::json!(0.5),
+        };
+        tree[section][field] = other;
+        let cfg: switch_runner::config::RunConfig = serde_json::from_value(tree).unwrap();
+        assert!(identity(&cfg)[section].get(field).is_some(), "{key} set is not in the identity");
+        assert!(changed.insert(run_id(&cfg)), "{key}: a run id repeats");
+    }
+    assert!(!changed.contains(&run_id(&base)));
+}
+
 // ---- Hostile grids: each fails fast with a message naming the key ----------------------------
 
 #[test]
