@@ -5,7 +5,7 @@ use dfdx::prelude::*;
 use std::path::Path;
 use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
-use switch_model::kernels::{param_matmul_fused, Stacked};
+use switch_model::kernels::{param_matmul_fused, KernelMode, Stacked};
 use switch_model::{Batch, ModelConfig, SwitchTransformer};
 use switch_runner::config::OptimizerKind;
 use switch_runner::train::{optimizer_for, to_batch, train_step, Dev, OptimizerState};
@@ -90,25 +90,48 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
 
 /// The config of a measured run: the comparison shape, or the `tiny` preset in the paper's recipe
 /// (`experts-recipe.yaml`'s dense point: span corruption, experts every other FFN), with
-/// `num_experts` experts, trained with `optimizer`.
-fn config(tiny: bool, num_experts: usize, optimizer: OptimizerKind) -> anyhow::Result<RunConfig> {
+/// `num_experts` experts, trained with `recipe`'s optimizer and kernels.
+fn config(tiny: bool, num_experts: usize, recipe: Recipe) -> anyhow::Result<RunConfig> {
     let mut c = if tiny {
         switch_runner::plan(Path::new("experiments/experts-recipe.yaml"))?.runs[0].config.clone()
     } else {
         shape(num_experts)
     };
     c.model.num_experts = num_experts;
-    c.train.optimizer = optimizer;
+    (c.train.optimizer, c.train.kernels) = (recipe.optimizer, recipe.kernels);
     Ok(c)
 }
 
-/// The optimizer named on `engine-run`'s and `engine-pairs`' command lines.
-pub fn optimizer_named(name: &str) -> anyhow::Result<OptimizerKind> {
-    match name {
-        "adamw" => Ok(OptimizerKind::Adamw),
-        "adafactor" => Ok(OptimizerKind::Adafactor),
-        other => anyhow::bail!("--optimizer {other}: expected adamw or adafactor"),
+/// What a measured run trains with, besides its shape.
+#[derive(Clone, Copy, Debug)]
+pub struct Recipe {
+    pub optimizer: OptimizerKind,
+    pub kernels: KernelMode,
+}
+
+impl Recipe {
+    /// The command-line arguments [`recipe_named`] reads back.
+    fn args(&self) -> [String; 4] {
+        let name = |v: serde_json::Value| v.as_str().expect("a unit variant").to_string();
+        [
+            "--optimizer".into(),
+            name(serde_json::to_value(self.optimizer).expect("serializable")),
+            "--kernels".into(),
+            name(serde_json::to_value(self.kernels).expect("serializable")),
+        ]
     }
+}
+
+/// The recipe named on `engine-run`'s and `engine-pairs`' command lines, as a grid names them
+/// (`adamw`/`adafactor`, `fused`/`plain`).
+pub fn recipe_named(optimizer: &str, kernels: &str) -> anyhow::Result<Recipe> {
+    let named = |v: &str| serde_json::Value::String(v.into());
+    Ok(Recipe {
+        optimizer: serde_json::from_value(named(optimizer))
+            .map_err(|_| anyhow::anyhow!("--optimizer {optimizer}: expected adamw or adafactor"))?,
+        kernels: serde_json::from_value(named(kernels))
+            .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused or plain"))?,
+    })
 }
 
 /// One measured run, in this process: prints its `Measured` as one line of JSON (what `child`
@@ -119,9 +142,9 @@ pub fn run_one(
     threads: usize,
     steps: u64,
     cache: bool,
-    optimizer: OptimizerKind,
+    recipe: Recipe,
 ) -> anyhow::Result<()> {
-    let cfg = config(tiny, num_experts, optimizer)?;
+    let cfg = config(tiny, num_experts, recipe)?;
     let ds = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
     let ds = ds.into_values().next().expect("dataset");
     child::emit(&measure(&cfg, &ds, threads, steps, cache)?)
@@ -131,14 +154,8 @@ pub fn run_one(
 /// in this process, their steps alternating (dense, Switch, dense, …; one warm-up step each): each
 /// ratio compares two steps a second apart, so the drift of a shared machine's speed cancels.
 /// Prints them as one line of JSON, a `PairRatios`.
-pub fn run_pairs(
-    num_experts: usize,
-    threads: usize,
-    pairs: u64,
-    cache: bool,
-    optimizer: OptimizerKind,
-) -> anyhow::Result<()> {
-    let configs = [config(false, 1, optimizer)?, config(false, num_experts, optimizer)?];
+pub fn run_pairs(num_experts: usize, threads: usize, pairs: u64, cache: bool, recipe: Recipe) -> anyhow::Result<()> {
+    let configs = [config(false, 1, recipe)?, config(false, num_experts, recipe)?];
     let ds = switch_runner::sweep::datasets(&[&configs[0].data], Path::new("results"))?;
     let ds = ds.into_values().next().expect("dataset");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
@@ -170,9 +187,8 @@ fn pair_child(num_experts: usize, pairs: u64, engine: Engine) -> anyhow::Result<
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["engine-pairs", "--experts", &num_experts.to_string(), "--threads", "2"])
         .args(["--pairs", &pairs.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
-        .args(["--optimizer", if engine.optimizer == OptimizerKind::Adafactor { "adafactor" } else { "adamw" }])
+        .args(engine.recipe().args())
         .env("RAYON_NUM_THREADS", "2")
-        .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
         .output()?;
     let PairRatios { ratios } = child::parse("benchmark pair run", &out)?;
     anyhow::ensure!(!ratios.is_empty(), "benchmark pair run failed: no ratios");
@@ -184,10 +200,9 @@ fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Eng
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--steps", &steps.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
-        .args(["--optimizer", if engine.optimizer == OptimizerKind::Adafactor { "adafactor" } else { "adamw" }])
+        .args(engine.recipe().args())
         .args(tiny.then_some("--tiny"))
         .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("SWITCHLAB_PLAIN_KERNELS", if engine.fused { "0" } else { "1" })
         .output()?;
     child::parse("benchmark run", &out)
 }
@@ -293,6 +308,13 @@ struct Engine {
     fused: bool,
     optimizer: OptimizerKind,
     name: &'static str,
+}
+
+impl Engine {
+    fn recipe(&self) -> Recipe {
+        let kernels = if self.fused { KernelMode::Fused } else { KernelMode::Plain };
+        Recipe { optimizer: self.optimizer, kernels }
+    }
 }
 
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused

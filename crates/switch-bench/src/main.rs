@@ -66,6 +66,8 @@ enum Command {
         cache: String,
         #[arg(long, default_value = "adamw")]
         optimizer: String,
+        #[arg(long, default_value = "fused")]
+        kernels: String,
     },
     /// One run of `engine`, in its own process (used by `engine` and `pytorch`; prints one line of
     /// JSON, `child::Measured`).
@@ -83,6 +85,8 @@ enum Command {
         cache: String,
         #[arg(long, default_value = "adamw")]
         optimizer: String,
+        #[arg(long, default_value = "fused")]
+        kernels: String,
     },
 }
 
@@ -103,13 +107,13 @@ fn run(what: Command) -> anyhow::Result<()> {
         Command::Report => harness::report(),
         Command::Engine { steps, pairs } => engine::run(steps, pairs),
         Command::Pytorch { steps, rounds, python } => engine::pytorch(steps, rounds, &python),
-        Command::EnginePairs { experts, threads, pairs, cache, optimizer } => {
-            let optimizer = engine::optimizer_named(&optimizer)?;
-            engine::run_pairs(experts, threads, pairs, cache == "on", optimizer)
+        Command::EnginePairs { experts, threads, pairs, cache, optimizer, kernels } => {
+            let recipe = engine::recipe_named(&optimizer, &kernels)?;
+            engine::run_pairs(experts, threads, pairs, cache == "on", recipe)
         }
-        Command::EngineRun { tiny, experts, threads, steps, cache, optimizer } => {
-            let optimizer = engine::optimizer_named(&optimizer)?;
-            engine::run_one(tiny, experts, threads, steps, cache == "on", optimizer)
+        Command::EngineRun { tiny, experts, threads, steps, cache, optimizer, kernels } => {
+            let recipe = engine::recipe_named(&optimizer, &kernels)?;
+            engine::run_one(tiny, experts, threads, steps, cache == "on", recipe)
         }
     }
 }

@@ -270,7 +270,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
 
         // Router, in f32, on its own (jittered) copy of the input so the noise never reaches the experts.
         let router_in = self.jitter(x.clone().put_tape(x_tape), ctx);
-        let (logits, logits_tape) = self.router.forward(router_in).split_tape();
+        let (logits, logits_tape) = self.router.forward(router_in, ctx.kernels).split_tape();
         let (z_coef, balance_coef) =
             if self.hash_routing { (0.0, 0.0) } else { (self.z_loss_coef, self.balance_loss_coef) };
         let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), z_coef);
@@ -287,7 +287,8 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
             load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, balance_coef);
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
-        let expert_in = D::gather_rows(x.retaped::<T>(), &routing.slot_token).reshape_like(&(e, capacity, d));
+        let expert_in =
+            D::gather_rows(ctx.kernels, x.retaped::<T>(), &routing.slot_token).reshape_like(&(e, capacity, d));
         let expert_out = self.experts.forward(expert_in, self.expert_dropout, ctx).reshape_like(&(e * capacity, d));
         let (expert_out, out_tape) = expert_out.split_tape();
         let mut out_tape = Some(out_tape);
@@ -316,7 +317,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
                 Some(tape) => expert_out.clone().put_tape(tape),
                 None => expert_out.clone().retaped::<T>(),
             };
-            let y = D::combine(gathered_from, gate, &slots);
+            let y = D::combine(ctx.kernels, gathered_from, gate, &slots);
             output = Some(match output {
                 None => y,
                 Some(acc) => acc + y,
@@ -336,7 +337,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let (n, d) = *router_in.shape();
         let eps = self.jitter_eps as f32;
         let noise: Vec<f32> = (0..n * d).map(|_| ctx.rng.gen_range(1.0 - eps..=1.0 + eps)).collect();
-        D::mul_constant(router_in, &noise)
+        D::mul_constant(ctx.kernels, router_in, &noise)
     }
 
     /// The router `[1, d, E]`, then the experts.

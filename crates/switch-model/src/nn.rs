@@ -6,15 +6,15 @@
 //! checkpoint format and one clipping rule serve every layer.
 //!
 //! ```
-//! use switch_model::nn::{Ctx, Linear};
+//! use switch_model::{kernels::KernelMode, nn::Linear};
 //! use dfdx::prelude::*;
 //! let dev: Cpu = Default::default();
 //! let lin = Linear::from_rows(&dev, 2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
 //! let x = dev.tensor_from_vec(vec![1.0f32, 1.0], (1usize, 2usize));
-//! let y = lin.forward(x);
+//! let y = lin.forward(x, KernelMode::Fused);
 //! assert_eq!(y.as_vec(), vec![5.0, 7.0, 9.0]);
 //! ```
-use crate::kernels::{Act3, Kernels, Stacked};
+use crate::kernels::{Act3, KernelMode, Kernels, Stacked};
 pub use crate::tensor::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -57,18 +57,25 @@ impl<'a, D: Device<f32>> ModelParam<'a, D> {
     }
 }
 
-/// Per-forward state: training mode and the randomness of this step.
+/// Per-forward state: training mode, the randomness of this step and the kernels to run.
 pub struct Ctx {
     pub train: bool,
     pub rng: StdRng,
+    pub kernels: KernelMode,
 }
 
 impl Ctx {
+    /// A training pass (dropout, jitter) drawing from `seed`, with the fused kernels.
     pub fn train(seed: u64) -> Self {
-        Self { train: true, rng: StdRng::seed_from_u64(seed) }
+        Self { train: true, rng: StdRng::seed_from_u64(seed), kernels: KernelMode::Fused }
     }
+    /// An evaluation pass with the fused kernels.
     pub fn eval() -> Self {
-        Self { train: false, rng: StdRng::seed_from_u64(0) }
+        Self { train: false, rng: StdRng::seed_from_u64(0), kernels: KernelMode::Fused }
+    }
+    /// This pass with `kernels` instead.
+    pub fn with_kernels(self, kernels: KernelMode) -> Self {
+        Self { kernels, ..self }
     }
 }
 
@@ -101,7 +108,7 @@ pub fn dropout<S: Shape, D: Kernels, T: Tp<D>>(
     let keep = 1.0 / (1.0 - rate) as f32;
     let mask: Vec<f32> =
         (0..x.shape().num_elements()).map(|_| if ctx.rng.gen::<f64>() < rate { 0.0 } else { keep }).collect();
-    D::mul_constant(x, &mask)
+    D::mul_constant(ctx.kernels, x, &mask)
 }
 
 /// A linear map without bias; the weight is stored `[d_in, d_out]`.
@@ -125,13 +132,14 @@ impl<D: Device<f32>> Linear<D> {
         Self { weight: dev.tensor_from_vec(rows.to_vec(), (d_in * d_out,)), d_in, d_out }
     }
     /// `x`: `[tokens, d_in]` → `[tokens, d_out]` (the device's kernel, see [`crate::kernels`]).
-    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T>
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>, kernels: KernelMode) -> Act<D, T>
     where
         D: Kernels,
     {
         let n = x.shape().0;
         let layout = Stacked::matrix(self.d_in, self.d_out);
-        D::param_matmul(x.reshape_like(&(1, n, self.d_in)), &self.weight, layout).reshape_like(&(n, self.d_out))
+        D::param_matmul(kernels, x.reshape_like(&(1, n, self.d_in)), &self.weight, layout)
+            .reshape_like(&(n, self.d_out))
     }
 }
 
@@ -150,11 +158,11 @@ impl<D: Device<f32>> RmsNorm<D> {
         let d = self.weight.shape().0;
         ModelParam::new(name, Role::Norm, [1, 1, d], &mut self.weight)
     }
-    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>) -> Act<D, T>
+    pub fn forward<T: Tp<D>>(&self, x: Act<D, T>, kernels: KernelMode) -> Act<D, T>
     where
         D: Kernels,
     {
-        D::rms_norm(x, &self.weight)
+        D::rms_norm(kernels, x, &self.weight)
     }
 }
 
@@ -186,19 +194,19 @@ impl<D: Device<f32>> ExpertFfn<D> {
     where
         D: Kernels,
     {
-        let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
+        let (e, d, f, k) = (self.num_experts, self.d_model, self.d_ff, ctx.kernels);
         let up = Stacked { experts: e, k: d, m: f, transposed: false };
         let down = Stacked { experts: e, k: f, m: d, transposed: false };
         let hidden = match &self.w_gate {
-            None => D::param_matmul(x, &self.w_in, up).relu(),
+            None => D::param_matmul(k, x, &self.w_in, up).relu(),
             Some(w_gate) => {
                 let (x, tape) = x.split_tape();
-                let gelu = D::param_matmul(x.clone().put_tape(tape), &self.w_in, up).fast_gelu();
-                gelu * D::param_matmul(x.retaped::<T>(), w_gate, up)
+                let gelu = D::param_matmul(k, x.clone().put_tape(tape), &self.w_in, up).fast_gelu();
+                gelu * D::param_matmul(k, x.retaped::<T>(), w_gate, up)
             }
         };
         let hidden = dropout(hidden, dropout_rate, ctx);
-        D::param_matmul(hidden, &self.w_out, down)
+        D::param_matmul(k, hidden, &self.w_out, down)
     }
 
     /// `w_in` `[E, d, f]`, `w_out` `[E, f, d]` and GEGLU's `w_gate` `[E, d, f]`, as `role`

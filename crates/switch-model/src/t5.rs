@@ -2,7 +2,7 @@
 //! pre-norm RMSNorm, bias-free projections, relative-position attention bias, and a feed-forward
 //! layer per block that is dense or sparse ([`crate::moe::MoeLayer`]).
 use crate::config::{LossReduction, ModelConfig};
-use crate::kernels::{PositionBias, Stacked};
+use crate::kernels::{KernelMode, PositionBias, Stacked};
 use crate::moe::MoeLayer;
 use crate::nn::{dropout, truncated_normal, Act, Ctx, ExpertFfn, Linear, ModelParam, Param, RmsNorm, Role, Tp};
 use dfdx::prelude::*;
@@ -72,12 +72,13 @@ impl<D: crate::kernels::Kernels> Attention<D> {
         memory: Act<D, T>,
         batch: usize,
         bias: Option<&PositionBias<D>>,
+        kernels: KernelMode,
     ) -> Act<D, T> {
         let (memory, memory_tape) = memory.split_tape();
-        let q = self.q.forward(query);
-        let k = self.k.forward(memory.clone().put_tape(memory_tape));
-        let v = self.v.forward(memory.retaped::<T>());
-        self.o.forward(D::attention(q, k, v, bias, batch, self.num_heads))
+        let q = self.q.forward(query, kernels);
+        let k = self.k.forward(memory.clone().put_tape(memory_tape), kernels);
+        let v = self.v.forward(memory.retaped::<T>(), kernels);
+        self.o.forward(D::attention(kernels, q, k, v, bias, batch, self.num_heads), kernels)
     }
 
     fn params(&mut self) -> [ModelParam<'_, D>; 4] {
@@ -284,14 +285,14 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         sparse: &mut SparseOutputs<D, T>,
     ) -> Act<D, T> {
         let len = x.shape().0 / batch;
-        let rate = self.cfg.dropout;
+        let (rate, k) = (self.cfg.dropout, ctx.kernels);
         let mut x = dropout(x, rate, ctx);
         let bias = self.position_bias(stack, len);
         for (i, b) in stack.blocks.iter().enumerate() {
             let (res, tape) = x.split_tape();
-            let h = b.self_attn_norm.forward(res.clone().put_tape(tape));
+            let h = b.self_attn_norm.forward(res.clone().put_tape(tape), k);
             let (h, h_tape) = h.split_tape();
-            let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(&bias));
+            let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(&bias), k);
             x = dropout(a, rate, ctx) + res;
 
             if let Some((norm, attn)) = &b.cross_attn {
@@ -301,12 +302,12 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
                     None => memory.clone().retaped::<T>(),
                 };
                 let (res, tape) = x.split_tape();
-                let a = attn.forward(norm.forward(res.clone().put_tape(tape)), mem, batch, None);
+                let a = attn.forward(norm.forward(res.clone().put_tape(tape), k), mem, batch, None, k);
                 x = dropout(a, rate, ctx) + res;
             }
 
             let (res, tape) = x.split_tape();
-            let h = b.ffn_norm.forward(res.clone().put_tape(tape));
+            let h = b.ffn_norm.forward(res.clone().put_tape(tape), k);
             let y = match &b.ffn {
                 FeedForward::Dense(f) => {
                     let n = h.shape().0;
@@ -324,7 +325,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
             };
             x = dropout(y, rate, ctx) + res;
         }
-        dropout(stack.final_norm.forward(x), rate, ctx)
+        dropout(stack.final_norm.forward(x, k), rate, ctx)
     }
 
     /// Cross-entropy per target token plus the router losses. Pass `OwnedTape` to train,
@@ -337,13 +338,13 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
 
         // A decoder-only model reads no encoder output: its decoder has no cross-attention.
         let memory = (!self.cfg.is_decoder_only()).then(|| {
-            let enc_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.encoder_ids);
+            let enc_in = D::gather_rows(ctx.kernels, emb.clone().retaped::<T>(), &batch.encoder_ids);
             let enc_out = self.run_stack(&self.encoder, enc_in, (&batch.encoder_ids, b), None, None, ctx, &mut sparse);
             enc_out.split_tape()
         });
         let (enc_out, enc_tape) = memory.unzip();
 
-        let dec_in = D::gather_rows(emb.clone().retaped::<T>(), &batch.decoder_input_ids);
+        let dec_in = D::gather_rows(ctx.kernels, emb.clone().retaped::<T>(), &batch.decoder_input_ids);
         let dec_ids = (&batch.decoder_input_ids[..], b);
         let dec_out = self.run_stack(&self.decoder, dec_in, dec_ids, enc_out.as_ref(), enc_tape, ctx, &mut sparse);
 
@@ -351,8 +352,8 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
         let n = dec_out.shape().0;
         let tied = Stacked { experts: 1, k: d, m: v, transposed: true };
         let scaled = (dec_out * (d as f32).powf(-0.5)).reshape_like(&(1, n, d));
-        let logits = D::param_matmul(scaled, &self.embedding, tied).reshape_like(&(n, v));
-        let ce = D::cross_entropy(logits, &batch.targets);
+        let logits = D::param_matmul(ctx.kernels, scaled, &self.embedding, tied).reshape_like(&(n, v));
+        let ce = D::cross_entropy(ctx.kernels, logits, &batch.targets);
         let cross_entropy = ce.as_vec()[0];
 
         let layers = sparse.losses.len().max(1) as f32;

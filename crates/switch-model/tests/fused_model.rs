@@ -1,9 +1,9 @@
 //! A whole model, dense and Switch, with the fused kernels and with the plain dfdx ops: the same
 //! loss and the same gradient for every parameter, within float reordering. Alone in its test
-//! binary because it switches the process's kernels, and poisons every buffer a fused kernel is
-//! to overwrite (outputs, gradients it writes first) with NaN: an element left unwritten shows.
+//! binary because it poisons, for the whole process, every buffer a fused kernel is to overwrite
+//! (outputs, gradients it writes first) with NaN: an element left unwritten shows.
 use dfdx::prelude::*;
-use switch_model::kernels::{set_plain_kernels, set_poison_overwrites};
+use switch_model::kernels::{set_poison_overwrites, KernelMode};
 use switch_model::nn::Ctx;
 use switch_model::{ModelConfig, SwitchTransformer};
 
@@ -11,14 +11,14 @@ mod common;
 use common::batch;
 
 /// Total loss and every parameter's gradient, by name.
-fn loss_and_grads(cfg: &ModelConfig, plain: bool) -> (f32, Vec<(String, Vec<f32>)>) {
-    set_plain_kernels(plain);
+fn loss_and_grads(cfg: &ModelConfig, kernels: KernelMode) -> (f32, Vec<(String, Vec<f32>)>) {
     set_poison_overwrites(true);
     let dev = Cpu::default();
     dev.enable_cache(); // as training runs: buffers come back from the cache with stale values
     let mut model = SwitchTransformer::new(&dev, cfg, 7).unwrap();
     let encoder_len = if cfg.is_decoder_only() { 0 } else { 12 };
-    let out = model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg, 4, encoder_len, 6, 3), &mut Ctx::train(11));
+    let out =
+        model.loss::<OwnedTape<f32, Cpu>>(&batch(cfg, 4, encoder_len, 6, 3), &mut Ctx::train(11).with_kernels(kernels));
     let total = out.total.as_vec()[0];
     let grads = out.total.backward();
     let named = model.params_mut().into_iter().map(|(name, p)| (name.to_string(), grads.get(&*p).as_vec())).collect();
@@ -43,7 +43,7 @@ fn fused_and_plain_kernels_train_the_same_model() {
             init_scale: 1.0,
             ..Default::default()
         };
-        let (fused, plain) = (loss_and_grads(&cfg, false), loss_and_grads(&cfg, true));
+        let (fused, plain) = (loss_and_grads(&cfg, KernelMode::Fused), loss_and_grads(&cfg, KernelMode::Plain));
         assert!((fused.0 - plain.0).abs() < 1e-5 * plain.0.abs(), "{experts} experts: loss {} vs {}", fused.0, plain.0);
         assert_eq!(fused.1.len(), plain.1.len());
         for ((name, f), (_, p)) in fused.1.iter().zip(&plain.1) {

@@ -2,6 +2,7 @@
 //! differences, hand-worked routing and the paper's invariants.
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use switch_model::kernels::KernelMode;
 use switch_model::moe::{load_balancing_loss, route, route_in_groups, router_z_loss, MoeLayer};
 use switch_model::nn::{Ctx, ExpertFfn, Linear, Role};
 use switch_model::t5::relative_position_bucket;
@@ -425,7 +426,7 @@ fn router_init_scale_sets_the_initial_router_logit_spread() {
     let logit_std = |router_init_scale: Option<f64>| {
         let cfg = ModelConfig { d_model: 64, num_experts: 8, router_init_scale, ..Default::default() };
         let layer = MoeLayer::<Dev>::new(&dev, &mut StdRng::seed_from_u64(5), &cfg);
-        let logits = layer.router.forward(x.clone()).as_vec();
+        let logits = layer.router.forward(x.clone(), KernelMode::Fused).as_vec();
         let mean = logits.iter().sum::<f32>() / logits.len() as f32;
         ((logits.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / logits.len() as f32).sqrt(), layer)
     };
@@ -476,8 +477,8 @@ fn initial_attention_logits_have_t5s_scale_whatever_d_kv() {
         let m = SwitchTransformer::new(&dev, &cfg, 7).unwrap();
         let attn = &m.encoder.blocks[0].self_attn;
         let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(256, 128));
-        let q = attn.q.forward(x.clone()).as_vec();
-        let k = attn.k.forward(x).as_vec();
+        let q = attn.q.forward(x.clone(), KernelMode::Fused).as_vec();
+        let k = attn.k.forward(x, KernelMode::Fused).as_vec();
         let h = 2 * d_kv;
         // logits of token pairs (i, i+1) in head 0
         let logits: Vec<f64> =

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use switch_data::DataConfig;
-use switch_model::ModelConfig;
+use switch_model::{kernels::KernelMode, ModelConfig};
 
 /// The learning-rate schedule; both decay as 1/√step after `warmup_steps`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,25 +28,16 @@ pub enum OptimizerKind {
     Adafactor,
 }
 
-impl OptimizerKind {
-    fn is_adamw(&self) -> bool {
-        *self == OptimizerKind::Adamw
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Left out of the resolved config when it is the default (AdamW), so run ids stay as they were.
-    #[serde(skip_serializing_if = "OptimizerKind::is_adamw")]
     pub optimizer: OptimizerKind,
     pub steps: u64,
     pub batch_size: usize,
     /// Peak learning rate; decayed as 1/√step after `warmup_steps`.
     pub learning_rate: f64,
     /// Peak learning rate of the routers alone, on the same schedule (unset: `learning_rate`;
-    /// not in the paper). Left out of the resolved config when unset, so run ids stay as they were.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// not in the paper).
     pub router_learning_rate: Option<f64>,
     pub warmup_steps: u64,
     pub schedule: Schedule,
@@ -61,6 +52,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Examples per evaluation batch.
     pub eval_batch_size: usize,
+    /// The CPU kernels: `fused` (the engine's) or `plain` (dfdx's ops, the reference). Their
+    /// floating-point order differs, so the run id tells them apart.
+    pub kernels: KernelMode,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +76,7 @@ impl Default for TrainConfig {
             checkpoint_every: 200,
             seed: 0,
             eval_batch_size: 64,
+            kernels: KernelMode::Fused,
         }
     }
 }
@@ -216,17 +211,8 @@ pub fn valid_keys() -> Vec<String> {
             _ => out.push(prefix.to_string()),
         }
     }
-    // Optional keys are left out of a resolved config when unset (so run ids stay stable), so
-    // list the keys of a config with every option set.
-    let mut full = RunConfig::default();
-    full.model.router_init_scale = Some(full.model.init_scale);
-    full.train.router_learning_rate = Some(full.train.learning_rate);
-    full.model.router = switch_model::Router::Hash;
-    full.data.objective = switch_data::Objective::PrefixLm;
-    full.train.optimizer = OptimizerKind::Adafactor;
-    full.model.group_size = Some(full.train.batch_size);
     let mut out = Vec::new();
-    walk("", &serde_json::to_value(full).expect("serializable"), &mut out);
+    walk("", &serde_json::to_value(RunConfig::default()).expect("serializable"), &mut out);
     out
 }
 

@@ -23,8 +23,8 @@ pub struct RouterGradient {
 }
 
 /// Each router parameter's gradient of the total loss at the current coefficients.
-fn router_grads(model: &mut SwitchTransformer<Dev>, batch: &switch_model::Batch, seed: u64) -> Vec<(String, Vec<f32>)> {
-    let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut Ctx::train(seed));
+fn router_grads(model: &mut SwitchTransformer<Dev>, batch: &switch_model::Batch, ctx: Ctx) -> Vec<(String, Vec<f32>)> {
+    let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut { ctx });
     let grads = out.total.backward();
     model
         .params()
@@ -51,9 +51,10 @@ pub fn probe_run(dir: &RunDir, cfg: &RunConfig, ds: &Dataset, batches: u64) -> R
         let batch = to_batch(ds.train_batch(cfg.train.seed, step, cfg.train.batch_size), cfg);
         let seed = switch_data::fnv1a(format!("probe-{}-{step}", cfg.train.seed).as_bytes());
         model.set_router_loss_coefs(0.0, 0.0);
-        let ce = router_grads(&mut model, &batch, seed);
+        let ctx = || Ctx::train(seed).with_kernels(cfg.train.kernels);
+        let ce = router_grads(&mut model, &batch, ctx());
         model.set_router_loss_coefs(balance, 0.0);
-        let with_balance = router_grads(&mut model, &batch, seed);
+        let with_balance = router_grads(&mut model, &batch, ctx());
         model.set_router_loss_coefs(balance, z);
         for (i, ((name, a), (_, b))) in ce.iter().zip(&with_balance).enumerate() {
             let (from_cross_entropy, from_balance) = (l2(a.iter().copied()), l2(a.iter().zip(b).map(|(a, b)| b - a)));

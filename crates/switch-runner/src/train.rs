@@ -51,7 +51,7 @@ pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig, s
     let mut routing: LayerRouting = Vec::new();
     for b in batches {
         let n = b.targets.len();
-        let out = model.loss::<NoneTape>(&to_batch(b, cfg), &mut Ctx::eval());
+        let out = model.loss::<NoneTape>(&to_batch(b, cfg), &mut Ctx::eval().with_kernels(cfg.train.kernels));
         total += out.cross_entropy as f64 * n as f64;
         count += n;
         if routing.is_empty() {
@@ -105,7 +105,7 @@ pub fn train_step(
     step: u64,
 ) -> Result<(StepLosses, LayerRouting, f64)> {
     let t = &cfg.train;
-    let mut ctx = Ctx::train(switch_data::fnv1a(format!("step-{}-{step}", t.seed).as_bytes()));
+    let mut ctx = Ctx::train(switch_data::fnv1a(format!("step-{}-{step}", t.seed).as_bytes())).with_kernels(t.kernels);
     let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut ctx);
     let routing = out.routing;
     let losses = StepLosses { cross_entropy: out.cross_entropy, balance_loss: out.balance_loss, z_loss: out.z_loss };

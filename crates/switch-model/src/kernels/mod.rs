@@ -4,9 +4,9 @@
 //! inputs and parameters by tensor id — and each is tested against the plain path (outputs and
 //! gradients) and against finite differences.
 //!
-//! [`Kernels`] picks the implementation per device: the CPU gets the fused ones, any other
-//! device the plain dfdx ops (its default methods). `SWITCHLAB_PLAIN_KERNELS=1` makes the CPU use
-//! the plain ones too, so a benchmark can compare both in one build.
+//! [`Kernels`] picks the implementation per device and [`KernelMode`]: the CPU runs the fused
+//! ones unless a forward pass asks for [`KernelMode::Plain`] (its `Ctx`, from the run's
+//! `train.kernels`); any other device runs the plain dfdx ops (the trait's default methods).
 //!
 //! ```
 //! use dfdx::prelude::*;
@@ -85,6 +85,18 @@ impl Stacked {
 /// ε inside T5's RMSNorm square root.
 pub const RMS_EPS: f32 = 1e-6;
 
+/// Which kernels a forward pass runs on the CPU. They differ in floating-point order (the same
+/// model to about 1e-6), so a run's config names its mode and its run id tells them apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelMode {
+    /// This module's fused kernels (the default).
+    #[default]
+    Fused,
+    /// The plain dfdx compositions: the reference the fused kernels are tested against.
+    Plain,
+}
+
 /// The engine's kernels for device `Self`. The defaults are the plain dfdx compositions.
 pub trait Kernels: Device<f32> {
     /// An index tensor holding `values`. On the CPU its buffer comes from the device's allocator,
@@ -93,21 +105,31 @@ pub trait Kernels: Device<f32> {
         self.tensor_from_vec(values.to_vec(), (values.len(),))
     }
     /// `x · w / √(mean(x²) + ε)` over the last axis. `x`: `[tokens, d]`, `w`: `[d]`.
-    fn rms_norm<T: Tp<Self>>(x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
+    fn rms_norm<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
         rms_norm_plain(x, w)
     }
     /// `x · W` for each of `w`'s stacked matrices: `x` `[E, c, k]` → `[E, c, m]`.
-    fn param_matmul<T: Tp<Self>>(x: Act3<Self, T>, w: &Param<Self>, layout: Stacked) -> Act3<Self, T> {
+    fn param_matmul<T: Tp<Self>>(
+        _mode: KernelMode,
+        x: Act3<Self, T>,
+        w: &Param<Self>,
+        layout: Stacked,
+    ) -> Act3<Self, T> {
         param_matmul_plain(x, w, layout)
     }
     /// Mean over tokens of −log softmax(logits)[target]: `logits` `[tokens, vocab]`.
-    fn cross_entropy<T: Tp<Self>>(logits: Act<Self, T>, targets: &[usize]) -> Tensor<(), f32, Self, T> {
+    fn cross_entropy<T: Tp<Self>>(
+        _mode: KernelMode,
+        logits: Act<Self, T>,
+        targets: &[usize],
+    ) -> Tensor<(), f32, Self, T> {
         cross_entropy_plain(logits, targets)
     }
     /// softmax(q·kᵀ + bias)·v for each example and head, without 1/√d_kv (T5 folds it into the
     /// query's init). `q`: `[batch·Lq, heads·d_kv]`, `k`, `v`: `[batch·Lk, heads·d_kv]`, heads
     /// side by side as the projections give them → `[batch·Lq, heads·d_kv]`.
     fn attention<T: Tp<Self>>(
+        _mode: KernelMode,
         q: Act<Self, T>,
         k: Act<Self, T>,
         v: Act<Self, T>,
@@ -119,12 +141,13 @@ pub trait Kernels: Device<f32> {
     }
     /// Row i of the output is row `rows[i]` of `x` `[n, d]` → `[rows.len(), d]` (tokens into
     /// expert slots; an embedding lookup).
-    fn gather_rows<T: Tp<Self>>(x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
+    fn gather_rows<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
         gather_rows_plain(x, rows)
     }
     /// Each token's expert output times its gate: `y[t] = gate[t] · x[slots[t]]`, zero where
     /// `slots[t]` is `None` (a dropped token). `x` `[slots, d]`, `gate` `[tokens]` → `[tokens, d]`.
     fn combine<T: Tp<Self>>(
+        _mode: KernelMode,
         x: Act<Self, T>,
         gate: Tensor<(usize,), f32, Self, T>,
         slots: &[Option<usize>],
@@ -132,15 +155,19 @@ pub trait Kernels: Device<f32> {
         combine_plain(x, gate, slots)
     }
     /// `x ⊙ c` for a constant `c` of `x`'s shape (jitter noise, a dropout mask).
-    fn mul_constant<S: Shape, T: Tp<Self>>(x: Tensor<S, f32, Self, T>, c: &[f32]) -> Tensor<S, f32, Self, T> {
+    fn mul_constant<S: Shape, T: Tp<Self>>(
+        _mode: KernelMode,
+        x: Tensor<S, f32, Self, T>,
+        c: &[f32],
+    ) -> Tensor<S, f32, Self, T> {
         mul_constant_plain(x, c)
     }
 }
 
 /// `plain` when the plain kernels were chosen, `fused` otherwise.
 macro_rules! pick {
-    ($plain:expr, $fused:expr) => {
-        if plain_kernels() {
+    ($mode:expr, $plain:expr, $fused:expr) => {
+        if $mode == KernelMode::Plain {
             $plain
         } else {
             $fused
@@ -154,16 +181,26 @@ impl Kernels for Cpu {
         t.copy_from(values);
         t
     }
-    fn rms_norm<T: Tp<Self>>(x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
-        pick!(rms_norm_plain(x, w), rms_norm_fused(x, w))
+    fn rms_norm<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
+        pick!(mode, rms_norm_plain(x, w), rms_norm_fused(x, w))
     }
-    fn param_matmul<T: Tp<Self>>(x: Act3<Self, T>, w: &Param<Self>, layout: Stacked) -> Act3<Self, T> {
-        pick!(param_matmul_plain(x, w, layout), param_matmul_fused(x, w, layout))
+    fn param_matmul<T: Tp<Self>>(
+        mode: KernelMode,
+        x: Act3<Self, T>,
+        w: &Param<Self>,
+        layout: Stacked,
+    ) -> Act3<Self, T> {
+        pick!(mode, param_matmul_plain(x, w, layout), param_matmul_fused(x, w, layout))
     }
-    fn cross_entropy<T: Tp<Self>>(logits: Act<Self, T>, targets: &[usize]) -> Tensor<(), f32, Self, T> {
-        pick!(cross_entropy_plain(logits, targets), cross_entropy_fused(logits, targets))
+    fn cross_entropy<T: Tp<Self>>(
+        mode: KernelMode,
+        logits: Act<Self, T>,
+        targets: &[usize],
+    ) -> Tensor<(), f32, Self, T> {
+        pick!(mode, cross_entropy_plain(logits, targets), cross_entropy_fused(logits, targets))
     }
     fn attention<T: Tp<Self>>(
+        mode: KernelMode,
         q: Act<Self, T>,
         k: Act<Self, T>,
         v: Act<Self, T>,
@@ -171,44 +208,26 @@ impl Kernels for Cpu {
         batch: usize,
         heads: usize,
     ) -> Act<Self, T> {
-        pick!(attention_plain(q, k, v, bias, batch, heads), attention_fused(q, k, v, bias, batch, heads))
+        pick!(mode, attention_plain(q, k, v, bias, batch, heads), attention_fused(q, k, v, bias, batch, heads))
     }
-    fn gather_rows<T: Tp<Self>>(x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
-        pick!(gather_rows_plain(x, rows), gather_rows_fused(x, rows))
+    fn gather_rows<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
+        pick!(mode, gather_rows_plain(x, rows), gather_rows_fused(x, rows))
     }
     fn combine<T: Tp<Self>>(
+        mode: KernelMode,
         x: Act<Self, T>,
         gate: Tensor<(usize,), f32, Self, T>,
         slots: &[Option<usize>],
     ) -> Act<Self, T> {
-        pick!(combine_plain(x, gate, slots), combine_fused(x, gate, slots))
+        pick!(mode, combine_plain(x, gate, slots), combine_fused(x, gate, slots))
     }
-    fn mul_constant<S: Shape, T: Tp<Self>>(x: Tensor<S, f32, Self, T>, c: &[f32]) -> Tensor<S, f32, Self, T> {
-        pick!(mul_constant_plain(x, c), mul_constant_fused(x, c))
+    fn mul_constant<S: Shape, T: Tp<Self>>(
+        mode: KernelMode,
+        x: Tensor<S, f32, Self, T>,
+        c: &[f32],
+    ) -> Tensor<S, f32, Self, T> {
+        pick!(mode, mul_constant_plain(x, c), mul_constant_fused(x, c))
     }
-}
-
-static PLAIN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
-const UNSET: u8 = 2;
-
-/// `SWITCHLAB_PLAIN_KERNELS=1`: the CPU runs the plain dfdx path (read once per process, unless
-/// [`set_plain_kernels`] chose first).
-pub fn plain_kernels() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match PLAIN.load(Relaxed) {
-        UNSET => {
-            let plain = std::env::var("SWITCHLAB_PLAIN_KERNELS").is_ok_and(|v| v == "1");
-            PLAIN.store(plain as u8, Relaxed);
-            plain
-        }
-        v => v == 1,
-    }
-}
-
-/// Chooses the plain (`true`) or fused kernels for the rest of this process, whatever the
-/// environment says: for a test that compares whole models both ways.
-pub fn set_plain_kernels(plain: bool) {
-    PLAIN.store(plain as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
 static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
