@@ -150,12 +150,19 @@ pub fn run_one(
     child::emit(&measure(&cfg, &ds, threads, steps, cache)?)
 }
 
-/// Switch ÷ dense step times of the comparison shape, measured with a dense and a Switch model
+/// Switch ÷ dense step times of the comparison shape (or the `tiny` preset), measured with a dense and a Switch model
 /// in this process, their steps alternating (dense, Switch, dense, …; one warm-up step each): each
 /// ratio compares two steps a second apart, so the drift of a shared machine's speed cancels.
 /// Prints them as one line of JSON, a `PairRatios`.
-pub fn run_pairs(num_experts: usize, threads: usize, pairs: u64, cache: bool, recipe: Recipe) -> anyhow::Result<()> {
-    let configs = [config(false, 1, recipe)?, config(false, num_experts, recipe)?];
+pub fn run_pairs(
+    tiny: bool,
+    num_experts: usize,
+    threads: usize,
+    pairs: u64,
+    cache: bool,
+    recipe: Recipe,
+) -> anyhow::Result<()> {
+    let configs = [config(tiny, 1, recipe)?, config(tiny, num_experts, recipe)?];
     let ds = switch_runner::sweep::datasets(&[&configs[0].data], Path::new("results"))?;
     let ds = ds.into_values().next().expect("dataset");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
@@ -183,12 +190,13 @@ pub fn run_pairs(num_experts: usize, threads: usize, pairs: u64, cache: bool, re
 }
 
 /// Runs `run_pairs` in a child process with `engine`'s kernels: the Switch ÷ dense ratios.
-fn pair_child(num_experts: usize, pairs: u64, engine: Engine) -> anyhow::Result<Vec<f64>> {
+fn pair_child(tiny: bool, num_experts: usize, threads: usize, pairs: u64, engine: Engine) -> anyhow::Result<Vec<f64>> {
     let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["engine-pairs", "--experts", &num_experts.to_string(), "--threads", "2"])
+        .args(["engine-pairs", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--pairs", &pairs.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
         .args(engine.recipe().args())
-        .env("RAYON_NUM_THREADS", "2")
+        .args(tiny.then_some("--tiny"))
+        .env("RAYON_NUM_THREADS", threads.to_string())
         .output()?;
     let PairRatios { ratios } = child::parse("benchmark pair run", &out)?;
     anyhow::ensure!(!ratios.is_empty(), "benchmark pair run failed: no ratios");
@@ -320,7 +328,7 @@ impl Engine {
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
 /// kernels, buffer cache on), with Adafactor instead of AdamW, without the fused kernels, and as
 /// plain dfdx (no cache), side by side; each run in its own process.
-pub fn run(steps: u64, pairs: u64) -> anyhow::Result<()> {
+pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
     anyhow::ensure!(pairs >= 1, "--pairs must be at least 1");
     let (m2, m1) = (matmul_flops_per_s(2), matmul_flops_per_s(1));
     println!(
@@ -331,8 +339,12 @@ pub fn run(steps: u64, pairs: u64) -> anyhow::Result<()> {
         m1.1 / 1e9
     );
     let (matmul2, matmul1) = (m2.0.max(m2.1), m1.0.max(m1.1));
-    let bandwidth = memory_bandwidth(2);
-    println!("memory bandwidth (STREAM triad, 2 threads): {:.1} GB/s", bandwidth / 1e9);
+    let (bandwidth, bandwidth1) = (memory_bandwidth(2), memory_bandwidth(1));
+    println!(
+        "memory bandwidth (STREAM triad), 2 threads / 1 thread: {:.1} / {:.1} GB/s",
+        bandwidth / 1e9,
+        bandwidth1 / 1e9
+    );
     println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
@@ -365,24 +377,43 @@ pub fn run(steps: u64, pairs: u64) -> anyhow::Result<()> {
         for e in [8, 64] {
             let switch = child(false, e, 2, steps, engine)?;
             line(&format!("shape, Switch-{e} (every layer)"), 2, &switch, matmul2);
-            let ratios = pair_child(e, pairs, engine)?;
+            let ratios = pair_child(false, e, 2, pairs, engine)?;
             // The extra parameters' memory traffic at the measured bandwidth: no kernel can
             // bring the ratio below this while every parameter is updated each step.
-            let floor = (switch.params - dense.params) as f64 * step_bytes_per_param(engine.optimizer) / bandwidth;
-            println!(
-                "{:<30} Switch-{e} ÷ dense step time at equal FLOPs per token, {pairs} step pairs interleaved in one process: median {:.2}, quartiles {:.2}–{:.2} (floor from the extra parameters' memory traffic: {:.2})",
-                "",
-                quantile(&ratios, 0.5),
-                quantile(&ratios, 0.25),
-                quantile(&ratios, 0.75),
-                (dense.step_s + floor) / dense.step_s
-            );
+            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine.optimizer, bandwidth));
         }
-        line("tiny preset, dense", 1, &child(true, 1, 1, steps, engine)?, matmul1);
-        line("tiny preset, Switch-64", 1, &child(true, 64, 1, steps, engine)?, matmul1);
+        let dense = child(true, 1, 1, steps, engine)?;
+        line("tiny preset, dense", 1, &dense, matmul1);
+        for e in [64, 128] {
+            let switch = child(true, e, 1, steps, engine)?;
+            line(&format!("tiny preset, Switch-{e}"), 1, &switch, matmul1);
+            let ratios = pair_child(true, e, 1, pairs, engine)?;
+            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine.optimizer, bandwidth1));
+        }
         println!();
+        if only_training {
+            break;
+        }
     }
     Ok(())
+}
+
+/// The Switch ÷ dense step-time ratio below which no kernel can go while every parameter is
+/// updated each step: the dense step plus the extra parameters' memory traffic at `bandwidth`.
+fn floor_ratio(dense: &Measured, switch: &Measured, optimizer: OptimizerKind, bandwidth: f64) -> f64 {
+    let extra = (switch.params - dense.params) as f64 * step_bytes_per_param(optimizer) / bandwidth;
+    (dense.step_s + extra) / dense.step_s
+}
+
+fn ratio_line(experts: usize, ratios: &[f64], floor: f64) {
+    println!(
+        "{:<30} Switch-{experts} ÷ dense step time at equal FLOPs per token, {} step pairs interleaved in one process: median {:.2}, quartiles {:.2}–{:.2} (floor from the extra parameters' memory traffic: {floor:.2})",
+        "",
+        ratios.len(),
+        quantile(ratios, 0.5),
+        quantile(ratios, 0.25),
+        quantile(ratios, 0.75),
+    );
 }
 
 /// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.

@@ -40,6 +40,9 @@ enum Command {
         /// Switch ÷ dense: this many pairs of steps, dense and Switch alternating in one process.
         #[arg(long, default_value_t = 16)]
         pairs: u64,
+        /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW).
+        #[arg(long)]
+        only_training: bool,
     },
     /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
     /// engine benchmark's comparison shape, side by side (needs a Python with torch and
@@ -56,6 +59,8 @@ enum Command {
     /// of JSON, `child::PairRatios`).
     #[command(hide = true)]
     EnginePairs {
+        #[arg(long)]
+        tiny: bool,
         #[arg(long)]
         experts: usize,
         #[arg(long)]
@@ -105,11 +110,11 @@ fn run(what: Command) -> anyhow::Result<()> {
         Command::Sweep { grid, steps } => harness::sweep(&grid, steps),
         Command::Data { grid } => harness::data(&grid),
         Command::Report => harness::report(),
-        Command::Engine { steps, pairs } => engine::run(steps, pairs),
+        Command::Engine { steps, pairs, only_training } => engine::run(steps, pairs, only_training),
         Command::Pytorch { steps, rounds, python } => engine::pytorch(steps, rounds, &python),
-        Command::EnginePairs { experts, threads, pairs, cache, optimizer, kernels } => {
+        Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, kernels } => {
             let recipe = engine::recipe_named(&optimizer, &kernels)?;
-            engine::run_pairs(experts, threads, pairs, cache == "on", recipe)
+            engine::run_pairs(tiny, experts, threads, pairs, cache == "on", recipe)
         }
         Command::EngineRun { tiny, experts, threads, steps, cache, optimizer, kernels } => {
             let recipe = engine::recipe_named(&optimizer, &kernels)?;

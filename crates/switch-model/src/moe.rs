@@ -49,12 +49,8 @@ pub fn route(probs: &[f32], num_experts: usize, top_k: usize, capacity: usize, p
     let e = num_experts;
     let n = probs.len() / e;
     let mut choices = Vec::with_capacity(n * top_k);
-    for t in 0..n {
-        let row = &probs[t * e..(t + 1) * e];
-        let mut order: Vec<usize> = (0..e).collect();
-        // stable: ties go to the lower expert index, like argmax
-        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
-        choices.extend_from_slice(&order[..top_k]);
+    for row in probs.chunks_exact(e) {
+        push_top_k(row, top_k, &mut choices);
     }
     let mut queue: Vec<usize> = (0..n).collect();
     if priority == RoutingPriority::BatchPrioritized {
@@ -80,6 +76,21 @@ pub fn route(probs: &[f32], num_experts: usize, top_k: usize, capacity: usize, p
         first_choice_counts[choices[t * top_k]] += 1;
     }
     Routing { num_experts: e, capacity, choices, slot_of, slot_token, first_choice_counts }
+}
+
+/// Appends the indices of `row`'s `k` largest values, largest first, ties to the lower index
+/// (the first `k` of a stable sort by descending value, like argmax), in O(k·E) instead of a sort.
+fn push_top_k(row: &[f32], k: usize, out: &mut Vec<usize>) {
+    let start = out.len();
+    for _ in 0..k {
+        let mut best: Option<usize> = None;
+        for (i, &p) in row.iter().enumerate() {
+            if best.is_none_or(|b| p > row[b]) && !out[start..].contains(&i) {
+                best = Some(i);
+            }
+        }
+        out.push(best.expect("top_k ≤ num_experts"));
+    }
 }
 
 /// Routes consecutive groups of `group_tokens` tokens (the last may be shorter) each on its own,

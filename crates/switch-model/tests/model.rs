@@ -641,3 +641,19 @@ fn every_parameter_carries_a_layout_with_the_init_fan_in_as_rows_and_its_role() 
         assert_eq!(routers, sparse_layers, "one router per sparse layer");
     }
 }
+
+/// The router's choices are the first `top_k` of a stable sort by descending probability (ties to
+/// the lower expert index, like argmax), on rows full of ties.
+#[test]
+fn routing_chooses_the_top_k_of_a_stable_sort() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (e, k) in [(1, 1), (3, 1), (3, 2), (3, 3), (64, 1), (128, 2)] {
+        let probs: Vec<f32> = (0..40 * e).map(|_| (rng.gen_range(0..5) as f32) / 8.0).collect();
+        let routing = route(&probs, e, k, 1000, RoutingPriority::Position);
+        for (t, row) in probs.chunks_exact(e).enumerate() {
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            assert_eq!(routing.choices[t * k..][..k], order[..k], "{e} experts, top-{k}, token {t}: {row:?}");
+        }
+    }
+}
