@@ -7,6 +7,7 @@ use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
 use switch_model::kernels::{param_matmul_fused, KernelMode, Stacked};
 use switch_model::{Batch, ModelConfig, SwitchTransformer};
+use switch_runner::config::MomentPrecision;
 use switch_runner::config::OptimizerKind;
 use switch_runner::train::{optimizer_for, to_batch, train_step, Dev, OptimizerState};
 use switch_runner::RunConfig;
@@ -99,6 +100,7 @@ fn config(tiny: bool, num_experts: usize, recipe: Recipe) -> anyhow::Result<RunC
     };
     c.model.num_experts = num_experts;
     (c.train.optimizer, c.train.kernels) = (recipe.optimizer, recipe.kernels);
+    c.train.optimizer_moments = recipe.moments;
     Ok(c)
 }
 
@@ -106,16 +108,19 @@ fn config(tiny: bool, num_experts: usize, recipe: Recipe) -> anyhow::Result<RunC
 #[derive(Clone, Copy, Debug)]
 pub struct Recipe {
     pub optimizer: OptimizerKind,
+    pub moments: MomentPrecision,
     pub kernels: KernelMode,
 }
 
 impl Recipe {
     /// The command-line arguments [`recipe_named`] reads back.
-    fn args(&self) -> [String; 4] {
+    fn args(&self) -> [String; 6] {
         let name = |v: serde_json::Value| v.as_str().expect("a unit variant").to_string();
         [
             "--optimizer".into(),
             name(serde_json::to_value(self.optimizer).expect("serializable")),
+            "--moments".into(),
+            name(serde_json::to_value(self.moments).expect("serializable")),
             "--kernels".into(),
             name(serde_json::to_value(self.kernels).expect("serializable")),
         ]
@@ -123,12 +128,14 @@ impl Recipe {
 }
 
 /// The recipe named on `engine-run`'s and `engine-pairs`' command lines, as a grid names them
-/// (`adamw`/`adafactor`, `fused`/`plain`).
-pub fn recipe_named(optimizer: &str, kernels: &str) -> anyhow::Result<Recipe> {
+/// (`adamw`/`adafactor`, `f32`/`bf16`, `fused`/`plain`).
+pub fn recipe_named(optimizer: &str, moments: &str, kernels: &str) -> anyhow::Result<Recipe> {
     let named = |v: &str| serde_json::Value::String(v.into());
     Ok(Recipe {
         optimizer: serde_json::from_value(named(optimizer))
             .map_err(|_| anyhow::anyhow!("--optimizer {optimizer}: expected adamw or adafactor"))?,
+        moments: serde_json::from_value(named(moments))
+            .map_err(|_| anyhow::anyhow!("--moments {moments}: expected f32 or bf16"))?,
         kernels: serde_json::from_value(named(kernels))
             .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused or plain"))?,
     })
@@ -278,10 +285,12 @@ pub fn memory_bandwidth(threads: usize) -> f64 {
 /// moment of a large matrix is a row and a column, reads the gradient for them and the weight for
 /// its RMS (8), the gradient again for the update's RMS (4), then weight and gradient to write the
 /// weight (12). None of this traffic can overlap the products that need its results.
-fn step_bytes_per_param(optimizer: OptimizerKind) -> f64 {
-    16.0 + match optimizer {
-        OptimizerKind::Adamw => 28.0,
-        OptimizerKind::Adafactor => 24.0,
+fn step_bytes_per_param(optimizer: OptimizerKind, moments: MomentPrecision) -> f64 {
+    16.0 + match (optimizer, moments) {
+        (OptimizerKind::Adamw, MomentPrecision::F32) => 28.0,
+        // bf16 m and v: 2 + 2 bytes read, 2 + 2 written.
+        (OptimizerKind::Adamw, MomentPrecision::Bf16) => 20.0,
+        (OptimizerKind::Adafactor, _) => 24.0,
     }
 }
 
@@ -315,13 +324,17 @@ struct Engine {
     cache: bool,
     fused: bool,
     optimizer: OptimizerKind,
+    moments: MomentPrecision,
     name: &'static str,
 }
 
 impl Engine {
+    const fn named(self, name: &'static str) -> Self {
+        Engine { name, ..self }
+    }
     fn recipe(&self) -> Recipe {
         let kernels = if self.fused { KernelMode::Fused } else { KernelMode::Plain };
-        Recipe { optimizer: self.optimizer, kernels }
+        Recipe { optimizer: self.optimizer, moments: self.moments, kernels }
     }
 }
 
@@ -348,27 +361,18 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
     println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
-    let adamw = OptimizerKind::Adamw;
     let engines = [
+        TRAINING.named("fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)"),
         Engine {
-            cache: true,
-            fused: true,
-            optimizer: adamw,
-            name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)",
+            moments: MomentPrecision::Bf16,
+            ..TRAINING.named("the same with AdamW's moments in bf16 (`train.optimizer_moments: bf16`, not the default)")
         },
         Engine {
-            cache: true,
-            fused: true,
             optimizer: OptimizerKind::Adafactor,
-            name: "the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)",
+            ..TRAINING.named("the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)")
         },
-        Engine { cache: true, fused: false, optimizer: adamw, name: "plain dfdx ops, buffer cache on" },
-        Engine {
-            cache: false,
-            fused: false,
-            optimizer: adamw,
-            name: "plain dfdx ops, buffer cache off (dfdx's default)",
-        },
+        Engine { fused: false, ..TRAINING.named("plain dfdx ops, buffer cache on") },
+        Engine { cache: false, fused: false, ..TRAINING.named("plain dfdx ops, buffer cache off (dfdx's default)") },
     ];
     for engine in engines {
         println!("{}:", engine.name);
@@ -380,7 +384,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
             let ratios = pair_child(false, e, 2, pairs, engine)?;
             // The extra parameters' memory traffic at the measured bandwidth: no kernel can
             // bring the ratio below this while every parameter is updated each step.
-            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine.optimizer, bandwidth));
+            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, bandwidth));
         }
         let dense = child(true, 1, 1, steps, engine)?;
         line("tiny preset, dense", 1, &dense, matmul1);
@@ -388,10 +392,10 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
             let switch = child(true, e, 1, steps, engine)?;
             line(&format!("tiny preset, Switch-{e}"), 1, &switch, matmul1);
             let ratios = pair_child(true, e, 1, pairs, engine)?;
-            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine.optimizer, bandwidth1));
+            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, bandwidth1));
         }
         println!();
-        if only_training {
+        if only_training && engine.moments == MomentPrecision::Bf16 {
             break;
         }
     }
@@ -400,8 +404,9 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
 
 /// The Switch ÷ dense step-time ratio below which no kernel can go while every parameter is
 /// updated each step: the dense step plus the extra parameters' memory traffic at `bandwidth`.
-fn floor_ratio(dense: &Measured, switch: &Measured, optimizer: OptimizerKind, bandwidth: f64) -> f64 {
-    let extra = (switch.params - dense.params) as f64 * step_bytes_per_param(optimizer) / bandwidth;
+fn floor_ratio(dense: &Measured, switch: &Measured, engine: Engine, bandwidth: f64) -> f64 {
+    let extra =
+        (switch.params - dense.params) as f64 * step_bytes_per_param(engine.optimizer, engine.moments) / bandwidth;
     (dense.step_s + extra) / dense.step_s
 }
 
@@ -417,7 +422,13 @@ fn ratio_line(experts: usize, ratios: &[f64], floor: f64) {
 }
 
 /// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.
-const TRAINING: Engine = Engine { cache: true, fused: true, optimizer: OptimizerKind::Adamw, name: "training" };
+const TRAINING: Engine = Engine {
+    cache: true,
+    fused: true,
+    optimizer: OptimizerKind::Adamw,
+    moments: MomentPrecision::F32,
+    name: "training",
+};
 
 /// `switch-bench pytorch`: switchlab's engine as it trains and HF transformers' T5 / Switch
 /// Transformer in PyTorch (`bench/pytorch_engine.py`, run by `python`) on the comparison shape, 2 threads,

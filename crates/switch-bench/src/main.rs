@@ -40,7 +40,8 @@ enum Command {
         /// Switch ÷ dense: this many pairs of steps, dense and Switch alternating in one process.
         #[arg(long, default_value_t = 16)]
         pairs: u64,
-        /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW).
+        /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW), and
+        /// the same with bf16 moments.
         #[arg(long)]
         only_training: bool,
     },
@@ -71,6 +72,8 @@ enum Command {
         cache: String,
         #[arg(long, default_value = "adamw")]
         optimizer: String,
+        #[arg(long, default_value = "f32")]
+        moments: String,
         #[arg(long, default_value = "fused")]
         kernels: String,
     },
@@ -90,6 +93,8 @@ enum Command {
         cache: String,
         #[arg(long, default_value = "adamw")]
         optimizer: String,
+        #[arg(long, default_value = "f32")]
+        moments: String,
         #[arg(long, default_value = "fused")]
         kernels: String,
     },
@@ -112,12 +117,12 @@ fn run(what: Command) -> anyhow::Result<()> {
         Command::Report => harness::report(),
         Command::Engine { steps, pairs, only_training } => engine::run(steps, pairs, only_training),
         Command::Pytorch { steps, rounds, python } => engine::pytorch(steps, rounds, &python),
-        Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, kernels } => {
-            let recipe = engine::recipe_named(&optimizer, &kernels)?;
+        Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, moments, kernels } => {
+            let recipe = engine::recipe_named(&optimizer, &moments, &kernels)?;
             engine::run_pairs(tiny, experts, threads, pairs, cache == "on", recipe)
         }
-        Command::EngineRun { tiny, experts, threads, steps, cache, optimizer, kernels } => {
-            let recipe = engine::recipe_named(&optimizer, &kernels)?;
+        Command::EngineRun { tiny, experts, threads, steps, cache, optimizer, moments, kernels } => {
+            let recipe = engine::recipe_named(&optimizer, &moments, &kernels)?;
             engine::run_one(tiny, experts, threads, steps, cache == "on", recipe)
         }
     }

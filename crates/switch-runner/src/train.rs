@@ -172,7 +172,8 @@ pub fn save_checkpoint(
 ) -> std::io::Result<()> {
     let mut w = dir.checkpoint_writer()?;
     for (i, (name, p)) in model.params_mut().into_iter().enumerate() {
-        w.tensor(name, &[&p.as_vec(), &opt.m[i], &opt.v[i]])?;
+        let [m, v] = opt.moments(i);
+        w.tensor(name, &[&p.as_vec(), &m, &v])?;
     }
     w.finish(step, clock.wall_s(), clock.cpu_s())
 }
@@ -197,8 +198,7 @@ pub fn load_checkpoint(
         let n = p.shape().0;
         let floats = r.tensor(name, n, 3).map_err(|e| fix(&e))?;
         p.copy_from(&floats[..n]);
-        opt.m[i].copy_from_slice(&floats[n..2 * n]);
-        opt.v[i].copy_from_slice(&floats[2 * n..]);
+        opt.set_moments(i, &floats[n..2 * n], &floats[2 * n..]);
     }
     Ok(Some(r.state))
 }
@@ -236,7 +236,7 @@ impl Clock {
 /// `cfg`'s optimizer, its state sized from each parameter's shape.
 pub fn optimizer_for(cfg: &RunConfig, model: &mut SwitchTransformer<Dev>) -> OptimizerState {
     let shapes: Vec<[usize; 3]> = model.params().iter().map(|p| p.shape).collect();
-    OptimizerState::new(cfg.train.optimizer, &shapes)
+    OptimizerState::new(cfg.train.optimizer, &shapes).with_moments(cfg.train.optimizer_moments)
 }
 
 fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {

@@ -108,6 +108,60 @@ fn adafactor_factors_large_matrices_as_mesh_tf_does() {
     assert!(q.iter().zip(&g).all(|(q, g)| g == &0.0 || (q - (0.5 - 0.005 * g.signum())).abs() < 1e-7));
 }
 
+/// bf16 rounds to nearest, ties to even, and holds bf16 values exactly.
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    use switch_runner::optim::{bf16_bits, from_bf16_bits};
+    // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: to even (1); 1 + 3·2⁻⁸ is halfway up to 1 + 2⁻⁶.
+    assert_eq!(from_bf16_bits(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
+    assert_eq!(from_bf16_bits(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
+    assert_eq!(from_bf16_bits(bf16_bits(1.0 + 1.5 / 256.0)), 1.0 + 1.0 / 128.0);
+    let x = -3.0e-8f32; // within half a bf16 step (2⁻⁸ relative) of itself
+    assert!((from_bf16_bits(bf16_bits(x)) - x).abs() <= x.abs() / 256.0);
+    assert!(from_bf16_bits(bf16_bits(f32::NAN)).is_nan());
+    assert_eq!(from_bf16_bits(bf16_bits(f32::INFINITY)), f32::INFINITY);
+    for h in [0u16, 0x3f80, 0xc2f7, 0x0001, 0x7f7f] {
+        assert_eq!(bf16_bits(from_bf16_bits(h)), h);
+    }
+}
+
+/// AdamW with bf16 moments follows f32 AdamW to within the moments' 8 significant bits, and keeps
+/// bf16 values only.
+#[test]
+fn adamw_with_bf16_moments_follows_f32_adamw() {
+    use switch_runner::config::MomentPrecision;
+    let cfg = TrainConfig::default();
+    let n = 1000;
+    let mut f32_opt = OptimizerState::adamw(&[n]);
+    let mut bf16_opt = OptimizerState::adamw(&[n]).with_moments(MomentPrecision::Bf16);
+    let (mut p, mut q) = (vec![vec![0.5f32; n]], vec![vec![0.5f32; n]]);
+    for t in 1..=20u64 {
+        let g: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.37 + t as f32 * 1.3).sin() * 0.1)).collect();
+        f32_opt.step(&mut p, &[g.clone()], t, 1e-3, &cfg);
+        bf16_opt.step(&mut q, &[g], t, 1e-3, &cfg);
+    }
+    let [m, v] = bf16_opt.moments(0);
+    assert!(m.iter().chain(v.iter()).all(|x| x.to_bits() & 0xffff == 0), "bf16 values only");
+    let m_scale = f32_opt.m[0].iter().fold(0f32, |a, x| a.max(x.abs()));
+    for ((a, b), (m32, m16)) in p[0].iter().zip(&q[0]).zip(f32_opt.m[0].iter().zip(m.iter())) {
+        assert!((a - b).abs() < 2e-4, "weights {a} vs {b}");
+        assert!((m32 - m16).abs() <= 3e-2 * m_scale, "m {m32} vs {m16} (largest {m_scale})");
+    }
+    assert!(p[0] != q[0], "the rounding shows");
+}
+
+#[test]
+fn bf16_moments_are_adamws_only() {
+    use switch_runner::config::MomentPrecision;
+    let cfg = TrainConfig {
+        optimizer: OptimizerKind::Adafactor,
+        optimizer_moments: MomentPrecision::Bf16,
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err();
+    assert!(e.contains("train.optimizer_moments = bf16") && e.contains("adamw"), "{e}");
+}
+
 #[test]
 fn adafactor_refuses_weight_decay() {
     let cfg = TrainConfig { optimizer: OptimizerKind::Adafactor, weight_decay: 0.1, ..Default::default() };
