@@ -7,6 +7,7 @@ use std::path::PathBuf;
 mod child;
 mod engine;
 mod harness;
+mod optimizer;
 
 #[derive(Parser)]
 #[command(name = "switch-bench", version, about = "Measure switchlab's speed figures on this machine")]
@@ -44,6 +45,14 @@ enum Command {
         /// the same with bf16 moments.
         #[arg(long)]
         only_training: bool,
+    },
+    /// The passes over every parameter that are not products (gradient norm; AdamW with f32 or
+    /// bf16 moments; Adafactor) on one thread, as GB/s of the bytes each must move.
+    Optimizer {
+        #[arg(long, default_value_t = 8_388_608)]
+        params: usize,
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
     },
     /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
     /// engine benchmark's comparison shape, side by side (needs a Python with torch and
@@ -116,6 +125,7 @@ fn run(what: Command) -> anyhow::Result<()> {
         Command::Data { grid } => harness::data(&grid),
         Command::Report => harness::report(),
         Command::Engine { steps, pairs, only_training } => engine::run(steps, pairs, only_training),
+        Command::Optimizer { params, rounds } => optimizer::run(params, rounds),
         Command::Pytorch { steps, rounds, python } => engine::pytorch(steps, rounds, &python),
         Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, moments, kernels } => {
             let recipe = engine::recipe_named(&optimizer, &moments, &kernels)?;

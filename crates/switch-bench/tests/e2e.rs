@@ -23,9 +23,9 @@ fn run_err(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The five benchmarks, and not the children they re-run the binary as.
+/// The six benchmarks, and not the children they re-run the binary as.
 #[test]
-fn help_lists_the_five_benchmarks() {
+fn help_lists_the_six_benchmarks() {
     let help = run_ok(switch_bench().arg("--help"));
     let commands: Vec<&str> = help
         .lines()
@@ -34,7 +34,7 @@ fn help_lists_the_five_benchmarks() {
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, ["sweep", "data", "report", "engine", "pytorch", "help"], "{help}");
+    assert_eq!(commands, ["sweep", "data", "report", "engine", "optimizer", "pytorch", "help"], "{help}");
     assert!(
         run_ok(switch_bench().args(["engine-run", "--help"])).contains("--experts"),
         "the children are hidden, not gone"
@@ -71,4 +71,13 @@ fn bench_pytorch_without_torch_says_how_to_install_it() {
     let python = root.join("no-such-python");
     let err = run_err(switch_bench().current_dir(&root).args(["pytorch", "--python"]).arg(&python));
     assert!(err.contains("no-such-python") && err.contains("pip install torch transformers"), "{err}");
+}
+
+/// `optimizer` times each pass over the parameters and reports it as GB/s.
+#[test]
+fn optimizer_reports_each_pass() {
+    let out = run_ok(switch_bench().args(["optimizer", "--params", "65536", "--rounds", "1"]));
+    let passes: Vec<&str> = out.lines().filter(|l| l.contains(" ms ") && l.contains("GB/s")).collect();
+    assert_eq!(passes.len(), 4, "{out}");
+    assert!(passes.iter().any(|l| l.starts_with("AdamW, bf16 moments")), "{out}");
 }

@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod moe;
 pub mod nn;
 pub mod procfs;
+pub mod simd;
 pub mod t5;
 pub mod tensor;
 

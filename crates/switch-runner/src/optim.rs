@@ -22,6 +22,7 @@
 use crate::config::{MomentPrecision, OptimizerKind, TrainConfig};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use switch_model::simd::wide;
 
 /// Adafactor factors a matrix's second moment only when both its sides are at least this long
 /// (Mesh TF's `min_dim_size_to_factor`): small matrices keep every entry.
@@ -122,12 +123,14 @@ fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], grad_scale: f32
     let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
     let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
         // zipped slices, no indexing: the compiler vectorises the loop
-        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let g = g * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= lr * ((*m / c1) / ((*v / c2).sqrt() + 1e-8) + wd * *p);
-        }
+        wide(|| {
+            for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= lr * ((*m / c1) / ((*v / c2).sqrt() + 1e-8) + wd * *p);
+            }
+        })
     };
     // Element-wise, so splitting it over the run's threads keeps every bit.
     if rayon::current_num_threads() > 1 && p.len() > CHUNK {
@@ -178,13 +181,15 @@ fn adamw_bf16(
     // loop's bottleneck, and this option's numbers are its own anyway.
     let (r1, r2) = (1.0 / c1, 1.0 / c2);
     let update = |p: &mut [f32], g: &[f32], m: &mut [u16], v: &mut [u16]| {
-        for (((p, g), hm), hv) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let g = g * grad_scale;
-            let m = b1 * from_bf16_bits(*hm) + (1.0 - b1) * g;
-            let v = b2 * from_bf16_bits(*hv) + (1.0 - b2) * g * g;
-            *p -= lr * ((m * r1) / ((v * r2).sqrt() + 1e-8) + wd * *p);
-            (*hm, *hv) = (bf16_bits(m), bf16_bits(v));
-        }
+        wide(|| {
+            for (((p, g), hm), hv) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * grad_scale;
+                let m = b1 * from_bf16_bits(*hm) + (1.0 - b1) * g;
+                let v = b2 * from_bf16_bits(*hv) + (1.0 - b2) * g * g;
+                *p -= lr * ((m * r1) / ((v * r2).sqrt() + 1e-8) + wd * *p);
+                (*hm, *hv) = (bf16_bits(m), bf16_bits(v));
+            }
+        })
     };
     if rayon::current_num_threads() > 1 && p.len() > CHUNK {
         p.par_chunks_mut(CHUNK)
@@ -214,11 +219,12 @@ fn chunked_sum<T: Sync>(x: &[T], chunk: usize, f: impl Fn(&[T]) -> f64 + Sync) -
 /// chunks summed in eight interleaved lanes, which the compiler vectorises (one running sum would
 /// wait on every addition).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    chunked_sum(x, CHUNK, |x| lane_sum(x, x, |v, _| (v as f64) * (v as f64)))
+    chunked_sum(x, CHUNK, |x| wide(|| lane_sum(x, x, |v, _| (v as f64) * (v as f64))))
 }
 
 /// Σ term(a[i], b[i]) in f64, in eight interleaved partial sums (the rest of the last eight
 /// summed apart and added at the end).
+#[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
     let mut lanes = [0f64; 8];
     let (xs, ys) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -243,28 +249,30 @@ fn factored_moments(g: &[f32], (vr, vc): (&mut [f32], &mut [f32]), shape: [usize
     let mix = 1.0 - decay;
     // Each stacked matrix (expert) on its own: in parallel, every bit kept.
     let moments = |((gb, vr), vc): ((&[f32], &mut [f32]), &mut [f32])| {
-        let mut col_sums = vec![0f64; cols];
-        for (r, row) in gb.chunks_exact(cols).enumerate() {
-            let sq = |x: f32| ((x * grad_scale) * (x * grad_scale) + EPS1) as f64;
-            // The row sum in eight interleaved partial sums (as `lane_sum`), the column sums beside it.
-            let mut lanes = [0f64; 8];
-            let (mut xs, mut cs) = (row.chunks_exact(8), col_sums.chunks_exact_mut(8));
-            for (x8, c8) in (&mut xs).zip(&mut cs) {
-                for ((lane, c), &x) in lanes.iter_mut().zip(c8).zip(x8) {
-                    *lane += sq(x);
+        wide(|| {
+            let mut col_sums = vec![0f64; cols];
+            for (r, row) in gb.chunks_exact(cols).enumerate() {
+                let sq = |x: f32| ((x * grad_scale) * (x * grad_scale) + EPS1) as f64;
+                // The row sum in eight interleaved partial sums (as `lane_sum`), the column sums beside it.
+                let mut lanes = [0f64; 8];
+                let (mut xs, mut cs) = (row.chunks_exact(8), col_sums.chunks_exact_mut(8));
+                for (x8, c8) in (&mut xs).zip(&mut cs) {
+                    for ((lane, c), &x) in lanes.iter_mut().zip(c8).zip(x8) {
+                        *lane += sq(x);
+                        *c += sq(x);
+                    }
+                }
+                for (&x, c) in xs.remainder().iter().zip(cs.into_remainder()) {
+                    lanes[0] += sq(x);
                     *c += sq(x);
                 }
+                let row_sum: f64 = lanes.iter().sum();
+                vr[r] = decay * vr[r] + mix * (row_sum / cols as f64) as f32;
             }
-            for (&x, c) in xs.remainder().iter().zip(cs.into_remainder()) {
-                lanes[0] += sq(x);
-                *c += sq(x);
+            for (vc, s) in vc.iter_mut().zip(col_sums) {
+                *vc = decay * *vc + mix * (s / rows as f64) as f32;
             }
-            let row_sum: f64 = lanes.iter().sum();
-            vr[r] = decay * vr[r] + mix * (row_sum / cols as f64) as f32;
-        }
-        for (vc, s) in vc.iter_mut().zip(col_sums) {
-            *vc = decay * *vc + mix * (s / rows as f64) as f32;
-        }
+        })
     };
     let matrix = rows * cols;
     if rayon::current_num_threads() > 1 && batch > 1 {
@@ -284,9 +292,11 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let [batch, rows, cols] = shape;
     let step = lr as f32 * rms(p).max(EPS2);
     if rows.min(cols) < MIN_DIM_TO_FACTOR {
-        for (v, &x) in v.iter_mut().zip(g) {
-            *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
-        }
+        wide(|| {
+            for (v, &x) in v.iter_mut().zip(g) {
+                *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
+            }
+        });
         apply_clipped(p, step, |i| g[i] * grad_scale * (1.0 / v[i].sqrt()));
         return;
     }
@@ -309,19 +319,23 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let blocks: Vec<(usize, &[f32])> = g.chunks(block).enumerate().collect();
     let u_sq = chunked_sum(&blocks, 1, |b| {
         let (b, g) = b[0];
-        let mut sum = 0f64;
-        for (k, g) in g.chunks_exact(cols).enumerate() {
-            let (rf, cf) = factors(b * block / cols + k);
-            sum += lane_sum(g, cf, |x, c| (x * grad_scale * (rf * c)) as f64 * (x * grad_scale * (rf * c)) as f64);
-        }
-        sum
+        wide(|| {
+            let mut sum = 0f64;
+            for (k, g) in g.chunks_exact(cols).enumerate() {
+                let (rf, cf) = factors(b * block / cols + k);
+                sum += lane_sum(g, cf, |x, c| (x * grad_scale * (rf * c)) as f64 * (x * grad_scale * (rf * c)) as f64);
+            }
+            sum
+        })
     });
     let step = clipped_step(step, u_sq, p.len());
     let apply = |(k, (p, g)): (usize, (&mut [f32], &[f32]))| {
         let (rf, cf) = factors(k);
-        for ((p, &x), &c) in p.iter_mut().zip(g).zip(cf) {
-            *p -= step * (x * grad_scale * (rf * c));
-        }
+        wide(|| {
+            for ((p, &x), &c) in p.iter_mut().zip(g).zip(cf) {
+                *p -= step * (x * grad_scale * (rf * c));
+            }
+        })
     };
     // Element-wise, so the run's threads keep every bit.
     if rayon::current_num_threads() > 1 && p.len() > CHUNK {

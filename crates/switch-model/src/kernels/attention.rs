@@ -1,6 +1,7 @@
 //! Attention: softmax(q·kᵀ + bias)·v per example and head, with T5's relative-position bias
 //! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
 use super::{data, gemm_into, gemm_strided, softmax_row, with_overwritten_output, Kernels};
+use crate::simd::wide;
 use crate::tensor::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -94,11 +95,13 @@ pub fn attention_fused<T: Tp<Cpu>>(
             let (q, k, v) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..]);
             for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
                 gemm_into(p, (lq, lk, dk), (&q[h * dk..], hd, 1), (&k[h * dk..], 1, hd), false);
-                if let Some(bv) = &bias_values {
-                    p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
-                }
-                p.chunks_exact_mut(lk).for_each(|row| {
-                    softmax_row(row);
+                wide(|| {
+                    if let Some(bv) = &bias_values {
+                        p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
+                    }
+                    p.chunks_exact_mut(lk).for_each(|row| {
+                        softmax_row(row);
+                    })
                 });
                 gemm_strided((&mut y[h * dk..], hd), (lq, dk, lk), (p, lk, 1), (&v[h * dk..], hd, 1), false);
             }
@@ -122,10 +125,12 @@ pub fn attention_fused<T: Tp<Cpu>>(
                     let o = h * dk;
                     gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (p, 1, lk), (&g[o..], hd, 1), true);
                     gemm_into(&mut ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
-                    for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
-                        let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
-                        d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
-                    }
+                    wide(|| {
+                        for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+                            let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+                            d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+                        }
+                    });
                     gemm_strided((&mut dq[o..], hd), (lq, dk, lk), (&ds, lk, 1), (&k[o..], hd, 1), true);
                     gemm_strided((&mut dkey[o..], hd), (lk, dk, lq), (&ds, 1, lk), (&q[o..], hd, 1), true);
                     if with_bias {

@@ -19,6 +19,7 @@
 //! assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 2.2627).abs() < 1e-4 && (y[3] - 2.8284).abs() < 1e-4);
 //! assert_eq!(y, rms_norm_plain(x, &w).as_vec());
 //! ```
+use crate::simd::wide;
 use crate::tensor::{Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -294,12 +295,14 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
     let mut inv = vec![0f32; n];
     let out = with_overwritten_output(&dev, (n, d), |y| {
         let ws = data(w);
-        for ((row, out), r) in data(&x).chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
-            *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
-            for ((o, v), wj) in out.iter_mut().zip(row).zip(ws) {
-                *o = *r * v * wj;
+        wide(|| {
+            for ((row, out), r) in data(&x).chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
+                *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
+                for ((o, v), wj) in out.iter_mut().zip(row).zip(ws) {
+                    *o = *r * v * wj;
+                }
             }
-        }
+        })
     });
     let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
     let w = w.clone(); // shares the weights' buffer until the backward pass has run
@@ -309,16 +312,18 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
         {
             let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
             assert_eq!(gx.len(), n * d, "rms_norm_fused needs a contiguous input");
-            for (((row, gy), gxr), &r) in
-                xs.chunks_exact(d).zip(g.chunks_exact(d)).zip(gx.chunks_exact_mut(d)).zip(&inv)
-            {
-                let dot: f32 = row.iter().zip(gy).zip(ws).map(|((v, g), wj)| g * wj * v).sum::<f32>() / d as f32;
-                let k = r * r * r * dot;
-                for j in 0..d {
-                    gxr[j] += r * gy[j] * ws[j] - row[j] * k;
-                    gw[j] += gy[j] * row[j] * r;
+            wide(|| {
+                for (((row, gy), gxr), &r) in
+                    xs.chunks_exact(d).zip(g.chunks_exact(d)).zip(gx.chunks_exact_mut(d)).zip(&inv)
+                {
+                    let dot: f32 = row.iter().zip(gy).zip(ws).map(|((v, g), wj)| g * wj * v).sum::<f32>() / d as f32;
+                    let k = r * r * r * dot;
+                    for j in 0..d {
+                        gxr[j] += r * gy[j] * ws[j] - row[j] * k;
+                        gw[j] += gy[j] * row[j] * r;
+                    }
                 }
-            }
+            });
         }
         for (a, b) in grads.get_or_alloc_mut(&w_ghost)?.iter_mut().zip(&gw) {
             *a += b;
@@ -480,7 +485,7 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     let mut probs = data(&logits).to_vec();
     let row_loss = |(row, &t): (&mut [f32], &usize)| {
         let target = row[t];
-        let (max, sum) = softmax_row(row);
+        let (max, sum) = wide(|| softmax_row(row));
         (max + sum.ln() - target) as f64
     };
     let losses: Vec<f64> = if rayon::current_num_threads() > 1 {
@@ -496,10 +501,12 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
         let scale = grads.get_or_alloc_mut(&out_ghost)?[0] / n as f32;
         let g = grads.get_or_alloc_mut(&logits_ghost)?;
         assert_eq!(g.len(), n * v, "cross_entropy_fused needs contiguous logits");
-        for ((g, p), &t) in g.chunks_exact_mut(v).zip(probs.chunks_exact(v)).zip(&targets) {
-            g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
-            g[t] -= scale;
-        }
+        wide(|| {
+            for ((g, p), &t) in g.chunks_exact_mut(v).zip(probs.chunks_exact(v)).zip(&targets) {
+                g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
+                g[t] -= scale;
+            }
+        });
         Ok(())
     });
     out.put_tape(tape)
@@ -508,6 +515,7 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
 /// Softmax of `row`, in place; returns its max and Σ exp(x − max) (logsumexp = max + ln sum).
 /// Branch-free passes the compiler vectorises: [`exp`] instead of libm's scalar `expf`, and the
 /// sum in eight interleaved lanes.
+#[inline(always)]
 pub(crate) fn softmax_row(row: &mut [f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     row.iter_mut().for_each(|v| *v = exp(*v - max));
