@@ -23,6 +23,7 @@ bench:
     cargo run --release -q -p switch-bench -- data
     cargo run --release -q -p switch-bench -- report
     cargo run --release -q -p switch-bench -- engine
+    cargo run --release -q -p switch-bench -- optimizer
 
 # switchlab's engine against PyTorch (HF transformers' T5 and Switch Transformer) on the engine
 # benchmark's shape; installs torch and transformers into .venv-torch on first use (~6 GB).
