@@ -63,6 +63,28 @@ pub fn attention_plain<D: Kernels, T: Tp<D>>(
     scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, heads * dk))
 }
 
+/// Scores `p` (rows of `lk`) plus the bias, if any, then each row's softmax, in place.
+fn softmax_with_bias(p: &mut [f32], bias: Option<&[f32]>, lk: usize) {
+    wide(|| {
+        if let Some(bias) = bias {
+            p.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+        }
+        p.chunks_exact_mut(lk).for_each(|row| {
+            softmax_row(row);
+        })
+    })
+}
+
+/// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) in place of `ds` (∂P), row by row (rows of `lk`).
+fn softmax_backward(ds: &mut [f32], p: &[f32], lk: usize) {
+    wide(|| {
+        for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+            let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+            d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+        }
+    })
+}
+
 /// Attention in one op each way, per example and head on the heads' column blocks (no permute
 /// copies), with the bias looked up from the table (no gather, no broadcast over the batch). It
 /// keeps the softmax P for the backward pass. With G = ∂L/∂out:
@@ -95,14 +117,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
             let (q, k, v) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..]);
             for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
                 gemm_into(p, (lq, lk, dk), (&q[h * dk..], hd, 1), (&k[h * dk..], 1, hd), false);
-                wide(|| {
-                    if let Some(bv) = &bias_values {
-                        p.iter_mut().zip(&bv[h * lq * lk..]).for_each(|(s, b)| *s += b);
-                    }
-                    p.chunks_exact_mut(lk).for_each(|row| {
-                        softmax_row(row);
-                    })
-                });
+                softmax_with_bias(p, bias_values.as_ref().map(|bv| &bv[h * lq * lk..]), lk);
                 gemm_strided((&mut y[h * dk..], hd), (lq, dk, lk), (p, lk, 1), (&v[h * dk..], hd, 1), false);
             }
         })
@@ -125,12 +140,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
                     let o = h * dk;
                     gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (p, 1, lk), (&g[o..], hd, 1), true);
                     gemm_into(&mut ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
-                    wide(|| {
-                        for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
-                            let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
-                            d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
-                        }
-                    });
+                    softmax_backward(&mut ds, p, lk);
                     gemm_strided((&mut dq[o..], hd), (lq, dk, lk), (&ds, lk, 1), (&k[o..], hd, 1), true);
                     gemm_strided((&mut dkey[o..], hd), (lk, dk, lq), (&ds, 1, lk), (&q[o..], hd, 1), true);
                     if with_bias {
