@@ -363,3 +363,45 @@ fn optimizer_steps_and_the_gradient_norm_keep_their_bits_on_any_number_of_thread
     let exact = 99_999.0 * 100_000.0 * 199_999.0 / 6.0;
     assert!((sum_of_squares(&x) - exact).abs() < 1e-9 * exact);
 }
+
+/// The optimizer's and the gradient norm's loops run compiled for AVX2 where the CPU has it
+/// (`switch_model::simd::wide`): the same bits as the same arithmetic written out here, which this
+/// test crate compiles for baseline x86-64.
+#[test]
+fn wide_loops_keep_every_bit() {
+    let n = 100_003;
+    let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 0.01).collect();
+    // Σg² in f64: chunks of 2¹⁵ summed in order, each in eight interleaved lanes plus its tail.
+    let reference: f64 = g
+        .chunks(1 << 15)
+        .map(|c| {
+            let mut lanes = [0f64; 8];
+            let tail = c.chunks_exact(8).remainder().iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            for x8 in c.chunks_exact(8) {
+                for (lane, &x) in lanes.iter_mut().zip(x8) {
+                    *lane += (x as f64) * (x as f64);
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
+        })
+        .sum();
+    assert_eq!(switch_runner::optim::sum_of_squares(&g).to_bits(), reference.to_bits());
+    // AdamW, three steps.
+    let cfg = TrainConfig { weight_decay: 0.01, ..Default::default() };
+    let (mut p, mut m, mut v) = (vec![0.5f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut opt = OptimizerState::adamw(&[n]);
+    let mut q = vec![vec![0.5f32; n]];
+    for t in 1..=3u64 {
+        let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+        let (c1, c2) = (1.0 - cfg.beta1.powi(t as i32) as f32, 1.0 - cfg.beta2.powi(t as i32) as f32);
+        let (lr, wd) = (1e-3f32, cfg.weight_decay as f32);
+        for i in 0..n {
+            m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+            v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+            p[i] -= lr * ((m[i] / c1) / ((v[i] / c2).sqrt() + 1e-8) + wd * p[i]);
+        }
+        opt.step(&mut q, std::slice::from_ref(&g), t, 1e-3, &cfg);
+    }
+    assert!(q[0].iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()), "AdamW's bits differ");
+    assert!(opt.m[0].iter().zip(&m).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
