@@ -201,7 +201,7 @@ fn pair_child(tiny: bool, num_experts: usize, threads: usize, pairs: u64, engine
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["engine-pairs", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--pairs", &pairs.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
-        .args(engine.recipe().args())
+        .args(engine.recipe.args())
         .args(tiny.then_some("--tiny"))
         .env("RAYON_NUM_THREADS", threads.to_string())
         .output()?;
@@ -215,7 +215,7 @@ fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Eng
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--steps", &steps.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
-        .args(engine.recipe().args())
+        .args(engine.recipe.args())
         .args(tiny.then_some("--tiny"))
         .env("RAYON_NUM_THREADS", threads.to_string())
         .output()?;
@@ -323,24 +323,12 @@ fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
     );
 }
 
-/// One configuration of the engine: dfdx's buffer cache, and fused kernels or the plain dfdx ops.
+/// One configuration of the engine: dfdx's buffer cache on or off, and what it trains with.
 #[derive(Clone, Copy)]
 struct Engine {
     cache: bool,
-    fused: bool,
-    optimizer: OptimizerKind,
-    moments: MomentPrecision,
+    recipe: Recipe,
     name: &'static str,
-}
-
-impl Engine {
-    const fn named(self, name: &'static str) -> Self {
-        Engine { name, ..self }
-    }
-    fn recipe(&self) -> Recipe {
-        let kernels = if self.fused { KernelMode::Fused } else { KernelMode::Plain };
-        Recipe { optimizer: self.optimizer, moments: self.moments, kernels }
-    }
 }
 
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
@@ -366,18 +354,21 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
     println!("FLOPs/s ratios below are ÷ the faster of the two");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
+    let plain = Recipe { kernels: KernelMode::Plain, ..TRAINING.recipe };
     let engines = [
-        TRAINING.named("fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)"),
+        Engine { name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)", ..TRAINING },
         Engine {
-            moments: MomentPrecision::Bf16,
-            ..TRAINING.named("the same with AdamW's moments in bf16 (`train.optimizer_moments: bf16`, not the default)")
+            recipe: Recipe { moments: MomentPrecision::Bf16, ..TRAINING.recipe },
+            name: "the same with AdamW's moments in bf16 (`train.optimizer_moments: bf16`, not the default)",
+            ..TRAINING
         },
         Engine {
-            optimizer: OptimizerKind::Adafactor,
-            ..TRAINING.named("the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)")
+            recipe: Recipe { optimizer: OptimizerKind::Adafactor, ..TRAINING.recipe },
+            name: "the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)",
+            ..TRAINING
         },
-        Engine { fused: false, ..TRAINING.named("plain dfdx ops, buffer cache on") },
-        Engine { cache: false, fused: false, ..TRAINING.named("plain dfdx ops, buffer cache off (dfdx's default)") },
+        Engine { recipe: plain, name: "plain dfdx ops, buffer cache on", ..TRAINING },
+        Engine { cache: false, recipe: plain, name: "plain dfdx ops, buffer cache off (dfdx's default)" },
     ];
     for engine in engines {
         println!("{}:", engine.name);
@@ -400,7 +391,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
             ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, bandwidth1));
         }
         println!();
-        if only_training && engine.moments == MomentPrecision::Bf16 {
+        if only_training && engine.recipe.moments == MomentPrecision::Bf16 {
             break;
         }
     }
@@ -410,8 +401,9 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
 /// The Switch ÷ dense step-time ratio below which no kernel can go while every parameter is
 /// updated each step: the dense step plus the extra parameters' memory traffic at `bandwidth`.
 fn floor_ratio(dense: &Measured, switch: &Measured, engine: Engine, bandwidth: f64) -> f64 {
-    let extra =
-        (switch.params - dense.params) as f64 * step_bytes_per_param(engine.optimizer, engine.moments) / bandwidth;
+    let extra = (switch.params - dense.params) as f64
+        * step_bytes_per_param(engine.recipe.optimizer, engine.recipe.moments)
+        / bandwidth;
     (dense.step_s + extra) / dense.step_s
 }
 
@@ -429,9 +421,7 @@ fn ratio_line(experts: usize, ratios: &[f64], floor: f64) {
 /// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.
 const TRAINING: Engine = Engine {
     cache: true,
-    fused: true,
-    optimizer: OptimizerKind::Adamw,
-    moments: MomentPrecision::F32,
+    recipe: Recipe { optimizer: OptimizerKind::Adamw, moments: MomentPrecision::F32, kernels: KernelMode::Fused },
     name: "training",
 };
 

@@ -107,21 +107,59 @@ impl OptimizerState {
         match self.kind {
             OptimizerKind::Adamw if !self.bf16.is_empty() => {
                 let (m, v) = &mut self.bf16[k];
-                adamw_bf16(p, g, m, v, grad_scale, t, lr, cfg)
+                adamw_bf16(p, g, (m, v), grad_scale, AdamStep::new(cfg, t, lr))
             }
-            OptimizerKind::Adamw => adamw(p, g, &mut self.m[k], &mut self.v[k], grad_scale, t, lr, cfg),
+            OptimizerKind::Adamw => {
+                adamw(p, g, (&mut self.m[k], &mut self.v[k]), grad_scale, AdamStep::new(cfg, t, lr))
+            }
             OptimizerKind::Adafactor => adafactor(p, g, &mut self.v[k], self.shapes[k], grad_scale, t, lr),
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], grad_scale: f32, t: u64, lr: f64, cfg: &TrainConfig) {
-    let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
-    let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
-    let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
-    let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
-    let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+/// AdamW's per-step scalars: β₁, β₂, the bias corrections 1 − βᵗ, learning rate, weight decay.
+struct AdamStep {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    lr: f32,
+    wd: f32,
+}
+
+impl AdamStep {
+    fn new(cfg: &TrainConfig, t: u64, lr: f64) -> Self {
+        Self {
+            b1: cfg.beta1 as f32,
+            b2: cfg.beta2 as f32,
+            c1: 1.0 - cfg.beta1.powi(t as i32) as f32,
+            c2: 1.0 - cfg.beta2.powi(t as i32) as f32,
+            lr: lr as f32,
+            wd: cfg.weight_decay as f32,
+        }
+    }
+}
+
+/// `update` over matching chunks of weights, gradient and moments, on the run's threads for a
+/// large parameter: the update is element-wise, so splitting it keeps every bit.
+fn by_chunks<M: Send>(
+    (p, g): (&mut [f32], &[f32]),
+    (m, v): (&mut [M], &mut [M]),
+    update: impl Fn(&mut [f32], &[f32], &mut [M], &mut [M]) + Sync,
+) {
+    if rayon::current_num_threads() > 1 && p.len() > CHUNK {
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| update(p, g, m, v));
+    } else {
+        update(p, g, m, v);
+    }
+}
+
+fn adamw(p: &mut [f32], g: &[f32], (m, v): (&mut [f32], &mut [f32]), grad_scale: f32, s: AdamStep) {
+    let AdamStep { b1, b2, c1, c2, lr, wd } = s;
+    by_chunks((p, g), (m, v), |p, g, m, v| {
         // zipped slices, no indexing: the compiler vectorises the loop
         wide(|| {
             for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
@@ -131,16 +169,7 @@ fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], grad_scale: f32
                 *p -= lr * ((*m / c1) / ((*v / c2).sqrt() + 1e-8) + wd * *p);
             }
         })
-    };
-    // Element-wise, so splitting it over the run's threads keeps every bit.
-    if rayon::current_num_threads() > 1 && p.len() > CHUNK {
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| update(p, g, m, v));
-    } else {
-        update(p, g, m, v);
-    }
+    });
 }
 
 /// `x` rounded to bf16 (its upper 16 bits, to nearest even), as a bit pattern; NaN stays NaN.
@@ -162,25 +191,12 @@ pub fn from_bf16_bits(h: u16) -> f32 {
 /// [`adamw`] with m and v stored in bf16: each update reads them into f32, computes as `adamw`
 /// does, and rounds them back to nearest. Half the moments' memory and traffic (20 bytes a
 /// parameter a step instead of 28); m and v keep 8 significant bits.
-#[allow(clippy::too_many_arguments)]
-fn adamw_bf16(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [u16],
-    v: &mut [u16],
-    grad_scale: f32,
-    t: u64,
-    lr: f64,
-    cfg: &TrainConfig,
-) {
-    let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
-    let c1 = 1.0 - cfg.beta1.powi(t as i32) as f32;
-    let c2 = 1.0 - cfg.beta2.powi(t as i32) as f32;
-    let (lr, wd) = (lr as f32, cfg.weight_decay as f32);
+fn adamw_bf16(p: &mut [f32], g: &[f32], (m, v): (&mut [u16], &mut [u16]), grad_scale: f32, s: AdamStep) {
+    let AdamStep { b1, b2, c1, c2, lr, wd } = s;
     // Divisions by the bias corrections as products with their reciprocals: vdivps is the
     // loop's bottleneck, and this option's numbers are its own anyway.
     let (r1, r2) = (1.0 / c1, 1.0 / c2);
-    let update = |p: &mut [f32], g: &[f32], m: &mut [u16], v: &mut [u16]| {
+    by_chunks((p, g), (m, v), |p, g, m, v| {
         wide(|| {
             for (((p, g), hm), hv) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let g = g * grad_scale;
@@ -190,15 +206,7 @@ fn adamw_bf16(
                 (*hm, *hv) = (bf16_bits(m), bf16_bits(v));
             }
         })
-    };
-    if rayon::current_num_threads() > 1 && p.len() > CHUNK {
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((p, g), (m, v))| update(p, g, m, v));
-    } else {
-        update(p, g, m, v);
-    }
+    });
 }
 
 /// Σ f(chunk) in f64 over `x` cut into chunks of `chunk` elements, on the run's threads, the

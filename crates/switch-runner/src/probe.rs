@@ -23,8 +23,12 @@ pub struct RouterGradient {
 }
 
 /// Each router parameter's gradient of the total loss at the current coefficients.
-fn router_grads(model: &mut SwitchTransformer<Dev>, batch: &switch_model::Batch, ctx: Ctx) -> Vec<(String, Vec<f32>)> {
-    let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut { ctx });
+fn router_grads(
+    model: &mut SwitchTransformer<Dev>,
+    batch: &switch_model::Batch,
+    mut ctx: Ctx,
+) -> Vec<(String, Vec<f32>)> {
+    let out = model.loss::<OwnedTape<f32, Dev>>(batch, &mut ctx);
     let grads = out.total.backward();
     model
         .params()
