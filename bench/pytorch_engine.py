@@ -1,16 +1,38 @@
-"""The PyTorch side of `switch-bench pytorch`: trains HF transformers' T5 (one expert) or
-Switch Transformer on random tokens of the given shape and prints one line of JSON,
-`{"tokens_per_s": ..., "step_s": ...}` (`PytorchRun` in crates/switch-bench/src/child.rs).
+"""The PyTorch side of `switch-bench engine` and `switch-bench pytorch`: trains HF transformers'
+T5 (one expert) or Switch Transformer on random tokens of the given shape and prints one line of
+JSON, `{"tokens_per_s": ..., "step_s": ...}` (`PytorchRun` in crates/switch-bench/src/child.rs);
+with `--matmul --threads N`, times PyTorch's f32 matmul at 1024³ as the engine benchmark times
+gemm's and prints `{"flops_per_s": ...}` (`PytorchMatmul`).
 
-Run by `switch-bench pytorch`, which passes the engine's comparison shape and measures
-switchlab's engine on the same shape in the same run. Needs torch and transformers:
+Run by switch-bench, which passes the engine's comparison shape and measures switchlab's engine
+on the same shape in the same run. Needs torch and transformers:
     python3 -m venv .venv-torch && .venv-torch/bin/pip install torch transformers
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
+
+
+def matmul_flops_per_s(threads):
+    """f32 matmul FLOP/s at 1024³: a warm-up product, then five timed (switch-bench's recipe)."""
+    torch.set_num_threads(threads)
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * n ** 3 / (time.perf_counter() - start)
+
+
+if "--matmul" in sys.argv:
+    threads = int(sys.argv[sys.argv.index("--threads") + 1])
+    print(json.dumps({"flops_per_s": matmul_flops_per_s(threads)}))
+    sys.exit(0)
+
 from transformers import (SwitchTransformersConfig, SwitchTransformersForConditionalGeneration,
                           T5Config, T5ForConditionalGeneration)
 

@@ -1,6 +1,6 @@
 //! What a child process of the harness reports to its parent: one line of JSON on its stdout, of
 //! one of the types here. `switch-bench engine-run` and `engine-pairs` write theirs with `emit`;
-//! `bench/pytorch_engine.py` writes a `PytorchRun` with `json.dumps`; the parent reads each back
+//! `bench/pytorch_engine.py` writes a `PytorchRun` or `PytorchMatmul` with `json.dumps`; the parent reads each back
 //! with `parse`.
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,12 @@ pub struct PairRatios {
 pub struct PytorchRun {
     pub tokens_per_s: f64,
     pub step_s: f64,
+}
+
+/// PyTorch's f32 matmul (`bench/pytorch_engine.py --matmul`): `{"flops_per_s": …}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PytorchMatmul {
+    pub flops_per_s: f64,
 }
 
 /// Prints `report` as the child's one line of JSON.
@@ -86,6 +92,8 @@ mod tests {
         // What `print(json.dumps({...}))` writes in bench/pytorch_engine.py.
         let r: PytorchRun = parse("PyTorch run", &output("{\"tokens_per_s\": 9000.5, \"step_s\": 0.455}\n")).unwrap();
         assert_eq!(r, PytorchRun { tokens_per_s: 9000.5, step_s: 0.455 });
+        let m: PytorchMatmul = parse("PyTorch matmul", &output("{\"flops_per_s\": 236800564149.87}\n")).unwrap();
+        assert_eq!(m, PytorchMatmul { flops_per_s: 236800564149.87 });
     }
 
     #[test]

@@ -12,11 +12,12 @@ use switch_runner::config::OptimizerKind;
 use switch_runner::train::{optimizer_for, to_batch, train_step, Dev, OptimizerState};
 use switch_runner::RunConfig;
 
-use crate::child::{self, Measured, PairRatios, PytorchRun};
+use crate::child::{self, Measured, PairRatios};
+use crate::pytorch::Torch;
 
 /// The comparison shape: d_model 256, d_ff 1024, 4 heads of 64, 2+2 layers, byte vocabulary,
 /// 16 × 128 encoder tokens, capacity factor 1.0, experts in every feed-forward layer.
-fn shape(num_experts: usize) -> RunConfig {
+pub(crate) fn shape(num_experts: usize) -> RunConfig {
     let mut c = RunConfig::default();
     c.data.tokenizer = TokenizerKind::Byte;
     c.data.encoder_len = 128;
@@ -128,7 +129,7 @@ impl Recipe {
 }
 
 /// The recipe named on `engine-run`'s and `engine-pairs`' command lines, as a grid names them
-/// (`adamw`/`adafactor`, `f32`/`bf16`, `fused`/`plain`).
+/// (`adamw`/`adafactor`, `f32`/`bf16`, `fused`/`plain`/`fused_router`).
 pub fn recipe_named(optimizer: &str, moments: &str, kernels: &str) -> anyhow::Result<Recipe> {
     let named = |v: &str| serde_json::Value::String(v.into());
     Ok(Recipe {
@@ -137,7 +138,7 @@ pub fn recipe_named(optimizer: &str, moments: &str, kernels: &str) -> anyhow::Re
         moments: serde_json::from_value(named(moments))
             .map_err(|_| anyhow::anyhow!("--moments {moments}: expected f32 or bf16"))?,
         kernels: serde_json::from_value(named(kernels))
-            .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused or plain"))?,
+            .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused, plain or fused_router"))?,
     })
 }
 
@@ -211,7 +212,13 @@ fn pair_child(tiny: bool, num_experts: usize, threads: usize, pairs: u64, engine
 }
 
 /// Runs `run_one` in a child process, so that its peak memory and CPU times are its own.
-fn child(tiny: bool, num_experts: usize, threads: usize, steps: u64, engine: Engine) -> anyhow::Result<Measured> {
+pub(crate) fn child(
+    tiny: bool,
+    num_experts: usize,
+    threads: usize,
+    steps: u64,
+    engine: Engine,
+) -> anyhow::Result<Measured> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["engine-run", "--experts", &num_experts.to_string(), "--threads", &threads.to_string()])
         .args(["--steps", &steps.to_string(), "--cache", if engine.cache { "on" } else { "off" }])
@@ -250,6 +257,20 @@ pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
         });
         (dfdx, engine)
     })
+}
+
+/// Prints the f32 matmul FLOP/s at 1024³ on `threads` threads of dfdx 0.13, of the engine and,
+/// when installed, of PyTorch; returns the fastest (what "÷ matmul" divides by).
+fn best_matmul(threads: usize, torch: Option<&Torch>) -> anyhow::Result<f64> {
+    let (dfdx, engine) = matmul_flops_per_s(threads);
+    let pytorch = torch.map(|t| t.matmul_flops_per_s(threads)).transpose()?;
+    println!(
+        "f32 matmul 1024³ on {threads} thread(s), GFLOP/s: dfdx 0.13 (gemm 0.15) {:.1}, the engine's (gemm 0.19) {:.1}, PyTorch {}",
+        dfdx / 1e9,
+        engine / 1e9,
+        pytorch.map_or("not installed".to_string(), |p| format!("{:.1}", p / 1e9))
+    );
+    Ok(dfdx.max(engine).max(pytorch.unwrap_or(0.0)))
 }
 
 /// Memory bandwidth in bytes/s on `threads` threads: STREAM's triad `a = b + s·c` over three
@@ -300,7 +321,7 @@ fn step_bytes_per_param(optimizer: OptimizerKind, moments: MomentPrecision) -> f
 }
 
 /// The `q` quantile of `x` (nearest rank).
-fn quantile(x: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(x: &[f64], q: f64) -> f64 {
     let mut x = x.to_vec();
     x.sort_by(f64::total_cmp);
     x[((x.len() - 1) as f64 * q).round() as usize]
@@ -325,7 +346,7 @@ fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
 
 /// One configuration of the engine: dfdx's buffer cache on or off, and what it trains with.
 #[derive(Clone, Copy)]
-struct Engine {
+pub(crate) struct Engine {
     cache: bool,
     recipe: Recipe,
     name: &'static str,
@@ -334,24 +355,16 @@ struct Engine {
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
 /// kernels, buffer cache on), with Adafactor instead of AdamW, without the fused kernels, and as
 /// plain dfdx (no cache), side by side; each run in its own process.
-pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
+pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -> anyhow::Result<()> {
     anyhow::ensure!(pairs >= 1, "--pairs must be at least 1");
-    let (m2, m1) = (matmul_flops_per_s(2), matmul_flops_per_s(1));
-    println!(
-        "f32 matmul 1024³, GFLOP/s on 2 threads / 1 thread: dfdx 0.13 (gemm 0.15) {:.1} / {:.1}, the engine's (gemm 0.19) {:.1} / {:.1}",
-        m2.0 / 1e9,
-        m1.0 / 1e9,
-        m2.1 / 1e9,
-        m1.1 / 1e9
-    );
-    let (matmul2, matmul1) = (m2.0.max(m2.1), m1.0.max(m1.1));
+    let (matmul2, matmul1) = (best_matmul(2, torch)?, best_matmul(1, torch)?);
     let (bandwidth, bandwidth1) = (memory_bandwidth(2), memory_bandwidth(1));
     println!(
         "memory bandwidth (STREAM triad), 2 threads / 1 thread: {:.1} / {:.1} GB/s",
         bandwidth / 1e9,
         bandwidth1 / 1e9
     );
-    println!("FLOPs/s ratios below are ÷ the faster of the two");
+    println!("FLOPs/s ratios below are ÷ the fastest of these matmuls");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
     let plain = Recipe { kernels: KernelMode::Plain, ..TRAINING.recipe };
@@ -363,6 +376,12 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
             ..TRAINING
         },
         Engine {
+            recipe: Recipe { kernels: KernelMode::FusedRouter, ..TRAINING.recipe },
+            name:
+                "the same with the router's softmax and losses fused (`train.kernels: fused_router`, not the default)",
+            ..TRAINING
+        },
+        Engine {
             recipe: Recipe { optimizer: OptimizerKind::Adafactor, ..TRAINING.recipe },
             name: "the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)",
             ..TRAINING
@@ -370,7 +389,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
         Engine { recipe: plain, name: "plain dfdx ops, buffer cache on", ..TRAINING },
         Engine { cache: false, recipe: plain, name: "plain dfdx ops, buffer cache off (dfdx's default)" },
     ];
-    for engine in engines {
+    for (i, engine) in engines.into_iter().enumerate() {
         println!("{}:", engine.name);
         let dense = child(false, 1, 2, steps, engine)?;
         line("shape, dense", 2, &dense, matmul2);
@@ -391,7 +410,11 @@ pub fn run(steps: u64, pairs: u64, only_training: bool) -> anyhow::Result<()> {
             ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, bandwidth1));
         }
         println!();
-        if only_training && engine.recipe.moments == MomentPrecision::Bf16 {
+        if let (Some(torch), 0) = (torch, i) {
+            crate::pytorch::compare(torch, steps, 2, matmul2)?;
+            println!();
+        }
+        if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
             break;
         }
     }
@@ -419,89 +442,8 @@ fn ratio_line(experts: usize, ratios: &[f64], floor: f64) {
 }
 
 /// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.
-const TRAINING: Engine = Engine {
+pub(crate) const TRAINING: Engine = Engine {
     cache: true,
     recipe: Recipe { optimizer: OptimizerKind::Adamw, moments: MomentPrecision::F32, kernels: KernelMode::Fused },
     name: "training",
 };
-
-/// `switch-bench pytorch`: switchlab's engine as it trains and HF transformers' T5 / Switch
-/// Transformer in PyTorch (`bench/pytorch_engine.py`, run by `python`) on the comparison shape, 2 threads,
-/// dense, Switch-8 and Switch-64, each run in its own process, the two alternating `rounds` times.
-pub fn pytorch(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
-    let script = Path::new("bench/pytorch_engine.py");
-    anyhow::ensure!(
-        script.exists(),
-        "{} not found: run `switch-bench pytorch` from the repository root",
-        script.display()
-    );
-    let versions = std::process::Command::new(python)
-        .args(["-c", "import torch, transformers; print(torch.__version__, transformers.__version__)"])
-        .output();
-    let versions = match versions {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        _ => anyhow::bail!(
-            "`{}` cannot import torch and transformers; install them with `python3 -m venv .venv-torch && .venv-torch/bin/pip install torch transformers` and pass `--python .venv-torch/bin/python`",
-            python.display()
-        ),
-    };
-    println!("PyTorch and transformers {versions}; {steps} steps after a warm-up step, 2 threads; each ratio is the median over {rounds} rounds of ratios within a round\n");
-    // Per size, per round: (switchlab, PyTorch) step seconds. Every run of a round before the next
-    // round, so that a ratio compares runs minutes apart at most.
-    let sizes = [1, 8, 64];
-    let mut steps_s = vec![Vec::new(); sizes.len()];
-    for _ in 0..rounds {
-        for (runs, &e) in steps_s.iter_mut().zip(&sizes) {
-            runs.push((child(false, e, 2, steps, TRAINING)?.step_s, pytorch_child(python, script, e, steps)?));
-        }
-    }
-    let tokens_per_step = |e: usize| {
-        let c = shape(e);
-        let (le, ld) = c.lengths();
-        (c.train.batch_size * (le + ld)) as f64
-    };
-    for (runs, &e) in steps_s.iter().zip(&sizes) {
-        let name = if e == 1 { "dense".to_string() } else { format!("Switch-{e}") };
-        let tokens = |s: f64| (tokens_per_step(e) / s).round();
-        println!(
-            "{name:<10} tokens/s switchlab {:?}, PyTorch {:?}: switchlab ÷ PyTorch speed {:.2}",
-            runs.iter().map(|r| tokens(r.0)).collect::<Vec<_>>(),
-            runs.iter().map(|r| tokens(r.1)).collect::<Vec<_>>(),
-            quantile(&runs.iter().map(|r| r.1 / r.0).collect::<Vec<_>>(), 0.5)
-        );
-    }
-    for (runs, &e) in steps_s.iter().zip(&sizes).skip(1) {
-        let ratio = |side: fn(&(f64, f64)) -> f64| {
-            quantile(&runs.iter().zip(&steps_s[0]).map(|(s, d)| side(s) / side(d)).collect::<Vec<_>>(), 0.5)
-        };
-        println!("Switch-{e} ÷ dense step time: switchlab {:.2}, PyTorch {:.2}", ratio(|r| r.0), ratio(|r| r.1));
-    }
-    Ok(())
-}
-
-/// One PyTorch run of the comparison shape (its `PytorchRun` line of JSON): its step seconds.
-fn pytorch_child(python: &Path, script: &Path, experts: usize, steps: u64) -> anyhow::Result<f64> {
-    let c = shape(experts);
-    let (le, ld) = c.lengths();
-    let m = &c.model;
-    let mut cmd = std::process::Command::new(python);
-    cmd.arg(script).env("OMP_NUM_THREADS", "2");
-    for (name, v) in [
-        ("experts", experts),
-        ("threads", 2),
-        ("steps", steps as usize),
-        ("vocab", m.vocab_size),
-        ("encoder-len", le),
-        ("decoder-len", ld),
-        ("batch", c.train.batch_size),
-        ("d-model", m.d_model),
-        ("d-ff", m.d_ff),
-        ("d-kv", m.d_kv),
-        ("heads", m.num_heads),
-        ("layers", m.num_encoder_layers),
-    ] {
-        cmd.args([format!("--{name}"), v.to_string()]);
-    }
-    let out = cmd.args(["--capacity-factor", &m.capacity_factor.to_string()]).output()?;
-    Ok(child::parse::<PytorchRun>("PyTorch run", &out)?.step_s)
-}

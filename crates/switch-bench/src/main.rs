@@ -8,6 +8,7 @@ mod child;
 mod engine;
 mod harness;
 mod optimizer;
+mod pytorch;
 
 #[derive(Parser)]
 #[command(name = "switch-bench", version, about = "Measure switchlab's speed figures on this machine")]
@@ -41,10 +42,15 @@ enum Command {
         /// Switch ÷ dense: this many pairs of steps, dense and Switch alternating in one process.
         #[arg(long, default_value_t = 16)]
         pairs: u64,
-        /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW), and
-        /// the same with bf16 moments.
+        /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW), the
+        /// same with bf16 moments, and with the fused router.
         #[arg(long)]
         only_training: bool,
+        /// A Python with torch and transformers, for PyTorch's matmul and tokens/s beside
+        /// switchlab's (default: .venv-torch/bin/python, where `just bench-pytorch` installs
+        /// them, when it imports them; without one, PyTorch's figures are left out).
+        #[arg(long)]
+        python: Option<PathBuf>,
     },
     /// The passes over every parameter that are not products (gradient norm; AdamW with f32 or
     /// bf16 moments; Adafactor) on one thread, as GB/s of the bytes each must move.
@@ -124,9 +130,15 @@ fn run(what: Command) -> anyhow::Result<()> {
         Command::Sweep { grid, steps } => harness::sweep(&grid, steps),
         Command::Data { grid } => harness::data(&grid),
         Command::Report => harness::report(),
-        Command::Engine { steps, pairs, only_training } => engine::run(steps, pairs, only_training),
+        Command::Engine { steps, pairs, only_training, python } => {
+            let torch = match python {
+                Some(python) => Some(pytorch::Torch::at(&python)?),
+                None => pytorch::Torch::at(std::path::Path::new(pytorch::VENV_PYTHON)).ok(),
+            };
+            engine::run(steps, pairs, only_training, torch.as_ref())
+        }
         Command::Optimizer { params, rounds } => optimizer::run(params, rounds),
-        Command::Pytorch { steps, rounds, python } => engine::pytorch(steps, rounds, &python),
+        Command::Pytorch { steps, rounds, python } => pytorch::run(steps, rounds, &python),
         Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, moments, kernels } => {
             let recipe = engine::recipe_named(&optimizer, &moments, &kernels)?;
             engine::run_pairs(tiny, experts, threads, pairs, cache == "on", recipe)
