@@ -15,7 +15,8 @@
 //! assert_eq!(r.first_choice_counts, vec![2, 2]);
 //! ```
 use crate::config::{ModelConfig, RoutingPriority};
-use crate::nn::{device_tensor, Act, Ctx, ExpertFfn, Linear, ModelParam, Role, Tp};
+use crate::kernels::{KernelMode, Kernels};
+use crate::nn::{Act, Ctx, ExpertFfn, Linear, ModelParam, Role, Tp};
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng};
 
@@ -143,11 +144,12 @@ pub fn route_in_groups(
 /// - `group_tokens`: tokens per group, consecutive (the last group may be shorter).
 ///
 /// Uniform routing gives α; every token on one expert with probability 1 gives α·N.
-pub fn load_balancing_loss<D: Device<f32>, T: Tp<D>>(
+pub fn load_balancing_loss<D: Kernels, T: Tp<D>>(
     probs: Act<D, T>,
     first_choices: &[usize],
     group_tokens: usize,
     coef: f64,
+    kernels: KernelMode,
 ) -> Tensor<(), f32, D, T> {
     let (n, e) = *probs.shape();
     let group_tokens = group_tokens.clamp(1, n.max(1));
@@ -163,14 +165,13 @@ pub fn load_balancing_loss<D: Device<f32>, T: Tp<D>>(
             row.iter_mut().zip(&f).for_each(|(w, fi)| *w = fi / (size * num_groups as f32));
         }
     }
-    let weight = device_tensor(probs.device(), &weight, (n, e));
-    (probs * weight).sum() * (coef * e as f64) as f32
+    D::dot_constant(kernels, probs, &weight) * (coef * e as f64) as f32
 }
 
 /// The router z-loss of ST-MoE, coef · mean over tokens of logsumexp(logits)².
 /// `logits`: `[tokens, experts]`.
-pub fn router_z_loss<D: Device<f32>, T: Tp<D>>(logits: Act<D, T>, coef: f64) -> Tensor<(), f32, D, T> {
-    logits.logsumexp::<(usize,), Axis<1>>().square().mean() * coef as f32
+pub fn router_z_loss<D: Kernels, T: Tp<D>>(logits: Act<D, T>, coef: f64, kernels: KernelMode) -> Tensor<(), f32, D, T> {
+    D::logsumexp_sq_mean(kernels, logits) * coef as f32
 }
 
 /// Hash routing's one-hot "probabilities" `[tokens, experts]`: token id t goes to a fixed
@@ -284,8 +285,8 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let (logits, logits_tape) = self.router.forward(router_in, ctx.kernels).split_tape();
         let (z_coef, balance_coef) =
             if self.hash_routing { (0.0, 0.0) } else { (self.z_loss_coef, self.balance_loss_coef) };
-        let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), z_coef);
-        let probs = logits.retaped::<T>().softmax::<Axis<1>>();
+        let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), z_coef, ctx.kernels);
+        let probs = D::softmax_rows(ctx.kernels, logits.retaped::<T>());
         let (probs, probs_tape) = probs.split_tape();
         let probs_host = if self.hash_routing { hash_choices(token_ids, e) } else { probs.as_vec() };
 
@@ -294,8 +295,13 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let routing = route_in_groups(&probs_host, e, k, group_tokens, capacity_of, self.priority);
         let capacity = routing.capacity;
         let first_choices: Vec<usize> = routing.choices.iter().step_by(k).copied().collect();
-        let balance_loss =
-            load_balancing_loss(probs.clone().put_tape(probs_tape), &first_choices, group_tokens, balance_coef);
+        let balance_loss = load_balancing_loss(
+            probs.clone().put_tape(probs_tape),
+            &first_choices,
+            group_tokens,
+            balance_coef,
+            ctx.kernels,
+        );
 
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
         let expert_in =

@@ -1,4 +1,5 @@
-//! A whole model, dense and Switch, with the fused kernels and with the plain dfdx ops: the same
+//! A whole model, dense and Switch, with the fused kernels (with and without the fused router) and
+//! with the plain dfdx ops: the same
 //! loss and the same gradient for every parameter, within float reordering. Alone in its test
 //! binary because it poisons, for the whole process, every buffer a fused kernel is to overwrite
 //! (outputs, gradients it writes first) with NaN: an element left unwritten shows.
@@ -43,14 +44,18 @@ fn fused_and_plain_kernels_train_the_same_model() {
             init_scale: 1.0,
             ..Default::default()
         };
-        let (fused, plain) = (loss_and_grads(&cfg, KernelMode::Fused), loss_and_grads(&cfg, KernelMode::Plain));
-        assert!((fused.0 - plain.0).abs() < 1e-5 * plain.0.abs(), "{experts} experts: loss {} vs {}", fused.0, plain.0);
-        assert_eq!(fused.1.len(), plain.1.len());
-        for ((name, f), (_, p)) in fused.1.iter().zip(&plain.1) {
-            let scale = p.iter().fold(0f32, |a, b| a.max(b.abs()));
-            assert!(scale > 0.0, "{experts} experts: {name} gets no gradient");
-            for (a, b) in f.iter().zip(p) {
-                assert!((a - b).abs() <= 1e-4 * scale, "{experts} experts: {name}: {a} vs {b} (largest {scale})");
+        let plain = loss_and_grads(&cfg, KernelMode::Plain);
+        for mode in [KernelMode::Fused, KernelMode::FusedRouter] {
+            let fused = loss_and_grads(&cfg, mode);
+            let what = format!("{experts} experts, {mode:?}");
+            assert!((fused.0 - plain.0).abs() < 1e-5 * plain.0.abs(), "{what}: loss {} vs {}", fused.0, plain.0);
+            assert_eq!(fused.1.len(), plain.1.len());
+            for ((name, f), (_, p)) in fused.1.iter().zip(&plain.1) {
+                let scale = p.iter().fold(0f32, |a, b| a.max(b.abs()));
+                assert!(scale > 0.0, "{what}: {name} gets no gradient");
+                for (a, b) in f.iter().zip(p) {
+                    assert!((a - b).abs() <= 1e-4 * scale, "{what}: {name}: {a} vs {b} (largest {scale})");
+                }
             }
         }
     }

@@ -4,8 +4,9 @@ use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::kernels::{
     attention_fused, attention_plain, combine_fused, combine_plain, cross_entropy_fused, cross_entropy_plain,
-    gather_rows_fused, gather_rows_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused,
-    param_matmul_plain, rms_norm_fused, rms_norm_plain, Act3, PositionBias, Stacked,
+    dot_constant_fused, dot_constant_plain, gather_rows_fused, gather_rows_plain, logsumexp_sq_mean_fused,
+    logsumexp_sq_mean_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused, param_matmul_plain,
+    rms_norm_fused, rms_norm_plain, softmax_rows_fused, softmax_rows_plain, Act3, PositionBias, Stacked,
 };
 use switch_model::nn::{Act, Param};
 
@@ -544,6 +545,69 @@ fn fused_row_kernels_gradients_match_finite_differences() {
     }
     // token 0 reaches the output through slot 1 only (slots 1 and 2 hold it; slot 2 is never read)
     assert!(dx[..ROW_D].iter().any(|&v| v != 0.0));
+}
+
+/// The router's head, fused or plain: softmax, z-loss, balance loss's Σ p ⊙ w.
+#[derive(Clone, Copy)]
+struct RouterKernels {
+    softmax: fn(Act<Dev, OwnedTape<f32, Dev>>) -> Act<Dev, OwnedTape<f32, Dev>>,
+    z: fn(Act<Dev, OwnedTape<f32, Dev>>) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>,
+    dot: fn(Act<Dev, OwnedTape<f32, Dev>>, &[f32]) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>,
+}
+
+const FUSED_ROUTER: RouterKernels =
+    RouterKernels { softmax: softmax_rows_fused, z: logsumexp_sq_mean_fused, dot: dot_constant_fused };
+const PLAIN_ROUTER: RouterKernels =
+    RouterKernels { softmax: softmax_rows_plain, z: logsumexp_sq_mean_plain, dot: dot_constant_plain };
+
+/// 0.3·z(x) + Σ w ⊙ softmax(x) + Σ c ⊙ softmax(x) as the router uses them (the logits feed the
+/// z-loss and the softmax; the probabilities feed the balance loss and the gates): the loss,
+/// the probabilities and ∂loss/∂x.
+fn run_router(k: RouterKernels, dev: &Dev, x: &[f32], w: &[f32], c: &[f32], e: usize) -> (f64, Vec<f32>, Vec<f32>) {
+    let xt = dev.tensor_from_vec(x.to_vec(), (x.len() / e, e));
+    let (logits, tape) = xt.clone().leaky_traced().split_tape();
+    let z = (k.z)(logits.clone().put_tape(tape)) * 0.3;
+    let (probs, tape) = (k.softmax)(logits.retaped()).split_tape();
+    let out = probs.as_vec();
+    let balance = (k.dot)(probs.clone().put_tape(tape), w);
+    let loss = z + balance + weighted_sum(probs.retaped::<OwnedTape<f32, Dev>>(), c);
+    let value = loss.as_vec()[0] as f64;
+    (value, out, loss.backward().get(&xt).as_vec())
+}
+
+#[test]
+fn fused_router_kernels_match_the_plain_path() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(31);
+    for (n, e, scale) in [(1, 1, 1.0), (3, 2, 1.0), (17, 64, 4.0), (9, 128, 30.0)] {
+        let x = random(&mut rng, n * e, scale);
+        let (w, c) = (random(&mut rng, n * e, 1.0), random(&mut rng, n * e, 1.0));
+        let fused = run_router(FUSED_ROUTER, &dev, &x, &w, &c, e);
+        let plain = run_router(PLAIN_ROUTER, &dev, &x, &w, &c, e);
+        assert!((fused.0 - plain.0).abs() < 1e-5 * (1.0 + plain.0.abs()), "loss {} vs {}", fused.0, plain.0);
+        close(&fused.1, &plain.1, 1e-6, "p");
+        close(&fused.2, &plain.2, 1e-5, "dx");
+    }
+}
+
+#[test]
+fn fused_router_kernels_gradients_match_finite_differences() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(32);
+    let (n, e) = (5, 8);
+    let x = random(&mut rng, n * e, 2.0);
+    let (w, c) = (random(&mut rng, n * e, 1.0), random(&mut rng, n * e, 1.0));
+    let (_, _, dx) = run_router(FUSED_ROUTER, &dev, &x, &w, &c, e);
+    let eps = 1e-2f32;
+    for (j, &analytic) in dx.iter().enumerate() {
+        let at = |h: f32| {
+            let mut x = x.clone();
+            x[j] += h;
+            run_router(FUSED_ROUTER, &dev, &x, &w, &c, e).0
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        assert!((numeric - analytic as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dx[{j}]: {numeric} vs {analytic}");
+    }
 }
 
 #[test]

@@ -509,27 +509,30 @@ fn relative_position_buckets_match_t5_by_hand() {
 }
 
 #[test]
-fn balance_and_z_losses_by_hand() {
+fn balance_and_z_losses_by_hand_in_every_kernel_mode() {
     let dev = Dev::default();
     let alpha = 0.01;
     let probs = |v: Vec<f32>| dev.tensor_from_vec(v, (4usize, 2usize));
-    // Uniform: P = f = (½, ½): α·2·(¼ + ¼) = α.
-    let uniform = load_balancing_loss(probs(vec![0.5; 8]), &[0, 1, 0, 1], 4, alpha).as_vec()[0];
-    assert!((uniform - 0.01).abs() < 1e-8, "{uniform}");
-    // Collapsed: every token certain of expert 0: α·N.
-    let collapsed = load_balancing_loss(probs([1.0, 0.0].repeat(4)), &[0; 4], 4, alpha).as_vec()[0];
-    assert!((collapsed - 0.02).abs() < 1e-8, "{collapsed}");
-    // Two groups of 2, each collapsed onto a different expert: each group's loss is α·N, so the
-    // mean is α·N, though over the whole batch routing looks balanced (which would give α).
-    let p = probs(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
-    let grouped = load_balancing_loss(p.clone(), &[0, 0, 1, 1], 2, alpha).as_vec()[0];
-    assert!((grouped - 0.02).abs() < 1e-8, "{grouped}");
-    assert!((load_balancing_loss(p, &[0, 0, 1, 1], 4, alpha).as_vec()[0] - 0.01).abs() < 1e-8);
-    // z-loss: logits (0, 0) → logsumexp = ln 2; (ln 3, 0) → ln 4.
-    let logits = dev.tensor_from_vec(vec![0.0f32, 0.0, 3f32.ln(), 0.0], (2usize, 2usize));
-    let z = router_z_loss(logits, 0.5).as_vec()[0];
-    let expected = 0.5 * (2f32.ln().powi(2) + 4f32.ln().powi(2)) / 2.0;
-    assert!((z - expected).abs() < 1e-6, "{z} vs {expected}");
+    for mode in [KernelMode::Fused, KernelMode::Plain, KernelMode::FusedRouter] {
+        let balance = |p, first: &[usize], group| load_balancing_loss(p, first, group, alpha, mode).as_vec()[0];
+        // Uniform: P = f = (½, ½): α·2·(¼ + ¼) = α.
+        let uniform = balance(probs(vec![0.5; 8]), &[0, 1, 0, 1], 4);
+        assert!((uniform - 0.01).abs() < 1e-8, "{mode:?}: {uniform}");
+        // Collapsed: every token certain of expert 0: α·N.
+        let collapsed = balance(probs([1.0, 0.0].repeat(4)), &[0; 4], 4);
+        assert!((collapsed - 0.02).abs() < 1e-8, "{mode:?}: {collapsed}");
+        // Two groups of 2, each collapsed onto a different expert: each group's loss is α·N, so the
+        // mean is α·N, though over the whole batch routing looks balanced (which would give α).
+        let p = probs(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
+        let grouped = balance(p.clone(), &[0, 0, 1, 1], 2);
+        assert!((grouped - 0.02).abs() < 1e-8, "{mode:?}: {grouped}");
+        assert!((balance(p, &[0, 0, 1, 1], 4) - 0.01).abs() < 1e-8, "{mode:?}");
+        // z-loss: logits (0, 0) → logsumexp = ln 2; (ln 3, 0) → ln 4.
+        let logits = dev.tensor_from_vec(vec![0.0f32, 0.0, 3f32.ln(), 0.0], (2usize, 2usize));
+        let z = router_z_loss(logits, 0.5, mode).as_vec()[0];
+        let expected = 0.5 * (2f32.ln().powi(2) + 4f32.ln().powi(2)) / 2.0;
+        assert!((z - expected).abs() < 1e-6, "{mode:?}: {z} vs {expected}");
+    }
 }
 
 #[test]

@@ -67,8 +67,10 @@ pub struct TrainConfig {
     /// How AdamW stores its moments m and v: `f32` (the default) or `bf16` (not in the paper; see
     /// [`MomentPrecision`]).
     pub optimizer_moments: MomentPrecision,
-    /// The CPU kernels: `fused` (the engine's) or `plain` (dfdx's ops, the reference). Their
-    /// floating-point order differs, so the run id tells them apart.
+    /// The CPU kernels: `fused` (the engine's), `plain` (dfdx's ops, the reference) or
+    /// `fused_router` (`fused` with the router's softmax and losses fused too; not the default
+    /// while the committed reports pin `fused`'s bits). Their floating-point order differs, so the
+    /// run id tells them apart.
     pub kernels: KernelMode,
 }
 

@@ -48,8 +48,13 @@ macro_rules! input_for_overwrite_and_output_grads {
 }
 
 mod attention;
+mod router;
 mod rows;
 pub use attention::{attention_fused, attention_plain, PositionBias};
+pub use router::{
+    dot_constant_fused, dot_constant_plain, logsumexp_sq_mean_fused, logsumexp_sq_mean_plain, softmax_rows_fused,
+    softmax_rows_plain,
+};
 pub use rows::{
     combine_fused, combine_plain, gather_rows_fused, gather_rows_plain, mul_constant_fused, mul_constant_plain,
 };
@@ -96,6 +101,10 @@ pub enum KernelMode {
     Fused,
     /// The plain dfdx compositions: the reference the fused kernels are tested against.
     Plain,
+    /// The fused kernels, and the router's softmax, z-loss and balance loss fused as well
+    /// (`router`'s kernels). Not the default: its bits differ from `Fused`'s, whose numerics the
+    /// committed reports and the golden losses pin until the next results version.
+    FusedRouter,
 }
 
 /// The engine's kernels for device `Self`. The defaults are the plain dfdx compositions.
@@ -163,6 +172,29 @@ pub trait Kernels: Device<f32> {
     ) -> Tensor<S, f32, Self, T> {
         mul_constant_plain(x, c)
     }
+    /// softmax over the last axis: `x` `[tokens, experts]` (the router's probabilities).
+    fn softmax_rows<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
+        softmax_rows_plain(x)
+    }
+    /// Mean over the rows of `x` `[tokens, experts]` of logsumexp(row)² (the router z-loss).
+    fn logsumexp_sq_mean<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>) -> Tensor<(), f32, Self, T> {
+        logsumexp_sq_mean_plain(x)
+    }
+    /// Σ x ⊙ c for a constant `c` of `x`'s shape (the load-balancing loss).
+    fn dot_constant<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>, c: &[f32]) -> Tensor<(), f32, Self, T> {
+        dot_constant_plain(x, c)
+    }
+}
+
+/// The router's kernels: fused only under [`KernelMode::FusedRouter`].
+macro_rules! pick_router {
+    ($mode:expr, $plain:expr, $fused:expr) => {
+        if $mode == KernelMode::FusedRouter {
+            $fused
+        } else {
+            $plain
+        }
+    };
 }
 
 /// `plain` when the plain kernels were chosen, `fused` otherwise.
@@ -228,6 +260,15 @@ impl Kernels for Cpu {
         c: &[f32],
     ) -> Tensor<S, f32, Self, T> {
         pick!(mode, mul_constant_plain(x, c), mul_constant_fused(x, c))
+    }
+    fn softmax_rows<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
+        pick_router!(mode, softmax_rows_plain(x), softmax_rows_fused(x))
+    }
+    fn logsumexp_sq_mean<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>) -> Tensor<(), f32, Self, T> {
+        pick_router!(mode, logsumexp_sq_mean_plain(x), logsumexp_sq_mean_fused(x))
+    }
+    fn dot_constant<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, c: &[f32]) -> Tensor<(), f32, Self, T> {
+        pick_router!(mode, dot_constant_plain(x, c), dot_constant_fused(x, c))
     }
 }
 
