@@ -320,11 +320,14 @@ fn step_bytes_per_param(optimizer: OptimizerKind, moments: MomentPrecision) -> f
     }
 }
 
-/// The `q` quantile of `x` (nearest rank).
+/// The `q` quantile of `x`, interpolated between the two nearest ranks (so the median of an even
+/// count is the mean of the middle two, not the upper one).
 pub(crate) fn quantile(x: &[f64], q: f64) -> f64 {
     let mut x = x.to_vec();
     x.sort_by(f64::total_cmp);
-    x[((x.len() - 1) as f64 * q).round() as usize]
+    let at = (x.len() - 1) as f64 * q;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    x[lo] + (x[hi] - x[lo]) * (at - lo as f64)
 }
 
 fn mib(b: u64) -> f64 {
@@ -411,7 +414,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
         }
         println!();
         if let (Some(torch), 0) = (torch, i) {
-            crate::pytorch::compare(torch, steps, 2, matmul2)?;
+            crate::pytorch::compare(torch, steps, 3, matmul2)?;
             println!();
         }
         if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
@@ -447,3 +450,17 @@ pub(crate) const TRAINING: Engine = Engine {
     recipe: Recipe { optimizer: OptimizerKind::Adamw, moments: MomentPrecision::F32, kernels: KernelMode::Fused },
     name: "training",
 };
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_interpolate_between_ranks() {
+        assert_eq!(quantile(&[2.0, 1.0], 0.5), 1.5, "the median of two is their mean");
+        assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+        let eight = [8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0];
+        assert_eq!([quantile(&eight, 0.25), quantile(&eight, 0.5), quantile(&eight, 0.75)], [2.75, 4.5, 6.25]);
+        assert_eq!(quantile(&[0.9], 0.75), 0.9);
+    }
+}
