@@ -192,16 +192,19 @@ pub struct RoutingStats {
     pub load_fraction: Vec<f32>,
     /// Fraction of (token, choice) assignments dropped for lack of capacity.
     pub drop_fraction: f32,
-    /// Mean over tokens of the router distribution's entropy (nats).
-    pub router_entropy: f32,
+    /// Mean over tokens of the router distribution's entropy (nats), in evaluation passes only:
+    /// it costs a logarithm per router probability (2% of a `tiny` Switch-128 step), and nothing
+    /// reads a training step's.
+    pub router_entropy: Option<f32>,
 }
 
 impl RoutingStats {
     /// The statistics of `routing` over `n` tokens and `k` choices each, with the router's
-    /// probabilities `probs` (`[n, E]`, row-major).
-    fn of(routing: &Routing, probs: &[f32], n: usize, k: usize) -> Self {
+    /// probabilities `probs` (`[n, E]`, row-major); their entropy only `with_entropy`.
+    fn of(routing: &Routing, probs: &[f32], n: usize, k: usize, with_entropy: bool) -> Self {
         let dropped = routing.slot_of.iter().filter(|s| s.is_none()).count();
-        let entropy: f32 = probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32;
+        let entropy = with_entropy
+            .then(|| probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32);
         RoutingStats {
             load_fraction: routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect(),
             drop_fraction: dropped as f32 / (n * k) as f32,
@@ -341,7 +344,7 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
             });
         }
 
-        let stats = RoutingStats::of(&routing, &probs_host, n, k);
+        let stats = RoutingStats::of(&routing, &probs_host, n, k, !ctx.train);
         MoeOutput { output: output.expect("top_k >= 1"), balance_loss, z_loss, routing: stats }
     }
 

@@ -60,7 +60,9 @@ pub fn evaluate(model: &SwitchTransformer<Dev>, ds: &Dataset, cfg: &RunConfig, s
         for ((_, acc), (_, s)) in routing.iter_mut().zip(&out.routing) {
             let s = scaled(s, n as f32);
             acc.drop_fraction += s.drop_fraction;
-            acc.router_entropy += s.router_entropy;
+            if let (Some(a), Some(e)) = (&mut acc.router_entropy, s.router_entropy) {
+                *a += e;
+            }
             acc.load_fraction.iter_mut().zip(&s.load_fraction).for_each(|(a, l)| *a += l);
         }
     }
@@ -73,7 +75,7 @@ fn scaled(s: &switch_model::RoutingStats, w: f32) -> switch_model::RoutingStats 
     switch_model::RoutingStats {
         load_fraction: s.load_fraction.iter().map(|l| l * w).collect(),
         drop_fraction: s.drop_fraction * w,
-        router_entropy: s.router_entropy * w,
+        router_entropy: s.router_entropy.map(|e| e * w),
     }
 }
 
@@ -146,7 +148,9 @@ impl Logs {
         self.metrics.flush()?;
         for (layer, r) in routing {
             for (expert, &load) in r.load_fraction.iter().enumerate() {
-                let (drop_fraction, router_entropy) = (r.drop_fraction as f64, r.router_entropy as f64);
+                // Evaluation passes always measure the entropy; NaN would mark one that did not.
+                let router_entropy = r.router_entropy.map_or(f64::NAN, |e| e as f64);
+                let drop_fraction = r.drop_fraction as f64;
                 let line = RoutingRow {
                     step: row.step,
                     layer,
