@@ -203,8 +203,8 @@ impl RoutingStats {
     /// probabilities `probs` (`[n, E]`, row-major); their entropy only `with_entropy`.
     fn of(routing: &Routing, probs: &[f32], n: usize, k: usize, with_entropy: bool) -> Self {
         let dropped = routing.slot_of.iter().filter(|s| s.is_none()).count();
-        let entropy = with_entropy
-            .then(|| probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32);
+        let entropy =
+            with_entropy.then(|| probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum::<f32>() / n as f32);
         RoutingStats {
             load_fraction: routing.first_choice_counts.iter().map(|&c| c as f32 / n as f32).collect(),
             drop_fraction: dropped as f32 / (n * k) as f32,
