@@ -6,7 +6,8 @@
 //!
 //! [`Kernels`] picks the implementation per device and [`KernelMode`]: the CPU runs the fused
 //! ones unless a forward pass asks for [`KernelMode::Plain`] (its `Ctx`, from the run's
-//! `train.kernels`); any other device runs the plain dfdx ops (the trait's default methods).
+//! `train.kernels`), and the router's too under [`KernelMode::FusedRouter`]; any other device runs
+//! the plain dfdx ops (the trait's default methods).
 //!
 //! ```
 //! use dfdx::prelude::*;
@@ -186,24 +187,24 @@ pub trait Kernels: Device<f32> {
     }
 }
 
-/// The router's kernels: fused only under [`KernelMode::FusedRouter`].
-macro_rules! pick_router {
-    ($mode:expr, $plain:expr, $fused:expr) => {
-        if $mode == KernelMode::FusedRouter {
-            $fused
-        } else {
-            $plain
-        }
-    };
+impl KernelMode {
+    /// Whether the layers' kernels (norm, products, attention, rows, cross-entropy) run fused.
+    pub fn fuses_layers(self) -> bool {
+        self != KernelMode::Plain
+    }
+    /// Whether the router's softmax and losses run fused.
+    pub fn fuses_router(self) -> bool {
+        self == KernelMode::FusedRouter
+    }
 }
 
-/// `plain` when the plain kernels were chosen, `fused` otherwise.
+/// `fused` when `$use_fused`, `plain` otherwise.
 macro_rules! pick {
-    ($mode:expr, $plain:expr, $fused:expr) => {
-        if $mode == KernelMode::Plain {
-            $plain
-        } else {
+    ($use_fused:expr, $plain:expr, $fused:expr) => {
+        if $use_fused {
             $fused
+        } else {
+            $plain
         }
     };
 }
@@ -215,7 +216,7 @@ impl Kernels for Cpu {
         t
     }
     fn rms_norm<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
-        pick!(mode, rms_norm_plain(x, w), rms_norm_fused(x, w))
+        pick!(mode.fuses_layers(), rms_norm_plain(x, w), rms_norm_fused(x, w))
     }
     fn param_matmul<T: Tp<Self>>(
         mode: KernelMode,
@@ -223,14 +224,14 @@ impl Kernels for Cpu {
         w: &Param<Self>,
         layout: Stacked,
     ) -> Act3<Self, T> {
-        pick!(mode, param_matmul_plain(x, w, layout), param_matmul_fused(x, w, layout))
+        pick!(mode.fuses_layers(), param_matmul_plain(x, w, layout), param_matmul_fused(x, w, layout))
     }
     fn cross_entropy<T: Tp<Self>>(
         mode: KernelMode,
         logits: Act<Self, T>,
         targets: &[usize],
     ) -> Tensor<(), f32, Self, T> {
-        pick!(mode, cross_entropy_plain(logits, targets), cross_entropy_fused(logits, targets))
+        pick!(mode.fuses_layers(), cross_entropy_plain(logits, targets), cross_entropy_fused(logits, targets))
     }
     fn attention<T: Tp<Self>>(
         mode: KernelMode,
@@ -241,10 +242,14 @@ impl Kernels for Cpu {
         batch: usize,
         heads: usize,
     ) -> Act<Self, T> {
-        pick!(mode, attention_plain(q, k, v, bias, batch, heads), attention_fused(q, k, v, bias, batch, heads))
+        pick!(
+            mode.fuses_layers(),
+            attention_plain(q, k, v, bias, batch, heads),
+            attention_fused(q, k, v, bias, batch, heads)
+        )
     }
     fn gather_rows<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, rows: &[usize]) -> Act<Self, T> {
-        pick!(mode, gather_rows_plain(x, rows), gather_rows_fused(x, rows))
+        pick!(mode.fuses_layers(), gather_rows_plain(x, rows), gather_rows_fused(x, rows))
     }
     fn combine<T: Tp<Self>>(
         mode: KernelMode,
@@ -252,23 +257,23 @@ impl Kernels for Cpu {
         gate: Tensor<(usize,), f32, Self, T>,
         slots: &[Option<usize>],
     ) -> Act<Self, T> {
-        pick!(mode, combine_plain(x, gate, slots), combine_fused(x, gate, slots))
+        pick!(mode.fuses_layers(), combine_plain(x, gate, slots), combine_fused(x, gate, slots))
     }
     fn mul_constant<S: Shape, T: Tp<Self>>(
         mode: KernelMode,
         x: Tensor<S, f32, Self, T>,
         c: &[f32],
     ) -> Tensor<S, f32, Self, T> {
-        pick!(mode, mul_constant_plain(x, c), mul_constant_fused(x, c))
+        pick!(mode.fuses_layers(), mul_constant_plain(x, c), mul_constant_fused(x, c))
     }
     fn softmax_rows<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
-        pick_router!(mode, softmax_rows_plain(x), softmax_rows_fused(x))
+        pick!(mode.fuses_router(), softmax_rows_plain(x), softmax_rows_fused(x))
     }
     fn logsumexp_sq_mean<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>) -> Tensor<(), f32, Self, T> {
-        pick_router!(mode, logsumexp_sq_mean_plain(x), logsumexp_sq_mean_fused(x))
+        pick!(mode.fuses_router(), logsumexp_sq_mean_plain(x), logsumexp_sq_mean_fused(x))
     }
     fn dot_constant<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, c: &[f32]) -> Tensor<(), f32, Self, T> {
-        pick_router!(mode, dot_constant_plain(x, c), dot_constant_fused(x, c))
+        pick!(mode.fuses_router(), dot_constant_plain(x, c), dot_constant_fused(x, c))
     }
 }
 
