@@ -367,6 +367,13 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
         bandwidth / 1e9,
         bandwidth1 / 1e9
     );
+    match torch {
+        Some(t) => println!("PyTorch and transformers {} (from {})", t.versions, t.python.display()),
+        None => println!(
+            "PyTorch: not found (no --python, and {} cannot import torch and transformers; `just bench-pytorch` installs them there), so its figures are left out",
+            crate::pytorch::VENV_PYTHON
+        ),
+    }
     println!("FLOPs/s ratios below are ÷ the fastest of these matmuls");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");

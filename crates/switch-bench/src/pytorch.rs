@@ -13,7 +13,7 @@ pub const VENV_PYTHON: &str = ".venv-torch/bin/python";
 
 /// A Python that imports torch and transformers.
 pub struct Torch {
-    python: PathBuf,
+    pub python: PathBuf,
     /// "torch-version transformers-version".
     pub versions: String,
 }

@@ -69,8 +69,11 @@ fn engine_pairs_child_reports_in_json() {
 fn bench_pytorch_without_torch_says_how_to_install_it() {
     let root = repo();
     let python = root.join("no-such-python");
-    let err = run_err(switch_bench().current_dir(&root).args(["pytorch", "--python"]).arg(&python));
-    assert!(err.contains("no-such-python") && err.contains("pip install torch transformers"), "{err}");
+    for command in ["pytorch", "engine"] {
+        // `engine` given a Python that cannot import torch refuses before it measures anything.
+        let err = run_err(switch_bench().current_dir(&root).args([command, "--python"]).arg(&python));
+        assert!(err.contains("no-such-python") && err.contains("pip install torch transformers"), "{command}: {err}");
+    }
 }
 
 /// `optimizer` times each pass over the parameters and reports it as GB/s.
