@@ -29,8 +29,10 @@ def matmul_flops_per_s(threads):
 
 
 if "--matmul" in sys.argv:
-    threads = int(sys.argv[sys.argv.index("--threads") + 1])
-    print(json.dumps({"flops_per_s": matmul_flops_per_s(threads)}))
+    mp = argparse.ArgumentParser()
+    mp.add_argument("--matmul", action="store_true")
+    mp.add_argument("--threads", type=int, required=True)
+    print(json.dumps({"flops_per_s": matmul_flops_per_s(mp.parse_args().threads)}))
     sys.exit(0)
 
 from transformers import (SwitchTransformersConfig, SwitchTransformersForConditionalGeneration,

@@ -261,16 +261,18 @@ pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
 
 /// Prints the f32 matmul FLOP/s at 1024³ on `threads` threads of dfdx 0.13, of the engine and,
 /// when installed, of PyTorch; returns the fastest (what "÷ matmul" divides by).
-fn best_matmul(threads: usize, torch: Option<&Torch>) -> anyhow::Result<f64> {
+pub(crate) fn best_matmul(threads: usize, torch: Option<&Torch>) -> anyhow::Result<f64> {
     let (dfdx, engine) = matmul_flops_per_s(threads);
     let pytorch = torch.map(|t| t.matmul_flops_per_s(threads)).transpose()?;
+    let candidates = [("dfdx's gemm 0.15", dfdx), ("gemm 0.19", engine), ("PyTorch", pytorch.unwrap_or(0.0))];
+    let (fastest, best) = candidates.into_iter().fold(("", 0.0), |a, c| if c.1 > a.1 { c } else { a });
     println!(
-        "f32 matmul 1024³ on {threads} thread(s), GFLOP/s: dfdx 0.13 (gemm 0.15) {:.1}, the engine's (gemm 0.19) {:.1}, PyTorch {}",
+        "f32 matmul 1024³ on {threads} thread(s), GFLOP/s: dfdx 0.13 (gemm 0.15) {:.1}, the engine's (gemm 0.19) {:.1}, PyTorch {}; ÷ matmul on {threads} thread(s) divides by {fastest}'s",
         dfdx / 1e9,
         engine / 1e9,
         pytorch.map_or("not installed".to_string(), |p| format!("{:.1}", p / 1e9))
     );
-    Ok(dfdx.max(engine).max(pytorch.unwrap_or(0.0)))
+    Ok(best)
 }
 
 /// Memory bandwidth in bytes/s on `threads` threads: STREAM's triad `a = b + s·c` over three
@@ -356,8 +358,10 @@ pub(crate) struct Engine {
 }
 
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
-/// kernels, buffer cache on), with Adafactor instead of AdamW, without the fused kernels, and as
-/// plain dfdx (no cache), side by side; each run in its own process.
+/// kernels, buffer cache on), with bf16 moments, with the fused router, with Adafactor instead of
+/// AdamW, without the fused kernels, and as plain dfdx (no cache), side by side, each run in its
+/// own process; with `torch`, PyTorch's matmul among the matmuls and, after the training engine's
+/// rows, [`crate::pytorch::compare`] (three more rounds of switchlab and PyTorch runs).
 pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -> anyhow::Result<()> {
     anyhow::ensure!(pairs >= 1, "--pairs must be at least 1");
     let (matmul2, matmul1) = (best_matmul(2, torch)?, best_matmul(1, torch)?);

@@ -84,15 +84,8 @@ impl Torch {
 pub fn run(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
     let torch = Torch::at(python)?;
     println!("PyTorch and transformers {}", torch.versions);
-    let engine = crate::engine::matmul_flops_per_s(2);
-    let pytorch = torch.matmul_flops_per_s(2)?;
-    println!(
-        "f32 matmul 1024³ on 2 threads, GFLOP/s: dfdx 0.13 (gemm 0.15) {:.1}, the engine's (gemm 0.19) {:.1}, PyTorch {:.1}",
-        engine.0 / 1e9,
-        engine.1 / 1e9,
-        pytorch / 1e9
-    );
-    compare(&torch, steps, rounds, engine.0.max(engine.1).max(pytorch))
+    let matmul = crate::engine::best_matmul(2, Some(&torch))?;
+    compare(&torch, steps, rounds, matmul)
 }
 
 /// switchlab's engine as it trains and PyTorch on the comparison shape, 2 threads, dense,
