@@ -235,20 +235,17 @@ pub(crate) fn gain_figure(out: &Path, s: &Sweep, fit: Option<&GainFit>) -> anyho
     Ok(true)
 }
 
-/// Step speedup to dense's final validation quality vs experts, leading setting, with the
-/// paper's 7.5× at 64 experts.
-pub(crate) fn speedup_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
-    let all = settings(s.groups, s.baseline);
-    let Some(main) = all.first().filter(|m| m.switches.len() > 1 && m.dense.is_some()) else { return Ok(false) };
-    let dense_group = main.dense.expect("checked");
+/// The step speedups of one setting's Switch models over its dense model (seed-mean curves), ±
+/// the std over seeds of each seed's own speedup (its Switch run against its dense run).
+fn speedup_series(set: &Setting, colour: RGBColor) -> Series {
+    let dense_group = set.dense.expect("a setting with a dense model");
     let dense = dense_group.mean_points();
-    let pts: Vec<(f64, f64)> = main
+    let pts: Vec<(f64, f64)> = set
         .switches
         .iter()
         .filter_map(|g| Some((g.first().num_experts as f64, crate::stats::step_speedup(&dense, &g.mean_points())?)))
         .collect();
-    // ± the std over seeds of each seed's own speedup (its Switch run against its dense run).
-    let errors = main
+    let errors = set
         .switches
         .iter()
         .filter_map(|g| {
@@ -268,19 +265,33 @@ pub(crate) fn speedup_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
             })
         })
         .collect();
-    let series = vec![
-        Series {
-            labels: pts.iter().map(|p| format!(" {:.2}×", p.1)).collect(),
-            errors,
-            ..Series::line(setting_name(main), pts, color(0))
-        },
-        Series::points(
-            "paper, Fig. 4 right: Switch-Base-64, 7.5×",
-            vec![(64.0, 7.5)],
-            RGBColor(0, 0, 0),
-            Marker::Triangle,
-        ),
-    ];
+    Series {
+        labels: pts.iter().map(|p| format!(" {:.2}×", p.1)).collect(),
+        errors,
+        ..Series::line(setting_name(set), pts, colour)
+    }
+}
+
+/// Step speedup to dense's final validation quality vs experts, one series per setting, with the
+/// paper's 7.5× at 64 experts.
+pub(crate) fn speedup_figure(out: &Path, s: &Sweep) -> anyhow::Result<bool> {
+    let all = settings(s.groups, s.baseline);
+    // One series per setting with a dense model and several Switch sizes, labelled by speedup.
+    let mut series: Vec<Series> = all
+        .iter()
+        .filter(|set| set.switches.len() > 1 && set.dense.is_some())
+        .enumerate()
+        .map(|(i, set)| speedup_series(set, color(i)))
+        .collect();
+    if series.is_empty() {
+        return Ok(false);
+    }
+    series.push(Series::points(
+        "paper, Fig. 4 right: Switch-Base-64, 7.5×",
+        vec![(64.0, 7.5)],
+        RGBColor(0, 0, 0),
+        Marker::Triangle,
+    ));
     plots::write(
         out,
         "speedup_vs_experts",
@@ -464,10 +475,8 @@ mod tests {
     use crate::synthetic::SyntheticRun;
 
     /// Two settings (router_init_scale unset and 10) × dense, 2, 4, 8 experts × 2 seeds, the way
-    /// `experiments/paper.yaml` lays them out: the params figure draws one series per setting,
-    /// each starting at dense and rising in parameters (no line through another setting's runs).
-    #[test]
-    fn the_params_figure_draws_one_series_per_setting() {
+    /// `experiments/paper.yaml` lays them out, the Switch runs ahead of dense by 0.01·E and 0.1·E.
+    fn two_settings() -> tempfile::TempDir {
         let tmp = tempfile::tempdir().unwrap();
         for seed in 0..2u64 {
             let dense = SyntheticRun::new("x", 1, seed, 300);
@@ -484,6 +493,14 @@ mod tests {
             }
             std::fs::rename(tmp.path().join("runs/x"), tmp.path().join(format!("runs/d{seed}"))).unwrap();
         }
+        tmp
+    }
+
+    /// The params figure draws one series per setting, each starting at dense and rising in
+    /// parameters (no line through another setting's runs).
+    #[test]
+    fn the_params_figure_draws_one_series_per_setting() {
+        let tmp = two_settings();
         let runs = crate::runs::load(tmp.path()).unwrap();
         let groups = crate::groups(&runs);
         let s = Sweep::new(&runs, &groups, &crate::ReportOptions { threshold: None, at_step: None });
@@ -499,5 +516,20 @@ mod tests {
             names.contains(&"Switch, router_init_scale=10.0") && names.contains(&"Switch, router_init_scale=default"),
             "{names:?}"
         );
+    }
+
+    /// The speedup figure, too, draws every setting that has a dense model and several Switch
+    /// sizes, not only the leading one.
+    #[test]
+    fn the_speedup_figure_draws_one_series_per_setting() {
+        let tmp = two_settings();
+        let runs = crate::runs::load(tmp.path()).unwrap();
+        let groups = crate::groups(&runs);
+        let s = Sweep::new(&runs, &groups, &crate::ReportOptions { threshold: None, at_step: None });
+        assert!(speedup_figure(tmp.path(), &s).unwrap());
+        let svg = std::fs::read_to_string(tmp.path().join("speedup_vs_experts.svg")).unwrap();
+        for name in ["Switch, router_init_scale=10.0", "Switch, router_init_scale=default", "paper, Fig. 4 right"] {
+            assert!(svg.contains(name), "{name} is missing from the figure");
+        }
     }
 }
