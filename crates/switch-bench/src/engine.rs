@@ -314,7 +314,12 @@ pub fn memory_bandwidth(threads: usize) -> f64 {
 /// its RMS (8), the gradient again for the update's RMS (4), then weight and gradient to write the
 /// weight (12). None of this traffic can overlap the products that need its results.
 fn step_bytes_per_param(optimizer: OptimizerKind, moments: MomentPrecision) -> f64 {
-    16.0 + match (optimizer, moments) {
+    16.0 + optimizer_bytes_per_param(optimizer, moments)
+}
+
+/// The optimizer's share of [`step_bytes_per_param`] (the bytes `switch-bench optimizer` times).
+pub(crate) fn optimizer_bytes_per_param(optimizer: OptimizerKind, moments: MomentPrecision) -> f64 {
+    match (optimizer, moments) {
         (OptimizerKind::Adamw, MomentPrecision::F32) => 28.0,
         // bf16 m and v: 2 + 2 bytes read, 2 + 2 written.
         (OptimizerKind::Adamw, MomentPrecision::Bf16) => 20.0,
@@ -403,25 +408,12 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
         Engine { recipe: plain, name: "plain dfdx ops, buffer cache on", ..TRAINING },
         Engine { cache: false, recipe: plain, name: "plain dfdx ops, buffer cache off (dfdx's default)" },
     ];
+    let comparison = Preset { tiny: false, threads: 2, experts: [8, 64], matmul: matmul2, bandwidth };
+    let tiny = Preset { tiny: true, threads: 1, experts: [64, 128], matmul: matmul1, bandwidth: bandwidth1 };
     for (i, engine) in engines.into_iter().enumerate() {
         println!("{}:", engine.name);
-        let dense = child(false, 1, 2, steps, engine)?;
-        line("shape, dense", 2, &dense, matmul2);
-        for e in [8, 64] {
-            let switch = child(false, e, 2, steps, engine)?;
-            line(&format!("shape, Switch-{e} (every layer)"), 2, &switch, matmul2);
-            let ratios = pair_child(false, e, 2, pairs, engine)?;
-            // The extra parameters' memory traffic at the measured bandwidth: no kernel can
-            // bring the ratio below this while every parameter is updated each step.
-            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, bandwidth));
-        }
-        let dense = child(true, 1, 1, steps, engine)?;
-        line("tiny preset, dense", 1, &dense, matmul1);
-        for e in [64, 128] {
-            let switch = child(true, e, 1, steps, engine)?;
-            line(&format!("tiny preset, Switch-{e}"), 1, &switch, matmul1);
-            let ratios = pair_child(true, e, 1, pairs, engine)?;
-            ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, bandwidth1));
+        for preset in [&comparison, &tiny] {
+            preset_rows(preset, engine, steps, pairs)?;
         }
         println!();
         if let (Some(torch), 0) = (torch, i) {
@@ -431,6 +423,32 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
         if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
             break;
         }
+    }
+    Ok(())
+}
+
+/// Where the engine's rows run: the comparison shape on 2 threads or the `tiny` preset on 1, with
+/// that thread count's matmul and memory bandwidth.
+struct Preset {
+    tiny: bool,
+    threads: usize,
+    experts: [usize; 2],
+    matmul: f64,
+    bandwidth: f64,
+}
+
+/// The rows of one preset: dense, then each Switch size with its interleaved ratio to dense.
+fn preset_rows(p: &Preset, engine: Engine, steps: u64, pairs: u64) -> anyhow::Result<()> {
+    let (name, switch_note) = if p.tiny { ("tiny preset", "") } else { ("shape", " (every layer)") };
+    let dense = child(p.tiny, 1, p.threads, steps, engine)?;
+    line(&format!("{name}, dense"), p.threads, &dense, p.matmul);
+    for e in p.experts {
+        let switch = child(p.tiny, e, p.threads, steps, engine)?;
+        line(&format!("{name}, Switch-{e}{switch_note}"), p.threads, &switch, p.matmul);
+        let ratios = pair_child(p.tiny, e, p.threads, pairs, engine)?;
+        // The extra parameters' memory traffic at the measured bandwidth: no kernel can bring the
+        // ratio below this while every parameter is updated each step.
+        ratio_line(e, &ratios, floor_ratio(&dense, &switch, engine, p.bandwidth));
     }
     Ok(())
 }

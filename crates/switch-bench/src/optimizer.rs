@@ -6,6 +6,8 @@ use std::time::Instant;
 use switch_runner::config::{MomentPrecision, OptimizerKind, TrainConfig};
 use switch_runner::optim::{sum_of_squares, OptimizerState};
 
+use crate::engine::optimizer_bytes_per_param as bytes;
+
 /// One pass: its name, the bytes per parameter it must move, and what it runs.
 struct Pass {
     name: &'static str,
@@ -24,15 +26,19 @@ pub fn run(params: usize, rounds: usize) -> anyhow::Result<()> {
     let mut weights = vec![vec![0.01f32; n]];
     let mut passes = [
         Pass { name: "gradient norm (Σg² in f64)", bytes: 4.0, state: None },
-        Pass { name: "AdamW, f32 moments (the default)", bytes: 28.0, state: Some(OptimizerState::adamw(&[n])) },
+        Pass {
+            name: "AdamW, f32 moments (the default)",
+            bytes: bytes(OptimizerKind::Adamw, MomentPrecision::F32),
+            state: Some(OptimizerState::adamw(&[n])),
+        },
         Pass {
             name: "AdamW, bf16 moments (train.optimizer_moments: bf16)",
-            bytes: 20.0,
+            bytes: bytes(OptimizerKind::Adamw, MomentPrecision::Bf16),
             state: Some(OptimizerState::adamw(&[n]).with_moments(MomentPrecision::Bf16)),
         },
         Pass {
             name: "Adafactor (factored: 64 × 256 matrices)",
-            bytes: 24.0,
+            bytes: bytes(OptimizerKind::Adafactor, MomentPrecision::F32),
             state: Some(OptimizerState::new(OptimizerKind::Adafactor, &[shape])),
         },
     ];

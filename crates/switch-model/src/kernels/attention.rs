@@ -1,7 +1,6 @@
 //! Attention: softmax(q·kᵀ + bias)·v per example and head, with T5's relative-position bias
 //! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
-use super::{data, gemm_into, gemm_strided, softmax_row, with_overwritten_output, Kernels};
-use crate::simd::wide;
+use super::{data, gemm_into, gemm_strided, softmax_backward, softmax_with_bias, with_overwritten_output, Kernels};
 use crate::tensor::{device_tensor, Act, Param, Tp};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -61,28 +60,6 @@ pub fn attention_plain<D: Kernels, T: Tp<D>>(
         None => scores,
     };
     scores.softmax::<Axis<3>>().matmul(v).permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(batch * lq, heads * dk))
-}
-
-/// Scores `p` (rows of `lk`) plus the bias, if any, then each row's softmax, in place.
-fn softmax_with_bias(p: &mut [f32], bias: Option<&[f32]>, lk: usize) {
-    wide(|| {
-        if let Some(bias) = bias {
-            p.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
-        }
-        p.chunks_exact_mut(lk).for_each(|row| {
-            softmax_row(row);
-        })
-    })
-}
-
-/// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) in place of `ds` (∂P), row by row (rows of `lk`).
-fn softmax_backward(ds: &mut [f32], p: &[f32], lk: usize) {
-    wide(|| {
-        for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
-            let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
-            d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
-        }
-    })
 }
 
 /// Attention in one op each way, per example and head on the heads' column blocks (no permute

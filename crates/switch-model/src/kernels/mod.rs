@@ -558,6 +558,28 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     out.put_tape(tape)
 }
 
+/// Scores `p` (rows of `lk`) plus the bias, if any, then each row's softmax, in place.
+pub(crate) fn softmax_with_bias(p: &mut [f32], bias: Option<&[f32]>, lk: usize) {
+    wide(|| {
+        if let Some(bias) = bias {
+            p.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+        }
+        p.chunks_exact_mut(lk).for_each(|row| {
+            softmax_row(row);
+        })
+    })
+}
+
+/// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) in place of `ds` (∂P), row by row (rows of `lk`).
+pub(crate) fn softmax_backward(ds: &mut [f32], p: &[f32], lk: usize) {
+    wide(|| {
+        for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
+            let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+            d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+        }
+    })
+}
+
 /// Softmax of `row`, in place; returns its max and Σ exp(x − max) (logsumexp = max + ln sum).
 /// Branch-free passes the compiler vectorises: [`exp`] instead of libm's scalar `expf`, and the
 /// sum in eight interleaved lanes.

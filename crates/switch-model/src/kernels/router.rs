@@ -17,7 +17,7 @@
 //! ```
 #[cfg(doc)]
 use super::KernelMode;
-use super::{data, exp, softmax_row, with_overwritten_output};
+use super::{data, exp, softmax_backward, softmax_row, softmax_with_bias, with_overwritten_output};
 use crate::simd::wide;
 use crate::tensor::{device_tensor, Act, Tp};
 use dfdx::prelude::*;
@@ -30,20 +30,19 @@ pub fn softmax_rows_fused<T: Tp<Cpu>>(x: Act<Cpu, T>) -> Act<Cpu, T> {
     let (x, mut tape) = x.split_tape();
     let out = with_overwritten_output(&dev, (n, e), |p| {
         p.copy_from_slice(data(&x));
-        wide(|| p.chunks_exact_mut(e).for_each(|row| _ = softmax_row(row)))
+        softmax_with_bias(p, None, e)
     });
     let (x_ghost, out_ghost, probs) = (x.ghost(), out.ghost(), out.clone());
     tape.add_backward_op(move |grads| {
         let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
-        let p = data(&probs);
-        wide(|| {
-            for ((gx, g), p) in gx.chunks_exact_mut(e).zip(g.chunks_exact(e)).zip(p.chunks_exact(e)) {
-                let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
-                for ((d, g), p) in gx.iter_mut().zip(g).zip(p) {
-                    *d = if add { *d + p * (g - dot) } else { p * (g - dot) };
-                }
-            }
-        });
+        if add {
+            let mut ds = g.to_vec();
+            softmax_backward(&mut ds, data(&probs), e);
+            wide(|| gx.iter_mut().zip(&ds).for_each(|(d, s)| *d += s));
+        } else {
+            gx.copy_from_slice(g);
+            softmax_backward(gx, data(&probs), e);
+        }
         Ok(())
     });
     out.put_tape(tape)
