@@ -129,7 +129,7 @@ impl Recipe {
 }
 
 /// The recipe named on `engine-run`'s and `engine-pairs`' command lines, as a grid names them
-/// (`adamw`/`adafactor`, `f32`/`bf16`, `fused`/`plain`/`fused_router`).
+/// (`adamw`/`adafactor`, `f32`/`bf16`, `fused`/`plain`/`fused_router`/`fused_slots`).
 pub fn recipe_named(optimizer: &str, moments: &str, kernels: &str) -> anyhow::Result<Recipe> {
     let named = |v: &str| serde_json::Value::String(v.into());
     Ok(Recipe {
@@ -138,7 +138,7 @@ pub fn recipe_named(optimizer: &str, moments: &str, kernels: &str) -> anyhow::Re
         moments: serde_json::from_value(named(moments))
             .map_err(|_| anyhow::anyhow!("--moments {moments}: expected f32 or bf16"))?,
         kernels: serde_json::from_value(named(kernels))
-            .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused, plain or fused_router"))?,
+            .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused, plain, fused_router or fused_slots"))?,
     })
 }
 
@@ -363,7 +363,7 @@ pub(crate) struct Engine {
 }
 
 /// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
-/// kernels, buffer cache on), with bf16 moments, with the fused router, with Adafactor instead of
+/// kernels, buffer cache on), with bf16 moments, with the fused router, with fused_slots, with Adafactor instead of
 /// AdamW, without the fused kernels, and as plain dfdx (no cache), side by side, each run in its
 /// own process; with `torch`, PyTorch's matmul among the matmuls and, after the training engine's
 /// rows, [`crate::pytorch::compare`] (three more rounds of switchlab and PyTorch runs).
@@ -401,6 +401,11 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
             ..TRAINING
         },
         Engine {
+            recipe: Recipe { kernels: KernelMode::FusedSlots, ..TRAINING.recipe },
+            name: "the same with the router fused and the experts' products over their filled slots (`train.kernels: fused_slots`, not the default)",
+            ..TRAINING
+        },
+        Engine {
             recipe: Recipe { optimizer: OptimizerKind::Adafactor, ..TRAINING.recipe },
             name: "the same with Adafactor (the paper's optimizer; `train.optimizer: adafactor`)",
             ..TRAINING
@@ -420,7 +425,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
             crate::pytorch::compare(torch, steps, 3, matmul2)?;
             println!();
         }
-        if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
+        if only_training && engine.recipe.kernels == KernelMode::FusedSlots {
             break;
         }
     }

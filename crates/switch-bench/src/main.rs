@@ -9,6 +9,7 @@ mod engine;
 mod harness;
 mod optimizer;
 mod pytorch;
+mod slots;
 
 #[derive(Parser)]
 #[command(name = "switch-bench", version, about = "Measure switchlab's speed figures on this machine")]
@@ -43,7 +44,7 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         pairs: u64,
         /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW), the
-        /// same with bf16 moments, and with the fused router.
+        /// same with bf16 moments, with the fused router, and with fused_slots.
         #[arg(long)]
         only_training: bool,
         /// A Python with torch and transformers, for PyTorch's matmul and tokens/s beside
@@ -59,6 +60,15 @@ enum Command {
         params: usize,
         #[arg(long, default_value_t = 9)]
         rounds: usize,
+    },
+    /// The experts' products as `fused_router` runs them (gemm, every slot) against `fused_slots`
+    /// (own loops, filled slots only), forward and backward, on the `tiny` preset's expert shapes.
+    Slots {
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
+        /// Fraction of each expert's slots in use (up to its last filled one) for fused_slots.
+        #[arg(long, default_value_t = 1.0)]
+        in_use: f64,
     },
     /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
     /// engine benchmark's comparison shape, side by side (needs a Python with torch and
@@ -138,6 +148,7 @@ fn run(what: Command) -> anyhow::Result<()> {
             engine::run(steps, pairs, only_training, torch.as_ref())
         }
         Command::Optimizer { params, rounds } => optimizer::run(params, rounds),
+        Command::Slots { rounds, in_use } => slots::run(rounds, in_use),
         Command::Pytorch { steps, rounds, python } => pytorch::run(steps, rounds, &python),
         Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, moments, kernels } => {
             let recipe = engine::recipe_named(&optimizer, &moments, &kernels)?;

@@ -23,9 +23,9 @@ fn run_err(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The six benchmarks, and not the children they re-run the binary as.
+/// The seven benchmarks, and not the children they re-run the binary as.
 #[test]
-fn help_lists_the_six_benchmarks() {
+fn help_lists_the_seven_benchmarks() {
     let help = run_ok(switch_bench().arg("--help"));
     let commands: Vec<&str> = help
         .lines()
@@ -34,11 +34,21 @@ fn help_lists_the_six_benchmarks() {
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, ["sweep", "data", "report", "engine", "optimizer", "pytorch", "help"], "{help}");
+    assert_eq!(commands, ["sweep", "data", "report", "engine", "optimizer", "slots", "pytorch", "help"], "{help}");
     assert!(
         run_ok(switch_bench().args(["engine-run", "--help"])).contains("--experts"),
         "the children are hidden, not gone"
     );
+}
+
+#[test]
+fn slots_compares_the_two_modes_on_every_shape_and_refuses_a_bad_fraction() {
+    let out = run_ok(switch_bench().args(["slots", "--rounds", "1", "--in-use", "0.5"]));
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains("fused_router") && l.contains("×")).collect();
+    assert_eq!(rows.len(), 6, "{out}");
+    assert!(out.contains("with 50% of each expert's slots in use"), "{out}");
+    let err = run_err(switch_bench().args(["slots", "--in-use", "1.5"]));
+    assert!(err.contains("--in-use 1.5"), "{err}");
 }
 
 #[test]

@@ -16,7 +16,9 @@
 //! FLOPs per token = FLOPs per example ÷ (Lₑ + L_d). Capacity-factor padding is not counted: it
 //! is slack in the implementation, not work the algorithm asks for. That is the paper's
 //! convention, and the match rule of grids; [`ModelConfig::computed_flops_per_token`] counts
-//! what the engine actually computes (the router, and every capacity slot of every expert).
+//! what the engine actually computes (the router, and every capacity slot of every expert; under
+//! `train.kernels: fused_slots` the forward and ∂x products stop at each expert's last filled
+//! slot, so this is their upper bound).
 use crate::config::{Activation, ModelConfig};
 use serde::Serialize;
 
@@ -96,7 +98,8 @@ impl ModelConfig {
     /// Forward FLOPs per token as the engine computes them in training, at routing groups of
     /// `batch` examples (`group_size` when set): the convention's count plus the router, with
     /// each sparse layer's `top_k` expert FFNs per token replaced by all of its experts' capacity
-    /// slots, filled or not. Switch-8 at capacity factor 2.0 computes twice the expert FLOPs of
+    /// slots, filled or not (`fused_slots` skips the empty ones in two of three products).
+    /// Switch-8 at capacity factor 2.0 computes twice the expert FLOPs of
     /// 1.0, which the convention reports as equal.
     pub fn computed_flops_per_token(&self, encoder_len: usize, decoder_len: usize, batch: usize) -> f64 {
         let a = self.accounting(encoder_len, decoder_len);

@@ -135,6 +135,19 @@ pub fn route_in_groups(
     out
 }
 
+impl Routing {
+    /// For each expert, its slots up to and including the last that holds a token: the rows of
+    /// its buffer the experts' products must compute (the rest hold no token).
+    pub fn rows_in_use(&self) -> Vec<usize> {
+        let mut rows = vec![0; self.num_experts];
+        for slot in self.slot_of.iter().flatten() {
+            let (expert, position) = (slot / self.capacity, slot % self.capacity);
+            rows[expert] = rows[expert].max(position + 1);
+        }
+        rows
+    }
+}
+
 /// Switch's load-balancing loss (eq. 4), α·N·Σᵢ fᵢ·Pᵢ, averaged over routing groups.
 ///
 /// - `probs`: `[tokens, experts]` router probabilities; Pᵢ = their mean over a group's tokens,
@@ -309,7 +322,11 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         // Dispatch: gather each slot's token into [E, capacity, d] and run all experts at once.
         let expert_in =
             D::gather_rows(ctx.kernels, x.retaped::<T>(), &routing.slot_token).reshape_like(&(e, capacity, d));
-        let expert_out = self.experts.forward(expert_in, self.expert_dropout, ctx).reshape_like(&(e * capacity, d));
+        let rows_in_use = routing.rows_in_use();
+        let expert_out = self
+            .experts
+            .forward(expert_in, Some(&rows_in_use), self.expert_dropout, ctx)
+            .reshape_like(&(e * capacity, d));
         let (expert_out, out_tape) = expert_out.split_tape();
         let mut out_tape = Some(out_tape);
 

@@ -189,24 +189,36 @@ impl<D: Device<f32>> ExpertFfn<D> {
         Self { w_in, w_gate, w_out, num_experts, d_model: d, d_ff: f }
     }
 
-    /// `x`: `[E, tokens, d_model]` → `[E, tokens, d_model]`.
-    pub fn forward<T: Tp<D>>(&self, x: Act3<D, T>, dropout_rate: f64, ctx: &mut Ctx) -> Act3<D, T>
+    /// `x`: `[E, tokens, d_model]` → `[E, tokens, d_model]`. With `rows_in_use` (expert slots), the
+    /// fused kernels multiply only each expert's first `rows_in_use[i]` rows and zero the rest
+    /// ([`crate::kernels::expert_matmul_fused`]).
+    pub fn forward<T: Tp<D>>(
+        &self,
+        x: Act3<D, T>,
+        rows_in_use: Option<&[usize]>,
+        dropout_rate: f64,
+        ctx: &mut Ctx,
+    ) -> Act3<D, T>
     where
         D: Kernels,
     {
         let (e, d, f, k) = (self.num_experts, self.d_model, self.d_ff, ctx.kernels);
         let up = Stacked { experts: e, k: d, m: f, transposed: false };
         let down = Stacked { experts: e, k: f, m: d, transposed: false };
+        let product = |x: Act3<D, T>, w: &Param<D>, layout: Stacked| match rows_in_use {
+            None => D::param_matmul(k, x, w, layout),
+            Some(rows) => D::expert_matmul(k, x, w, layout, rows),
+        };
         let hidden = match &self.w_gate {
-            None => D::param_matmul(k, x, &self.w_in, up).relu(),
+            None => product(x, &self.w_in, up).relu(),
             Some(w_gate) => {
                 let (x, tape) = x.split_tape();
-                let gelu = D::param_matmul(k, x.clone().put_tape(tape), &self.w_in, up).fast_gelu();
-                gelu * D::param_matmul(k, x.retaped::<T>(), w_gate, up)
+                let gelu = product(x.clone().put_tape(tape), &self.w_in, up).fast_gelu();
+                gelu * product(x.retaped::<T>(), w_gate, up)
             }
         };
         let hidden = dropout(hidden, dropout_rate, ctx);
-        D::param_matmul(k, hidden, &self.w_out, down)
+        product(hidden, &self.w_out, down)
     }
 
     /// `w_in` `[E, d, f]`, `w_out` `[E, f, d]` and GEGLU's `w_gate` `[E, d, f]`, as `role`

@@ -312,7 +312,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
                 FeedForward::Dense(f) => {
                     let n = h.shape().0;
                     let d = self.cfg.d_model;
-                    f.forward(h.reshape_like(&(1, n, d)), rate, ctx).reshape_like(&(n, d))
+                    f.forward(h.reshape_like(&(1, n, d)), None, rate, ctx).reshape_like(&(n, d))
                 }
                 FeedForward::Sparse(m) => {
                     let group_tokens = self.cfg.group_size.unwrap_or(batch).min(batch) * len;

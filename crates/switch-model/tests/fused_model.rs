@@ -28,12 +28,13 @@ fn loss_and_grads(cfg: &ModelConfig, kernels: KernelMode) -> (f32, Vec<(String, 
 
 #[test]
 fn fused_and_plain_kernels_train_the_same_model() {
-    // Encoder-decoder dense and Switch, and a decoder-only Switch model (no cross-attention).
-    for (experts, encoder_layers) in [(1, 2), (4, 2), (4, 0)] {
+    // Encoder-decoder dense and Switch, and a decoder-only Switch model (no cross-attention);
+    // d_ff 128 takes fused_slots' own loops (widths of multiples of 16) where the CPU has AVX-512.
+    for (experts, encoder_layers, d_ff) in [(1, 2, 24), (4, 2, 24), (4, 0, 24), (4, 2, 128)] {
         let cfg = ModelConfig {
             vocab_size: 50,
             d_model: 16,
-            d_ff: 24,
+            d_ff,
             num_heads: 2,
             d_kv: 8,
             num_encoder_layers: encoder_layers,
@@ -45,7 +46,7 @@ fn fused_and_plain_kernels_train_the_same_model() {
             ..Default::default()
         };
         let plain = loss_and_grads(&cfg, KernelMode::Plain);
-        for mode in [KernelMode::Fused, KernelMode::FusedRouter] {
+        for mode in [KernelMode::Fused, KernelMode::FusedRouter, KernelMode::FusedSlots] {
             let fused = loss_and_grads(&cfg, mode);
             let what = format!("{experts} experts, {mode:?}");
             assert!((fused.0 - plain.0).abs() < 1e-5 * plain.0.abs(), "{what}: loss {} vs {}", fused.0, plain.0);

@@ -4,9 +4,10 @@ use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use switch_model::kernels::{
     attention_fused, attention_plain, combine_fused, combine_plain, cross_entropy_fused, cross_entropy_plain,
-    dot_constant_fused, dot_constant_plain, gather_rows_fused, gather_rows_plain, logsumexp_sq_mean_fused,
-    logsumexp_sq_mean_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused, param_matmul_plain,
-    rms_norm_fused, rms_norm_plain, softmax_rows_fused, softmax_rows_plain, Act3, PositionBias, Stacked,
+    dot_constant_fused, dot_constant_plain, expert_matmul_fused, gather_rows_fused, gather_rows_plain,
+    logsumexp_sq_mean_fused, logsumexp_sq_mean_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused,
+    param_matmul_plain, rms_norm_fused, rms_norm_plain, softmax_rows_fused, softmax_rows_plain, Act3, PositionBias,
+    Stacked,
 };
 use switch_model::nn::{Act, Param};
 
@@ -237,6 +238,145 @@ fn fused_param_matmul_accumulates_into_existing_gradients() {
         loss.backward().get(&et).as_vec()
     };
     close(&both(|x, w, l| param_matmul_fused(x, w, l)), &both(|x, w, l| param_matmul_plain(x, w, l)), 1e-5, "d emb");
+}
+
+/// Output, ∂/∂x and ∂/∂w of Σ (x · W) ⊙ c + Σ (x · W) ⊙ c2 with `x` used twice (GEGLU's two
+/// products of one input: the second ∂x accumulates), by `mm`, on `dev`.
+fn run_twice(
+    mm: &dyn Fn(Act3<Dev, OwnedTape<f32, Dev>>, &Param<Dev>) -> Act3<Dev, OwnedTape<f32, Dev>>,
+    dev: &Dev,
+    (x, w): (&[f32], &[f32]),
+    (c, c2): (&[f32], &[f32]),
+    shape: (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let xt = dev.tensor_from_vec(x.to_vec(), shape);
+    let wt = dev.tensor_from_vec(w.to_vec(), (w.len(),));
+    let (x1, tape) = xt.clone().leaky_traced().split_tape();
+    let y = mm(x1.clone().put_tape(tape), &wt);
+    let (y, tape) = y.split_tape();
+    let y2 = mm(x1.put_tape(tape), &wt);
+    let out = y.as_vec();
+    let shape = *y.shape();
+    let loss = (y.retaped::<OwnedTape<f32, Dev>>() * dev.tensor_from_vec(c.to_vec(), shape)).sum()
+        + (y2 * dev.tensor_from_vec(c2.to_vec(), shape)).sum();
+    let grads = loss.backward();
+    (out, grads.get(&xt).as_vec(), grads.get(&wt).as_vec())
+}
+
+/// Rows of expert slots `[E, tokens, len]` in use (1) or not (0).
+fn rows_in_use_mask(in_use: &[usize], tokens: usize, len: usize) -> Vec<f32> {
+    (0..in_use.len() * tokens * len)
+        .map(|i| if (i / len) % tokens < in_use[i / (tokens * len)] { 1.0 } else { 0.0 })
+        .collect()
+}
+
+fn masked(v: &[f32], mask: &[f32]) -> Vec<f32> {
+    v.iter().zip(mask).map(|(a, b)| a * b).collect()
+}
+
+#[test]
+fn expert_matmul_matches_the_plain_path_on_the_rows_in_use_and_zeroes_the_rest() {
+    // Slots past an expert's rows in use hold no token and get no gradient (their rows of c are
+    // zero). Shapes where the own loops run (m a multiple of 16; m ≥ 128 for ∂x) and where gemm
+    // does, from buffers of dfdx's cache left full of NaN, on 1 and 2 threads.
+    let mut rng = StdRng::seed_from_u64(8);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (tokens, l, in_use) in [
+            (5, Stacked { experts: 3, k: 7, m: 9, transposed: false }, vec![5, 0, 2]),
+            (20, Stacked { experts: 4, k: 64, m: 256, transposed: false }, vec![13, 20, 1, 0]),
+            (9, Stacked { experts: 2, k: 256, m: 64, transposed: false }, vec![9, 6]),
+            (70, Stacked { experts: 2, k: 16, m: 128, transposed: false }, vec![70, 33]),
+            (6, Stacked { experts: 1, k: 16, m: 8, transposed: false }, vec![4]),
+        ] {
+            let (e, k, m) = (l.experts, l.k, l.m);
+            let (x, w) = (random(&mut rng, e * tokens * k, 1.0), random(&mut rng, e * k * m, 1.0));
+            let (mask_m, mask_k) = (rows_in_use_mask(&in_use, tokens, m), rows_in_use_mask(&in_use, tokens, k));
+            let (c, c2) = (
+                masked(&random(&mut rng, e * tokens * m, 1.0), &mask_m),
+                masked(&random(&mut rng, e * tokens * m, 1.0), &mask_m),
+            );
+            let cached = Dev::default();
+            cached.enable_cache();
+            for &n in [e * tokens * k, e * k * m, e * tokens * m].iter().cycle().take(3 * 8) {
+                drop(cached.tensor_from_vec(vec![f32::NAN; n], (n,)));
+            }
+            let shape = (e, tokens, k);
+            let slots = pool.install(|| {
+                run_twice(&|x, w| expert_matmul_fused(x, w, l, &in_use), &cached, (&x, &w), (&c, &c2), shape)
+            });
+            let plain = run_twice(&|x, w| param_matmul_plain(x, w, l), &Dev::default(), (&x, &w), (&c, &c2), shape);
+            assert_eq!(slots.0, masked(&slots.0, &mask_m), "y outside the rows in use {in_use:?}");
+            close(&slots.0, &masked(&plain.0, &mask_m), 1e-5, "y");
+            assert_eq!(slots.1, masked(&slots.1, &mask_k), "dx outside the rows in use {in_use:?}");
+            close(&slots.1, &masked(&plain.1, &mask_k), 1e-5, "dx");
+            close(&slots.2, &plain.2, 1e-5, "dw");
+        }
+    }
+}
+
+#[test]
+fn expert_matmul_gradients_match_finite_differences() {
+    // m = 128: ∂x and ∂W through the own loops on a CPU with AVX-512, through gemm otherwise.
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(9);
+    let (tokens, l, in_use) = (3, Stacked { experts: 2, k: 4, m: 128, transposed: false }, [3, 2]);
+    let (x, w) = (random(&mut rng, 2 * tokens * 4, 1.0), random(&mut rng, 2 * 4 * 128, 1.0));
+    let c = masked(&random(&mut rng, 2 * tokens * 128, 1.0), &rows_in_use_mask(&in_use, tokens, 128));
+    let (_, dx, dw) = run_matmul(|x, w, l| expert_matmul_fused(x, w, l, &[3, 2]), &dev, &x, &w, &c, l);
+    let loss = |x: &[f32], w: &[f32]| -> f64 {
+        let xt = dev.tensor_from_vec(x.to_vec(), (2, tokens, 4));
+        let y = expert_matmul_fused(xt, &dev.tensor_from_vec(w.to_vec(), (w.len(),)), l, &in_use);
+        y.as_vec().iter().zip(&c).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
+    };
+    let eps = 1e-2f32;
+    let fd = |v: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
+        let (mut up, mut down) = (v.to_vec(), v.to_vec());
+        up[i] += eps;
+        down[i] -= eps;
+        (f(&up) - f(&down)) / (2.0 * eps as f64)
+    };
+    for i in 0..x.len() {
+        let numeric = fd(&x, i, &|x| loss(x, &w));
+        assert!((numeric - dx[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
+    }
+    for j in 0..w.len() {
+        let numeric = fd(&w, j, &|w| loss(&x, w));
+        assert!((numeric - dw[j] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
+    }
+}
+
+#[test]
+fn the_slot_loops_match_a_sum_in_f64() {
+    // Every tile shape and tail of the two loops, against Σ in f64 (AVX-512 where the CPU has it,
+    // the plain loops otherwise).
+    use switch_model::kernels::slots;
+    let mut rng = StdRng::seed_from_u64(10);
+    for (rows, cols, inner) in [(1, 16, 1), (4, 64, 3), (7, 80, 16), (9, 48, 40), (5, 16, 0)] {
+        let (a, b) = (random(&mut rng, rows * inner, 1.0), random(&mut rng, inner * cols, 1.0));
+        let start = random(&mut rng, rows * cols, 1.0);
+        for accumulate in [false, true] {
+            let want: Vec<f32> = (0..rows * cols)
+                .map(|o| {
+                    let (r, c) = (o / cols, o % cols);
+                    let sum: f64 = (0..inner).map(|p| a[r * inner + p] as f64 * b[p * cols + c] as f64).sum();
+                    (sum + if accumulate { start[o] as f64 } else { 0.0 }) as f32
+                })
+                .collect();
+            let mut got = start.clone();
+            slots::broadcast_product(&mut got, (rows, cols, inner), (&a, inner, 1), &b, accumulate);
+            close(&got, &want, 1e-5, "broadcast_product");
+            // the same product as dot products with bᵀ (cols × inner), inner padded to 16
+            let padded = inner.div_ceil(16) * 16;
+            let pad = |n: usize, get: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {
+                (0..n * padded).map(|i| if i % padded < inner { get(i / padded, i % padded) } else { 0.0 }).collect()
+            };
+            let (ap, bt) = (pad(rows, &|r, p| a[r * inner + p]), pad(cols, &|c, p| b[p * cols + c]));
+            let mut got = start.clone();
+            slots::dot_product(&mut got, (rows, cols, padded), &ap, &bt, accumulate);
+            close(&got, &want, 1e-5, "dot_product");
+        }
+    }
 }
 
 type CrossEntropy = fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>;

@@ -243,7 +243,7 @@ fn one_expert_without_dropping_equals_the_dense_layer() {
     };
     let x: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(7, 6));
     let sparse = layer.forward(x.clone(), &[], usize::MAX, &mut Ctx::eval()).output.as_vec();
-    let dense = dense.forward(x.reshape_like(&(1, 7, 6)), 0.0, &mut Ctx::eval()).as_vec();
+    let dense = dense.forward(x.reshape_like(&(1, 7, 6)), None, 0.0, &mut Ctx::eval()).as_vec();
     assert_eq!(sparse, dense);
 }
 
@@ -513,7 +513,7 @@ fn balance_and_z_losses_by_hand_in_every_kernel_mode() {
     let dev = Dev::default();
     let alpha = 0.01;
     let probs = |v: Vec<f32>| dev.tensor_from_vec(v, (4usize, 2usize));
-    for mode in [KernelMode::Fused, KernelMode::Plain, KernelMode::FusedRouter] {
+    for mode in [KernelMode::Fused, KernelMode::Plain, KernelMode::FusedRouter, KernelMode::FusedSlots] {
         let balance = |p, first: &[usize], group| load_balancing_loss(p, first, group, alpha, mode).as_vec()[0];
         // Uniform: P = f = (½, ½): α·2·(¼ + ¼) = α.
         let uniform = balance(probs(vec![0.5; 8]), &[0, 1, 0, 1], 4);

@@ -68,9 +68,11 @@ pub struct TrainConfig {
     /// [`MomentPrecision`]).
     pub optimizer_moments: MomentPrecision,
     /// The CPU kernels: `fused` (the engine's), `plain` (dfdx's ops, the reference) or
-    /// `fused_router` (`fused` with the router's softmax and losses fused too; not the default
-    /// while the committed reports pin `fused`'s bits). Their floating-point order differs, so the
-    /// run id tells them apart.
+    /// `fused_router` (`fused` with the router's softmax and losses fused too) or `fused_slots`
+    /// (`fused_router`, and the experts multiply only their slots up to the last filled one, with
+    /// the engine's own loops where they beat gemm); neither is the default while the committed
+    /// reports pin `fused`'s bits. Their floating-point order differs, so the run id tells them
+    /// apart.
     pub kernels: KernelMode,
 }
 

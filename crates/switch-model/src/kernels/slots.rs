@@ -1,0 +1,256 @@
+//! The experts' products on their capacity slots, by the engine's own AVX-512 loops
+//! ([`KernelMode::FusedSlots`]). At 64–128 experts each expert holds 5–40 slots, and gemm's
+//! packing and partial tiles cost more than its products: its ∂x ran at 38 GFLOP/s where the
+//! machine's f32 FMA peak is ~190 (1 thread, 20 slots × 64 × 256). These loops read both operands
+//! in place, and every output element is one chain of FMAs over the inner dimension in order, so
+//! a row's bits do not depend on how many rows are computed beside it: the products can stop at
+//! each expert's last filled slot.
+//!
+//! - [`broadcast_product`]: `dst = a · b`, `b` row-major: each `a` element broadcast times rows of
+//!   `b` (the forward product and ∂W = xᵀ · g).
+//! - [`dot_product`]: `dst = a · bᵀ`, both row-major: dot products of rows (∂x = g · Wᵀ).
+//!
+//! Without AVX-512F (their plain loops there are for tests, not speed), or where a width is not a
+//! multiple of 16, the caller uses gemm.
+//!
+//! ```
+//! use switch_model::kernels::slots;
+//! // [1 2] · [[1, …, 1], [2, …, 2]] (16 columns) = [5, …, 5]
+//! let (a, b) = (vec![1.0f32, 2.0], [vec![1.0f32; 16], vec![2.0; 16]].concat());
+//! let mut dst = vec![0.0f32; 16];
+//! slots::broadcast_product(&mut dst, (1, 16, 2), (&a, 2, 1), &b, false);
+//! assert_eq!(dst, vec![5.0; 16]);
+//! // [1 2 0 … 0] · [1 2 0 … 0]ᵀ as a dot product of rows (inner 16)
+//! let row = [vec![1.0f32, 2.0], vec![0.0; 14]].concat();
+//! slots::dot_product(&mut dst[..1], (1, 1, 16), &row, &row, false);
+//! assert_eq!(dst[0], 5.0);
+//! ```
+#[cfg(doc)]
+use super::KernelMode;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Whether this CPU runs these loops (AVX-512F, detected once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Lanes of one AVX-512 f32 vector: widths these loops take are multiples of it.
+pub const LANES: usize = 16;
+
+/// `dst (rows × cols, row-major) [+]= a (rows × inner; row stride, column stride) · b (inner × cols,
+/// row-major)`; `cols` a multiple of [`LANES`].
+///
+/// # Panics
+/// If `cols` is not a multiple of [`LANES`], or if a slice is too short for its shape.
+pub fn broadcast_product(
+    dst: &mut [f32],
+    (rows, cols, inner): (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    b: &[f32],
+    accumulate: bool,
+) {
+    assert!(cols % LANES == 0, "broadcast_product: cols must be a multiple of {LANES}, not {cols}");
+    assert!(dst.len() >= rows * cols && b.len() >= inner * cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(inner == 0 || a.0.len() > (rows - 1) * a.1 + (inner - 1) * a.2);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F is present; every index stays inside the asserted lengths.
+        return unsafe { broadcast_avx512(dst, (rows, cols, inner), a, b, accumulate) };
+    }
+    // The same FMA chains, one element at a time (slow: only where `available` is false).
+    let (a, a_rs, a_cs) = a;
+    for (o, out) in dst[..rows * cols].iter_mut().enumerate() {
+        let (r, c) = (o / cols, o % cols);
+        let sum = (0..inner).fold(0.0f32, |acc, p| a[r * a_rs + p * a_cs].mul_add(b[p * cols + c], acc));
+        *out = if accumulate { *out + sum } else { sum };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn broadcast_avx512(
+    dst: &mut [f32],
+    (rows, cols, inner): (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    b: &[f32],
+    accumulate: bool,
+) {
+    let mut r = 0;
+    while r < rows {
+        let tile_rows = (rows - r).min(4);
+        let mut c = 0;
+        while c < cols {
+            let vectors = ((cols - c) / LANES).min(4);
+            // (No closures here: they would not be compiled with this function's AVX-512.)
+            if (tile_rows, vectors) == (4, 4) {
+                broadcast_tile::<4, 4>(dst, (r, c, cols, inner), a, b, accumulate);
+            } else if tile_rows == 4 {
+                for v in 0..vectors {
+                    broadcast_tile::<4, 1>(dst, (r, c + v * LANES, cols, inner), a, b, accumulate);
+                }
+            } else {
+                for i in r..r + tile_rows {
+                    for v in 0..vectors {
+                        broadcast_tile::<1, 1>(dst, (i, c + v * LANES, cols, inner), a, b, accumulate);
+                    }
+                }
+            }
+            c += vectors * LANES;
+        }
+        r += tile_rows;
+    }
+}
+
+/// R rows × V vectors of `dst` at (r, c): one FMA chain per element over the inner dimension.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn broadcast_tile<const R: usize, const V: usize>(
+    dst: &mut [f32],
+    (r, c, cols, inner): (usize, usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    b: &[f32],
+    accumulate: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for p in 0..inner {
+        let brow = b.as_ptr().add(p * cols + c);
+        let mut bv = [_mm512_setzero_ps(); V];
+        for (v, bv) in bv.iter_mut().enumerate() {
+            *bv = _mm512_loadu_ps(brow.add(v * LANES));
+        }
+        for (i, acc_row) in acc.iter_mut().enumerate() {
+            let s = _mm512_set1_ps(*a.get_unchecked((r + i) * a_rs + p * a_cs));
+            for v in 0..V {
+                acc_row[v] = _mm512_fmadd_ps(s, bv[v], acc_row[v]);
+            }
+        }
+    }
+    store(dst, (r, c, cols), &acc, accumulate);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store<const R: usize, const V: usize>(
+    dst: &mut [f32],
+    (r, c, cols): (usize, usize, usize),
+    acc: &[[__m512; V]; R],
+    accumulate: bool,
+) {
+    for (i, acc_row) in acc.iter().enumerate() {
+        for (v, &x) in acc_row.iter().enumerate() {
+            let out = dst.as_mut_ptr().add((r + i) * cols + c + v * LANES);
+            let x = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out), x) } else { x };
+            _mm512_storeu_ps(out, x);
+        }
+    }
+}
+
+/// `dst (rows × cols, row-major) [+]= a (rows × inner) · bᵀ` for `b` (cols × inner), both
+/// row-major; `inner` a multiple of [`LANES`]. Each element is a dot product summed in 16 lanes,
+/// then across them.
+///
+/// # Panics
+/// If `inner` is not a multiple of [`LANES`], or if a slice is too short.
+pub fn dot_product(
+    dst: &mut [f32],
+    (rows, cols, inner): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    accumulate: bool,
+) {
+    assert!(inner % LANES == 0, "dot_product: inner must be a multiple of {LANES}, not {inner}");
+    assert!(dst.len() >= rows * cols && a.len() >= rows * inner && b.len() >= cols * inner);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F is present; every index stays inside the asserted lengths.
+        return unsafe { dot_avx512(dst, (rows, cols, inner), a, b, accumulate) };
+    }
+    // One element at a time, in 16 lanes (slow: only where `available` is false).
+    for (o, out) in dst[..rows * cols].iter_mut().enumerate() {
+        let (ar, br) = (&a[o / cols * inner..][..inner], &b[o % cols * inner..][..inner]);
+        let mut lanes = [0.0f32; LANES];
+        for (a16, b16) in ar.chunks_exact(LANES).zip(br.chunks_exact(LANES)) {
+            for ((lane, x), y) in lanes.iter_mut().zip(a16).zip(b16) {
+                *lane = x.mul_add(*y, *lane);
+            }
+        }
+        let sum: f32 = lanes.iter().sum();
+        *out = if accumulate { *out + sum } else { sum };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(
+    dst: &mut [f32],
+    (rows, cols, inner): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    accumulate: bool,
+) {
+    let mut r = 0;
+    while r < rows {
+        let tile_rows = (rows - r).min(4);
+        let mut c = 0;
+        while c < cols {
+            let tile_cols = (cols - c).min(4);
+            let at = (r, c, cols, inner);
+            if (tile_rows, tile_cols) == (4, 4) {
+                dot_tile::<4, 4>(dst, at, a, b, accumulate);
+            } else {
+                for i in r..r + tile_rows {
+                    for j in c..c + tile_cols {
+                        dot_tile::<1, 1>(dst, (i, j, cols, inner), a, b, accumulate);
+                    }
+                }
+            }
+            c += tile_cols;
+        }
+        r += tile_rows;
+    }
+}
+
+/// R rows × C columns of `dst` at (r, c) as dot products of rows of `a` and `b`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_tile<const R: usize, const C: usize>(
+    dst: &mut [f32],
+    (r, c, cols, inner): (usize, usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    accumulate: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    for p in (0..inner).step_by(LANES) {
+        let (mut av, mut bv) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); C]);
+        for (i, av) in av.iter_mut().enumerate() {
+            *av = _mm512_loadu_ps(a.as_ptr().add((r + i) * inner + p));
+        }
+        for (j, bv) in bv.iter_mut().enumerate() {
+            *bv = _mm512_loadu_ps(b.as_ptr().add((c + j) * inner + p));
+        }
+        for i in 0..R {
+            for j in 0..C {
+                acc[i][j] = _mm512_fmadd_ps(av[i], bv[j], acc[i][j]);
+            }
+        }
+    }
+    for (i, acc_row) in acc.iter().enumerate() {
+        for (j, &x) in acc_row.iter().enumerate() {
+            let out = dst.get_unchecked_mut((r + i) * cols + c + j);
+            let sum = _mm512_reduce_add_ps(x);
+            *out = if accumulate { *out + sum } else { sum };
+        }
+    }
+}
