@@ -186,6 +186,29 @@ fn fused_param_matmul_overwrites_the_stale_buffers_it_takes_from_the_cache() {
     }
 }
 
+/// `dx`, `dw` against central differences (ε = 0.01) of `loss(x, w)`, each to 1e-3 relative.
+fn assert_gradients_match_finite_differences(
+    (x, w): (&[f32], &[f32]),
+    (dx, dw): (&[f32], &[f32]),
+    loss: &dyn Fn(&[f32], &[f32]) -> f64,
+) {
+    let eps = 1e-2f32;
+    let fd = |v: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
+        let (mut up, mut down) = (v.to_vec(), v.to_vec());
+        up[i] += eps;
+        down[i] -= eps;
+        (f(&up) - f(&down)) / (2.0 * eps as f64)
+    };
+    for i in 0..x.len() {
+        let numeric = fd(x, i, &|x| loss(x, w));
+        assert!((numeric - dx[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
+    }
+    for j in 0..w.len() {
+        let numeric = fd(w, j, &|w| loss(x, w));
+        assert!((numeric - dw[j] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
+    }
+}
+
 #[test]
 fn fused_param_matmul_gradients_match_finite_differences() {
     let dev = Dev::default();
@@ -200,21 +223,7 @@ fn fused_param_matmul_gradients_match_finite_differences() {
             let y = param_matmul_fused(xt, &dev.tensor_from_vec(w.to_vec(), (w.len(),)), l);
             y.as_vec().iter().zip(&c).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
         };
-        let eps = 1e-2f32;
-        let fd = |v: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
-            let (mut up, mut down) = (v.to_vec(), v.to_vec());
-            up[i] += eps;
-            down[i] -= eps;
-            (f(&up) - f(&down)) / (2.0 * eps as f64)
-        };
-        for i in 0..x.len() {
-            let numeric = fd(&x, i, &|x| loss(x, &w));
-            assert!((numeric - dx[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
-        }
-        for j in 0..w.len() {
-            let numeric = fd(&w, j, &|w| loss(&x, w));
-            assert!((numeric - dw[j] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
-        }
+        assert_gradients_match_finite_differences((&x, &w), (&dx, &dw), &loss);
     }
 }
 
@@ -329,21 +338,7 @@ fn expert_matmul_gradients_match_finite_differences() {
         let y = expert_matmul_fused(xt, &dev.tensor_from_vec(w.to_vec(), (w.len(),)), l, &in_use);
         y.as_vec().iter().zip(&c).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
     };
-    let eps = 1e-2f32;
-    let fd = |v: &[f32], i: usize, f: &dyn Fn(&[f32]) -> f64| {
-        let (mut up, mut down) = (v.to_vec(), v.to_vec());
-        up[i] += eps;
-        down[i] -= eps;
-        (f(&up) - f(&down)) / (2.0 * eps as f64)
-    };
-    for i in 0..x.len() {
-        let numeric = fd(&x, i, &|x| loss(x, &w));
-        assert!((numeric - dx[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
-    }
-    for j in 0..w.len() {
-        let numeric = fd(&w, j, &|w| loss(&x, w));
-        assert!((numeric - dw[j] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
-    }
+    assert_gradients_match_finite_differences((&x, &w), (&dx, &dw), &loss);
 }
 
 #[test]

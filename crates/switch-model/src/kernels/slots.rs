@@ -92,7 +92,7 @@ unsafe fn broadcast_avx512(
         let mut c = 0;
         while c < cols {
             let vectors = ((cols - c) / LANES).min(4);
-            // (No closures here: they would not be compiled with this function's AVX-512.)
+            // Plain loops, no closures: the tiles must inline into this AVX-512 function.
             if (tile_rows, vectors) == (4, 4) {
                 broadcast_tile::<4, 4>(dst, (r, c, cols, inner), a, b, accumulate);
             } else if tile_rows == 4 {
