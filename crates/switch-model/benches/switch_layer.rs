@@ -46,6 +46,7 @@ fn main() {
             let mut dense_step = || {
                 let y = dense.forward(
                     x.clone().retaped::<OwnedTape<f32, Dev>>().reshape_like(&(1, tokens, d_model)),
+                    None,
                     0.0,
                     &mut Ctx::train(0),
                 );

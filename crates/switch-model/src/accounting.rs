@@ -17,8 +17,8 @@
 //! is slack in the implementation, not work the algorithm asks for. That is the paper's
 //! convention, and the match rule of grids; [`ModelConfig::computed_flops_per_token`] counts
 //! what the engine actually computes (the router, and every capacity slot of every expert; under
-//! `train.kernels: fused_slots` the forward and ∂x products stop at each expert's last filled
-//! slot, so this is their upper bound).
+//! `train.kernels: fused_slots` the forward and ∂x products, and ∂W up to 64 slots, stop at each
+//! expert's last filled slot, so this is an upper bound).
 use crate::config::{Activation, ModelConfig};
 use serde::Serialize;
 
@@ -98,7 +98,7 @@ impl ModelConfig {
     /// Forward FLOPs per token as the engine computes them in training, at routing groups of
     /// `batch` examples (`group_size` when set): the convention's count plus the router, with
     /// each sparse layer's `top_k` expert FFNs per token replaced by all of its experts' capacity
-    /// slots, filled or not (`fused_slots` skips the empty ones in two of three products).
+    /// slots, filled or not (`fused_slots` skips most empty ones: an upper bound there).
     /// Switch-8 at capacity factor 2.0 computes twice the expert FLOPs of
     /// 1.0, which the convention reports as equal.
     pub fn computed_flops_per_token(&self, encoder_len: usize, decoder_len: usize, batch: usize) -> f64 {

@@ -137,7 +137,9 @@ pub fn route_in_groups(
 
 impl Routing {
     /// For each expert, its slots up to and including the last that holds a token: the rows of
-    /// its buffer the experts' products must compute (the rest hold no token).
+    /// its buffer the experts' products must compute (the rest hold no token). With several
+    /// routing groups an expert's slots are the groups' segments one after another, so only the
+    /// last group's empty tail is left out.
     pub fn rows_in_use(&self) -> Vec<usize> {
         let mut rows = vec![0; self.num_experts];
         for slot in self.slot_of.iter().flatten() {

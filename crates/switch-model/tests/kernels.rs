@@ -297,6 +297,8 @@ fn expert_matmul_matches_the_plain_path_on_the_rows_in_use_and_zeroes_the_rest()
             (9, Stacked { experts: 2, k: 256, m: 64, transposed: false }, vec![9, 6]),
             (70, Stacked { experts: 2, k: 16, m: 128, transposed: false }, vec![70, 33]),
             (6, Stacked { experts: 1, k: 16, m: 8, transposed: false }, vec![4]),
+            // one expert on two threads: its rows (and ∂W's) split between them
+            (40, Stacked { experts: 1, k: 32, m: 128, transposed: false }, vec![29]),
         ] {
             let (e, k, m) = (l.experts, l.k, l.m);
             let (x, w) = (random(&mut rng, e * tokens * k, 1.0), random(&mut rng, e * k * m, 1.0));
@@ -361,6 +363,11 @@ fn the_slot_loops_match_a_sum_in_f64() {
             let mut got = start.clone();
             slots::broadcast_product(&mut got, (rows, cols, inner), (&a, inner, 1), &b, accumulate);
             close(&got, &want, 1e-5, "broadcast_product");
+            // `a` stored transposed (row stride 1, column stride `rows`), as ∂W reads x
+            let at: Vec<f32> = (0..inner * rows).map(|i| a[(i % rows) * inner + i / rows]).collect();
+            let mut got = start.clone();
+            slots::broadcast_product(&mut got, (rows, cols, inner), (&at, 1, rows), &b, accumulate);
+            close(&got, &want, 1e-5, "broadcast_product, strided a");
             // the same product as dot products with bᵀ (cols × inner), inner padded to 16
             let padded = inner.div_ceil(16) * 16;
             let pad = |n: usize, get: &dyn Fn(usize, usize) -> f32| -> Vec<f32> {

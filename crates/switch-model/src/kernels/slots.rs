@@ -45,6 +45,17 @@ pub fn available() -> bool {
 /// Lanes of one AVX-512 f32 vector: widths these loops take are multiples of it.
 pub const LANES: usize = 16;
 
+/// Σ n·stride over `terms`, saturating: a length can never reach `usize::MAX`, so a shape whose
+/// products overflow fails the asserts instead of wrapping past them.
+fn last_index(terms: &[(usize, usize)]) -> usize {
+    terms.iter().fold(0usize, |sum, &(n, stride)| sum.saturating_add(n.saturating_mul(stride)))
+}
+
+/// Whether a slice of `len` holds Σ rows·cols elements (saturating, as [`last_index`]).
+fn fits(len: usize, terms: &[(usize, usize)]) -> bool {
+    last_index(terms) <= len && last_index(terms) != usize::MAX
+}
+
 /// `dst (rows × cols, row-major) [+]= a (rows × inner; row stride, column stride) · b (inner × cols,
 /// row-major)`; `cols` a multiple of [`LANES`].
 ///
@@ -58,11 +69,11 @@ pub fn broadcast_product(
     accumulate: bool,
 ) {
     assert!(cols % LANES == 0, "broadcast_product: cols must be a multiple of {LANES}, not {cols}");
-    assert!(dst.len() >= rows * cols && b.len() >= inner * cols);
+    assert!(fits(dst.len(), &[(rows, cols)]) && fits(b.len(), &[(inner, cols)]));
     if rows == 0 || cols == 0 {
         return;
     }
-    assert!(inner == 0 || a.0.len() > (rows - 1) * a.1 + (inner - 1) * a.2);
+    assert!(inner == 0 || a.0.len() > last_index(&[(rows - 1, a.1), (inner - 1, a.2)]));
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX-512F is present; every index stays inside the asserted lengths.
@@ -170,7 +181,7 @@ pub fn dot_product(
     accumulate: bool,
 ) {
     assert!(inner % LANES == 0, "dot_product: inner must be a multiple of {LANES}, not {inner}");
-    assert!(dst.len() >= rows * cols && a.len() >= rows * inner && b.len() >= cols * inner);
+    assert!(fits(dst.len(), &[(rows, cols)]) && fits(a.len(), &[(rows, inner)]) && fits(b.len(), &[(cols, inner)]));
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX-512F is present; every index stays inside the asserted lengths.
