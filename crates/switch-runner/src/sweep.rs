@@ -246,11 +246,29 @@ fn train_pending(
     outcome
 }
 
-/// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`.
+/// `runs` (point by point, each point's seeds in the grid's order) reordered seed by seed: every
+/// point's run of the first seed, then of the next. The arms of a paired comparison then train
+/// close together in time, so their CPU seconds see the same state of a shared machine, and a
+/// sweep stopped halfway holds whole seeds.
+pub fn seed_major(runs: Vec<&PlannedRun>) -> Vec<&PlannedRun> {
+    let mut seeds: Vec<u64> = Vec::new();
+    for r in &runs {
+        if !seeds.contains(&r.config.train.seed) {
+            seeds.push(r.config.train.seed);
+        }
+    }
+    let mut runs = runs;
+    runs.sort_by_key(|r| seeds.iter().position(|&s| s == r.config.train.seed));
+    runs
+}
+
+/// Runs every pending point of `plan` under `opts.results_root/<plan.name>/`, seed by seed
+/// ([`seed_major`]).
 pub fn sweep(plan: &Plan, opts: &SweepOptions) -> Result<SweepSummary> {
     let sweep_dir = opts.results_root.join(&plan.name);
     // Corpus and tokenizer problems surface here, before the sweep folder is written to.
     let (pending, triage) = plan.pending(&sweep_dir, opts.retry_failed);
+    let pending = seed_major(pending);
     let mut summary = SweepSummary { skipped_done: triage.done, skipped_failed: triage.failed, ..Default::default() };
     let (jobs, threads) = default_split(pending.len());
     let (jobs, threads) = (opts.jobs.unwrap_or(jobs).max(1), opts.threads_per_run.unwrap_or(threads).max(1));

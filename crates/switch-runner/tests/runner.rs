@@ -24,6 +24,24 @@ fn plan_err(dir: &Path, name: &str, body: &str) -> String {
 }
 
 #[test]
+fn sweeps_train_seed_by_seed_in_the_grids_seed_order() {
+    // The plan lists runs point by point; a sweep trains every point of the first seed first, so
+    // paired arms train close together in time.
+    let tmp = tempfile::tempdir().unwrap();
+    let p = switch_runner::plan(&grid(
+        tmp.path(),
+        "s",
+        "grid:\n  model.num_experts: [1, 2, 4]\nseeds: [7, 3]\nbaseline: { model.num_experts: 1 }\n",
+    ))
+    .unwrap();
+    let order: Vec<(u64, usize)> = sweep::seed_major(p.runs.iter().collect())
+        .iter()
+        .map(|r| (r.config.train.seed, r.config.model.num_experts))
+        .collect();
+    assert_eq!(order, vec![(7, 1), (7, 2), (7, 4), (3, 1), (3, 2), (3, 4)]);
+}
+
+#[test]
 fn grids_expand_cartesian_zip_points_exclude_and_seeds() {
     let tmp = tempfile::tempdir().unwrap();
     let p = switch_runner::plan(&grid(tmp.path(), "g", "grid:\n  model.num_experts: [1, 2, 4]\n  model.capacity_factor: [1.0, 2.0]\nexclude:\n  - { model.num_experts: 1, model.capacity_factor: 2.0 }\nseeds: [0, 1]\nbaseline: { model.num_experts: 1 }\n")).unwrap();
