@@ -29,9 +29,19 @@ fn loss_and_grads(cfg: &ModelConfig, kernels: KernelMode) -> (f32, Vec<(String, 
 #[test]
 fn fused_and_plain_kernels_train_the_same_model() {
     // Encoder-decoder dense and Switch, and a decoder-only Switch model (no cross-attention);
-    // d_ff 128 takes fused_slots' own loops (widths of multiples of 16) where the CPU has AVX-512.
-    for (experts, encoder_layers, d_ff) in [(1, 2, 24), (4, 2, 24), (4, 0, 24), (4, 2, 128)] {
-        let cfg = ModelConfig {
+    // d_ff 128 takes fused_slots' own loops (widths of multiples of 16) where the CPU has AVX-512;
+    // the last is top-2 GEGLU routed in two groups (each expert's slots in two segments).
+    for (experts, encoder_layers, d_ff, top2_geglu_groups) in
+        [(1, 2, 24, false), (4, 2, 24, false), (4, 0, 24, false), (4, 2, 128, false), (4, 2, 128, true)]
+    {
+        let routed = |cfg: ModelConfig| {
+            if top2_geglu_groups {
+                ModelConfig { top_k: 2, activation: switch_model::Activation::Geglu, group_size: Some(2), ..cfg }
+            } else {
+                cfg
+            }
+        };
+        let cfg = routed(ModelConfig {
             vocab_size: 50,
             d_model: 16,
             d_ff,
@@ -44,7 +54,7 @@ fn fused_and_plain_kernels_train_the_same_model() {
             z_loss_coef: 0.01,
             init_scale: 1.0,
             ..Default::default()
-        };
+        });
         let plain = loss_and_grads(&cfg, KernelMode::Plain);
         for mode in [KernelMode::Fused, KernelMode::FusedRouter, KernelMode::FusedSlots] {
             let fused = loss_and_grads(&cfg, mode);
