@@ -131,14 +131,14 @@ impl Recipe {
 /// The recipe named on `engine-run`'s and `engine-pairs`' command lines, as a grid names them
 /// (`adamw`/`adafactor`, `f32`/`bf16`, `fused`/`plain`/`fused_router`/`fused_slots`).
 pub fn recipe_named(optimizer: &str, moments: &str, kernels: &str) -> anyhow::Result<Recipe> {
-    let named = |v: &str| serde_json::Value::String(v.into());
+    // serde's own error lists the allowed values (`unknown variant …, expected one of …`).
+    fn named<V: serde::de::DeserializeOwned>(flag: &str, v: &str) -> anyhow::Result<V> {
+        serde_json::from_value(serde_json::Value::String(v.into())).map_err(|e| anyhow::anyhow!("{flag} {v}: {e}"))
+    }
     Ok(Recipe {
-        optimizer: serde_json::from_value(named(optimizer))
-            .map_err(|_| anyhow::anyhow!("--optimizer {optimizer}: expected adamw or adafactor"))?,
-        moments: serde_json::from_value(named(moments))
-            .map_err(|_| anyhow::anyhow!("--moments {moments}: expected f32 or bf16"))?,
-        kernels: serde_json::from_value(named(kernels))
-            .map_err(|_| anyhow::anyhow!("--kernels {kernels}: expected fused, plain, fused_router or fused_slots"))?,
+        optimizer: named("--optimizer", optimizer)?,
+        moments: named("--moments", moments)?,
+        kernels: named("--kernels", kernels)?,
     })
 }
 

@@ -53,7 +53,8 @@ fn last_index(terms: &[(usize, usize)]) -> usize {
 
 /// Whether a slice of `len` holds Σ rows·cols elements (saturating, as [`last_index`]).
 fn fits(len: usize, terms: &[(usize, usize)]) -> bool {
-    last_index(terms) <= len && last_index(terms) != usize::MAX
+    let needed = last_index(terms);
+    needed <= len && needed != usize::MAX
 }
 
 /// `dst (rows × cols, row-major) [+]= a (rows × inner; row stride, column stride) · b (inner × cols,
