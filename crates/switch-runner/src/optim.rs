@@ -22,7 +22,7 @@
 use crate::config::{MomentPrecision, OptimizerKind, TrainConfig};
 use rayon::prelude::*;
 use std::borrow::Cow;
-use switch_model::simd::wide;
+use switch_model::wide;
 
 /// Adafactor factors a matrix's second moment only when both its sides are at least this long
 /// (Mesh TF's `min_dim_size_to_factor`): small matrices keep every entry.
@@ -161,7 +161,7 @@ fn adamw(p: &mut [f32], g: &[f32], (m, v): (&mut [f32], &mut [f32]), grad_scale:
     let AdamStep { b1, b2, c1, c2, lr, wd } = s;
     by_chunks((p, g), (m, v), |p, g, m, v| {
         // zipped slices, no indexing: the compiler vectorises the loop
-        wide(|| {
+        wide!(|| {
             for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let g = g * grad_scale; // × 1.0 is exact: unclipped steps keep their bits
                 *m = b1 * *m + (1.0 - b1) * g;
@@ -197,7 +197,7 @@ fn adamw_bf16(p: &mut [f32], g: &[f32], (m, v): (&mut [u16], &mut [u16]), grad_s
     // loop's bottleneck, and this option's numbers are its own anyway.
     let (r1, r2) = (1.0 / c1, 1.0 / c2);
     by_chunks((p, g), (m, v), |p, g, m, v| {
-        wide(|| {
+        wide!(|| {
             for (((p, g), hm), hv) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let g = g * grad_scale;
                 let m = b1 * from_bf16_bits(*hm) + (1.0 - b1) * g;
@@ -227,7 +227,7 @@ fn chunked_sum<T: Sync>(x: &[T], chunk: usize, f: impl Fn(&[T]) -> f64 + Sync) -
 /// chunks summed in eight interleaved lanes, which the compiler vectorises (one running sum would
 /// wait on every addition).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    chunked_sum(x, CHUNK, |x| wide(|| lane_sum(x, x, |v, _| (v as f64) * (v as f64))))
+    chunked_sum(x, CHUNK, |x| wide!(|| lane_sum(x, x, |v, _| (v as f64) * (v as f64))))
 }
 
 /// Σ term(a[i], b[i]) in f64, in eight interleaved partial sums (the rest of the last eight
@@ -257,7 +257,7 @@ fn factored_moments(g: &[f32], (vr, vc): (&mut [f32], &mut [f32]), shape: [usize
     let mix = 1.0 - decay;
     // Each stacked matrix (expert) on its own: in parallel, every bit kept.
     let moments = |((gb, vr), vc): ((&[f32], &mut [f32]), &mut [f32])| {
-        wide(|| {
+        wide!(|| {
             let mut col_sums = vec![0f64; cols];
             for (r, row) in gb.chunks_exact(cols).enumerate() {
                 let sq = |x: f32| ((x * grad_scale) * (x * grad_scale) + EPS1) as f64;
@@ -300,7 +300,7 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let [batch, rows, cols] = shape;
     let step = lr as f32 * rms(p).max(EPS2);
     if rows.min(cols) < MIN_DIM_TO_FACTOR {
-        wide(|| {
+        wide!(|| {
             for (v, &x) in v.iter_mut().zip(g) {
                 *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
             }
@@ -327,7 +327,7 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let blocks: Vec<(usize, &[f32])> = g.chunks(block).enumerate().collect();
     let u_sq = chunked_sum(&blocks, 1, |b| {
         let (b, g) = b[0];
-        wide(|| {
+        wide!(|| {
             let mut sum = 0f64;
             for (k, g) in g.chunks_exact(cols).enumerate() {
                 let (rf, cf) = factors(b * block / cols + k);
@@ -339,7 +339,7 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
     let step = clipped_step(step, u_sq, p.len());
     let apply = |(k, (p, g)): (usize, (&mut [f32], &[f32]))| {
         let (rf, cf) = factors(k);
-        wide(|| {
+        wide!(|| {
             for ((p, &x), &c) in p.iter_mut().zip(g).zip(cf) {
                 *p -= step * (x * grad_scale * (rf * c));
             }
@@ -364,7 +364,9 @@ fn clipped_step(step: f32, u_sq: f64, n: usize) -> f32 {
 fn apply_clipped(p: &mut [f32], step: f32, u: impl Fn(usize) -> f32) {
     let u_sq = (0..p.len()).map(&u).fold(0.0f64, |a, v| a + (v as f64) * (v as f64));
     let step = clipped_step(step, u_sq, p.len());
-    for (i, p) in p.iter_mut().enumerate() {
-        *p -= step * u(i);
-    }
+    wide!(|| {
+        for (i, p) in p.iter_mut().enumerate() {
+            *p -= step * u(i);
+        }
+    })
 }

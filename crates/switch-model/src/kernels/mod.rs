@@ -20,8 +20,8 @@
 //! assert!((y[0] - 0.8485).abs() < 1e-4 && (y[1] - 2.2627).abs() < 1e-4 && (y[3] - 2.8284).abs() < 1e-4);
 //! assert_eq!(y, rms_norm_plain(x, &w).as_vec());
 //! ```
-use crate::simd::wide;
 use crate::tensor::{Act, Param, Tp};
+use crate::wide;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -372,7 +372,7 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
     let mut inv = vec![0f32; n];
     let out = with_overwritten_output(&dev, (n, d), |y| {
         let ws = data(w);
-        wide(|| {
+        wide!(|| {
             for ((row, out), r) in data(&x).chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
                 *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
                 for ((o, v), wj) in out.iter_mut().zip(row).zip(ws) {
@@ -389,7 +389,7 @@ pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T>
         {
             let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
             assert_eq!(gx.len(), n * d, "rms_norm_fused needs a contiguous input");
-            wide(|| {
+            wide!(|| {
                 for (((row, gy), gxr), &r) in
                     xs.chunks_exact(d).zip(g.chunks_exact(d)).zip(gx.chunks_exact_mut(d)).zip(&inv)
                 {
@@ -633,7 +633,7 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     let mut probs = data(&logits).to_vec();
     let row_loss = |(row, &t): (&mut [f32], &usize)| {
         let target = row[t];
-        let (max, sum) = wide(|| softmax_row(row));
+        let (max, sum) = wide!(|| softmax_row(row));
         (max + sum.ln() - target) as f64
     };
     let losses: Vec<f64> = if rayon::current_num_threads() > 1 {
@@ -649,7 +649,7 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
         let scale = grads.get_or_alloc_mut(&out_ghost)?[0] / n as f32;
         let g = grads.get_or_alloc_mut(&logits_ghost)?;
         assert_eq!(g.len(), n * v, "cross_entropy_fused needs contiguous logits");
-        wide(|| {
+        wide!(|| {
             for ((g, p), &t) in g.chunks_exact_mut(v).zip(probs.chunks_exact(v)).zip(&targets) {
                 g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
                 g[t] -= scale;
@@ -662,7 +662,7 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
 
 /// Scores `p` (rows of `lk`) plus the bias, if any, then each row's softmax, in place.
 pub(crate) fn softmax_with_bias(p: &mut [f32], bias: Option<&[f32]>, lk: usize) {
-    wide(|| {
+    wide!(|| {
         if let Some(bias) = bias {
             p.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
         }
@@ -674,7 +674,7 @@ pub(crate) fn softmax_with_bias(p: &mut [f32], bias: Option<&[f32]>, lk: usize) 
 
 /// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) in place of `ds` (∂P), row by row (rows of `lk`).
 pub(crate) fn softmax_backward(ds: &mut [f32], p: &[f32], lk: usize) {
-    wide(|| {
+    wide!(|| {
         for (d, p) in ds.chunks_exact_mut(lk).zip(p.chunks_exact(lk)) {
             let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
             d.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));

@@ -18,8 +18,8 @@
 #[cfg(doc)]
 use super::KernelMode;
 use super::{data, exp, softmax_backward, softmax_row, softmax_with_bias, with_overwritten_output};
-use crate::simd::wide;
 use crate::tensor::{device_tensor, Act, Tp};
+use crate::wide;
 use dfdx::prelude::*;
 
 /// softmax over the last axis of `x` `[n, E]`, keeping its output for the backward pass:
@@ -38,7 +38,7 @@ pub fn softmax_rows_fused<T: Tp<Cpu>>(x: Act<Cpu, T>) -> Act<Cpu, T> {
         if add {
             let mut ds = g.to_vec();
             softmax_backward(&mut ds, data(&probs), e);
-            wide(|| gx.iter_mut().zip(&ds).for_each(|(d, s)| *d += s));
+            wide!(|| gx.iter_mut().zip(&ds).for_each(|(d, s)| *d += s));
         } else {
             gx.copy_from_slice(g);
             softmax_backward(gx, data(&probs), e);
@@ -55,7 +55,7 @@ pub fn logsumexp_sq_mean_fused<T: Tp<Cpu>>(x: Act<Cpu, T>) -> Tensor<(), f32, Cp
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let mut row = vec![0f32; e];
-    let lse: Vec<f32> = wide(|| {
+    let lse: Vec<f32> = wide!(|| {
         data(&x)
             .chunks_exact(e)
             .map(|xs| {
@@ -70,7 +70,7 @@ pub fn logsumexp_sq_mean_fused<T: Tp<Cpu>>(x: Act<Cpu, T>) -> Tensor<(), f32, Cp
     tape.add_backward_op(move |grads| {
         let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
         let g = g[0];
-        wide(|| {
+        wide!(|| {
             for ((gx, xs), l) in gx.chunks_exact_mut(e).zip(data(&x).chunks_exact(e)).zip(&lse) {
                 let scale = g * 2.0 * l / n as f32;
                 for (d, x) in gx.iter_mut().zip(xs) {
@@ -91,14 +91,14 @@ pub fn dot_constant_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, c: &[f32]) -> Tensor<(), f
     let (x, mut tape) = x.split_tape();
     assert_eq!(c.len(), data(&x).len(), "dot_constant: {} constants for {:?}", c.len(), x.shape());
     let out = with_overwritten_output(&dev, (), |y| {
-        y[0] = wide(|| data(&x).iter().zip(c).map(|(x, c)| x * c).sum());
+        y[0] = wide!(|| data(&x).iter().zip(c).map(|(x, c)| x * c).sum());
     });
     let c = c.to_vec();
     let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
     tape.add_backward_op(move |grads| {
         let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
         let g = g[0];
-        wide(|| {
+        wide!(|| {
             for (d, c) in gx.iter_mut().zip(&c) {
                 *d = if add { *d + g * c } else { g * c };
             }
