@@ -13,13 +13,14 @@
 //! assert_eq!(sum, 2250.0);
 //! ```
 //!
-//! AVX-512 is not used: on the AVX-512 machine of issue 27 the same loops compiled for it ran no
-//! faster than for AVX2 (`switch-bench optimizer`, interleaved builds; docs/engine.md).
+//! AVX-512 is not used: on the AVX-512 machine of issue 27 the optimizer's loops compiled for it
+//! ran no faster than for AVX2 (`switch-bench optimizer`, two builds alternating three times: they
+//! are bound by memory and by vdivps, whose throughput per element is the same at either width).
 
 /// `wide!(|| body)`: `body` compiled for AVX2 when this CPU has it ([`wide`](crate::simd::wide),
-/// its closure marked `#[inline(always)]`). Without that mark LLVM may keep the closure a function
-/// of its own, compiled for baseline x86-64 — it did for most of the optimizer's loops, which ran
-/// as SSE2 code at half their speed until the mark was added.
+/// its closure marked `#[inline(always)]`). Without that mark LLVM may keep a closure a function of
+/// its own, compiled for baseline x86-64: a two-chunk version of the gradient norm's loop did, and
+/// ran as SSE2 code (perf); the mark makes the AVX2 copy a guarantee instead of a cost-model call.
 #[macro_export]
 macro_rules! wide {
     (|| $body:expr) => {
