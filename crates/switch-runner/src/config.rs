@@ -280,6 +280,41 @@ pub fn set_dotted(tree: &mut Value, key: &str, value: Value) -> Result<(), Strin
     Ok(())
 }
 
+/// `tree` (a whole config as JSON) as a [`RunConfig`]; an error names the key it is about
+/// (serde_json's own message names none): the first `section.field` whose value alone, on the
+/// defaults, fails as the whole tree did, e.g. ``train.kernels = "bogus": unknown variant `bogus`,
+/// expected one of `fused`, `plain`, …``.
+pub fn typed(tree: Value) -> Result<RunConfig, String> {
+    serde_json::from_value(tree.clone()).map_err(|e| match bad_key(&tree) {
+        Some((key, value, msg)) => format!("{key} = {value}: {}", in_words(msg)),
+        None => in_words(e.to_string()),
+    })
+}
+
+/// serde's Rust type names in a message, as what to write instead.
+fn in_words(msg: String) -> String {
+    let numbers = [
+        ("expected u64", "expected a whole number ≥ 0"),
+        ("expected usize", "expected a whole number ≥ 0"),
+        ("expected u32", "expected a whole number ≥ 0"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ];
+    numbers.iter().fold(msg, |m, (rust, words)| m.replace(rust, words))
+}
+
+fn bad_key(tree: &Value) -> Option<(String, Value, String)> {
+    let defaults = serde_json::to_value(RunConfig::default()).expect("serializable");
+    tree.as_object()?.iter().find_map(|(section, fields)| {
+        fields.as_object()?.iter().find_map(|(field, value)| {
+            let mut alone = defaults.clone();
+            alone.get_mut(section)?.as_object_mut()?.insert(field.clone(), value.clone());
+            let e = serde_json::from_value::<RunConfig>(alone).err()?;
+            Some((format!("{section}.{field}"), value.clone(), e.to_string()))
+        })
+    })
+}
+
 /// Merges a (partial) settings tree into `tree`, key by key.
 pub fn merge(tree: &mut Value, settings: &Map<String, Value>, prefix: &str) -> Result<(), String> {
     for (k, v) in settings {

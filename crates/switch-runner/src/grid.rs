@@ -1,6 +1,6 @@
 //! Experiment grids (`experiments/*.yaml`): expansion into resolved runs, with FLOPs per token
 //! checked or solved before anything trains.
-use crate::config::{explain_yaml_error, merge, set_dotted, RunConfig};
+use crate::config::{explain_yaml_error, merge, set_dotted, typed, RunConfig};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -326,8 +326,7 @@ fn resolve(path: &Path, base_tree: &Value, point: &Map<String, Value>) -> Result
     for (k, v) in point {
         set_dotted(&mut tree, k, v.clone()).map_err(|e| err(path, e))?;
     }
-    let mut cfg: RunConfig =
-        serde_json::from_value(tree).map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
+    let mut cfg = typed(tree).map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
     cfg.model.vocab_size = cfg.data.model_vocab_size();
     cfg.model.group_size.get_or_insert(cfg.train.batch_size);
     cfg.validate().map_err(|e| err(path, format!("point {}: {e}", Value::Object(point.clone()))))?;
@@ -395,6 +394,7 @@ fn base_tree(path: &Path, grid: &GridFile) -> Result<Value> {
     }
     if let Some(settings) = &grid.settings {
         merge(&mut tree, settings, "").map_err(|e| err(path, format!("settings: {e}")))?;
+        typed(tree.clone()).map_err(|e| err(path, format!("settings: {e}")))?;
     }
 
     Ok(tree)

@@ -101,8 +101,21 @@ fn malformed_grids_name_the_file_key_and_fix() {
     );
     let e = plan_err(tmp.path(), "u2", "gird:\n  model.num_experts: [1]\n");
     assert!(e.contains("unknown field `gird`") && e.contains("line 6") && e.contains("did you mean `grid`"), "{e}");
+    // A value of the wrong type or outside an enum: the file, the key, the point, what to write.
     let e = plan_err(tmp.path(), "t", "grid:\n  model.num_experts: [one]\n");
-    assert!(e.contains("t.yaml") && e.contains("invalid type"), "{e}");
+    assert!(e.contains("t.yaml") && e.contains("model.num_experts = \"one\"") && e.contains("whole number"), "{e}");
+    let e = plan_err(tmp.path(), "k", "points:\n  - {model.num_experts: 1}\n  - {train.kernels: bogus}\n");
+    assert!(
+        e.contains("k.yaml")
+            && e.contains("train.kernels = \"bogus\"")
+            && e.contains("`fused`, `plain`, `fused_router`"),
+        "{e}"
+    );
+    // One from the settings is blamed on the settings, not on the first point.
+    let st = tmp.path().join("st.yaml");
+    std::fs::write(&st, "name: st\nsettings:\n  train.steps: -4\ngrid:\n  model.num_experts: [1]\n").unwrap();
+    let e = format!("{:#}", switch_runner::plan(&st).err().expect("must fail"));
+    assert!(e.contains("st.yaml") && e.contains("settings: train.steps = -4") && e.contains("whole number"), "{e}");
     let e = plan_err(tmp.path(), "s", "grid: [1\n");
     assert!(e.contains("s.yaml") && e.contains("line"), "{e}");
     let e = plan_err(tmp.path(), "obj", "grid:\n  data.objective: [causal]\n");
