@@ -11,12 +11,21 @@
 //! let pts: Vec<(f64, f64)> = [2.0f64, 4.0, 8.0, 16.0].iter().map(|e| { let x = e.log2(); (*e, 0.1 * x - 0.01 * x * x) }).collect();
 //! let (b, c) = fit_seed(&pts).unwrap();
 //! assert!((b - 0.1).abs() < 1e-12 && (c + 0.01).abs() < 1e-12);
+//! // Two Switch sizes determine b and c exactly, whatever the gains: no fit.
+//! assert!(fit_seed(&[(8.0, 0.19), (64.0, 0.24)]).is_none());
 //! ```
 use crate::stats::mean_std;
 
 /// `(b, c)` of gain = b·log₂E + c·(log₂E)² through `(experts, gain)` points; `None` with fewer
-/// than two distinct expert counts.
+/// than three distinct Switch sizes: with two, the two-parameter curve passes through both points
+/// whatever they are, so it tests nothing (and its "returns diminish" would rest on two numbers).
 pub fn fit_seed(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let mut sizes: Vec<u64> = points.iter().filter(|p| p.0 > 1.0).map(|p| p.0.to_bits()).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.len() < 3 {
+        return None;
+    }
     let (mut s2, mut s3, mut s4, mut sg1, mut sg2) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for &(e, g) in points {
         let x = e.log2();
@@ -35,7 +44,8 @@ pub struct GainFit {
 }
 
 impl GainFit {
-    /// From `(seed, experts, gain)` triples; `None` without two seeds that each have two points.
+    /// From `(seed, experts, gain)` triples; `None` without two seeds that each have three Switch
+    /// sizes.
     pub fn new(setting: String, gains: &[(u64, f64, f64)]) -> Option<Self> {
         let mut seeds: Vec<u64> = gains.iter().map(|g| g.0).collect();
         seeds.sort_unstable();

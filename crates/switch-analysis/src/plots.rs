@@ -335,8 +335,8 @@ mod tests {
         let s = Series::line("a", vec![(1.0, f64::NAN), (2.0, 1.0), (f64::INFINITY, 2.0)], color(0));
         let kept = finite_only(&[s], false);
         assert_eq!(kept[0].points, vec![(2.0, 1.0)]);
-        let tmp = std::env::temp_dir().join(format!("switchlab-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path();
         let nan = Chart {
             title: "t",
             x_label: "x",
@@ -345,7 +345,7 @@ mod tests {
             legend_title: None,
             series: vec![Series::line("nan", vec![(0.0, 1.0), (1.0, f64::NAN)], color(0))],
         };
-        write(&tmp, "nan", &nan).unwrap();
+        write(tmp, "nan", &nan).unwrap();
         assert!(std::fs::read_to_string(tmp.join("nan.svg")).unwrap().contains("no data yet"));
     }
 

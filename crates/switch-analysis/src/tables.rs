@@ -153,7 +153,7 @@ fn paired_test(diffs: &[f64]) -> (String, String) {
 }
 
 /// The leading setting's per-seed gains fitted against log₂ E ([`crate::fit`]), when it has
-/// at least two Switch sizes and two seeds.
+/// at least three Switch sizes and two seeds.
 pub(crate) fn gain_fit(s: &Sweep) -> Option<GainFit> {
     let main = settings(s.groups, s.baseline).into_iter().next()?;
     let dense = main.dense?;
