@@ -364,7 +364,7 @@ pub(crate) fn width_ceiling(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         if dense.iter().any(|d| same_setting(d) && d.first().d_ff < width) {
             continue; // the ceiling is measured from the narrowest dense model of a setting
         }
-        let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff % width == 0;
+        let wider = |w: &&&Group| same_setting(w) && w.first().d_ff > width && w.first().d_ff.is_multiple_of(width);
         for wide in dense.iter().filter(wider) {
             let e = wide.first().d_ff / width;
             let switches: Vec<&Group> = s

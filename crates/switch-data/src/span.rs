@@ -85,8 +85,8 @@ impl SpanCorruption {
         let keep = Self::random_segmentation(self.raw_len - self.num_noise_tokens, self.num_spans, rng);
         let mut mask = Vec::with_capacity(self.raw_len);
         for (k, n) in keep.into_iter().zip(noise) {
-            mask.extend(std::iter::repeat(false).take(k));
-            mask.extend(std::iter::repeat(true).take(n));
+            mask.extend(std::iter::repeat_n(false, k));
+            mask.extend(std::iter::repeat_n(true, n));
         }
         mask
     }

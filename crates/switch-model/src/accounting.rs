@@ -170,7 +170,7 @@ impl ModelConfig {
         let cap = |examples: usize| {
             crate::moe::expert_capacity(cf, examples * len, self.num_experts, self.min_expert_capacity)
         };
-        (batch / group) * cap(group) + if batch % group > 0 { cap(batch % group) } else { 0 }
+        (batch / group) * cap(group) + if !batch.is_multiple_of(group) { cap(batch % group) } else { 0 }
     }
 
     /// A stack's activations: summed over layers in training, the largest layer in evaluation.

@@ -145,7 +145,7 @@ fn check(ok: bool, field: &'static str, value: impl ToString, allowed: &str) -> 
 impl ModelConfig {
     /// Layer `i` of a stack is sparse when `(i + 1) % expert_every == 0`: with 2, layers 1, 3, 5, …
     pub fn is_sparse_layer(&self, i: usize) -> bool {
-        self.num_experts > 1 && (i + 1) % self.expert_every == 0
+        self.num_experts > 1 && (i + 1).is_multiple_of(self.expert_every)
     }
 
     /// No encoder: the decoder alone, without cross-attention.

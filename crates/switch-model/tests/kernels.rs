@@ -49,8 +49,8 @@ fn fused_rms_norm_matches_the_plain_path() {
     let mut rng = StdRng::seed_from_u64(1);
     for (n, d, scale) in [(1, 1, 1.0), (5, 7, 1.0), (33, 64, 3.0), (4, 16, 1e-3)] {
         let (x, w, c) = (random(&mut rng, n * d, scale), random(&mut rng, d, 2.0), random(&mut rng, n * d, 1.0));
-        let fused = run(|x, w| rms_norm_fused(x, w), &dev, &x, &w, &c, d);
-        let plain = run(|x, w| rms_norm_plain(x, w), &dev, &x, &w, &c, d);
+        let fused = run(rms_norm_fused, &dev, &x, &w, &c, d);
+        let plain = run(rms_norm_plain, &dev, &x, &w, &c, d);
         close(&fused.0, &plain.0, 1e-5, "y");
         close(&fused.1, &plain.1, 1e-4, "dx");
         close(&fused.2, &plain.2, 1e-4, "dw");
@@ -63,7 +63,7 @@ fn fused_rms_norm_gradients_match_finite_differences() {
     let mut rng = StdRng::seed_from_u64(2);
     let (n, d) = (3, 5);
     let (x, w, c) = (random(&mut rng, n * d, 1.0), random(&mut rng, d, 2.0), random(&mut rng, n * d, 1.0));
-    let (_, dx, dw) = run(|x, w| rms_norm_fused(x, w), &dev, &x, &w, &c, d);
+    let (_, dx, dw) = run(rms_norm_fused, &dev, &x, &w, &c, d);
     let loss = |x: &[f32], w: &[f32]| -> f64 {
         let y = rms_norm_fused(dev.tensor_from_vec(x.to_vec(), (n, d)), &dev.tensor_from_vec(w.to_vec(), (d,)));
         y.as_vec().iter().zip(&c).map(|(a, b)| (*a as f64) * (*b as f64)).sum()
@@ -103,7 +103,7 @@ fn fused_rms_norm_accumulates_into_existing_gradients() {
         let grads = (weighted_sum(a.retaped(), &c) + weighted_sum(b, &c)).backward();
         (grads.get(&xt).as_vec(), grads.get(&wt).as_vec())
     };
-    let (fused, plain) = (twice(|x, w| rms_norm_fused(x, w)), twice(|x, w| rms_norm_plain(x, w)));
+    let (fused, plain) = (twice(rms_norm_fused), twice(rms_norm_plain));
     close(&fused.0, &plain.0, 1e-4, "dx");
     close(&fused.1, &plain.1, 1e-4, "dw");
 }
@@ -151,8 +151,8 @@ fn fused_param_matmul_matches_the_plain_path_on_one_and_two_threads() {
             let (x, w) =
                 (random(&mut rng, l.experts * tokens * l.k, 1.0), random(&mut rng, l.experts * l.k * l.m, 1.0));
             let c = random(&mut rng, l.experts * tokens * l.m, 1.0);
-            let fused = pool.install(|| run_matmul(|x, w, l| param_matmul_fused(x, w, l), &dev, &x, &w, &c, l));
-            let plain = run_matmul(|x, w, l| param_matmul_plain(x, w, l), &dev, &x, &w, &c, l);
+            let fused = pool.install(|| run_matmul(param_matmul_fused, &dev, &x, &w, &c, l));
+            let plain = run_matmul(param_matmul_plain, &dev, &x, &w, &c, l);
             close(&fused.0, &plain.0, 1e-5, "y");
             close(&fused.1, &plain.1, 1e-5, "dx");
             close(&fused.2, &plain.2, 1e-5, "dw");
@@ -178,8 +178,8 @@ fn fused_param_matmul_overwrites_the_stale_buffers_it_takes_from_the_cache() {
             let (x, w) =
                 (random(&mut rng, l.experts * tokens * l.k, 1.0), random(&mut rng, l.experts * l.k * l.m, 1.0));
             let c = random(&mut rng, l.experts * tokens * l.m, 1.0);
-            let fused = pool.install(|| run_matmul(|x, w, l| param_matmul_fused(x, w, l), &cached, &x, &w, &c, l));
-            let plain = run_matmul(|x, w, l| param_matmul_plain(x, w, l), &Dev::default(), &x, &w, &c, l);
+            let fused = pool.install(|| run_matmul(param_matmul_fused, &cached, &x, &w, &c, l));
+            let plain = run_matmul(param_matmul_plain, &Dev::default(), &x, &w, &c, l);
             close(&fused.1, &plain.1, 1e-5, "dx");
             close(&fused.2, &plain.2, 1e-5, "dw");
         }
@@ -217,7 +217,7 @@ fn fused_param_matmul_gradients_match_finite_differences() {
         let (tokens, l) = (3, Stacked { experts: 2, k: 4, m: 5, transposed });
         let (x, w) = (random(&mut rng, 2 * tokens * 4, 1.0), random(&mut rng, 2 * 4 * 5, 1.0));
         let c = random(&mut rng, 2 * tokens * 5, 1.0);
-        let (_, dx, dw) = run_matmul(|x, w, l| param_matmul_fused(x, w, l), &dev, &x, &w, &c, l);
+        let (_, dx, dw) = run_matmul(param_matmul_fused, &dev, &x, &w, &c, l);
         let loss = |x: &[f32], w: &[f32]| -> f64 {
             let xt = dev.tensor_from_vec(x.to_vec(), (2, tokens, 4));
             let y = param_matmul_fused(xt, &dev.tensor_from_vec(w.to_vec(), (w.len(),)), l);
@@ -246,7 +246,7 @@ fn fused_param_matmul_accumulates_into_existing_gradients() {
             + weighted_sum(logits.reshape_like(&(n, v)), &c);
         loss.backward().get(&et).as_vec()
     };
-    close(&both(|x, w, l| param_matmul_fused(x, w, l)), &both(|x, w, l| param_matmul_plain(x, w, l)), 1e-5, "d emb");
+    close(&both(param_matmul_fused), &both(param_matmul_plain), 1e-5, "d emb");
 }
 
 /// Output, ∂/∂x and ∂/∂w of Σ (x · W) ⊙ c + Σ (x · W) ⊙ c2 with `x` used twice (GEGLU's two
@@ -401,8 +401,8 @@ fn fused_cross_entropy_matches_the_plain_path_on_one_and_two_threads() {
         for (n, v, scale) in [(1, 1, 1.0), (3, 5, 1.0), (40, 300, 4.0), (7, 2048, 30.0)] {
             let logits = random(&mut rng, n * v, scale);
             let targets: Vec<usize> = (0..n).map(|_| rng.gen_range(0..v)).collect();
-            let fused = pool.install(|| run_ce(|l, t| cross_entropy_fused(l, t), &dev, &logits, &targets));
-            let plain = run_ce(|l, t| cross_entropy_plain(l, t), &dev, &logits, &targets);
+            let fused = pool.install(|| run_ce(cross_entropy_fused, &dev, &logits, &targets));
+            let plain = run_ce(cross_entropy_plain, &dev, &logits, &targets);
             close(&[fused.0], &[plain.0], 1e-5, "loss");
             close(&fused.1, &plain.1, 1e-5, "d logits");
         }
@@ -413,12 +413,12 @@ fn fused_cross_entropy_matches_the_plain_path_on_one_and_two_threads() {
 fn fused_cross_entropy_is_stable_for_large_logits_and_matches_finite_differences() {
     let dev = Dev::default();
     // softmax of [1000, 0, −1000] is [1, e^-1000, 0]: the loss of target 0 is ~0, of target 1 is 1000
-    let (loss, _) = run_ce(|l, t| cross_entropy_fused(l, t), &dev, &[1000.0, 0.0, -1000.0], &[1]);
+    let (loss, _) = run_ce(cross_entropy_fused, &dev, &[1000.0, 0.0, -1000.0], &[1]);
     assert!((loss - 1000.0).abs() < 1e-3, "{loss}");
     let mut rng = StdRng::seed_from_u64(8);
     let (n, v) = (3, 4);
     let (logits, targets) = (random(&mut rng, n * v, 2.0), vec![0, 3, 3]);
-    let (_, grad) = run_ce(|l, t| cross_entropy_fused(l, t), &dev, &logits, &targets);
+    let (_, grad) = run_ce(cross_entropy_fused, &dev, &logits, &targets);
     let loss =
         |l: &[f32]| 3.0 * cross_entropy_fused(dev.tensor_from_vec(l.to_vec(), (n, v)), &targets).as_vec()[0] as f64;
     let eps = 1e-2f32;
@@ -528,11 +528,10 @@ fn fused_attention_matches_the_plain_path_on_one_and_two_threads() {
     for case in attention_cases() {
         for scale in [1.0, 4.0] {
             let x = case.inputs(&mut rng, scale);
-            let [fused, two_threads] = pools
-                .each_ref()
-                .map(|pool| pool.install(|| case.run(|q, k, v, b, n, h| attention_fused(q, k, v, b, n, h), &dev, &x)));
+            let [fused, two_threads] =
+                pools.each_ref().map(|pool| pool.install(|| case.run(attention_fused, &dev, &x)));
             assert_eq!(fused, two_threads, "examples in parallel keep every bit");
-            let plain = case.run(|q, k, v, b, n, h| attention_plain(q, k, v, b, n, h), &dev, &x);
+            let plain = case.run(attention_plain, &dev, &x);
             for (what, (f, p)) in ["out", "dq", "dk", "dv", "d table"].iter().zip(fused.iter().zip(&plain)) {
                 close(f, p, 1e-4, what);
             }
@@ -549,7 +548,7 @@ fn fused_attention_gradients_match_finite_differences() {
     let mut rng = StdRng::seed_from_u64(10);
     let case = AttentionCase { batch: 2, heads: 2, dk: 3, lq: 4, lk: 4, bias: Some(true) };
     let x = case.inputs(&mut rng, 1.0);
-    let [_, dq, dk, dv, dtable] = case.run(|q, k, v, b, n, h| attention_fused(q, k, v, b, n, h), &dev, &x);
+    let [_, dq, dk, dv, dtable] = case.run(attention_fused, &dev, &x);
     let loss = |x: &AttentionInputs| -> f64 {
         let hd = case.heads * case.dk;
         let t = |v: &[f32], rows| dev.tensor_from_vec(v.to_vec(), (rows, hd));

@@ -278,7 +278,7 @@ impl RunDir {
                         && line.split(',').count() == header.split(',').count()
                 };
                 if keep {
-                    kept.push_str(&line);
+                    kept.push_str(line);
                     kept.push('\n');
                 }
             }

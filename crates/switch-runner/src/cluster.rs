@@ -35,7 +35,7 @@ fn time_ok(t: &str) -> bool {
         None => (None, t),
     };
     let num = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    days.map_or(true, num) && !rest.is_empty() && rest.split(':').count() <= 3 && rest.split(':').all(num)
+    days.is_none_or(num) && !rest.is_empty() && rest.split(':').count() <= 3 && rest.split(':').all(num)
 }
 
 impl SlurmConfig {
@@ -74,7 +74,7 @@ impl SlurmConfig {
     /// partition when `require_partition` is set.
     pub fn validate(&self, grid: &Path) -> Result<()> {
         self.check_values(grid)?;
-        if self.require_partition && self.partition.as_deref().map_or(true, str::is_empty) {
+        if self.require_partition && self.partition.as_deref().is_none_or(str::is_empty) {
             return Err(Error::input(
                 grid,
                 "slurm.partition: is required (require_partition: true): name the partition to submit to, e.g. `partition: gpu`",

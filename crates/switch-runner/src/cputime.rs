@@ -45,7 +45,7 @@ mod tests {
                 }
             });
             let busy = run_cpu_seconds() - before;
-            assert!(busy >= 0.4 && busy < 1.0, "two threads × 0.2 s counted as {busy} s");
+            assert!((0.4..1.0).contains(&busy), "two threads × 0.2 s counted as {busy} s");
             std::thread::sleep(std::time::Duration::from_millis(200));
             let idle = run_cpu_seconds() - before - busy;
             assert!(idle < 0.1, "sleeping cost {idle} CPU seconds");

@@ -538,12 +538,12 @@ fn solve(
         if !chosen {
             continue;
         }
-        let (value, flops) = solve_size(&configs[i], &solve, target_flops);
+        let (value, flops) = solve_size(&configs[i], solve, target_flops);
         if (flops / target_flops - 1.0).abs() > tolerance {
             return Err(err(path, format!("flops_per_token.solve: no {solve} brings point {} within {:.1}% of the target FLOPs (best {value}: {:.3}×)", Value::Object(p.clone()), tolerance * 100.0, flops / target_flops)));
         }
         p.insert(solve.clone(), Value::from(value));
-        configs[i] = resolve(path, &tree, p)?;
+        configs[i] = resolve(path, tree, p)?;
     }
     Ok(())
 }
@@ -562,7 +562,7 @@ fn seeded_runs(
         for &seed in seeds {
             let mut point = p.clone();
             point.insert("train.seed".into(), Value::from(seed));
-            let config = resolve(path, &tree, &point)?;
+            let config = resolve(path, tree, &point)?;
             let accounting = config.accounting();
             runs.push(PlannedRun {
                 run_id: run_id(&config),

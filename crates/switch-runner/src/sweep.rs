@@ -107,8 +107,8 @@ pub fn datasets(configs: &[&DataConfig], results_root: &Path) -> Result<HashMap<
     let mut out = HashMap::new();
     for c in configs {
         let key = serde_json::to_string(c).expect("serializable");
-        if !out.contains_key(&key) {
-            out.insert(key, Arc::new(Dataset::build(c, &results_root.join(".cache"))?));
+        if let std::collections::hash_map::Entry::Vacant(e) = out.entry(key) {
+            e.insert(Arc::new(Dataset::build(c, &results_root.join(".cache"))?));
         }
     }
     Ok(out)
@@ -212,7 +212,7 @@ fn train_pending(
     let file = plan.run_file(run);
     let ds = &data[&serde_json::to_string(&run.config.data).expect("serializable")];
     let dir = RunDir::new(sweep_dir.join("runs").join(&run.run_id));
-    let bar = bars.insert_before(&overall, ProgressBar::new(run.config.train.steps));
+    let bar = bars.insert_before(overall, ProgressBar::new(run.config.train.steps));
     bar.set_style(
         ProgressStyle::with_template("{prefix:>14} [{bar:20}] {pos}/{len} {msg}")
             .expect("template")
@@ -230,7 +230,7 @@ fn train_pending(
         bar.set_message(format!("loss {loss:.3}, {tps:.0} tok/s"));
         let prev = last.swap(step as usize, Ordering::SeqCst) as u64;
         overall.inc(step.saturating_sub(prev));
-        if plain && (step % eval_every == 0 || step == run.config.train.steps) {
+        if plain && (step.is_multiple_of(eval_every) || step == run.config.train.steps) {
             tracing::info!(
                 "{} {label}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
                 run.run_id,

@@ -136,7 +136,7 @@ fn adamw_with_bf16_moments_follows_f32_adamw() {
     let mut bf16_opt = OptimizerState::adamw(&[n]).with_moments(MomentPrecision::Bf16);
     let (mut p, mut q) = (vec![vec![0.5f32; n]], vec![vec![0.5f32; n]]);
     for t in 1..=20u64 {
-        let g: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.37 + t as f32 * 1.3).sin() * 0.1)).collect();
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + t as f32 * 1.3).sin() * 0.1).collect();
         f32_opt.step(&mut p, &[g.clone()], t, 1e-3, &cfg);
         bf16_opt.step(&mut q, &[g], t, 1e-3, &cfg);
     }

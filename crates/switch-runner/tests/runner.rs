@@ -20,7 +20,7 @@ fn grid(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn plan_err(dir: &Path, name: &str, body: &str) -> String {
-    format!("{:#}", switch_runner::plan(&grid(dir, name, body)).err().expect("must fail"))
+    format!("{:#}", switch_runner::plan(&grid(dir, name, body)).expect_err("must fail"))
 }
 
 #[test]
@@ -114,7 +114,7 @@ fn malformed_grids_name_the_file_key_and_fix() {
     // One from the settings is blamed on the settings, not on the first point.
     let st = tmp.path().join("st.yaml");
     std::fs::write(&st, "name: st\nsettings:\n  train.steps: -4\ngrid:\n  model.num_experts: [1]\n").unwrap();
-    let e = format!("{:#}", switch_runner::plan(&st).err().expect("must fail"));
+    let e = format!("{:#}", switch_runner::plan(&st).expect_err("must fail"));
     assert!(e.contains("st.yaml") && e.contains("settings: train.steps = -4") && e.contains("whole number"), "{e}");
     let e = plan_err(tmp.path(), "s", "grid: [1\n");
     assert!(e.contains("s.yaml") && e.contains("line"), "{e}");
@@ -327,7 +327,7 @@ fn empty_grid_files_are_refused_naming_the_file() {
     for text in ["", "   \n\n", "# nothing yet\n", "---\n# still nothing\n"] {
         let path = tmp.path().join("blank.yaml");
         std::fs::write(&path, text).unwrap();
-        let e = format!("{:#}", switch_runner::plan(&path).err().expect("an empty grid must fail"));
+        let e = format!("{:#}", switch_runner::plan(&path).expect_err("an empty grid must fail"));
         assert!(e.contains("blank.yaml") && e.contains("grid file is empty") && e.contains("grid:"), "{e}");
     }
 }
@@ -645,7 +645,7 @@ fn too_many_threads_are_refused_before_anything_is_written() {
         retry_failed: false,
         max_memory: None,
     };
-    let err = format!("{:#}", sweep::sweep(&plan, &opts).err().expect("must fail"));
+    let err = format!("{:#}", sweep::sweep(&plan, &opts).expect_err("must fail"));
     assert!(err.contains("--threads 100000") && err.contains("per core"), "{err}");
     assert!(!tmp.path().join("results").exists());
 }
@@ -684,8 +684,7 @@ fn a_damaged_checkpoint_fails_its_run_naming_the_file_and_the_fix() {
     for (i, (file, damage)) in damage.into_iter().enumerate() {
         let (run, dir, ds) = interrupted(tmp.path(), &format!("ck{i}"));
         damage(&dir.path.join("checkpoint"));
-        let err =
-            format!("{:#}", train::train(&run.config, &ds, &dir, &never, &|_, _, _| {}).err().expect("must fail"));
+        let err = format!("{:#}", train::train(&run.config, &ds, &dir, &never, &|_, _, _| {}).expect_err("must fail"));
         let named = err.contains(file) || err.contains(&dir.path.join("checkpoint").display().to_string());
         assert!(named && err.contains("Delete") && err.contains("from scratch"), "{err}");
     }

@@ -323,7 +323,7 @@ fn train(config: &Path) -> anyhow::Result<()> {
     let ds = data.values().next().expect("one dataset");
     install_ctrl_c();
     let progress = |step: u64, loss: f32, tps: f64| {
-        if step % run.config.train.eval_every == 0 || step == run.config.train.steps {
+        if step.is_multiple_of(run.config.train.eval_every) || step == run.config.train.steps {
             tracing::info!(
                 "{}: step {step}/{}, train loss {loss:.3}, {tps:.0} tokens/s",
                 run.run_id,

@@ -438,8 +438,8 @@ pub(crate) fn gemm_strided(
     accumulate: bool,
 ) {
     assert!(dst.len() >= (rows - 1) * dst_rs + cols);
-    assert!(lhs.0.len() >= (rows - 1) * lhs.1 + (inner - 1) * lhs.2 + 1);
-    assert!(rhs.0.len() >= (inner - 1) * rhs.1 + (cols - 1) * rhs.2 + 1);
+    assert!(lhs.0.len() > (rows - 1) * lhs.1 + (inner - 1) * lhs.2);
+    assert!(rhs.0.len() > (inner - 1) * rhs.1 + (cols - 1) * rhs.2);
     // SAFETY: the asserts above keep every index gemm reads or writes inside the slices; `dst`
     // is borrowed mutably, so it aliases neither operand.
     unsafe {
@@ -537,7 +537,7 @@ struct OwnKernels {
 
 impl OwnKernels {
     fn for_shape(slots_used: bool, layout: Stacked, c: usize) -> Self {
-        let fits = slots_used && !layout.transposed && layout.m % slots::LANES == 0 && slots::available();
+        let fits = slots_used && !layout.transposed && layout.m.is_multiple_of(slots::LANES) && slots::available();
         Self { dx: fits && layout.m >= 128, dw: fits && c <= 64 }
     }
 }
