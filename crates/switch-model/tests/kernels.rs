@@ -381,6 +381,38 @@ fn the_slot_loops_match_a_sum_in_f64() {
     }
 }
 
+#[test]
+fn broadcast_product_keeps_its_bits_wherever_its_output_starts() {
+    // Overwriting, it streams 64-byte aligned vectors and computes the columns around them apart
+    // (`edge_tile`): every offset of the output from a cache line, the same bits as the plain
+    // FMA chains, and nothing outside the output touched.
+    use switch_model::kernels::slots;
+    let mut rng = StdRng::seed_from_u64(12);
+    // Rows of ≥ 128 columns stream: 8, 9 and 16 vectors a row, shifted or not, in 4- and 1-row tiles.
+    for (rows, cols, inner) in [(1, 16, 3), (4, 64, 20), (6, 128, 7), (4, 144, 2), (9, 256, 33), (5, 128, 0)] {
+        let (a, b) = (random(&mut rng, rows * inner, 1.0), random(&mut rng, inner * cols, 1.0));
+        let want: Vec<u32> = (0..rows * cols)
+            .map(|o| {
+                let (r, c) = (o / cols, o % cols);
+                (0..inner).fold(0.0f32, |acc, p| a[r * inner + p].mul_add(b[p * cols + c], acc)).to_bits()
+            })
+            .collect();
+        for offset in 0..16 {
+            let mut buf = vec![f32::NAN; rows * cols + 32];
+            slots::broadcast_product(
+                &mut buf[offset..offset + rows * cols],
+                (rows, cols, inner),
+                (&a, inner, 1),
+                &b,
+                false,
+            );
+            let got: Vec<u32> = buf[offset..offset + rows * cols].iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "{rows}×{cols}×{inner} at offset {offset}");
+            assert!(buf[..offset].iter().chain(&buf[offset + rows * cols..]).all(|x| x.is_nan()), "wrote outside");
+        }
+    }
+}
+
 type CrossEntropy = fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>;
 
 /// Loss and ∂/∂logits of 3 × cross-entropy (the 3 checks that the upstream gradient is used).

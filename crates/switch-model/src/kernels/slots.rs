@@ -7,7 +7,8 @@
 //! each expert's last filled slot.
 //!
 //! - [`broadcast_product`]: `dst = a · b`, `b` row-major: each `a` element broadcast times rows of
-//!   `b` (the forward product and ∂W = xᵀ · g).
+//!   `b` (the forward product and ∂W = xᵀ · g). Overwriting rows of 128 columns or more, it
+//!   writes them with streaming stores (a ∂W is read again only after the whole backward pass).
 //! - [`dot_product`]: `dst = a · bᵀ`, both row-major: dot products of rows (∂x = g · Wᵀ).
 //!
 //! Without AVX-512F (their plain loops there are for tests, not speed), or where a width is not a
@@ -89,6 +90,18 @@ pub fn broadcast_product(
     }
 }
 
+/// Overwriting, the tiles store with non-temporal (streaming) stores, which need 64-byte aligned
+/// addresses: a ∂W is written once and read only after the whole backward pass, and a plain store
+/// first reads each cache line it writes (one thread wrote 6–7 GB/s that way against 19 GB/s
+/// streaming on the AVX-512 machine of issue 27; `results/engine/report/2026-12-06-streaming-stores.txt`).
+/// So the columns are shifted by `head`, the
+/// first aligned one of the row; the `head` columns before it and the 16 − `head` after the last
+/// aligned vector are one [`edge_tile`] vector per row, plainly stored. Every element is still
+/// one FMA chain over the inner dimension in order: the same bits, wherever the columns split.
+/// Rows at least this wide stream (see [`broadcast_avx512`]): a narrower row's edge vector is a
+/// large share of its work.
+const STREAM_MIN_COLS: usize = 128;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn broadcast_avx512(
@@ -98,29 +111,77 @@ unsafe fn broadcast_avx512(
     b: &[f32],
     accumulate: bool,
 ) {
+    // Rows are whole vectors long, so every row has the same offset from a 64-byte line.
+    let stream = !accumulate && cols >= STREAM_MIN_COLS;
+    let head = if stream { (64 - dst.as_ptr() as usize % 64) % 64 / 4 } else { 0 };
+    let (first, vectors_per_row) = (head, cols / LANES - usize::from(head > 0));
     let mut r = 0;
     while r < rows {
         let tile_rows = (rows - r).min(4);
-        let mut c = 0;
-        while c < cols {
-            let vectors = ((cols - c) / LANES).min(4);
+        let mut c = first;
+        while c < first + vectors_per_row * LANES {
+            let vectors = ((first + vectors_per_row * LANES - c) / LANES).min(4);
             // Plain loops, no closures: the tiles must inline into this AVX-512 function.
+            let at = (r, c, cols, inner);
             if (tile_rows, vectors) == (4, 4) {
-                broadcast_tile::<4, 4>(dst, (r, c, cols, inner), a, b, accumulate);
+                broadcast_tile::<4, 4>(dst, at, a, b, (accumulate, stream));
+            } else if (tile_rows, vectors) == (4, 3) {
+                // a row of 64 columns shifted for streaming: 3 aligned vectors and an edge
+                broadcast_tile::<4, 3>(dst, at, a, b, (accumulate, stream));
             } else if tile_rows == 4 {
                 for v in 0..vectors {
-                    broadcast_tile::<4, 1>(dst, (r, c + v * LANES, cols, inner), a, b, accumulate);
+                    broadcast_tile::<4, 1>(dst, (r, c + v * LANES, cols, inner), a, b, (accumulate, stream));
                 }
             } else {
                 for i in r..r + tile_rows {
                     for v in 0..vectors {
-                        broadcast_tile::<1, 1>(dst, (i, c + v * LANES, cols, inner), a, b, accumulate);
+                        broadcast_tile::<1, 1>(dst, (i, c + v * LANES, cols, inner), a, b, (accumulate, stream));
                     }
                 }
             }
             c += vectors * LANES;
         }
+        if head > 0 {
+            if tile_rows == 4 {
+                edge_tile::<4>(dst, (r, head, cols, inner), a, b);
+            } else {
+                for i in r..r + tile_rows {
+                    edge_tile::<1>(dst, (i, head, cols, inner), a, b);
+                }
+            }
+        }
         r += tile_rows;
+    }
+    if stream {
+        // Streaming stores are weakly ordered: make them visible before another thread reads.
+        _mm_sfence();
+    }
+}
+
+/// R rows of the columns an overwriting [`broadcast_avx512`] shifted out of its aligned vectors:
+/// lanes 0..`head` are the row's first `head` columns, lanes `head`..16 its last 16 − `head`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn edge_tile<const R: usize>(
+    dst: &mut [f32],
+    (r, head, cols, inner): (usize, usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    b: &[f32],
+) {
+    let low: __mmask16 = ((1u32 << head) - 1) as __mmask16;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for p in 0..inner {
+        let brow = b.as_ptr().add(p * cols);
+        let bv = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(low, brow), !low, brow.add(cols - LANES));
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let s = _mm512_set1_ps(*a.get_unchecked((r + i) * a_rs + p * a_cs));
+            *acc = _mm512_fmadd_ps(s, bv, *acc);
+        }
+    }
+    for (i, &x) in acc.iter().enumerate() {
+        let row = dst.as_mut_ptr().add((r + i) * cols);
+        _mm512_mask_storeu_ps(row, low, x);
+        _mm512_mask_storeu_ps(row.add(cols - LANES), !low, x);
     }
 }
 
@@ -132,7 +193,7 @@ unsafe fn broadcast_tile<const R: usize, const V: usize>(
     (r, c, cols, inner): (usize, usize, usize, usize),
     (a, a_rs, a_cs): (&[f32], usize, usize),
     b: &[f32],
-    accumulate: bool,
+    (accumulate, stream): (bool, bool),
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for p in 0..inner {
@@ -148,7 +209,7 @@ unsafe fn broadcast_tile<const R: usize, const V: usize>(
             }
         }
     }
-    store(dst, (r, c, cols), &acc, accumulate);
+    store(dst, (r, c, cols), &acc, (accumulate, stream));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -157,13 +218,18 @@ unsafe fn store<const R: usize, const V: usize>(
     dst: &mut [f32],
     (r, c, cols): (usize, usize, usize),
     acc: &[[__m512; V]; R],
-    accumulate: bool,
+    (accumulate, stream): (bool, bool),
 ) {
     for (i, acc_row) in acc.iter().enumerate() {
         for (v, &x) in acc_row.iter().enumerate() {
             let out = dst.as_mut_ptr().add((r + i) * cols + c + v * LANES);
-            let x = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out), x) } else { x };
-            _mm512_storeu_ps(out, x);
+            if stream {
+                // 64-byte aligned: `broadcast_avx512` shifted the columns so.
+                _mm512_stream_ps(out, x);
+            } else {
+                let x = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out), x) } else { x };
+                _mm512_storeu_ps(out, x);
+            }
         }
     }
 }
