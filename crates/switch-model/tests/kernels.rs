@@ -387,6 +387,9 @@ fn broadcast_product_keeps_its_bits_wherever_its_output_starts() {
     // (`edge_tile`): every offset of the output from a cache line, the same bits as the plain
     // FMA chains, and nothing outside the output touched.
     use switch_model::kernels::slots;
+    if !slots::available() {
+        eprintln!("no AVX-512F here: this checks the plain loops, not the streaming ones");
+    }
     let mut rng = StdRng::seed_from_u64(12);
     // Rows of ≥ 128 columns stream: 8, 9 and 16 vectors a row, shifted or not, in 4- and 1-row tiles.
     for (rows, cols, inner) in [(1, 16, 3), (4, 64, 20), (6, 128, 7), (4, 144, 2), (9, 256, 33), (5, 128, 0)] {
@@ -397,18 +400,23 @@ fn broadcast_product_keeps_its_bits_wherever_its_output_starts() {
                 (0..inner).fold(0.0f32, |acc, p| a[r * inner + p].mul_add(b[p * cols + c], acc)).to_bits()
             })
             .collect();
-        for offset in 0..16 {
-            let mut buf = vec![f32::NAN; rows * cols + 32];
-            slots::broadcast_product(
-                &mut buf[offset..offset + rows * cols],
-                (rows, cols, inner),
-                (&a, inner, 1),
-                &b,
-                false,
-            );
-            let got: Vec<u32> = buf[offset..offset + rows * cols].iter().map(|x| x.to_bits()).collect();
-            assert_eq!(got, want, "{rows}×{cols}×{inner} at offset {offset}");
-            assert!(buf[..offset].iter().chain(&buf[offset + rows * cols..]).all(|x| x.is_nan()), "wrote outside");
+        // `a` as given and stored transposed (row stride 1, column stride `rows`), as ∂W reads x
+        let at: Vec<f32> = (0..inner * rows).map(|i| a[(i % rows) * inner + i / rows]).collect();
+        for (a, strides) in [(&a, (inner, 1)), (&at, (1, rows))] {
+            for offset in 0..16 {
+                let mut buf = vec![f32::NAN; rows * cols + 32];
+                let out = offset..offset + rows * cols;
+                slots::broadcast_product(
+                    &mut buf[out.clone()],
+                    (rows, cols, inner),
+                    (a, strides.0, strides.1),
+                    &b,
+                    false,
+                );
+                let got: Vec<u32> = buf[out.clone()].iter().map(|x| x.to_bits()).collect();
+                assert_eq!(got, want, "{rows}×{cols}×{inner} at offset {offset}, a strides {strides:?}");
+                assert!(buf[..offset].iter().chain(&buf[out.end..]).all(|x| x.is_nan()), "wrote outside");
+            }
         }
     }
 }

@@ -305,7 +305,12 @@ fn adafactor(p: &mut [f32], g: &[f32], v: &mut [f32], shape: [usize; 3], grad_sc
                 *v = decay * *v + mix * ((x * grad_scale) * (x * grad_scale) + EPS1);
             }
         });
-        apply_clipped(p, step, |i| g[i] * grad_scale * (1.0 / v[i].sqrt()));
+        apply_clipped(
+            p,
+            step,
+            #[inline(always)]
+            |i| g[i] * grad_scale * (1.0 / v[i].sqrt()),
+        );
         return;
     }
     // Factored: row and column means of g², per stacked matrix.
@@ -361,6 +366,8 @@ fn clipped_step(step: f32, u_sq: f64, n: usize) -> f32 {
 }
 
 /// p −= step × u / max(1, RMS(u) / threshold): Adafactor's update clipping, over the whole variable.
+/// `u` is inlined into the AVX2 loop only when it is marked `#[inline(always)]` (see `wide!`).
+#[inline(always)]
 fn apply_clipped(p: &mut [f32], step: f32, u: impl Fn(usize) -> f32) {
     let u_sq = (0..p.len()).map(&u).fold(0.0f64, |a, v| a + (v as f64) * (v as f64));
     let step = clipped_step(step, u_sq, p.len());

@@ -7,8 +7,8 @@
 //! each expert's last filled slot.
 //!
 //! - [`broadcast_product`]: `dst = a · b`, `b` row-major: each `a` element broadcast times rows of
-//!   `b` (the forward product and ∂W = xᵀ · g). Overwriting rows of 128 columns or more, it
-//!   writes them with streaming stores (a ∂W is read again only after the whole backward pass).
+//!   `b` (∂W = xᵀ · g). Overwriting rows of 128 columns or more, it writes them with streaming
+//!   stores (a ∂W is read again only after the whole backward pass).
 //! - [`dot_product`]: `dst = a · bᵀ`, both row-major: dot products of rows (∂x = g · Wᵀ).
 //!
 //! Without AVX-512F (their plain loops there are for tests, not speed), or where a width is not a
@@ -59,7 +59,9 @@ fn fits(len: usize, terms: &[(usize, usize)]) -> bool {
 }
 
 /// `dst (rows × cols, row-major) [+]= a (rows × inner; row stride, column stride) · b (inner × cols,
-/// row-major)`; `cols` a multiple of [`LANES`].
+/// row-major)`; `cols` a multiple of [`LANES`]. Overwriting rows of 128 columns or more, it writes
+/// them with streaming stores, which leave `dst` out of the caches: right for ∂W, read again only
+/// after the whole backward pass (its one caller), wrong for an output read at once.
 ///
 /// # Panics
 /// If `cols` is not a multiple of [`LANES`], or if a slice is too short for its shape.
@@ -126,7 +128,7 @@ unsafe fn broadcast_avx512(
             if (tile_rows, vectors) == (4, 4) {
                 broadcast_tile::<4, 4>(dst, at, a, b, (accumulate, stream));
             } else if (tile_rows, vectors) == (4, 3) {
-                // a row of 64 columns shifted for streaming: 3 aligned vectors and an edge
+                // 4 rows, 3 vectors left: e.g. a 128-column row shifted for streaming (7 = 4 + 3)
                 broadcast_tile::<4, 3>(dst, at, a, b, (accumulate, stream));
             } else if tile_rows == 4 {
                 for v in 0..vectors {
@@ -220,6 +222,7 @@ unsafe fn store<const R: usize, const V: usize>(
     acc: &[[__m512; V]; R],
     (accumulate, stream): (bool, bool),
 ) {
+    debug_assert!(!(stream && accumulate), "a streamed store overwrites");
     for (i, acc_row) in acc.iter().enumerate() {
         for (v, &x) in acc_row.iter().enumerate() {
             let out = dst.as_mut_ptr().add((r + i) * cols + c + v * LANES);
