@@ -306,7 +306,11 @@ impl<D: crate::kernels::Kernels> MoeLayer<D> {
         let z_loss = router_z_loss(logits.clone().put_tape(logits_tape), z_coef, ctx.kernels);
         let probs = D::softmax_rows(ctx.kernels, logits.retaped::<T>());
         let (probs, probs_tape) = probs.split_tape();
-        let probs_host = if self.hash_routing { hash_choices(token_ids, e) } else { probs.as_vec() };
+        let probs_host = if self.hash_routing {
+            std::borrow::Cow::Owned(hash_choices(token_ids, e))
+        } else {
+            D::host_values(&probs)
+        };
 
         let cf = if ctx.train { self.capacity_factor } else { self.eval_capacity_factor };
         let capacity_of = |tokens| expert_capacity(cf, tokens, e, self.min_expert_capacity);

@@ -121,6 +121,11 @@ pub trait Kernels: Device<f32> {
     fn indices(&self, values: &[usize]) -> Tensor<(usize,), usize, Self> {
         self.tensor_from_vec(values.to_vec(), (values.len(),))
     }
+    /// `t`'s values on the host, row-major: a copy, or on the CPU its own buffer in place (the
+    /// router's probabilities are read there every step to route the tokens).
+    fn host_values<S: Shape, T>(t: &Tensor<S, f32, Self, T>) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(t.as_vec())
+    }
     /// `x · w / √(mean(x²) + ε)` over the last axis. `x`: `[tokens, d]`, `w`: `[d]`.
     fn rms_norm<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
         rms_norm_plain(x, w)
@@ -232,6 +237,9 @@ impl Kernels for Cpu {
         let mut t = self.zeros_like(&(values.len(),));
         t.copy_from(values);
         t
+    }
+    fn host_values<S: Shape, T>(t: &Tensor<S, f32, Self, T>) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(data(t))
     }
     fn rms_norm<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, w: &Param<Self>) -> Act<Self, T> {
         pick!(mode.fuses_layers(), rms_norm_plain(x, w), rms_norm_fused(x, w))
