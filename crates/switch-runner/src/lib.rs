@@ -8,7 +8,7 @@
 //! - [`optim`]: AdamW and Adafactor;
 //! - [`probe`]: where a trained run's routers get their gradient from;
 //! - [`rundir`]: the run-folder contract with the analysis crate;
-//! - [`sweep`]: local execution with resume, failure isolation and progress;
+//! - [`sweep`](mod@sweep): local execution with resume, failure isolation and progress;
 //! - [`error`]: the typed [`Error`] every fallible function returns.
 pub mod cluster;
 pub mod config;

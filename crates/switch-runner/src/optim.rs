@@ -223,7 +223,7 @@ fn chunked_sum<T: Sync>(x: &[T], chunk: usize, f: impl Fn(&[T]) -> f64 + Sync) -
     parts.iter().sum()
 }
 
-/// Σ x² in f64 (a gradient's share of the global norm, a weight's RMS): [`chunked_sum`] of
+/// Σ x² in f64 (a gradient's share of the global norm, a weight's RMS): `chunked_sum` of
 /// chunks summed in eight interleaved lanes, which the compiler vectorises (one running sum would
 /// wait on every addition).
 pub fn sum_of_squares(x: &[f32]) -> f64 {

@@ -151,7 +151,7 @@ pub trait Kernels: Device<f32> {
     ) -> Act3<Self, T> {
         param_matmul_plain(x, w, layout)
     }
-    /// Mean over tokens of −log softmax(logits)[target]: `logits` `[tokens, vocab]`.
+    /// Mean over tokens of `−log softmax(logits)[target]`: `logits` `[tokens, vocab]`.
     fn cross_entropy<T: Tp<Self>>(
         _mode: KernelMode,
         logits: Act<Self, T>,

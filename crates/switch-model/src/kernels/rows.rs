@@ -25,7 +25,7 @@ pub fn gather_rows_plain<D: Kernels, T: Tp<D>>(x: Act<D, T>, rows: &[usize]) -> 
     x.gather(idx)
 }
 
-/// Row i of the output is `x[rows[i]]`, copied whole. With g = ∂L/∂y: ∂x[rows[i]] += g[i], in
+/// Row i of the output is `x[rows[i]]`, copied whole. With g = ∂L/∂y: `∂x[rows[i]] += g[i]`, in
 /// order (an index may repeat).
 pub fn gather_rows_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, rows: &[usize]) -> Act<Cpu, T> {
     let (n, d) = *x.shape();
@@ -64,7 +64,7 @@ pub fn combine_plain<D: Kernels, T: Tp<D>>(
 }
 
 /// `y[t] = gate[t] · x[slot[t]]`, zero for a dropped token, in one pass. With g = ∂L/∂y:
-/// ∂x[slot[t]] += gate[t] · g[t] and ∂gate[t] += g[t] · x[slot[t]], kept tokens only. It keeps
+/// `∂x[slot[t]] += gate[t] · g[t]` and `∂gate[t] += g[t] · x[slot[t]]`, kept tokens only. It keeps
 /// `x` and `gate` (shared, not copied) for the backward pass, where the plain path keeps the
 /// gathered rows and the broadcast gate.
 pub fn combine_fused<T: Tp<Cpu>>(
