@@ -285,7 +285,7 @@ pub fn set_dotted(tree: &mut Value, key: &str, value: Value) -> Result<(), Strin
 /// defaults, fails as the whole tree did, e.g. ``train.kernels = "bogus": unknown variant `bogus`,
 /// expected one of `fused`, `plain`, …``.
 pub fn typed(tree: Value) -> Result<RunConfig, String> {
-    serde_json::from_value(tree.clone()).map_err(|e| match bad_key(&tree) {
+    RunConfig::deserialize(&tree).map_err(|e| match bad_key(&tree) {
         Some((key, value, msg)) => format!("{key} = {value}: {}", in_words(msg)),
         None => in_words(e.to_string()),
     })
@@ -296,9 +296,7 @@ fn in_words(msg: String) -> String {
     let numbers = [
         ("expected u64", "expected a whole number ≥ 0"),
         ("expected usize", "expected a whole number ≥ 0"),
-        ("expected u32", "expected a whole number ≥ 0"),
         ("expected f64", "expected a number"),
-        ("expected f32", "expected a number"),
     ];
     numbers.iter().fold(msg, |m, (rust, words)| m.replace(rust, words))
 }
@@ -309,7 +307,7 @@ fn bad_key(tree: &Value) -> Option<(String, Value, String)> {
         fields.as_object()?.iter().find_map(|(field, value)| {
             let mut alone = defaults.clone();
             alone.get_mut(section)?.as_object_mut()?.insert(field.clone(), value.clone());
-            let e = serde_json::from_value::<RunConfig>(alone).err()?;
+            let e = RunConfig::deserialize(&alone).err()?;
             Some((format!("{section}.{field}"), value.clone(), e.to_string()))
         })
     })

@@ -567,8 +567,9 @@ fn products_fused<T: Tp<Cpu>>(
         w.shape().0,
         e * k * m
     );
-    let rows_in_use = rows_in_use.map(<[usize]>::to_vec); // kept for the backward pass
-                                                          // Rows in use of expert i among the `rows` rows of a block starting at row r0.
+    // Rows in use of expert i among the `rows` rows of a block starting at row r0 (the counts
+    // copied: the backward pass needs them too).
+    let rows_in_use = rows_in_use.map(<[usize]>::to_vec);
     let in_use = move |i: usize, r0: usize, rows: usize| {
         rows_in_use.as_ref().map_or(rows, |r| r[i].saturating_sub(r0).min(rows))
     };

@@ -92,18 +92,18 @@ pub fn broadcast_product(
     }
 }
 
-/// Overwriting, the tiles store with non-temporal (streaming) stores, which need 64-byte aligned
-/// addresses: a ∂W is written once and read only after the whole backward pass, and a plain store
-/// first reads each cache line it writes (one thread wrote 6–7 GB/s that way against 19 GB/s
-/// streaming on the AVX-512 machine of issue 27; `results/engine/report/2026-12-06-streaming-stores.txt`).
-/// So the columns are shifted by `head`, the
-/// first aligned one of the row; the `head` columns before it and the 16 − `head` after the last
-/// aligned vector are one [`edge_tile`] vector per row, plainly stored. Every element is still
-/// one FMA chain over the inner dimension in order: the same bits, wherever the columns split.
 /// Rows at least this wide stream (see [`broadcast_avx512`]): a narrower row's edge vector is a
 /// large share of its work.
 const STREAM_MIN_COLS: usize = 128;
 
+/// Overwriting, the tiles store with non-temporal (streaming) stores, which need 64-byte aligned
+/// addresses: a ∂W is written once and read only after the whole backward pass, and a plain store
+/// first reads each cache line it writes (one thread wrote 6–7 GB/s that way against 19 GB/s
+/// streaming on the AVX-512 machine of issue 27; `results/engine/report/2026-12-06-streaming-stores.txt`).
+/// So the columns are shifted by `head`, the first aligned one of the row; the `head` columns
+/// before it and the 16 − `head` after the last aligned vector are one [`edge_tile`] vector per
+/// row, plainly stored. Every element is still
+/// one FMA chain over the inner dimension in order: the same bits, wherever the columns split.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn broadcast_avx512(
@@ -116,13 +116,14 @@ unsafe fn broadcast_avx512(
     // Rows are whole vectors long, so every row has the same offset from a 64-byte line.
     let stream = !accumulate && cols >= STREAM_MIN_COLS;
     let head = if stream { (64 - dst.as_ptr() as usize % 64) % 64 / 4 } else { 0 };
-    let (first, vectors_per_row) = (head, cols / LANES - usize::from(head > 0));
+    // The tiles' columns: whole vectors from `head`; with a shift, the last vector is the edge's.
+    let end = if head > 0 { cols - LANES + head } else { cols };
     let mut r = 0;
     while r < rows {
         let tile_rows = (rows - r).min(4);
-        let mut c = first;
-        while c < first + vectors_per_row * LANES {
-            let vectors = ((first + vectors_per_row * LANES - c) / LANES).min(4);
+        let mut c = head;
+        while c < end {
+            let vectors = ((end - c) / LANES).min(4);
             // Plain loops, no closures: the tiles must inline into this AVX-512 function.
             let at = (r, c, cols, inner);
             if (tile_rows, vectors) == (4, 4) {
