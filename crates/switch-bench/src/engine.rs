@@ -362,9 +362,10 @@ pub(crate) struct Engine {
     name: &'static str,
 }
 
-/// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains (fused
-/// kernels, buffer cache on), with bf16 moments, with the fused router, with fused_slots, with Adafactor instead of
-/// AdamW, without the fused kernels, and as plain dfdx (no cache), side by side, each run in its
+/// Prints every figure of the engine benchmark for the engine as `switchlab sweep` trains
+/// (`fused_slots`, buffer cache on), with bf16 moments, with `fused` and `fused_router` (every
+/// expert slot through gemm), with Adafactor instead of AdamW, without the fused kernels, and as
+/// plain dfdx (no cache), side by side, each run in its
 /// own process; with `torch`, PyTorch's matmul among the matmuls and, after the training engine's
 /// rows, [`crate::pytorch::compare`] (three more rounds of switchlab and PyTorch runs).
 pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -> anyhow::Result<()> {
@@ -388,21 +389,23 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
     let plain = Recipe { kernels: KernelMode::Plain, ..TRAINING.recipe };
     let engines = [
-        Engine { name: "fused kernels, dfdx buffer cache on (as `switchlab sweep` trains)", ..TRAINING },
+        Engine {
+            name: "fused kernels, the experts' products over their filled slots (`fused_slots`), dfdx buffer cache on (as `switchlab sweep` trains)",
+            ..TRAINING
+        },
         Engine {
             recipe: Recipe { moments: MomentPrecision::Bf16, ..TRAINING.recipe },
             name: "the same with AdamW's moments in bf16 (`train.optimizer_moments: bf16`, not the default)",
             ..TRAINING
         },
         Engine {
-            recipe: Recipe { kernels: KernelMode::FusedRouter, ..TRAINING.recipe },
-            name:
-                "the same with the router's softmax and losses fused (`train.kernels: fused_router`, not the default)",
+            recipe: Recipe { kernels: KernelMode::Fused, ..TRAINING.recipe },
+            name: "the same with every expert slot through gemm and the router unfused (`train.kernels: fused`, the default until 2026-12-06)",
             ..TRAINING
         },
         Engine {
-            recipe: Recipe { kernels: KernelMode::FusedSlots, ..TRAINING.recipe },
-            name: "the same with the router fused and the experts' products over their filled slots (`train.kernels: fused_slots`, not the default)",
+            recipe: Recipe { kernels: KernelMode::FusedRouter, ..TRAINING.recipe },
+            name: "the same with the router fused, every expert slot through gemm (`train.kernels: fused_router`)",
             ..TRAINING
         },
         Engine {
@@ -425,7 +428,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
             crate::pytorch::compare(torch, steps, 3, matmul2)?;
             println!();
         }
-        if only_training && engine.recipe.kernels == KernelMode::FusedSlots {
+        if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
             break;
         }
     }
@@ -478,10 +481,11 @@ fn ratio_line(experts: usize, ratios: &[f64], floor: f64) {
     );
 }
 
-/// The engine as `switchlab sweep` trains: fused kernels, dfdx's buffer cache on, AdamW.
+/// The engine as `switchlab sweep` trains: its default kernels (`fused_slots`), dfdx's buffer
+/// cache on, AdamW.
 pub(crate) const TRAINING: Engine = Engine {
     cache: true,
-    recipe: Recipe { optimizer: OptimizerKind::Adamw, moments: MomentPrecision::F32, kernels: KernelMode::Fused },
+    recipe: Recipe { optimizer: OptimizerKind::Adamw, moments: MomentPrecision::F32, kernels: KernelMode::FusedSlots },
     name: "training",
 };
 

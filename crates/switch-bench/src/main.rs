@@ -43,8 +43,8 @@ enum Command {
         /// Switch ÷ dense: this many pairs of steps, dense and Switch alternating in one process.
         #[arg(long, default_value_t = 16)]
         pairs: u64,
-        /// Only the engine as `switchlab sweep` trains (fused kernels, buffer cache, AdamW), the
-        /// same with bf16 moments, with the fused router, and with fused_slots.
+        /// Only the engine as `switchlab sweep` trains (`fused_slots`, buffer cache, AdamW), the
+        /// same with bf16 moments, with `fused` and with `fused_router`.
         #[arg(long)]
         only_training: bool,
         /// A Python with torch and transformers, for PyTorch's matmul and tokens/s beside
@@ -99,7 +99,7 @@ enum Command {
         optimizer: String,
         #[arg(long, default_value = "f32")]
         moments: String,
-        #[arg(long, default_value = "fused")]
+        #[arg(long, default_value = "fused_slots")]
         kernels: String,
     },
     /// One run of `engine`, in its own process (used by `engine` and `pytorch`; prints one line of
@@ -120,7 +120,7 @@ enum Command {
         optimizer: String,
         #[arg(long, default_value = "f32")]
         moments: String,
-        #[arg(long, default_value = "fused")]
+        #[arg(long, default_value = "fused_slots")]
         kernels: String,
     },
 }

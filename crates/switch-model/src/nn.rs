@@ -65,13 +65,13 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A training pass (dropout, jitter) drawing from `seed`, with the fused kernels.
+    /// A training pass (dropout, jitter) drawing from `seed`, with the default kernels.
     pub fn train(seed: u64) -> Self {
-        Self { train: true, rng: StdRng::seed_from_u64(seed), kernels: KernelMode::Fused }
+        Self { train: true, rng: StdRng::seed_from_u64(seed), kernels: KernelMode::default() }
     }
-    /// An evaluation pass with the fused kernels.
+    /// An evaluation pass with the default kernels.
     pub fn eval() -> Self {
-        Self { train: false, rng: StdRng::seed_from_u64(0), kernels: KernelMode::Fused }
+        Self { train: false, rng: StdRng::seed_from_u64(0), kernels: KernelMode::default() }
     }
     /// This pass with `kernels` instead.
     pub fn with_kernels(self, kernels: KernelMode) -> Self {

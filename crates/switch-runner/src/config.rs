@@ -67,12 +67,12 @@ pub struct TrainConfig {
     /// How AdamW stores its moments m and v: `f32` (the default) or `bf16` (not in the paper; see
     /// [`MomentPrecision`]).
     pub optimizer_moments: MomentPrecision,
-    /// The CPU kernels: `fused` (the engine's), `plain` (dfdx's ops, the reference) or
-    /// `fused_router` (`fused` with the router's softmax and losses fused too) or `fused_slots`
-    /// (`fused_router`, and the experts multiply only their slots up to the last filled one, with
-    /// the engine's own loops where they beat gemm); neither is the default while the committed
-    /// reports pin `fused`'s bits. Their floating-point order differs, so the run id tells them
-    /// apart.
+    /// The CPU kernels: `fused_slots` (the default: the engine's fused kernels, the router's
+    /// softmax and losses fused, and the experts multiply only their slots up to the last filled
+    /// one, with the engine's own loops where they beat gemm), `fused` (every slot through gemm,
+    /// the router unfused: the default until 2026-12-06, which the grids of the reports made
+    /// before then set), `fused_router` (`fused` with the router fused) or `plain` (dfdx's ops,
+    /// the reference). Their floating-point order differs, so the run id tells them apart.
     pub kernels: KernelMode,
 }
 
@@ -96,7 +96,7 @@ impl Default for TrainConfig {
             seed: 0,
             eval_batch_size: 64,
             optimizer_moments: MomentPrecision::F32,
-            kernels: KernelMode::Fused,
+            kernels: KernelMode::default(),
         }
     }
 }

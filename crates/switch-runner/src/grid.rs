@@ -306,11 +306,27 @@ pub const ALWAYS_HASHED: [(&str, &[&str]); 3] = [
     ),
 ];
 
+/// Fields whose default changed within results version 7, with the default they had before
+/// (section, key, value as JSON). A run id leaves such a field out only at that old value, so a
+/// config that now trains with the new default gets an id of its own, and a grid that sets the old
+/// value plans the ids (and trains the bits) of the runs made before. `train.kernels` became
+/// `fused_slots` on 2026-12-06. Emptied at the next `RESULTS_VERSION` bump, like [`ALWAYS_HASHED`].
+pub const EARLIER_DEFAULTS: [(&str, &str, &str); 1] = [("train", "kernels", "\"fused\"")];
+
+/// The values [`identity`] leaves out: today's defaults, except [`EARLIER_DEFAULTS`].
+fn unhashed_values() -> Value {
+    let mut defaults = serde_json::to_value(RunConfig::default()).expect("serializable");
+    for (section, key, value) in EARLIER_DEFAULTS {
+        defaults[section][key] = serde_json::from_str(value).expect("EARLIER_DEFAULTS holds JSON");
+    }
+    defaults
+}
+
 /// What a run id hashes: the resolved config as JSON (in field order), less every field outside
-/// [`ALWAYS_HASHED`] that holds its default value.
+/// [`ALWAYS_HASHED`] that holds its default value ([`EARLIER_DEFAULTS`]' earlier one).
 pub fn identity(cfg: &RunConfig) -> Value {
     let mut tree = serde_json::to_value(cfg).expect("serializable");
-    let defaults = serde_json::to_value(RunConfig::default()).expect("serializable");
+    let defaults = unhashed_values();
     for (section, fields) in tree.as_object_mut().expect("a struct").iter_mut() {
         let always = ALWAYS_HASHED.iter().find(|(s, _)| s == section).map_or(&[][..], |(_, f)| *f);
         fields

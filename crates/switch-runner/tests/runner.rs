@@ -542,26 +542,52 @@ fn the_default_sweeps_run_ids_are_those_of_its_committed_report() {
     );
 }
 
-/// The paper sweep's run ids, as in its committed report: its runs set the fields added after
-/// version 7 (objective, optimizer, router init and learning rate) away from their defaults.
+/// The grids whose committed reports today's code reproduces plan those reports' run ids: the
+/// paper sweep (its runs set the fields added after version 7 away from their defaults) and the
+/// three engine-option studies. Each sets `train.kernels: fused`, the default its runs were made
+/// with, which keeps their ids ([`switch_runner::grid::EARLIER_DEFAULTS`]).
 #[test]
-fn the_paper_sweeps_run_ids_are_those_of_its_committed_report() {
+fn the_paper_and_engine_sweeps_run_ids_are_those_of_their_committed_reports() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let plan = switch_runner::plan(&repo.join("experiments/paper.yaml")).unwrap();
-    let mut planned: Vec<&str> = plan.runs.iter().map(|r| r.run_id.as_str()).collect();
-    let summary = std::fs::read_to_string(repo.join("results/paper/report/summary.csv")).unwrap();
-    let mut committed: Vec<&str> = summary.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
-    planned.sort_unstable();
-    committed.sort_unstable();
-    assert_eq!(planned, committed, "experiments/paper.yaml plans other run ids than its committed report");
+    for name in ["paper", "moments", "router-kernels", "slot-kernels"] {
+        let plan = switch_runner::plan(&repo.join(format!("experiments/{name}.yaml"))).unwrap();
+        let mut planned: Vec<&str> = plan.runs.iter().map(|r| r.run_id.as_str()).collect();
+        let summary = std::fs::read_to_string(repo.join(format!("results/{name}/report/summary.csv"))).unwrap();
+        let mut committed: Vec<&str> = summary.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+        planned.sort_unstable();
+        committed.sort_unstable();
+        assert_eq!(planned, committed, "experiments/{name}.yaml plans other run ids than its committed report");
+    }
+}
+
+/// A default that changed keeps the old runs' ids at its old value and gives the new default ids
+/// of their own: the two never share a run folder.
+#[test]
+fn a_changed_default_gives_new_ids_and_keeps_the_old_ones_at_the_old_value() {
+    use switch_model::kernels::KernelMode;
+    use switch_runner::grid::{identity, run_id};
+    let tmp = tempfile::tempdir().unwrap();
+    let now = switch_runner::plan(&grid(tmp.path(), "now", "grid:\n  model.num_experts: [4]\n")).unwrap().runs[0]
+        .config
+        .clone();
+    assert_eq!(now.train.kernels, KernelMode::FusedSlots);
+    assert_eq!(identity(&now)["train"]["kernels"], "fused_slots");
+    let before =
+        switch_runner::plan(&grid(tmp.path(), "before", "grid:\n  model.num_experts: [4]\n  train.kernels: [fused]\n"))
+            .unwrap()
+            .runs[0]
+            .config
+            .clone();
+    assert!(identity(&before)["train"].get("kernels").is_none(), "the old default stays out of the identity");
+    assert_ne!(run_id(&now), run_id(&before));
 }
 
 /// Every config key outside the frozen `ALWAYS_HASHED` list stays out of a run's identity at its
-/// default and enters it when set: a field added to the config with a default changes no run id,
+/// default (a changed default: at its earlier one) and enters it when set: a field added to the config with a default changes no run id,
 /// with no attribute on the field.
 #[test]
 fn fields_at_their_default_stay_out_of_the_run_id() {
-    use switch_runner::grid::{identity, run_id, ALWAYS_HASHED};
+    use switch_runner::grid::{identity, run_id, ALWAYS_HASHED, EARLIER_DEFAULTS};
     let tmp = tempfile::tempdir().unwrap();
     let base = switch_runner::plan(&grid(tmp.path(), "id", "grid:\n  model.num_experts: [4]\n")).unwrap().runs[0]
         .config
@@ -575,7 +601,8 @@ fn fields_at_their_default_stay_out_of_the_run_id() {
     for key in &newer {
         let (section, field) = key.split_once('.').unwrap();
         let at_default = identity(&switch_runner::config::RunConfig::default());
-        assert!(at_default[section].get(field).is_none(), "{key} at its default is in the identity");
+        let changed_default = EARLIER_DEFAULTS.iter().any(|(s, f, _)| (*s, *f) == (section, field));
+        assert_eq!(at_default[section].get(field).is_some(), changed_default, "{key} at its default");
         // Set the key away from its default through the same path a grid takes.
         let mut tree = serde_json::to_value(&base).unwrap();
         let other = match (section, field) {

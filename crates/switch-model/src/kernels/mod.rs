@@ -98,19 +98,20 @@ pub const RMS_EPS: f32 = 1e-6;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelMode {
-    /// This module's fused kernels (the default).
-    #[default]
+    /// This module's fused kernels, every expert slot through gemm: the default until 2026-12-06,
+    /// which the committed reports made before then pin (their grids set it).
     Fused,
     /// The plain dfdx compositions: the reference the fused kernels are tested against.
     Plain,
     /// The fused kernels, and the router's softmax, z-loss and balance loss fused as well
-    /// (`router`'s kernels). Not the default: its bits differ from `Fused`'s, whose numerics the
-    /// committed reports and the golden losses pin until the next results version.
+    /// (`router`'s kernels).
     FusedRouter,
     /// `FusedRouter`, and the experts multiply only their capacity slots up to the last that
     /// holds a token, with the engine's own loops for ∂x and ∂W where they beat gemm
     /// ([`expert_matmul_fused`]). A capacity factor then costs memory more than time, as in HF's
-    /// Switch and unlike Mesh TensorFlow's, which computes every slot.
+    /// Switch and unlike Mesh TensorFlow's, which computes every slot. The default: the same
+    /// quality as `Fused` (paired seeds, `results/slot-kernels`) and faster at many experts.
+    #[default]
     FusedSlots,
 }
 
