@@ -18,6 +18,10 @@ pub struct Measured {
     pub base_rss: u64,
     pub params: u64,
     pub flops_per_token: f64,
+    /// Seconds and FLOPs a step spent in the parameter products
+    /// ([`switch_model::kernels::product_clock`]; zero under the plain dfdx ops).
+    pub product_s: f64,
+    pub product_flops: f64,
 }
 
 /// Switch ÷ dense step-time ratios, one per pair of interleaved steps (`switch-bench engine-pairs`).
@@ -77,6 +81,8 @@ mod tests {
             base_rss: 123 << 20,
             params: 67_890_123,
             flops_per_token: 1.5e8,
+            product_s: 0.07,
+            product_flops: 2.5e10,
         };
         let line = serde_json::to_string(&m).unwrap();
         assert!(!line.contains('\n'));

@@ -5,7 +5,7 @@ use dfdx::prelude::*;
 use std::path::Path;
 use std::time::Instant;
 use switch_data::{Dataset, TokenizerKind};
-use switch_model::kernels::{param_matmul_fused, KernelMode, Stacked};
+use switch_model::kernels::{param_matmul_fused, product_clock, KernelMode, Stacked};
 use switch_model::{Batch, ModelConfig, SwitchTransformer};
 use switch_runner::config::MomentPrecision;
 use switch_runner::config::OptimizerKind;
@@ -70,11 +70,14 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
         let base_rss = status_bytes("VmRSS");
         let (mut model, mut opt) = warmed_up(cfg, &batches[0], cache)?;
         let (u0, s0) = cpu_times();
+        product_clock::set(true);
         let t = Instant::now();
         for (s, b) in batches.iter().enumerate().skip(1) {
             train_step(&mut model, &mut opt, b, cfg, s as u64)?;
         }
         let secs = t.elapsed().as_secs_f64();
+        let (product_s, product_flops) = product_clock::read();
+        product_clock::set(false);
         let (u1, s1) = cpu_times();
         let (le, ld) = cfg.lengths();
         let accounting = cfg.accounting();
@@ -86,6 +89,8 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
             base_rss,
             params: accounting.params_total,
             flops_per_token: accounting.flops_per_token,
+            product_s: product_s / steps as f64,
+            product_flops: product_flops / steps as f64,
         })
     })
 }
@@ -352,6 +357,18 @@ fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
         mib(m.peak_rss.saturating_sub(m.base_rss)),
         m.peak_rss.saturating_sub(m.base_rss) as f64 / (16 * m.params) as f64
     );
+    if m.product_s > 0.0 {
+        // FLOPs/s ÷ matmul = (model FLOPs ÷ products' FLOPs) × (products' time ÷ step) × (products' rate ÷ matmul).
+        println!(
+            "{:<30} parameter products: {:.0}% of the step, {:.0} GFLOP/s = {:.2} of matmul (the rest: {:.1} ms; model FLOPs ÷ products' {:.2})",
+            "",
+            100.0 * m.product_s / m.step_s,
+            m.product_flops / m.product_s / 1e9,
+            m.product_flops / m.product_s / matmul,
+            (m.step_s - m.product_s) * 1e3,
+            3.0 * m.flops_per_token * m.tokens_per_s * m.step_s / m.product_flops
+        );
+    }
 }
 
 /// One configuration of the engine: dfdx's buffer cache on or off, and what it trains with.

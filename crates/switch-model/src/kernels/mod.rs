@@ -49,6 +49,7 @@ macro_rules! input_for_overwrite_and_output_grads {
 }
 
 mod attention;
+pub mod product_clock;
 mod router;
 mod rows;
 pub mod slots;
@@ -574,53 +575,59 @@ fn products_fused<T: Tp<Cpu>>(
     let in_use = move |i: usize, r0: usize, rows: usize| {
         rows_in_use.as_ref().map_or(rows, |r| r[i].saturating_sub(r0).min(rows))
     };
+    // The FLOPs of one of the three products over the rows multiplied (the clock's count).
+    let product_flops = 2 * k * m * (0..e).map(|i| in_use(i, 0, c)).sum::<usize>();
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let (w_rs, w_cs) = layout.strides();
-    let out = with_overwritten_output(&dev, (e, c, m), |y| {
-        let (xs, ws) = (data(&x), data(w));
-        by_blocks(y, e, (c, m), |i, r0, y| {
-            let (xi, wi) = (&xs[(i * c + r0) * k..], &ws[i * k * m..]);
-            rows_in_use_only(y, m, in_use(i, r0, y.len() / m), false, |y, rows| {
-                gemm_into(y, (rows, m, k), (xi, k, 1), (wi, w_rs, w_cs), false)
+    let out = product_clock::time(product_flops, || {
+        with_overwritten_output(&dev, (e, c, m), |y| {
+            let (xs, ws) = (data(&x), data(w));
+            by_blocks(y, e, (c, m), |i, r0, y| {
+                let (xi, wi) = (&xs[(i * c + r0) * k..], &ws[i * k * m..]);
+                rows_in_use_only(y, m, in_use(i, r0, y.len() / m), false, |y, rows| {
+                    gemm_into(y, (rows, m, k), (xi, k, 1), (wi, w_rs, w_cs), false)
+                })
             })
         })
     });
     let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
     let w = w.clone(); // shares the weights' buffer until the backward pass has run
     tape.add_backward_op(move |grads| {
-        let (xs, ws) = (data(&x), data(&w));
-        // Each product writes every element of its gradient: the first writer overwrites.
-        // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
-        let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
-        by_blocks(gx, e, (c, k), |i, r0, gx| {
-            let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
-            rows_in_use_only(gx, k, in_use(i, r0, gx.len() / k), add, |gx, rows| {
-                if own_kernels.dx {
-                    slots::dot_product(gx, (rows, k, m), gi, wi, add)
+        product_clock::time(2 * product_flops, || {
+            let (xs, ws) = (data(&x), data(&w));
+            // Each product writes every element of its gradient: the first writer overwrites.
+            // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.
+            let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
+            by_blocks(gx, e, (c, k), |i, r0, gx| {
+                let (gi, wi) = (&g[(i * c + r0) * m..], &ws[i * k * m..]);
+                rows_in_use_only(gx, k, in_use(i, r0, gx.len() / k), add, |gx, rows| {
+                    if own_kernels.dx {
+                        slots::dot_product(gx, (rows, k, m), gi, wi, add)
+                    } else {
+                        gemm_into(gx, (rows, k, m), (gi, m, 1), (wi, w_cs, w_rs), add)
+                    }
+                })
+            });
+            // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x. gemm sums
+            // over every row (the rows not in use add zeros, and a shorter inner dimension would
+            // change gemm's order, so ∂W keeps param_matmul_fused's bits); the own kernel over the
+            // rows in use only (the same bits either way).
+            let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
+            let (gw, add, g) = input_for_overwrite_and_output_grads!(grads, &w_ghost, &out_ghost);
+            by_blocks(gw, e, (rows, cols), |i, r0, gw| {
+                let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
+                let block_rows = gw.len() / cols;
+                if own_kernels.dw {
+                    slots::broadcast_product(gw, (block_rows, cols, in_use(i, 0, c)), (&xi[r0..], 1, k), gi, add)
+                } else if layout.transposed {
+                    gemm_into(gw, (block_rows, cols, c), (&gi[r0..], 1, m), (xi, k, 1), add)
                 } else {
-                    gemm_into(gx, (rows, k, m), (gi, m, 1), (wi, w_cs, w_rs), add)
+                    gemm_into(gw, (block_rows, cols, c), (&xi[r0..], 1, k), (gi, m, 1), add)
                 }
-            })
-        });
-        // ∂W (k × m) += xᵀ (k × c) · g (c × m); stored transposed (m × k): += gᵀ · x. gemm sums
-        // over every row (the rows not in use add zeros, and a shorter inner dimension would
-        // change gemm's order, so ∂W keeps param_matmul_fused's bits); the own kernel over the
-        // rows in use only (the same bits either way).
-        let (rows, cols) = if layout.transposed { (m, k) } else { (k, m) };
-        let (gw, add, g) = input_for_overwrite_and_output_grads!(grads, &w_ghost, &out_ghost);
-        by_blocks(gw, e, (rows, cols), |i, r0, gw| {
-            let (xi, gi) = (&xs[i * c * k..], &g[i * c * m..]);
-            let block_rows = gw.len() / cols;
-            if own_kernels.dw {
-                slots::broadcast_product(gw, (block_rows, cols, in_use(i, 0, c)), (&xi[r0..], 1, k), gi, add)
-            } else if layout.transposed {
-                gemm_into(gw, (block_rows, cols, c), (&gi[r0..], 1, m), (xi, k, 1), add)
-            } else {
-                gemm_into(gw, (block_rows, cols, c), (&xi[r0..], 1, k), (gi, m, 1), add)
-            }
-        });
-        Ok(())
+            });
+            Ok(())
+        })
     });
     out.put_tape(tape)
 }
