@@ -72,6 +72,8 @@ pub struct Run {
     pub corpus: String,
     /// The training objective, in words ("T5-style span corruption", "a prefix LM …").
     pub objective: String,
+    /// The CPU kernels that trained it (`train.kernels`; `None` in configs older than the key).
+    pub kernels: Option<String>,
     pub curve: Vec<EvalPoint>,
     pub final_step: f64,
     pub final_wall_s: f64,
@@ -250,6 +252,7 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
             Some("causal_lm") => "a decoder-only causal LM (NOT the paper's objective or model)".into(),
             Some(other) => format!("the `{other}` objective"),
         },
+        kernels: get(cfg, "train.kernels").and_then(Value::as_str).map(String::from),
         curve: vec![],
         final_step: 0.0,
         final_wall_s: 0.0,

@@ -30,6 +30,11 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
     }
     writeln!(md, "**Scaled down from the paper:** {} active parameters per token instead of 223M (T5-Base), {} training steps of {} examples instead of 100k–550k steps of 2²⁰ tokens, a {} vocabulary instead of 32k SentencePiece, {} instead of C4. Compare trends, not absolute values.\n",
         plots::format_si(first.params_active as f64), first.steps_total, first.batch_size, first.vocabulary, first.corpus)?;
+    writeln!(
+        md,
+        "**Engine:** {} (`train.kernels`; the modes differ in floating-point order and speed, not in the model).\n",
+        kernels_in_words(&readable)
+    )?;
     if let (Some(t), Some(n)) = (threshold, at_step) {
         writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final validation quality). Quality @ N uses N = {n:.0}.\n")?;
     }
@@ -43,6 +48,27 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
         )?;
     }
     Ok(())
+}
+
+/// Which CPU kernels trained the runs: "the `fused_slots` kernels in every run", or each mode
+/// with its count of runs.
+fn kernels_in_words(runs: &[&crate::runs::Run]) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for r in runs {
+        let k = r.kernels.as_deref().map_or("not recorded".to_string(), |k| format!("`{k}`"));
+        match counts.iter_mut().find(|(seen, _)| *seen == k) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((k, 1)),
+        }
+    }
+    match counts.as_slice() {
+        [] => "kernels unknown (no readable config.yaml)".into(),
+        [(k, _)] => format!("kernels {k} in every run"),
+        _ => {
+            let each: Vec<String> = counts.iter().map(|(k, n)| format!("{k} in {n} run(s)")).collect();
+            format!("kernels {}", each.join(", "))
+        }
+    }
 }
 
 /// The figures section: each drawn figure's PNG under its title.

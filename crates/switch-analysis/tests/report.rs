@@ -76,6 +76,7 @@ fn report_on_synthetic_runs() {
     let md_path = report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap();
     let md = std::fs::read_to_string(&md_path).unwrap();
     assert!(md.contains("# Sweep `synthetic`\n\n> Line one.\n> Line two.\n\n"), "{md}");
+    assert!(md.contains("**Engine:** kernels not recorded in every run"), "configs without train.kernels: {md}");
     // Switch-4's seed mean is −3 + 2s/1000: it reaches dense's final −2.0 at step 500, a 2× speedup,
     // and its final quality is −1.0 ± 0.071 (two seeds ±0.05).
     // Its test quality is 0.02 lower (synthetic::TEST_GAP); one dense seed pairs with seed 0 only:
@@ -660,4 +661,18 @@ fn a_dense_model_of_unknown_width_measures_no_ceiling() {
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
     assert!(!md.contains("## How much of the width ceiling"), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| w |")), "{md}");
+}
+
+#[test]
+fn the_report_says_which_kernels_trained_its_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("kernels");
+    write_run_at(&dir, "d0", "train.kernels: fused_slots", 1, 0, 100, |s| -3.0 + s / 1000.0, "done");
+    write_run_at(&dir, "s0", "train.kernels: fused_slots", 8, 0, 100, |s| -3.0 + s / 500.0, "done");
+    write_run_at(&dir, "s1", "train.kernels: fused", 8, 1, 100, |s| -3.0 + s / 500.0, "done");
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(md.contains("**Engine:** kernels `fused_slots` in 2 run(s), `fused` in 1 run(s)"), "{md}");
+    std::fs::remove_dir_all(dir.join("runs/s1")).unwrap();
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(md.contains("**Engine:** kernels `fused_slots` in every run"), "{md}");
 }
