@@ -204,10 +204,11 @@ fn name_scaling_settings(settings: &mut [Setting]) {
 
 /// The runs by grid point. A run whose `config.yaml` cannot be read is in no group: its model
 /// and point are unknown (they would read as a dense model of width 0), so it is compared with
-/// nothing and only the runs table lists it.
+/// nothing and only the runs table lists it; so is a run superseded by a later one of its point
+/// and seed.
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {
     let mut out: Vec<Group> = Vec::new();
-    for r in runs.iter().filter(|r| r.config_readable) {
+    for r in runs.iter().filter(|r| r.config_readable && r.superseded_by.is_none()) {
         match out.iter_mut().find(|g| g.name == r.group) {
             Some(g) => g.runs.push(r),
             None => out.push(Group { name: r.group.clone(), runs: vec![r] }),

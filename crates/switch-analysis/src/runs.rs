@@ -85,6 +85,11 @@ pub struct Run {
     /// What is wrong with the run's files, if anything: each problem names its file (metrics
     /// missing, a config or log that cannot be read), joined by `; `.
     pub problem: Option<String>,
+    /// When `status.json` says the run started (0 when unknown).
+    pub started_at: f64,
+    /// Another run of the same point and seed that started later, which the tables use instead:
+    /// this one was trained by other code or settings (a results version, a changed default).
+    pub superseded_by: Option<String>,
 }
 
 impl Run {
@@ -261,6 +266,29 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         routing: vec![],
         diverged_at: None,
         problem,
+        started_at: status.as_ref().map_or(0.0, |s| s.started_at),
+        superseded_by: None,
+    }
+}
+
+/// Marks every run that shares its point and seed with a run that started later (ties: the
+/// larger id) as superseded by it, so a sweep re-run into a folder that holds runs of earlier
+/// code counts each seed once.
+fn mark_superseded(runs: &mut [Run]) {
+    for i in 0..runs.len() {
+        let newer = runs
+            .iter()
+            .filter(|o| o.config_readable && o.id != runs[i].id && o.group == runs[i].group && o.seed == runs[i].seed)
+            .filter(|o| (o.started_at, &o.id) > (runs[i].started_at, &runs[i].id))
+            .max_by(|a, b| a.started_at.total_cmp(&b.started_at).then(a.id.cmp(&b.id)))
+            .map(|o| o.id.clone());
+        if runs[i].config_readable {
+            if let Some(newer) = newer {
+                let id = runs[i].id.clone();
+                add_problem(runs, &id, format!("superseded by {newer} (the same point and seed, started later); left out of comparisons (remove the folder to drop it)"));
+                runs[i].superseded_by = Some(newer);
+            }
+        }
     }
 }
 
@@ -413,6 +441,7 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
             r.problem = Some("no evaluation yet".into());
         }
     }
+    mark_superseded(&mut runs);
     runs.sort_by(|a, b| {
         (!a.is_baseline, a.top_k, a.num_experts, a.group.clone(), a.seed).cmp(&(
             !b.is_baseline,

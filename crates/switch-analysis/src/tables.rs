@@ -21,10 +21,13 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
     if objectives.is_empty() {
         objectives.push("an unknown objective (no readable config.yaml)");
     }
-    writeln!(md, "Neg log perplexity (nats per target token, higher is better) of {} on the embedded English corpus. {} run(s), {} grid point(s), {} seed(s) per point.\n", objectives.join(" and "), runs.len(), groups.len(), seeds)?;
-    let tested = runs.iter().filter(|r| r.test_quality.is_some()).count();
+    let superseded = runs.iter().filter(|r| r.superseded_by.is_some()).count();
+    let extra = if superseded > 0 { format!(" (and {superseded} superseded)") } else { String::new() };
+    writeln!(md, "Neg log perplexity (nats per target token, higher is better) of {} on the embedded English corpus. {} run(s){extra}, {} grid point(s), {} seed(s) per point.\n", objectives.join(" and "), runs.len() - superseded, groups.len(), seeds)?;
+    let current: Vec<&crate::runs::Run> = runs.iter().filter(|r| r.superseded_by.is_none()).collect();
+    let tested = current.iter().filter(|r| r.test_quality.is_some()).count();
     if tested > 0 {
-        writeln!(md, "**Splits:** training text, a **validation** split (every evaluation during training: curves, steps and time to threshold, any choice of settings) and a **test** split scored once per run after its last step (final qualities, gains, claims); the three are disjoint. {tested} of {} runs have a test score.\n", runs.len())?;
+        writeln!(md, "**Splits:** training text, a **validation** split (every evaluation during training: curves, steps and time to threshold, any choice of settings) and a **test** split scored once per run after its last step (final qualities, gains, claims); the three are disjoint. {tested} of {} runs have a test score.\n", current.len())?;
     } else {
         writeln!(md, "**Splits:** these runs predate the test split (RESULTS_VERSION < 7): every number is on the one held-out split, which also chose the settings.\n")?;
     }
@@ -37,6 +40,15 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
     )?;
     if let (Some(t), Some(n)) = (threshold, at_step) {
         writeln!(md, "Threshold for \"steps/time to threshold\": {t:.3} (the dense baseline's final validation quality). Quality @ N uses N = {n:.0}.\n")?;
+    }
+    let superseded: Vec<String> =
+        runs.iter().filter_map(|r| Some(format!("{} (by {})", r.id, r.superseded_by.as_ref()?))).collect();
+    if !superseded.is_empty() {
+        writeln!(
+            md,
+            "**Superseded** (the same point and seed as a run that started later, e.g. one trained before a changed default or results version; listed in the runs table, left out of every comparison): {}.\n",
+            superseded.join(", ")
+        )?;
     }
     let diverged: Vec<String> =
         runs.iter().filter_map(|r| Some(format!("{} (step {:.0})", r.id, r.diverged_at?))).collect();

@@ -676,3 +676,29 @@ fn the_report_says_which_kernels_trained_its_runs() {
     let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
     assert!(md.contains("**Engine:** kernels `fused_slots` in every run"), "{md}");
 }
+
+/// A sweep re-run into a folder that holds a run of the same point and seed from earlier code
+/// (another run id) counts that seed once: the later run's.
+#[test]
+fn a_run_superseded_by_a_later_one_of_its_point_and_seed_is_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rerun");
+    write_run(&dir, "d0", 1, 0, 100, |s| -3.0 + s / 1000.0, "done");
+    write_run(&dir, "old8", 8, 0, 100, |s| -3.0 + s / 200.0, "done");
+    write_run(&dir, "new8", 8, 0, 100, |s| -3.0 + s / 500.0, "done");
+    for (id, started) in [("d0", 10.0), ("old8", 20.0), ("new8", 30.0)] {
+        let path = dir.join("runs").join(id).join("status.json");
+        let mut status: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        status["started_at"] = started.into();
+        std::fs::write(&path, status.to_string()).unwrap();
+    }
+    let runs = runs::load(&dir).unwrap();
+    let old = runs.iter().find(|r| r.id == "old8").unwrap();
+    assert_eq!(old.superseded_by.as_deref(), Some("new8"));
+    assert!(runs.iter().find(|r| r.id == "new8").unwrap().superseded_by.is_none());
+    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    assert!(md.contains("**Superseded**") && md.contains("old8 (by new8)"), "{md}");
+    // Switch-8 is new8 alone: −3 + 100/500 = −2.8 (old8 would give −2.5, or a mean of two).
+    let row = md.lines().find(|l| l.starts_with("| Switch-8")).unwrap();
+    assert!(row.contains("| -2.800 |"), "{row}");
+}

@@ -72,8 +72,17 @@ pub struct TrainConfig {
     /// one, with the engine's own loops where they beat gemm), `fused` (every slot through gemm,
     /// the router unfused: the default until 2026-12-06, which the grids of the reports made
     /// before then set), `fused_router` (`fused` with the router fused) or `plain` (dfdx's ops,
-    /// the reference). Their floating-point order differs, so the run id tells them apart.
+    /// the reference). Their floating-point order differs, so the run id tells them apart. A
+    /// saved `config.yaml` without the key was trained before `fused_slots` became the default,
+    /// so it reads as `fused` (a grid's configs always hold the key: they start from the defaults).
+    #[serde(default = "kernels_before_the_key")]
     pub kernels: KernelMode,
+}
+
+/// `train.kernels` of a config saved without the key: the default then, as
+/// [`crate::grid::EARLIER_DEFAULTS`] records it.
+fn kernels_before_the_key() -> KernelMode {
+    KernelMode::Fused
 }
 
 impl Default for TrainConfig {

@@ -278,7 +278,7 @@ fn train_step_equals_clipping_and_adamw_on_plain_host_copies() {
     assert_eq!(buffers(&mut fast), before);
 
     let mut plain = new_model();
-    let mut ctx = Ctx::train(switch_data::fnv1a(b"step-0-0"));
+    let mut ctx = Ctx::train(switch_data::fnv1a(b"step-0-0")).with_kernels(cfg.train.kernels);
     let grads = plain.loss::<OwnedTape<f32, Dev>>(&batch, &mut ctx).total.backward();
     let mut gs: Vec<Vec<f32>> = plain.params_mut().iter().map(|(_, p)| grads.get(&**p).as_vec()).collect();
     let mut params = weights(&mut plain);

@@ -489,10 +489,18 @@ const GOLDEN_LOSSES: [(u64, f64); 8] = [
     (0, 5.443116903305054),
 ];
 
+/// Both the default kernels and `fused`, which the committed reports made before 2026-12-06 pin,
+/// give this micro run the golden losses (to the last printed digit).
 #[test]
 fn golden_losses_pin_the_numerics_to_results_version() {
+    for kernels in ["", "  train.kernels: [fused]\n"] {
+        golden_run_matches(&format!("grid:\n  model.num_experts: [4]\n{kernels}"));
+    }
+}
+
+fn golden_run_matches(grid_text: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let plan = switch_runner::plan(&grid(tmp.path(), "golden", "grid:\n  model.num_experts: [4]\n")).unwrap();
+    let plan = switch_runner::plan(&grid(tmp.path(), "golden", grid_text)).unwrap();
     let run = plan.run_file(&plan.runs[0]);
     let data = sweep::datasets(&[&run.config.data], tmp.path()).unwrap();
     let dir = RunDir::new(tmp.path().join("run"));
@@ -518,8 +526,8 @@ fn golden_losses_pin_the_numerics_to_results_version() {
     assert_eq!(
         (switch_runner::grid::RESULTS_VERSION, close),
         (GOLDEN_VERSION, true),
-        "the numerics changed ({got:?} against the golden {GOLDEN_LOSSES:?}): bump grid::RESULTS_VERSION, then set \
-         GOLDEN_VERSION and GOLDEN_LOSSES to the new version and losses, and regenerate the committed reports"
+        "{grid_text}: the numerics changed ({got:?} against the golden {GOLDEN_LOSSES:?}): bump grid::RESULTS_VERSION, \
+         then set GOLDEN_VERSION and GOLDEN_LOSSES to the new version and losses, and regenerate the committed reports"
     );
 }
 
@@ -558,6 +566,28 @@ fn the_paper_and_engine_sweeps_run_ids_are_those_of_their_committed_reports() {
         committed.sort_unstable();
         assert_eq!(planned, committed, "experiments/{name}.yaml plans other run ids than its committed report");
     }
+}
+
+/// A `config.yaml` saved before `train.kernels` existed reads as the kernels that trained it
+/// (`fused`, the earlier default), so `switchlab train` resumes it with them under its own id.
+#[test]
+fn a_saved_config_without_the_kernels_key_reads_as_the_earlier_default() {
+    use switch_runner::config::RunConfig;
+    use switch_runner::grid::{run_id, EARLIER_DEFAULTS};
+    let tmp = tempfile::tempdir().unwrap();
+    let plan =
+        switch_runner::plan(&grid(tmp.path(), "old", "grid:\n  model.num_experts: [4]\n  train.kernels: [fused]\n"))
+            .unwrap();
+    let run = plan.run_file(&plan.runs[0]);
+    let without: String =
+        run.yaml().lines().filter(|l| !l.trim_start().starts_with("kernels:")).map(|l| format!("{l}\n")).collect();
+    assert_ne!(without, run.yaml(), "the key was there to remove");
+    let path = tmp.path().join("config.yaml");
+    std::fs::write(&path, without).unwrap();
+    let read = switch_rundir::RunFile::<RunConfig>::read(&path).unwrap();
+    let earlier = EARLIER_DEFAULTS.iter().find(|(s, f, _)| (*s, *f) == ("train", "kernels")).unwrap().2;
+    assert_eq!(serde_json::to_string(&read.config.train.kernels).unwrap(), earlier);
+    assert_eq!(run_id(&read.config), read.run_id, "the id its folder was made under");
 }
 
 /// A default that changed keeps the old runs' ids at its old value and gives the new default ids

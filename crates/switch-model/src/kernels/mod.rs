@@ -6,7 +6,8 @@
 //!
 //! [`Kernels`] picks the implementation per device and [`KernelMode`]: the CPU runs the fused
 //! ones unless a forward pass asks for [`KernelMode::Plain`] (its `Ctx`, from the run's
-//! `train.kernels`), and the router's too under [`KernelMode::FusedRouter`]; any other device runs
+//! `train.kernels`), the router's too under [`KernelMode::FusedRouter`] and [`KernelMode::FusedSlots`]
+//! (the default, whose experts also multiply only their filled slots); any other device runs
 //! the plain dfdx ops (the trait's default methods).
 //!
 //! ```
@@ -575,8 +576,10 @@ fn products_fused<T: Tp<Cpu>>(
     let in_use = move |i: usize, r0: usize, rows: usize| {
         rows_in_use.as_ref().map_or(rows, |r| r[i].saturating_sub(r0).min(rows))
     };
-    // The FLOPs of one of the three products over the rows multiplied (the clock's count).
+    // The FLOPs of the products over the rows they multiply (the clock's count): the forward and
+    // ∂x over the rows in use, ∂W over those through the own kernel and over every row through gemm.
     let product_flops = 2 * k * m * (0..e).map(|i| in_use(i, 0, c)).sum::<usize>();
+    let dw_flops = if own_kernels.dw { product_flops } else { 2 * k * m * e * c };
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let (w_rs, w_cs) = layout.strides();
@@ -594,7 +597,7 @@ fn products_fused<T: Tp<Cpu>>(
     let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
     let w = w.clone(); // shares the weights' buffer until the backward pass has run
     tape.add_backward_op(move |grads| {
-        product_clock::time(2 * product_flops, || {
+        product_clock::time(product_flops + dw_flops, || {
             let (xs, ws) = (data(&x), data(&w));
             // Each product writes every element of its gradient: the first writer overwrites.
             // ∂x (c × k) += g (c × m) · Wᵀ (m × k): Wᵀ swaps W's strides.

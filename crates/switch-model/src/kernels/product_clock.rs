@@ -1,7 +1,9 @@
 //! The wall time and FLOPs of the parameter products ([`super::param_matmul_fused`],
 //! [`super::expert_matmul_fused`]: every linear layer, the experts and the output layer), forward
 //! and backward, summed while switched on: how `switch-bench engine` splits a step into products
-//! and the rest. Off by default, when a product pays one relaxed atomic load.
+//! and the rest. The time includes taking the output and gradient buffers and zeroing the slots
+//! left idle; the FLOPs count the rows each product multiplies. Off by default, when a product
+//! pays one relaxed atomic load.
 //!
 //! ```
 //! use switch_model::kernels::product_clock;
