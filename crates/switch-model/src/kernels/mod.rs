@@ -576,10 +576,10 @@ fn products_fused<T: Tp<Cpu>>(
     let in_use = move |i: usize, r0: usize, rows: usize| {
         rows_in_use.as_ref().map_or(rows, |r| r[i].saturating_sub(r0).min(rows))
     };
-    // The FLOPs of the products over the rows they multiply (the clock's count): the forward and
-    // ∂x over the rows in use, ∂W over those through the own kernel and over every row through gemm.
-    let product_flops = 2 * k * m * (0..e).map(|i| in_use(i, 0, c)).sum::<usize>();
-    let dw_flops = if own_kernels.dw { product_flops } else { 2 * k * m * e * c };
+    // The clock's FLOPs: forward and ∂x over the rows in use, ∂W over those through the own
+    // kernel and over every row through gemm.
+    let used = (0..e).map(|i| in_use(i, 0, c)).sum::<usize>();
+    let (product_flops, dw_flops) = (2 * k * m * used, 2 * k * m * if own_kernels.dw { used } else { e * c });
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let (w_rs, w_cs) = layout.strides();
