@@ -103,35 +103,46 @@ pub fn attention_fused<T: Tp<Cpu>>(
     let table = bias.map(|b| (b.table.ghost(), b.buckets.clone()));
     tape.add_backward_op(move |grads| {
         let (qs, ks, vs) = (data(&q), data(&k), data(&v));
-        let (mut dq, mut dkey, mut dv) = (vec![0f32; nq * hd], vec![0f32; nk * hd], vec![0f32; nk * hd]);
-        let g: &[f32] = grads.get_or_alloc_mut(&out_ghost)?;
-        let with_bias = table.is_some();
-        // Each example's ∂S per head, for the bias (summed over examples, in order, below).
-        let dbias: Vec<Vec<f32>> = (dq.par_chunks_mut(q_rows).zip(dkey.par_chunks_mut(kv_rows)))
-            .zip(dv.par_chunks_mut(kv_rows))
-            .enumerate()
-            .map(|(b, ((dq, dkey), dv))| {
-                let (q, k, v, g) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..], &g[b * q_rows..]);
-                let (mut ds, mut ds_heads) = (vec![0f32; lq * lk], Vec::new());
-                for (h, p) in probs[b * p_len..(b + 1) * p_len].chunks_exact(lq * lk).enumerate() {
+        let mut probs = probs;
+        // ∂V and ∂S (into P's buffer: each head's P is last read by its own ∂S), then ∂Q and ∂K
+        // from ∂S, each pass writing one input's gradient in place: overwritten where this is its
+        // first writer (every element: each example and head owns its block), else added to.
+        {
+            let (gv, add, g) = input_for_overwrite_and_output_grads!(grads, &v_ghost, &out_ghost);
+            gv.par_chunks_mut(kv_rows).zip(probs.par_chunks_mut(p_len)).enumerate().for_each(|(b, (dv, probs))| {
+                let (v, g) = (&vs[b * kv_rows..], &g[b * q_rows..]);
+                let mut ds = vec![0f32; lq * lk];
+                for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
                     let o = h * dk;
-                    gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (p, 1, lk), (&g[o..], hd, 1), true);
+                    gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (&*p, 1, lk), (&g[o..], hd, 1), add);
                     gemm_into(&mut ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
                     softmax_backward(&mut ds, p, lk);
-                    gemm_strided((&mut dq[o..], hd), (lq, dk, lk), (&ds, lk, 1), (&k[o..], hd, 1), true);
-                    gemm_strided((&mut dkey[o..], hd), (lk, dk, lq), (&ds, 1, lk), (&q[o..], hd, 1), true);
-                    if with_bias {
-                        ds_heads.extend_from_slice(&ds);
-                    }
+                    p.copy_from_slice(&ds);
                 }
-                ds_heads
-            })
-            .collect();
-        for (ghost, d) in [(&q_ghost, dq), (&k_ghost, dkey), (&v_ghost, dv)] {
-            grads.get_or_alloc_mut(ghost)?.iter_mut().zip(&d).for_each(|(a, d)| *a += d);
+            });
+        }
+        let ds_all = &probs;
+        // ∂Q = ∂S·K (K's rows per example: kv_rows), ∂K = ∂Sᵀ·Q (∂S read transposed).
+        let products =
+            [(&q_ghost, q_rows, ks, kv_rows, (lq, lk), (lk, 1)), (&k_ghost, kv_rows, qs, q_rows, (lk, lq), (1, lk))];
+        for (ghost, rows, other, other_rows, (l_out, l_in), ds_strides) in products {
+            let (gx, add, _) = input_for_overwrite_and_output_grads!(grads, ghost, &out_ghost);
+            gx.par_chunks_mut(rows).enumerate().for_each(|(b, dx)| {
+                let other = &other[b * other_rows..];
+                for (h, ds) in ds_all[b * p_len..(b + 1) * p_len].chunks_exact(lq * lk).enumerate() {
+                    let o = h * dk;
+                    gemm_strided(
+                        (&mut dx[o..], hd),
+                        (l_out, dk, l_in),
+                        (ds, ds_strides.0, ds_strides.1),
+                        (&other[o..], hd, 1),
+                        add,
+                    );
+                }
+            });
         }
         if let Some((table_ghost, buckets)) = &table {
-            add_bias_grad(grads.get_or_alloc_mut(table_ghost)?, buckets, &dbias, p_len, heads);
+            add_bias_grad(grads.get_or_alloc_mut(table_ghost)?, buckets, ds_all, p_len, heads);
         }
         Ok(())
     });
@@ -148,11 +159,11 @@ fn bias_rows(b: &PositionBias<Cpu>, heads: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Adds Σ over examples (in order) of each example's ∂S (`[heads, lq·lk]` each, `p_len` long)
-/// to the bias table's gradient `gt`, bucket by bucket.
-fn add_bias_grad(gt: &mut [f32], buckets: &[usize], dbias: &[Vec<f32>], p_len: usize, heads: usize) {
+/// Adds Σ over examples (in order) of each example's ∂S (`[heads, lq·lk]` each, `p_len` long,
+/// one after another in `dbias`) to the bias table's gradient `gt`, bucket by bucket.
+fn add_bias_grad(gt: &mut [f32], buckets: &[usize], dbias: &[f32], p_len: usize, heads: usize) {
     let mut summed = vec![0f32; p_len];
-    for example in dbias {
+    for example in dbias.chunks_exact(p_len) {
         summed.iter_mut().zip(example).for_each(|(a, d)| *a += d);
     }
     for (h, dbias) in summed.chunks_exact(buckets.len()).enumerate() {
