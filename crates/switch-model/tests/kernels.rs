@@ -582,6 +582,57 @@ fn fused_attention_matches_the_plain_path_on_one_and_two_threads() {
     }
 }
 
+/// ∂q, ∂k, ∂v of Σ attn(q, k, v) ⊙ c plus a weighted sum of each of q, k and v recorded after
+/// the attention: their backward runs first, so attention adds to gradients already written.
+fn run_with_later_uses(case: &AttentionCase, attn: Attention, dev: &Dev, x: &AttentionInputs) -> [Vec<f32>; 3] {
+    let hd = case.heads * case.dk;
+    let t = |v: &[f32], rows| dev.tensor_from_vec(v.to_vec(), (rows, hd));
+    let (q, k, v) = (t(&x.q, case.batch * case.lq), t(&x.k, case.batch * case.lk), t(&x.v, case.batch * case.lk));
+    let (qt, tape) = q.clone().leaky_traced().split_tape();
+    let (kt, tk) = k.clone().leaky_traced().split_tape();
+    let (vt, tv) = v.clone().leaky_traced().split_tape();
+    let out =
+        attn(qt.clone().put_tape(tape), kt.clone().put_tape(tk), vt.clone().put_tape(tv), None, case.batch, case.heads);
+    let (out, tape) = out.split_tape();
+    let (later_q, tape) = weighted_sum(qt.put_tape(tape), &x.c).split_tape();
+    let (later_k, tape) = weighted_sum(kt.put_tape(tape), &x.v).split_tape();
+    let (later_v, tape) = weighted_sum(vt.put_tape(tape), &x.k).split_tape();
+    let loss = weighted_sum(out.put_tape(tape), &x.c) + later_q + later_k + later_v;
+    let grads = loss.backward();
+    [grads.get(&q).as_vec(), grads.get(&k).as_vec(), grads.get(&v).as_vec()]
+}
+
+#[test]
+fn fused_attention_adds_to_gradients_other_ops_wrote_first() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(12);
+    for case in attention_cases() {
+        let x = case.inputs(&mut rng, 1.0);
+        let fused = run_with_later_uses(&case, attention_fused, &dev, &x);
+        let plain = run_with_later_uses(&case, attention_plain, &dev, &x);
+        for (what, (f, p)) in ["dq", "dk", "dv"].iter().zip(fused.iter().zip(&plain)) {
+            close(f, p, 1e-4, what);
+        }
+    }
+}
+
+#[test]
+fn fused_cross_entropy_adds_to_a_gradient_another_op_wrote_first() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(13);
+    let (n, v) = (6, 9);
+    let (logits, c) = (random(&mut rng, n * v, 3.0), random(&mut rng, n * v, 1.0));
+    let targets: Vec<usize> = (0..n).map(|i| (i * 5) % v).collect();
+    let grad = |ce: CrossEntropy| {
+        let lt = dev.tensor_from_vec(logits.clone(), (n, v));
+        let (l, tape) = lt.clone().leaky_traced().split_tape();
+        let (loss, tape) = ce(l.clone().put_tape(tape), &targets).split_tape();
+        let later = weighted_sum(l.put_tape(tape), &c); // recorded after: its backward runs first
+        (later + loss).backward().get(&lt).as_vec()
+    };
+    close(&grad(cross_entropy_fused), &grad(cross_entropy_plain), 1e-5, "d logits");
+}
+
 #[test]
 fn fused_attention_gradients_match_finite_differences() {
     let dev = Dev::default();

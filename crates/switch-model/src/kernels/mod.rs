@@ -666,12 +666,18 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
     let targets = targets.to_vec();
     let (logits_ghost, out_ghost) = (logits.ghost(), out.ghost());
     tape.add_backward_op(move |grads| {
-        let scale = grads.get_or_alloc_mut(&out_ghost)?[0] / n as f32;
-        let g = grads.get_or_alloc_mut(&logits_ghost)?;
+        // Usually the logits' only consumer: then it overwrites their gradient (no zero fill of the
+        // step's largest buffer at a large vocabulary), else it adds to it.
+        let (g, add, out_grad) = input_for_overwrite_and_output_grads!(grads, &logits_ghost, &out_ghost);
+        let scale = out_grad[0] / n as f32;
         assert_eq!(g.len(), n * v, "cross_entropy_fused needs contiguous logits");
         wide!(|| {
             for ((g, p), &t) in g.chunks_exact_mut(v).zip(probs.chunks_exact(v)).zip(&targets) {
-                g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
+                if add {
+                    g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
+                } else {
+                    g.iter_mut().zip(p).for_each(|(g, p)| *g = scale * p);
+                }
                 g[t] -= scale;
             }
         });
