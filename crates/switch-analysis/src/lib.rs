@@ -208,7 +208,7 @@ fn name_scaling_settings(settings: &mut [Setting]) {
 /// and seed.
 pub fn groups(runs: &[Run]) -> Vec<Group<'_>> {
     let mut out: Vec<Group> = Vec::new();
-    for r in runs.iter().filter(|r| r.config_readable && r.superseded_by.is_none()) {
+    for r in runs.iter().filter(|r| r.compared()) {
         match out.iter_mut().find(|g| g.name == r.group) {
             Some(g) => g.runs.push(r),
             None => out.push(Group { name: r.group.clone(), runs: vec![r] }),

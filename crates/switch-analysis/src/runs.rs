@@ -93,6 +93,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// Whether the report's tables, figures and summary use this run: its config is readable and
+    /// no later run of its point and seed supersedes it.
+    pub fn compared(&self) -> bool {
+        self.config_readable && self.superseded_by.is_none()
+    }
     /// The lever-study setting as one label, e.g. `learning_rate=0.01 expert_every=1`.
     pub fn variant(&self) -> String {
         self.variant_items.join(" ")

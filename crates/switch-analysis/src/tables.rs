@@ -8,8 +8,8 @@ use switch_rundir::State;
 /// down from the paper, and the threshold.
 pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: &Sweep) -> anyhow::Result<()> {
     let Sweep { runs, groups, threshold, at_step, seeds, .. } = *s;
-    // What a run trained on is known only from a readable config.
-    let readable: Vec<&crate::runs::Run> = runs.iter().filter(|r| r.config_readable).collect();
+    // What a run trained on is known only from a readable config; superseded runs are not described.
+    let readable: Vec<&crate::runs::Run> = runs.iter().filter(|r| r.compared()).collect();
     let first = readable.first().copied().unwrap_or(&runs[0]);
     writeln!(md, "# Sweep `{name}`\n")?;
     if let Some(d) = description {
@@ -51,7 +51,7 @@ pub(crate) fn header(md: &mut String, name: &str, description: Option<&str>, s: 
         )?;
     }
     let diverged: Vec<String> =
-        runs.iter().filter_map(|r| Some(format!("{} (step {:.0})", r.id, r.diverged_at?))).collect();
+        current.iter().filter_map(|r| Some(format!("{} (step {:.0})", r.id, r.diverged_at?))).collect();
     if !diverged.is_empty() {
         writeln!(
             md,
@@ -543,7 +543,7 @@ pub(crate) fn routing_health(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
         "| Run | Model | Layer | Min load | Max load | Dead experts | Dropped | Router entropy ÷ ln E |\n|---|---|---|---|---|---|---|---|"
     )?;
     let mut dead_total = 0;
-    for r in runs.iter().filter(|r| r.config_readable && r.num_experts > 1) {
+    for r in runs.iter().filter(|r| r.compared() && r.num_experts > 1) {
         let Some(last) = r.routing.iter().map(|x| x.step).reduce(f64::max) else { continue };
         let mut layers: Vec<&str> = r.routing.iter().filter(|x| x.step == last).map(|x| x.layer.as_str()).collect();
         layers.dedup();
@@ -612,6 +612,8 @@ pub(crate) fn runs_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
 /// `summary.csv`: one row per run.
 pub(crate) fn summary_csv(s: &Sweep) -> anyhow::Result<String> {
     let Sweep { runs, threshold, .. } = *s;
+    // Superseded runs are listed in report.md's runs table and its header, not here.
+    let runs = runs.iter().filter(|r| r.superseded_by.is_none());
     let mut csv = String::from("run_id,group,seed,state,is_baseline,num_experts,top_k,capacity_factor,init_scale,params_total,params_active,flops_per_token,flops_per_token_computed,final_step,final_neg_log_perplexity,test_neg_log_perplexity,steps_to_threshold,wall_s,cpu_s,tokens_per_cpu_s,examples_per_cpu_s,diverged_at\n");
     for r in runs {
         writeln!(

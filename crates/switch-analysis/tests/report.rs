@@ -701,4 +701,6 @@ fn a_run_superseded_by_a_later_one_of_its_point_and_seed_is_left_out() {
     // Switch-8 is new8 alone: −3 + 100/500 = −2.8 (old8 would give −2.5, or a mean of two).
     let row = md.lines().find(|l| l.starts_with("| Switch-8")).unwrap();
     assert!(row.contains("| -2.800 |"), "{row}");
+    let csv = std::fs::read_to_string(dir.join("report/summary.csv")).unwrap();
+    assert!(!csv.contains("old8,") && csv.contains("new8,"), "{csv}");
 }
