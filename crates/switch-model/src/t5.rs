@@ -293,7 +293,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
             let h = b.self_attn_norm.forward(res.clone().put_tape(tape), k);
             let (h, h_tape) = h.split_tape();
             let a = b.self_attn.forward(h.clone().put_tape(h_tape), h.retaped::<T>(), batch, Some(&bias), k);
-            x = dropout(a, rate, ctx) + res;
+            x = D::residual_add(k, dropout(a, rate, ctx), res);
 
             if let Some((norm, attn)) = &b.cross_attn {
                 let memory = memory.expect("decoder needs the encoder output");
@@ -303,7 +303,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
                 };
                 let (res, tape) = x.split_tape();
                 let a = attn.forward(norm.forward(res.clone().put_tape(tape), k), mem, batch, None, k);
-                x = dropout(a, rate, ctx) + res;
+                x = D::residual_add(k, dropout(a, rate, ctx), res);
             }
 
             let (res, tape) = x.split_tape();
@@ -323,7 +323,7 @@ impl<D: crate::kernels::Kernels> SwitchTransformer<D> {
                     out.output
                 }
             };
-            x = dropout(y, rate, ctx) + res;
+            x = D::residual_add(k, dropout(y, rate, ctx), res);
         }
         dropout(stack.final_norm.forward(x, k), rate, ctx)
     }

@@ -6,8 +6,8 @@ use switch_model::kernels::{
     attention_fused, attention_plain, combine_fused, combine_plain, cross_entropy_fused, cross_entropy_plain,
     dot_constant_fused, dot_constant_plain, expert_matmul_fused, gather_rows_fused, gather_rows_plain,
     logsumexp_sq_mean_fused, logsumexp_sq_mean_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused,
-    param_matmul_plain, rms_norm_fused, rms_norm_plain, softmax_rows_fused, softmax_rows_plain, Act3, PositionBias,
-    Stacked,
+    param_matmul_plain, residual_add_fused, residual_add_plain, rms_norm_fused, rms_norm_plain, softmax_rows_fused,
+    softmax_rows_plain, Act3, PositionBias, Stacked,
 };
 use switch_model::nn::{Act, Param};
 
@@ -856,4 +856,51 @@ fn vectorised_exp_is_within_two_ulp_and_zero_far_below() {
     assert_eq!(exp(0.0), 1.0);
     assert_eq!((exp(-87.4), exp(-1e9), exp(f32::NEG_INFINITY)), (0.0, 0.0, 0.0));
     assert!(exp(88.0).is_finite() && exp(88.0) > 1e38);
+}
+
+type ResidualAdd = fn(Act<Dev, OwnedTape<f32, Dev>>, Act<Dev, NoneTape>) -> Act<Dev, OwnedTape<f32, Dev>>;
+
+/// The residual add as a block uses it: `res` also feeds a sublayer (here `x = res ⊙ 2`) whose
+/// backward runs after the add's, and with `later` its output is also read by an op recorded after
+/// it, so the add is then the second writer of `x`'s gradient. Output, ∂res.
+fn run_residual(
+    add: ResidualAdd,
+    dev: &Dev,
+    (res, c, c2): (&[f32], &[f32], &[f32]),
+    n: usize,
+    later: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let rt = dev.tensor_from_vec(res.to_vec(), (n, res.len() / n));
+    let (r, tape) = rt.clone().leaky_traced().split_tape();
+    let x = r.clone().put_tape(tape) * 2.0;
+    let (x, tape) = x.split_tape();
+    let x_again = x.clone();
+    let y = add(x.put_tape(tape), r);
+    let out = y.as_vec();
+    let loss = if later {
+        let (y, tape) = y.split_tape();
+        let (extra, tape) = weighted_sum(x_again.put_tape(tape), c2).split_tape();
+        weighted_sum(y.put_tape(tape), c) + extra
+    } else {
+        weighted_sum(y, c)
+    };
+    (out, loss.backward().get(&rt).as_vec())
+}
+
+#[test]
+fn fused_residual_add_matches_the_plain_path_on_one_and_two_threads() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(14);
+    let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    for (n, d) in [(1, 1), (3, 5), (300, 256)] {
+        let (res, c, c2) = (random(&mut rng, n * d, 2.0), random(&mut rng, n * d, 1.0), random(&mut rng, n * d, 1.0));
+        for later in [false, true] {
+            let [one, two] = pools
+                .each_ref()
+                .map(|p| p.install(|| run_residual(residual_add_fused, &dev, (&res, &c, &c2), n, later)));
+            assert_eq!(one, two, "elementwise: the same bits on any number of threads");
+            let plain = run_residual(residual_add_plain, &dev, (&res, &c, &c2), n, later);
+            assert_eq!(one, plain, "the same sums as dfdx's add (later use: {later})");
+        }
+    }
 }

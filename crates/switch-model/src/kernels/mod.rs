@@ -61,6 +61,7 @@ pub use router::{
 };
 pub use rows::{
     combine_fused, combine_plain, gather_rows_fused, gather_rows_plain, mul_constant_fused, mul_constant_plain,
+    residual_add_fused, residual_add_plain,
 };
 
 /// 3-D activations `[experts, tokens, features]` carrying tape `T`.
@@ -199,6 +200,11 @@ pub trait Kernels: Device<f32> {
     ) -> Tensor<S, f32, Self, T> {
         mul_constant_plain(x, c)
     }
+    /// `x + res`: the residual connection around a sublayer (`res` carries no tape: its
+    /// gradient is recorded through `x`'s).
+    fn residual_add<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>, res: Act<Self, NoneTape>) -> Act<Self, T> {
+        residual_add_plain(x, res)
+    }
     /// softmax over the last axis: `x` `[tokens, experts]` (the router's probabilities).
     fn softmax_rows<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
         softmax_rows_plain(x)
@@ -307,6 +313,9 @@ impl Kernels for Cpu {
         c: &[f32],
     ) -> Tensor<S, f32, Self, T> {
         pick!(mode.fuses_layers(), mul_constant_plain(x, c), mul_constant_fused(x, c))
+    }
+    fn residual_add<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, res: Act<Self, NoneTape>) -> Act<Self, T> {
+        pick!(mode.fuses_layers(), residual_add_plain(x, res), residual_add_fused(x, res))
     }
     fn softmax_rows<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
         pick!(mode.fuses_router(), softmax_rows_plain(x), softmax_rows_fused(x))

@@ -1,6 +1,7 @@
 //! Row moves of the Switch layer and the embedding: gathering rows (dispatch of tokens into expert
-//! slots, an embedding lookup), combining expert outputs back with their gates, and multiplying by
-//! a constant (the router's jitter noise, a dropout mask). Each is O(tokens × d_model); the plain
+//! slots, an embedding lookup), combining expert outputs back with their gates, multiplying by
+//! a constant (the router's jitter noise, a dropout mask), and the residual add. Each is
+//! O(tokens × d_model); the plain
 //! dfdx path makes several full-size buffers and indexes element by element, the fused one copies
 //! whole rows and keeps no buffer for the backward pass.
 //!
@@ -18,6 +19,7 @@
 use super::{data, with_output, with_overwritten_output, Kernels};
 use crate::tensor::{device_tensor, Act, Tp};
 use dfdx::prelude::*;
+use rayon::prelude::*;
 
 /// Rows by index as dfdx ops (the reference): one `gather`.
 pub fn gather_rows_plain<D: Kernels, T: Tp<D>>(x: Act<D, T>, rows: &[usize]) -> Act<D, T> {
@@ -127,6 +129,48 @@ pub fn mul_constant_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>, c: &[
     tape.add_backward_op(move |grads| {
         let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
         gx.iter_mut().zip(g.iter()).zip(&c).for_each(|((a, g), c)| *a += g * c);
+        Ok(())
+    });
+    out.put_tape(tape)
+}
+
+/// `x + res` as dfdx ops (the reference): the residual connection around a sublayer.
+pub fn residual_add_plain<D: Kernels, T: Tp<D>>(x: Act<D, T>, res: Act<D, NoneTape>) -> Act<D, T> {
+    x + res
+}
+
+/// Elements per parallel chunk of an elementwise pass: large enough that a chunk outweighs its
+/// scheduling.
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
+
+/// `x + res` in one pass, on the run's threads; ∂x = ∂res = g, each written in place: copied where
+/// this is the gradient's first writer, added where another op wrote first (dfdx's add zero-fills
+/// both gradients and adds `1 · g` to each, the same values). Elementwise, so every bit is the same
+/// on any number of threads.
+pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -> Act<Cpu, T> {
+    let shape = *x.shape();
+    assert_eq!(shape, *res.shape(), "residual_add: x is {shape:?}, the residual {:?}", res.shape());
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = with_overwritten_output(&dev, shape, |y| {
+        let (xs, rs) = (data(&x), data(&res));
+        y.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, y)| {
+            let at = i * ELEMENTWISE_CHUNK;
+            y.iter_mut().zip(&xs[at..]).zip(&rs[at..]).for_each(|((y, a), b)| *y = a + b);
+        });
+    });
+    let (x_ghost, res_ghost, out_ghost) = (x.ghost(), res.ghost(), out.ghost());
+    tape.add_backward_op(move |grads| {
+        for ghost in [&x_ghost, &res_ghost] {
+            let (gi, add, g) = input_for_overwrite_and_output_grads!(grads, ghost, &out_ghost);
+            gi.par_chunks_mut(ELEMENTWISE_CHUNK).zip(g.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(gi, g)| {
+                if add {
+                    gi.iter_mut().zip(g).for_each(|(a, g)| *a += g);
+                } else {
+                    gi.copy_from_slice(g);
+                }
+            });
+        }
         Ok(())
     });
     out.put_tape(tape)
