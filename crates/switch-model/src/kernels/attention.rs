@@ -104,9 +104,9 @@ pub fn attention_fused<T: Tp<Cpu>>(
     tape.add_backward_op(move |grads| {
         let (qs, ks, vs) = (data(&q), data(&k), data(&v));
         let mut probs = probs;
-        // ∂V and ∂S (into P's buffer: each head's P is last read by its own ∂S), then ∂Q and ∂K
-        // from ∂S, each pass writing one input's gradient in place: overwritten where this is its
-        // first writer (every element: each example and head owns its block), else added to.
+        // ∂V and ∂S (into P's buffer, which each head's ∂S reads last), then ∂Q and ∂K, each into
+        // its gradient: overwritten where this is its first writer (each example and head owns
+        // its block), else added to.
         {
             let (gv, add, g) = input_for_overwrite_and_output_grads!(grads, &v_ghost, &out_ghost);
             gv.par_chunks_mut(kv_rows).zip(probs.par_chunks_mut(p_len)).enumerate().for_each(|(b, (dv, probs))| {
@@ -121,8 +121,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
                 }
             });
         }
-        let ds_all = &probs;
-        // ∂Q = ∂S·K (K's rows per example: kv_rows), ∂K = ∂Sᵀ·Q (∂S read transposed).
+        let ds_all = &probs; // ∂Q = ∂S·K, ∂K = ∂Sᵀ·Q (∂S read transposed)
         let products =
             [(&q_ghost, q_rows, ks, kv_rows, (lq, lk), (lk, 1)), (&k_ghost, kv_rows, qs, q_rows, (lk, lq), (1, lk))];
         for (ghost, rows, other, other_rows, (l_out, l_in), ds_strides) in products {
@@ -130,14 +129,8 @@ pub fn attention_fused<T: Tp<Cpu>>(
             gx.par_chunks_mut(rows).enumerate().for_each(|(b, dx)| {
                 let other = &other[b * other_rows..];
                 for (h, ds) in ds_all[b * p_len..(b + 1) * p_len].chunks_exact(lq * lk).enumerate() {
-                    let o = h * dk;
-                    gemm_strided(
-                        (&mut dx[o..], hd),
-                        (l_out, dk, l_in),
-                        (ds, ds_strides.0, ds_strides.1),
-                        (&other[o..], hd, 1),
-                        add,
-                    );
+                    let (o, (rs, cs)) = (h * dk, ds_strides);
+                    gemm_strided((&mut dx[o..], hd), (l_out, dk, l_in), (ds, rs, cs), (&other[o..], hd, 1), add);
                 }
             });
         }

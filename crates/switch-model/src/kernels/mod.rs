@@ -585,8 +585,7 @@ fn products_fused<T: Tp<Cpu>>(
     let in_use = move |i: usize, r0: usize, rows: usize| {
         rows_in_use.as_ref().map_or(rows, |r| r[i].saturating_sub(r0).min(rows))
     };
-    // The clock's FLOPs: forward and ∂x over the rows in use, ∂W over those through the own
-    // kernel and over every row through gemm.
+    // The clock's FLOPs: forward and ∂x over the rows in use, ∂W too where the own kernel runs it.
     let used = (0..e).map(|i| in_use(i, 0, c)).sum::<usize>();
     let (product_flops, dw_flops) = (2 * k * m * used, 2 * k * m * if own_kernels.dw { used } else { e * c });
     let dev = x.device().clone();
