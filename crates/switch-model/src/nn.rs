@@ -210,7 +210,7 @@ impl<D: Device<f32>> ExpertFfn<D> {
             Some(rows) => D::expert_matmul(k, x, w, layout, rows),
         };
         let hidden = match &self.w_gate {
-            None => product(x, &self.w_in, up).relu(),
+            None => D::relu(k, product(x, &self.w_in, up)),
             Some(w_gate) => {
                 let (x, tape) = x.split_tape();
                 let gelu = product(x.clone().put_tape(tape), &self.w_in, up).fast_gelu();

@@ -6,8 +6,8 @@ use switch_model::kernels::{
     attention_fused, attention_plain, combine_fused, combine_plain, cross_entropy_fused, cross_entropy_plain,
     dot_constant_fused, dot_constant_plain, expert_matmul_fused, gather_rows_fused, gather_rows_plain,
     logsumexp_sq_mean_fused, logsumexp_sq_mean_plain, mul_constant_fused, mul_constant_plain, param_matmul_fused,
-    param_matmul_plain, residual_add_fused, residual_add_plain, rms_norm_fused, rms_norm_plain, softmax_rows_fused,
-    softmax_rows_plain, Act3, PositionBias, Stacked,
+    param_matmul_plain, relu_fused, relu_plain, residual_add_fused, residual_add_plain, rms_norm_fused, rms_norm_plain,
+    softmax_rows_fused, softmax_rows_plain, Act3, PositionBias, Stacked,
 };
 use switch_model::nn::{Act, Param};
 
@@ -901,6 +901,56 @@ fn fused_residual_add_matches_the_plain_path_on_one_and_two_threads() {
             assert_eq!(one, two, "elementwise: the same bits on any number of threads");
             let plain = run_residual(residual_add_plain, &dev, (&res, &c, &c2), n, later);
             assert_eq!(one, plain, "the same sums as dfdx's add (later use: {later})");
+        }
+    }
+}
+
+type Relu = fn(Act<Dev, OwnedTape<f32, Dev>>) -> Act<Dev, OwnedTape<f32, Dev>>;
+
+/// Output and ∂x of Σ relu(x) ⊙ c, and with `later` plus Σ x ⊙ c2 recorded after the ReLU (so it
+/// adds to a gradient another op wrote first). x holds exact zeros and negative zeros too.
+fn run_relu(
+    relu: Relu,
+    dev: &Dev,
+    (x, c, c2): (&[f32], &[f32], &[f32]),
+    n: usize,
+    later: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let xt = dev.tensor_from_vec(x.to_vec(), (n, x.len() / n));
+    let (xs, tape) = xt.clone().leaky_traced().split_tape();
+    let y = relu(xs.clone().put_tape(tape));
+    let out = y.as_vec();
+    let loss = if later {
+        let (y, tape) = y.split_tape();
+        let (extra, tape) = weighted_sum(xs.put_tape(tape), c2).split_tape();
+        weighted_sum(y.put_tape(tape), c) + extra
+    } else {
+        weighted_sum(y, c)
+    };
+    (out, loss.backward().get(&xt).as_vec())
+}
+
+#[test]
+fn fused_relu_matches_dfdx_bit_for_bit_on_one_and_two_threads() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(15);
+    let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    for (n, d) in [(1, 4), (3, 5), (300, 256)] {
+        let mut x = random(&mut rng, n * d, 2.0);
+        x[0] = 0.0;
+        x[1] = -0.0;
+        let (c, c2) = (random(&mut rng, n * d, 1.0), random(&mut rng, n * d, 1.0));
+        for later in [false, true] {
+            let [one, two] =
+                pools.each_ref().map(|p| p.install(|| run_relu(relu_fused, &dev, (&x, &c, &c2), n, later)));
+            assert_eq!(one, two, "elementwise: the same bits on any number of threads");
+            let plain = run_relu(relu_plain, &dev, (&x, &c, &c2), n, later);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                (bits(&one.0), bits(&one.1)),
+                (bits(&plain.0), bits(&plain.1)),
+                "dfdx's bits (later use: {later})"
+            );
         }
     }
 }

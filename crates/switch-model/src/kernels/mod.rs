@@ -61,7 +61,7 @@ pub use router::{
 };
 pub use rows::{
     combine_fused, combine_plain, gather_rows_fused, gather_rows_plain, mul_constant_fused, mul_constant_plain,
-    residual_add_fused, residual_add_plain,
+    relu_fused, relu_plain, residual_add_fused, residual_add_plain,
 };
 
 /// 3-D activations `[experts, tokens, features]` carrying tape `T`.
@@ -205,6 +205,10 @@ pub trait Kernels: Device<f32> {
     fn residual_add<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>, res: Act<Self, NoneTape>) -> Act<Self, T> {
         residual_add_plain(x, res)
     }
+    /// `max(x, 0)`: the feed-forward layers' activation.
+    fn relu<S: Shape, T: Tp<Self>>(_mode: KernelMode, x: Tensor<S, f32, Self, T>) -> Tensor<S, f32, Self, T> {
+        relu_plain(x)
+    }
     /// softmax over the last axis: `x` `[tokens, experts]` (the router's probabilities).
     fn softmax_rows<T: Tp<Self>>(_mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
         softmax_rows_plain(x)
@@ -316,6 +320,9 @@ impl Kernels for Cpu {
     }
     fn residual_add<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>, res: Act<Self, NoneTape>) -> Act<Self, T> {
         pick!(mode.fuses_layers(), residual_add_plain(x, res), residual_add_fused(x, res))
+    }
+    fn relu<S: Shape, T: Tp<Self>>(mode: KernelMode, x: Tensor<S, f32, Self, T>) -> Tensor<S, f32, Self, T> {
+        pick!(mode.fuses_layers(), relu_plain(x), relu_fused(x))
     }
     fn softmax_rows<T: Tp<Self>>(mode: KernelMode, x: Act<Self, T>) -> Act<Self, T> {
         pick!(mode.fuses_router(), softmax_rows_plain(x), softmax_rows_fused(x))

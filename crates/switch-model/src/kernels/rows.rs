@@ -1,6 +1,6 @@
 //! Row moves of the Switch layer and the embedding: gathering rows (dispatch of tokens into expert
 //! slots, an embedding lookup), combining expert outputs back with their gates, multiplying by
-//! a constant (the router's jitter noise, a dropout mask), and the residual add. Each is
+//! a constant (the router's jitter noise, a dropout mask), the residual add and ReLU. Each is
 //! O(tokens × d_model); the plain
 //! dfdx path makes several full-size buffers and indexes element by element, the fused one copies
 //! whole rows and keeps no buffer for the backward pass.
@@ -18,6 +18,7 @@
 //! ```
 use super::{data, with_output, with_overwritten_output, Kernels};
 use crate::tensor::{device_tensor, Act, Tp};
+use crate::wide;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -156,7 +157,7 @@ pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -
         let (xs, rs) = (data(&x), data(&res));
         y.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, y)| {
             let at = i * ELEMENTWISE_CHUNK;
-            y.iter_mut().zip(&xs[at..]).zip(&rs[at..]).for_each(|((y, a), b)| *y = a + b);
+            wide!(|| y.iter_mut().zip(&xs[at..]).zip(&rs[at..]).for_each(|((y, a), b)| *y = a + b));
         });
     });
     let (x_ghost, res_ghost, out_ghost) = (x.ghost(), res.ghost(), out.ghost());
@@ -165,12 +166,48 @@ pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -
             let (gi, add, g) = input_for_overwrite_and_output_grads!(grads, ghost, &out_ghost);
             gi.par_chunks_mut(ELEMENTWISE_CHUNK).zip(g.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(gi, g)| {
                 if add {
-                    gi.iter_mut().zip(g).for_each(|(a, g)| *a += g);
+                    wide!(|| gi.iter_mut().zip(g).for_each(|(a, g)| *a += g));
                 } else {
                     gi.copy_from_slice(g);
                 }
             });
         }
+        Ok(())
+    });
+    out.put_tape(tape)
+}
+
+/// ReLU as a dfdx op (the reference).
+pub fn relu_plain<S: Shape, D: Kernels, T: Tp<D>>(x: Tensor<S, f32, D, T>) -> Tensor<S, f32, D, T> {
+    x.relu()
+}
+
+/// `max(x, 0)` in one pass on the run's threads; ∂x = g where x > 0, else 0, written as dfdx
+/// writes it (`0 + df · g` where this is the gradient's first writer, `+= df · g` otherwise), so
+/// every bit is dfdx's without its zero fill, and the same on any number of threads.
+pub fn relu_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>) -> Tensor<S, f32, Cpu, T> {
+    let dev = x.device().clone();
+    let (x, mut tape) = x.split_tape();
+    let out = with_overwritten_output(&dev, *x.shape(), |y| {
+        let xs = data(&x);
+        y.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, y)| {
+            wide!(|| y.iter_mut().zip(&xs[i * ELEMENTWISE_CHUNK..]).for_each(|(y, x)| *y = x.max(0.0)));
+        });
+    });
+    let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
+    tape.add_backward_op(move |grads| {
+        let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
+        let xs = data(&x);
+        gx.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, gx)| {
+            let at = i * ELEMENTWISE_CHUNK;
+            let pass = gx.iter_mut().zip(&g[at..]).zip(&xs[at..]);
+            let df = |x: f32| if x > 0.0 { 1.0 } else { 0.0 };
+            if add {
+                wide!(|| pass.for_each(|((a, g), x)| *a += df(*x) * g));
+            } else {
+                wide!(|| pass.for_each(|((a, g), x)| *a = 0.0 + df(*x) * g));
+            }
+        });
         Ok(())
     });
     out.put_tape(tape)
