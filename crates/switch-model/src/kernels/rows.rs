@@ -144,10 +144,10 @@ pub fn residual_add_plain<D: Kernels, T: Tp<D>>(x: Act<D, T>, res: Act<D, NoneTa
 /// scheduling.
 const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
-/// `x + res` in one pass, on the run's threads; ∂x = ∂res = g, each written in place: copied where
-/// this is the gradient's first writer, added where another op wrote first (dfdx's add zero-fills
-/// both gradients and adds `1 · g` to each, the same values). Elementwise, so every bit is the same
-/// on any number of threads.
+/// `x + res` in one pass, on the run's threads; ∂x = ∂res = g, each written in place: `0 + g`
+/// where this is the gradient's first writer, `+= g` where another op wrote first (dfdx's add
+/// zero-fills both gradients and adds `1 · g` to each: the same bits, a −0 included).
+/// Elementwise, so every bit is the same on any number of threads.
 pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -> Act<Cpu, T> {
     let shape = *x.shape();
     assert_eq!(shape, *res.shape(), "residual_add: x is {shape:?}, the residual {:?}", res.shape());
@@ -168,7 +168,8 @@ pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -
                 if add {
                     wide!(|| gi.iter_mut().zip(g).for_each(|(a, g)| *a += g));
                 } else {
-                    gi.copy_from_slice(g);
+                    wide!(|| gi.iter_mut().zip(g).for_each(|(a, g)| *a = 0.0 + g));
+                    // a −0 becomes +0, as in dfdx
                 }
             });
         }
