@@ -183,7 +183,7 @@ pub fn relu_plain<S: Shape, D: Kernels, T: Tp<D>>(x: Tensor<S, f32, D, T>) -> Te
     x.relu()
 }
 
-/// `max(x, 0)` in one pass on the run's threads; ∂x = g where x > 0, else 0, written as dfdx
+/// `max(x, 0)` in one pass on the run's threads; ∂x = g where x > 0 (read off the output), else 0, written as dfdx
 /// writes it (`0 + df · g` where this is the gradient's first writer, `+= df · g` otherwise), so
 /// every bit is dfdx's without its zero fill, and the same on any number of threads.
 pub fn relu_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>) -> Tensor<S, f32, Cpu, T> {
@@ -195,13 +195,16 @@ pub fn relu_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>) -> Tensor<S, 
             wide!(|| y.iter_mut().zip(&xs[i * ELEMENTWISE_CHUNK..]).for_each(|(y, x)| *y = x.max(0.0)));
         });
     });
-    let (x_ghost, out_ghost) = (x.ghost(), out.ghost());
+    // The backward pass reads the output (max(x, 0) > 0 exactly where x > 0, NaN included), which
+    // the next layer keeps anyway, so the pre-activation's buffer is freed with the tape's hold.
+    let (x_ghost, out_ghost, kept) = (x.ghost(), out.ghost(), out.clone());
+    drop(x);
     tape.add_backward_op(move |grads| {
         let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
-        let xs = data(&x);
+        let ys = data(&kept);
         gx.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, gx)| {
             let at = i * ELEMENTWISE_CHUNK;
-            let pass = gx.iter_mut().zip(&g[at..]).zip(&xs[at..]);
+            let pass = gx.iter_mut().zip(&g[at..]).zip(&ys[at..]);
             let df = |x: f32| if x > 0.0 { 1.0 } else { 0.0 };
             if add {
                 wide!(|| pass.for_each(|((a, g), x)| *a += df(*x) * g));
