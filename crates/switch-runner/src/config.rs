@@ -79,8 +79,8 @@ pub struct TrainConfig {
     pub kernels: KernelMode,
 }
 
-/// `train.kernels` of a config saved without the key: the default then, as
-/// [`crate::grid::EARLIER_DEFAULTS`] records it.
+/// `train.kernels` of a config saved without the key: the default then, which the run id also
+/// leaves out ([`crate::grid::unhashed_values`]).
 fn kernels_before_the_key() -> KernelMode {
     KernelMode::Fused
 }

@@ -306,24 +306,21 @@ pub const ALWAYS_HASHED: [(&str, &[&str]); 3] = [
     ),
 ];
 
-/// Fields whose default changed within results version 7, with the default they had before
-/// (section, key, value as JSON). A run id leaves such a field out only at that old value, so a
-/// config that now trains with the new default gets an id of its own, and a grid that sets the old
-/// value plans the ids (and trains the bits) of the runs made before. `train.kernels` became
-/// `fused_slots` on 2026-12-06. Emptied at the next `RESULTS_VERSION` bump, like [`ALWAYS_HASHED`].
-pub const EARLIER_DEFAULTS: [(&str, &str, &str); 1] = [("train", "kernels", "\"fused\"")];
-
-/// The values [`identity`] leaves out: today's defaults, except [`EARLIER_DEFAULTS`].
-fn unhashed_values() -> Value {
-    let mut defaults = serde_json::to_value(RunConfig::default()).expect("serializable");
-    for (section, key, value) in EARLIER_DEFAULTS {
-        defaults[section][key] = serde_json::from_str(value).expect("EARLIER_DEFAULTS holds JSON");
-    }
-    defaults
+/// The values [`identity`] leaves out: what a config whose sections name no key reads as. That is
+/// today's default for every field except one whose default changed within results version 7:
+/// its serde default is the earlier value (`train.kernels`: `fused`, before `fused_slots` became
+/// the default on 2026-12-06), so a config at the new default gets an id of its own, and a grid
+/// or a saved `config.yaml` at the old value keeps the ids (and trains the bits) of the runs made
+/// before. At the next `RESULTS_VERSION` bump those serde defaults go, like [`ALWAYS_HASHED`].
+pub fn unhashed_values() -> Value {
+    let unnamed: RunConfig = serde_json::from_value(serde_json::json!({"model": {}, "data": {}, "train": {}}))
+        .expect("every field has a default");
+    serde_json::to_value(unnamed).expect("serializable")
 }
 
 /// What a run id hashes: the resolved config as JSON (in field order), less every field outside
-/// [`ALWAYS_HASHED`] that holds its default value ([`EARLIER_DEFAULTS`]' earlier one).
+/// [`ALWAYS_HASHED`] that holds its default value (a changed default: the earlier one, see
+/// [`unhashed_values`]).
 pub fn identity(cfg: &RunConfig) -> Value {
     let mut tree = serde_json::to_value(cfg).expect("serializable");
     let defaults = unhashed_values();

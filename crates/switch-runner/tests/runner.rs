@@ -553,7 +553,7 @@ fn the_default_sweeps_run_ids_are_those_of_its_committed_report() {
 /// The grids whose committed reports today's code reproduces plan those reports' run ids: the
 /// paper sweep (its runs set the fields added after version 7 away from their defaults) and the
 /// three engine-option studies. Each sets `train.kernels: fused`, the default its runs were made
-/// with, which keeps their ids ([`switch_runner::grid::EARLIER_DEFAULTS`]).
+/// with, which keeps their ids ([`switch_runner::grid::unhashed_values`]).
 #[test]
 fn the_paper_and_engine_sweeps_run_ids_are_those_of_their_committed_reports() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -573,7 +573,7 @@ fn the_paper_and_engine_sweeps_run_ids_are_those_of_their_committed_reports() {
 #[test]
 fn a_saved_config_without_the_kernels_key_reads_as_the_earlier_default() {
     use switch_runner::config::RunConfig;
-    use switch_runner::grid::{run_id, EARLIER_DEFAULTS};
+    use switch_runner::grid::{run_id, unhashed_values};
     let tmp = tempfile::tempdir().unwrap();
     let plan =
         switch_runner::plan(&grid(tmp.path(), "old", "grid:\n  model.num_experts: [4]\n  train.kernels: [fused]\n"))
@@ -585,8 +585,8 @@ fn a_saved_config_without_the_kernels_key_reads_as_the_earlier_default() {
     let path = tmp.path().join("config.yaml");
     std::fs::write(&path, without).unwrap();
     let read = switch_rundir::RunFile::<RunConfig>::read(&path).unwrap();
-    let earlier = EARLIER_DEFAULTS.iter().find(|(s, f, _)| (*s, *f) == ("train", "kernels")).unwrap().2;
-    assert_eq!(serde_json::to_string(&read.config.train.kernels).unwrap(), earlier);
+    let earlier = unhashed_values()["train"]["kernels"].clone();
+    assert_eq!((serde_json::to_value(read.config.train.kernels).unwrap(), earlier), ("fused".into(), "fused".into()));
     assert_eq!(run_id(&read.config), read.run_id, "the id its folder was made under");
 }
 
@@ -617,7 +617,7 @@ fn a_changed_default_gives_new_ids_and_keeps_the_old_ones_at_the_old_value() {
 /// with no attribute on the field.
 #[test]
 fn fields_at_their_default_stay_out_of_the_run_id() {
-    use switch_runner::grid::{identity, run_id, ALWAYS_HASHED, EARLIER_DEFAULTS};
+    use switch_runner::grid::{identity, run_id, unhashed_values, ALWAYS_HASHED};
     let tmp = tempfile::tempdir().unwrap();
     let base = switch_runner::plan(&grid(tmp.path(), "id", "grid:\n  model.num_experts: [4]\n")).unwrap().runs[0]
         .config
@@ -631,7 +631,8 @@ fn fields_at_their_default_stay_out_of_the_run_id() {
     for key in &newer {
         let (section, field) = key.split_once('.').unwrap();
         let at_default = identity(&switch_runner::config::RunConfig::default());
-        let changed_default = EARLIER_DEFAULTS.iter().any(|(s, f, _)| (*s, *f) == (section, field));
+        let today = serde_json::to_value(switch_runner::config::RunConfig::default()).unwrap();
+        let changed_default = unhashed_values()[section][field] != today[section][field];
         assert_eq!(at_default[section].get(field).is_some(), changed_default, "{key} at its default");
         // Set the key away from its default through the same path a grid takes.
         let mut tree = serde_json::to_value(&base).unwrap();
