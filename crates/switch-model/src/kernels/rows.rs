@@ -144,34 +144,39 @@ pub fn residual_add_plain<D: Kernels, T: Tp<D>>(x: Act<D, T>, res: Act<D, NoneTa
 /// scheduling.
 const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
-/// `x + res` in one pass, on the run's threads; ∂x = ∂res = g, each written in place: `0 + g`
-/// where this is the gradient's first writer, `+= g` where another op wrote first (dfdx's add
-/// zero-fills both gradients and adds `1 · g` to each: the same bits, a −0 included).
+/// `f(&mut dst[i], a[i], b[i])` for every i, in chunks on the run's threads, compiled wide.
 /// Elementwise, so every bit is the same on any number of threads.
+fn par_zip2(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut f32, f32, f32) + Sync) {
+    dst.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, dst)| {
+        let at = i * ELEMENTWISE_CHUNK;
+        wide!(|| dst.iter_mut().zip(&a[at..]).zip(&b[at..]).for_each(|((d, a), b)| f(d, *a, *b)));
+    });
+}
+
+/// Writes `v(a[i], b[i])` into a gradient as dfdx's ops do (they zero-fill it and add): `0 + v`
+/// where this op is its first writer, `+= v` otherwise — the same bits, a −0 included, without
+/// the fill.
+fn write_gradient(grad: &mut [f32], add: bool, a: &[f32], b: &[f32], v: impl Fn(f32, f32) -> f32 + Sync) {
+    if add {
+        par_zip2(grad, a, b, |d, a, b| *d += v(a, b));
+    } else {
+        par_zip2(grad, a, b, |d, a, b| *d = 0.0 + v(a, b));
+    }
+}
+
+/// `x + res` in one pass, on the run's threads; ∂x = ∂res = g, each written in place as dfdx's
+/// add writes `1 · g` ([`write_gradient`]).
 pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -> Act<Cpu, T> {
     let shape = *x.shape();
     assert_eq!(shape, *res.shape(), "residual_add: x is {shape:?}, the residual {:?}", res.shape());
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
-    let out = with_overwritten_output(&dev, shape, |y| {
-        let (xs, rs) = (data(&x), data(&res));
-        y.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, y)| {
-            let at = i * ELEMENTWISE_CHUNK;
-            wide!(|| y.iter_mut().zip(&xs[at..]).zip(&rs[at..]).for_each(|((y, a), b)| *y = a + b));
-        });
-    });
+    let out = with_overwritten_output(&dev, shape, |y| par_zip2(y, data(&x), data(&res), |y, a, b| *y = a + b));
     let (x_ghost, res_ghost, out_ghost) = (x.ghost(), res.ghost(), out.ghost());
     tape.add_backward_op(move |grads| {
         for ghost in [&x_ghost, &res_ghost] {
             let (gi, add, g) = input_for_overwrite_and_output_grads!(grads, ghost, &out_ghost);
-            gi.par_chunks_mut(ELEMENTWISE_CHUNK).zip(g.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(gi, g)| {
-                if add {
-                    wide!(|| gi.iter_mut().zip(g).for_each(|(a, g)| *a += g));
-                } else {
-                    wide!(|| gi.iter_mut().zip(g).for_each(|(a, g)| *a = 0.0 + g));
-                    // a −0 becomes +0, as in dfdx
-                }
-            });
+            write_gradient(gi, add, g, g, |g, _| g);
         }
         Ok(())
     });
@@ -183,17 +188,14 @@ pub fn relu_plain<S: Shape, D: Kernels, T: Tp<D>>(x: Tensor<S, f32, D, T>) -> Te
     x.relu()
 }
 
-/// `max(x, 0)` in one pass on the run's threads; ∂x = g where x > 0 (read off the output), else 0, written as dfdx
-/// writes it (`0 + df · g` where this is the gradient's first writer, `+= df · g` otherwise), so
-/// every bit is dfdx's without its zero fill, and the same on any number of threads.
+/// `max(x, 0)` in one pass on the run's threads; ∂x = g where x > 0 (read off the output), else
+/// 0, written as dfdx writes it ([`write_gradient`]): dfdx's bits without its zero fill.
 pub fn relu_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>) -> Tensor<S, f32, Cpu, T> {
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
     let out = with_overwritten_output(&dev, *x.shape(), |y| {
         let xs = data(&x);
-        y.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, y)| {
-            wide!(|| y.iter_mut().zip(&xs[i * ELEMENTWISE_CHUNK..]).for_each(|(y, x)| *y = x.max(0.0)));
-        });
+        par_zip2(y, xs, xs, |y, x, _| *y = x.max(0.0))
     });
     // The backward pass reads the output (max(x, 0) > 0 exactly where x > 0, NaN included), which
     // the next layer keeps anyway, so the pre-activation's buffer is freed with the tape's hold.
@@ -201,17 +203,8 @@ pub fn relu_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>) -> Tensor<S, 
     drop(x);
     tape.add_backward_op(move |grads| {
         let (gx, add, g) = input_for_overwrite_and_output_grads!(grads, &x_ghost, &out_ghost);
-        let ys = data(&kept);
-        gx.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, gx)| {
-            let at = i * ELEMENTWISE_CHUNK;
-            let pass = gx.iter_mut().zip(&g[at..]).zip(&ys[at..]);
-            let df = |x: f32| if x > 0.0 { 1.0 } else { 0.0 };
-            if add {
-                wide!(|| pass.for_each(|((a, g), x)| *a += df(*x) * g));
-            } else {
-                wide!(|| pass.for_each(|((a, g), x)| *a = 0.0 + df(*x) * g));
-            }
-        });
+        // dfdx's `df(x) · g`, with df = 1 where x > 0, else 0
+        write_gradient(gx, add, data(&kept), g, |y, g| if y > 0.0 { 1.0 } else { 0.0 } * g);
         Ok(())
     });
     out.put_tape(tape)
