@@ -57,6 +57,46 @@ fn fused_rms_norm_matches_the_plain_path() {
     }
 }
 
+/// The fused RMSNorm's arithmetic written as one serial loop (as it was before its rows went to
+/// threads): y, ∂x written as `0 + v` (its first writer), and ∂w summed over the rows in order,
+/// for the output gradient `g`.
+fn rms_norm_serial(x: &[f32], w: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
+    let d = w.len();
+    let (mut y, mut gx, mut gw) = (vec![0f32; x.len()], vec![0f32; x.len()], vec![0f32; d]);
+    for (i, row) in x.chunks_exact(d).enumerate() {
+        let r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + switch_model::kernels::RMS_EPS).sqrt();
+        let gy = &g[i * d..(i + 1) * d];
+        let dot: f32 = row.iter().zip(gy).zip(w).map(|((v, g), wj)| g * wj * v).sum::<f32>() / d as f32;
+        let k = r * r * r * dot;
+        for j in 0..d {
+            y[i * d + j] = r * row[j] * w[j];
+            gx[i * d + j] = 0.0 + (r * gy[j] * w[j] - row[j] * k);
+            gw[j] += gy[j] * row[j] * r;
+        }
+    }
+    [y, gx, gw]
+}
+
+#[test]
+fn fused_rms_norm_keeps_its_serial_bits_on_one_two_and_three_threads() {
+    // Shapes that split into several row chunks (one ragged) and columns that split unevenly.
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(4);
+    let pools = [1, 2, 3].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    for (n, d) in [(300, 256), (700, 100), (9, 7)] {
+        let (x, w, c) = (random(&mut rng, n * d, 2.0), random(&mut rng, d, 2.0), random(&mut rng, n * d, 1.0));
+        let serial = rms_norm_serial(&x, &w, &c);
+        for pool in &pools {
+            let (y, dx, dw) = pool.install(|| run(rms_norm_fused, &dev, &x, &w, &c, d));
+            let threads = pool.current_num_threads();
+            for (what, got, want) in [("y", &y, &serial[0]), ("dx", &dx, &serial[1]), ("dw", &dw, &serial[2])] {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert!(bits(got) == bits(want), "{what}, [{n}, {d}] on {threads} threads: not the serial bits");
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_rms_norm_gradients_match_finite_differences() {
     let dev = Dev::default();

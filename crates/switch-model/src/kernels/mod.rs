@@ -50,11 +50,13 @@ macro_rules! input_for_overwrite_and_output_grads {
 }
 
 mod attention;
+mod norm;
 pub mod product_clock;
 mod router;
 mod rows;
 pub mod slots;
 pub use attention::{attention_fused, attention_plain, PositionBias};
+pub use norm::{rms_norm_fused, rms_norm_plain};
 pub use router::{
     dot_constant_fused, dot_constant_plain, logsumexp_sq_mean_fused, logsumexp_sq_mean_plain, softmax_rows_fused,
     softmax_rows_plain,
@@ -352,14 +354,6 @@ pub(crate) fn to_overwrite(buf: &mut [f32]) -> &mut [f32] {
     buf
 }
 
-/// RMSNorm as dfdx ops (the reference): square, mean, +ε, √, 1/·, two broadcasts, two products.
-pub fn rms_norm_plain<D: Device<f32>, T: Tp<D>>(x: Act<D, T>, w: &Param<D>) -> Act<D, T> {
-    let shape = *x.shape();
-    let (x, tape) = x.split_tape();
-    let inv_rms = (x.clone().put_tape(tape).square().mean::<(usize,), Axis<1>>() + RMS_EPS).sqrt().recip();
-    inv_rms.broadcast_like::<_, Axis<1>>(&shape) * x * w.clone().broadcast_like::<_, Axis<0>>(&shape)
-}
-
 /// A tensor whose values `fill` writes in place (into zeros). The buffer comes from the device
 /// (and so from dfdx's buffer cache when it is on): a buffer made here with `vec!` would be handed
 /// to the cache when the tensor drops and never taken back out, growing memory every step.
@@ -388,53 +382,6 @@ pub(crate) fn data<S: Shape, T>(t: &Tensor<S, f32, Cpu, T>) -> &[f32] {
     let d = t.host_slice();
     assert_eq!(d.len(), t.shape().num_elements(), "a fused kernel needs a tensor with standard strides");
     d
-}
-
-/// RMSNorm in one pass each way. With r = 1/√(mean(x²) + ε) per row and g = ∂L/∂y:
-/// ∂L/∂x = r·(g⊙w) − x·r³·mean(g⊙w⊙x), ∂L/∂w = Σ_rows g⊙x·r.
-pub fn rms_norm_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, w: &Param<Cpu>) -> Act<Cpu, T> {
-    let (n, d) = *x.shape();
-    let dev = x.device().clone();
-    let (x, mut tape) = x.split_tape();
-    let mut inv = vec![0f32; n];
-    let out = with_overwritten_output(&dev, (n, d), |y| {
-        let ws = data(w);
-        wide!(|| {
-            for ((row, out), r) in data(&x).chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(inv.iter_mut()) {
-                *r = 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + RMS_EPS).sqrt();
-                for ((o, v), wj) in out.iter_mut().zip(row).zip(ws) {
-                    *o = *r * v * wj;
-                }
-            }
-        })
-    });
-    let (x_ghost, w_ghost, out_ghost) = (x.ghost(), w.ghost(), out.ghost());
-    let w = w.clone(); // shares the weights' buffer until the backward pass has run
-    tape.add_backward_op(move |grads| {
-        let (xs, ws) = (data(&x), data(&w));
-        let mut gw = vec![0f32; d];
-        {
-            let (gx, g) = input_and_output_grads!(grads, &x_ghost, &out_ghost);
-            assert_eq!(gx.len(), n * d, "rms_norm_fused needs a contiguous input");
-            wide!(|| {
-                for (((row, gy), gxr), &r) in
-                    xs.chunks_exact(d).zip(g.chunks_exact(d)).zip(gx.chunks_exact_mut(d)).zip(&inv)
-                {
-                    let dot: f32 = row.iter().zip(gy).zip(ws).map(|((v, g), wj)| g * wj * v).sum::<f32>() / d as f32;
-                    let k = r * r * r * dot;
-                    for j in 0..d {
-                        gxr[j] += r * gy[j] * ws[j] - row[j] * k;
-                        gw[j] += gy[j] * row[j] * r;
-                    }
-                }
-            });
-        }
-        for (a, b) in grads.get_or_alloc_mut(&w_ghost)?.iter_mut().zip(&gw) {
-            *a += b;
-        }
-        Ok(())
-    });
-    out.put_tape(tape)
 }
 
 /// `x · W` as dfdx ops (the reference): a batched matmul with the reshaped (or transposed) weight.

@@ -142,7 +142,7 @@ pub fn residual_add_plain<D: Kernels, T: Tp<D>>(x: Act<D, T>, res: Act<D, NoneTa
 
 /// Elements per parallel chunk of an elementwise pass: large enough that a chunk outweighs its
 /// scheduling.
-const ELEMENTWISE_CHUNK: usize = 1 << 15;
+pub(super) const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
 /// `f(&mut dst[i], a[i], b[i])` for every i, in chunks on the run's threads, compiled wide.
 /// Elementwise, so every bit is the same on any number of threads.
