@@ -489,6 +489,60 @@ fn fused_cross_entropy_matches_the_plain_path_on_one_and_two_threads() {
     }
 }
 
+/// The fused cross-entropy's arithmetic as it was written before (a copy of the logits turned
+/// into the softmax in place, the max by a serial fold): loss and ∂/∂logits for upstream `up`.
+fn cross_entropy_serial(logits: &[f32], targets: &[usize], up: f32) -> (f32, Vec<f32>) {
+    let (n, exp) = (targets.len(), switch_model::kernels::exp);
+    let v = logits.len() / n;
+    let mut probs = logits.to_vec();
+    let mut losses = 0f64;
+    for (row, &t) in probs.chunks_mut(v).zip(targets) {
+        let target = row[t];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        row.iter_mut().for_each(|x| *x = exp(*x - max));
+        let (mut lanes, chunks) = ([0f32; 8], row.chunks_exact(8));
+        let rest: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            lanes.iter_mut().zip(c).for_each(|(l, x)| *l += x);
+        }
+        let sum = lanes.iter().sum::<f32>() + rest;
+        row.iter_mut().for_each(|x| *x /= sum);
+        losses += (max + sum.ln() - target) as f64;
+    }
+    let scale = up / n as f32;
+    for (row, &t) in probs.chunks_mut(v).zip(targets) {
+        row.iter_mut().for_each(|p| *p *= scale);
+        row[t] -= scale;
+    }
+    ((losses / n as f64) as f32, probs)
+}
+
+#[test]
+fn fused_cross_entropy_keeps_its_serial_bits_on_one_two_and_three_threads() {
+    let dev = Dev::default();
+    let mut rng = StdRng::seed_from_u64(12);
+    let pools = [1, 2, 3].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    for (n, v) in [(300, 259), (5, 3), (40, 1000)] {
+        let mut logits = random(&mut rng, n * v, 8.0);
+        // rows whose max is a zero of either sign, and a row of −∞ but one
+        logits[..v].iter_mut().for_each(|x| *x = -x.abs());
+        logits[0] = -0.0;
+        logits[v.min(2)] = 0.0;
+        logits[v..2 * v].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        logits[v + 1] = 1.0;
+        let mut targets: Vec<usize> = (0..n).map(|i| (i * 7 + 1) % v).collect();
+        targets[1] = 1; // the one finite logit of that row: a finite loss
+        let (loss, grad) = cross_entropy_serial(&logits, &targets, 3.0);
+        for pool in &pools {
+            let (fused_loss, fused_grad) = pool.install(|| run_ce(cross_entropy_fused, &dev, &logits, &targets));
+            let threads = pool.current_num_threads();
+            assert_eq!(fused_loss.to_bits(), loss.to_bits(), "loss, [{n}, {v}] on {threads} threads");
+            let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&fused_grad) == bits(&grad), "∂logits, [{n}, {v}] on {threads} threads: not the serial bits");
+        }
+    }
+}
+
 #[test]
 fn fused_cross_entropy_is_stable_for_large_logits_and_matches_finite_differences() {
     let dev = Dev::default();
@@ -597,6 +651,8 @@ fn attention_cases() -> Vec<AttentionCase> {
         c(3, 2, 8, 7, 7, Some(true)),
         c(2, 4, 16, 6, 9, None),
         c(4, 4, 16, 33, 33, Some(true)),
+        // heads · lq · lk above one parallel chunk of the bias gradient's sum (32768 elements)
+        c(2, 4, 2, 96, 96, Some(false)),
     ]
 }
 

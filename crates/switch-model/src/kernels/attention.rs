@@ -1,7 +1,11 @@
 //! Attention: softmax(q·kᵀ + bias)·v per example and head, with T5's relative-position bias
 //! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
-use super::{data, gemm_into, gemm_strided, softmax_backward, softmax_with_bias, with_overwritten_output, Kernels};
+use super::rows::ELEMENTWISE_CHUNK;
+use super::{
+    data, gemm_into, gemm_strided, softmax_backward, softmax_with_bias, to_overwrite, with_overwritten_output, Kernels,
+};
 use crate::tensor::{device_tensor, Act, Param, Tp};
+use crate::wide;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
@@ -88,9 +92,12 @@ pub fn attention_fused<T: Tp<Cpu>>(
     // examples run in parallel on the run's threads, heads one after another in each; every sum
     // keeps its order, so the result does not depend on the number of threads.
     let (q_rows, kv_rows, p_len) = (lq * hd, lk * hd, heads * lq * lk);
-    let mut probs = vec![0f32; batch * p_len];
+    // P comes from dfdx's buffer cache (and goes back to it after the backward pass), unfilled:
+    // the scores' product overwrites every element.
+    let mut probs = dev.try_tensor_for_overwrite((batch * p_len,)).expect("out of memory for attention's softmax");
+    let p_all = to_overwrite(probs.host_slice_mut());
     let out = with_overwritten_output(&dev, (nq, hd), |y| {
-        y.par_chunks_mut(q_rows).zip(probs.par_chunks_mut(p_len)).enumerate().for_each(|(b, (y, probs))| {
+        y.par_chunks_mut(q_rows).zip(p_all.par_chunks_mut(p_len)).enumerate().for_each(|(b, (y, probs))| {
             let (q, k, v) = (&qs[b * q_rows..], &ks[b * kv_rows..], &vs[b * kv_rows..]);
             for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
                 gemm_into(p, (lq, lk, dk), (&q[h * dk..], hd, 1), (&k[h * dk..], 1, hd), false);
@@ -104,6 +111,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
     tape.add_backward_op(move |grads| {
         let (qs, ks, vs) = (data(&q), data(&k), data(&v));
         let mut probs = probs;
+        let probs = probs.host_slice_mut();
         // ∂V and ∂S (into P's buffer, which each head's ∂S reads last), then ∂Q and ∂K, each into
         // its gradient: overwritten where this is its first writer (each example and head owns
         // its block), else added to.
@@ -121,7 +129,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
                 }
             });
         }
-        let ds_all = &probs; // ∂Q = ∂S·K, ∂K = ∂Sᵀ·Q (∂S read transposed)
+        let ds_all = &*probs; // ∂Q = ∂S·K, ∂K = ∂Sᵀ·Q (∂S read transposed)
         let products =
             [(&q_ghost, q_rows, ks, kv_rows, (lq, lk), (lk, 1)), (&k_ghost, kv_rows, qs, q_rows, (lk, lq), (1, lk))];
         for (ghost, rows, other, other_rows, (l_out, l_in), ds_strides) in products {
@@ -155,10 +163,16 @@ fn bias_rows(b: &PositionBias<Cpu>, heads: usize) -> Vec<f32> {
 /// Adds Σ over examples (in order) of each example's ∂S (`[heads, lq·lk]` each, `p_len` long,
 /// one after another in `dbias`) to the bias table's gradient `gt`, bucket by bucket.
 fn add_bias_grad(gt: &mut [f32], buckets: &[usize], dbias: &[f32], p_len: usize, heads: usize) {
+    // Chunks of the sum on the run's threads, each element summed over the examples in order.
     let mut summed = vec![0f32; p_len];
-    for example in dbias.chunks_exact(p_len) {
-        summed.iter_mut().zip(example).for_each(|(a, d)| *a += d);
-    }
+    summed.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(|(i, summed)| {
+        let at = i * ELEMENTWISE_CHUNK;
+        wide!(|| {
+            for example in dbias.chunks_exact(p_len) {
+                summed.iter_mut().zip(&example[at..]).for_each(|(a, d)| *a += d);
+            }
+        })
+    });
     for (h, dbias) in summed.chunks_exact(buckets.len()).enumerate() {
         buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
     }
