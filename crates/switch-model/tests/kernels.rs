@@ -465,11 +465,16 @@ type CrossEntropy = fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Tensor<(), f3
 
 /// Loss and ∂/∂logits of 3 × cross-entropy (the 3 checks that the upstream gradient is used).
 fn run_ce(ce: CrossEntropy, dev: &Dev, logits: &[f32], targets: &[usize]) -> (f32, Vec<f32>) {
+    run_ce_times(ce, dev, logits, targets, 3.0)
+}
+
+/// Loss and ∂/∂logits of `up` × cross-entropy.
+fn run_ce_times(ce: CrossEntropy, dev: &Dev, logits: &[f32], targets: &[usize], up: f32) -> (f32, Vec<f32>) {
     let n = targets.len();
     let lt = dev.tensor_from_vec(logits.to_vec(), (n, logits.len() / n));
     let loss = ce(lt.clone().leaky_traced(), targets);
     let value = loss.as_vec()[0];
-    (value, (loss * 3.0).backward().get(&lt).as_vec())
+    (value, (loss * up).backward().get(&lt).as_vec())
 }
 
 #[test]
@@ -489,8 +494,8 @@ fn fused_cross_entropy_matches_the_plain_path_on_one_and_two_threads() {
     }
 }
 
-/// The fused cross-entropy's arithmetic as it was written before (a copy of the logits turned
-/// into the softmax in place, the max by a serial fold): loss and ∂/∂logits for upstream `up`.
+/// The fused cross-entropy's arithmetic, serially (a copy of the logits turned into the softmax in
+/// place, as dfdx would zero-fill the gradient and add): loss and ∂/∂logits for upstream `up`.
 fn cross_entropy_serial(logits: &[f32], targets: &[usize], up: f32) -> (f32, Vec<f32>) {
     let (n, exp) = (targets.len(), switch_model::kernels::exp);
     let v = logits.len() / n;
@@ -511,7 +516,7 @@ fn cross_entropy_serial(logits: &[f32], targets: &[usize], up: f32) -> (f32, Vec
     }
     let scale = up / n as f32;
     for (row, &t) in probs.chunks_mut(v).zip(targets) {
-        row.iter_mut().for_each(|p| *p *= scale);
+        row.iter_mut().for_each(|p| *p = 0.0 + *p * scale);
         row[t] -= scale;
     }
     ((losses / n as f64) as f32, probs)
@@ -532,13 +537,20 @@ fn fused_cross_entropy_keeps_its_serial_bits_on_one_two_and_three_threads() {
         logits[v + 1] = 1.0;
         let mut targets: Vec<usize> = (0..n).map(|i| (i * 7 + 1) % v).collect();
         targets[1] = 1; // the one finite logit of that row: a finite loss
-        let (loss, grad) = cross_entropy_serial(&logits, &targets, 3.0);
-        for pool in &pools {
-            let (fused_loss, fused_grad) = pool.install(|| run_ce(cross_entropy_fused, &dev, &logits, &targets));
-            let threads = pool.current_num_threads();
-            assert_eq!(fused_loss.to_bits(), loss.to_bits(), "loss, [{n}, {v}] on {threads} threads");
-            let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert!(bits(&fused_grad) == bits(&grad), "∂logits, [{n}, {v}] on {threads} threads: not the serial bits");
+                        // a negative upstream gradient makes −0 of the underflowed probabilities, which dfdx's
+                        // `0 + v` turns into +0
+        for up in [3.0, -2.0] {
+            let (loss, grad) = cross_entropy_serial(&logits, &targets, up);
+            for pool in &pools {
+                let run = || run_ce_times(cross_entropy_fused, &dev, &logits, &targets, up);
+                let ((fused_loss, fused_grad), threads) = (pool.install(run), pool.current_num_threads());
+                assert_eq!(fused_loss.to_bits(), loss.to_bits(), "loss, [{n}, {v}] on {threads} threads");
+                let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&fused_grad) == bits(&grad),
+                    "∂logits, [{n}, {v}], ×{up} on {threads} threads: not dfdx's bits"
+                );
+            }
         }
     }
 }

@@ -92,8 +92,8 @@ pub fn attention_fused<T: Tp<Cpu>>(
     // examples run in parallel on the run's threads, heads one after another in each; every sum
     // keeps its order, so the result does not depend on the number of threads.
     let (q_rows, kv_rows, p_len) = (lq * hd, lk * hd, heads * lq * lk);
-    // P comes from dfdx's buffer cache (and goes back to it after the backward pass), unfilled:
-    // the scores' product overwrites every element.
+    // P comes unfilled from dfdx's buffer cache when it holds one (a new buffer is zeroed): the
+    // scores' product overwrites every element.
     let mut probs = dev.try_tensor_for_overwrite((batch * p_len,)).expect("out of memory for attention's softmax");
     let p_all = to_overwrite(probs.host_slice_mut());
     let out = with_overwritten_output(&dev, (nq, hd), |y| {
@@ -175,5 +175,36 @@ fn add_bias_grad(gt: &mut [f32], buckets: &[usize], dbias: &[f32], p_len: usize,
     });
     for (h, dbias) in summed.chunks_exact(buckets.len()).enumerate() {
         buckets.iter().zip(dbias).for_each(|(&bk, d)| gt[bk * heads + h] += d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    #[test]
+    fn the_bias_gradient_keeps_the_serial_sum_bits_over_several_chunks() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (heads, pairs, examples) = (3, 20_000, 4); // p_len 60000: two chunks, the second ragged
+        let p_len = heads * pairs;
+        let buckets: Vec<usize> = (0..pairs).map(|_| rng.gen_range(0..32)).collect();
+        let dbias: Vec<f32> = (0..examples * p_len).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let start: Vec<f32> = (0..32 * heads).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut want = start.clone();
+        let mut summed = vec![0f32; p_len];
+        for example in dbias.chunks_exact(p_len) {
+            summed.iter_mut().zip(example).for_each(|(a, d)| *a += d);
+        }
+        for (h, s) in summed.chunks_exact(pairs).enumerate() {
+            buckets.iter().zip(s).for_each(|(&bk, d)| want[bk * heads + h] += d);
+        }
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut got = start.clone();
+            pool.install(|| add_bias_grad(&mut got, &buckets, &dbias, p_len, heads));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "on {threads} threads");
+        }
     }
 }

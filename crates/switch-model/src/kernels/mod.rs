@@ -638,7 +638,8 @@ pub fn cross_entropy_fused<T: Tp<Cpu>>(logits: Act<Cpu, T>, targets: &[usize]) -
                 if add {
                     g.iter_mut().zip(p).for_each(|(g, p)| *g += scale * p);
                 } else {
-                    g.iter_mut().zip(p).for_each(|(g, p)| *g = scale * p);
+                    // dfdx's zero fill and add, without the fill: `0 + v` (+0 where v is −0)
+                    g.iter_mut().zip(p).for_each(|(g, p)| *g = 0.0 + scale * p);
                 }
                 g[t] -= scale;
             }
