@@ -239,28 +239,48 @@ pub(crate) fn child(
 pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
     pool.install(|| {
-        let dev: Cpu = Default::default();
-        let n = 1024;
-        let a: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
-        let b: Tensor<(usize, usize), f32, Cpu> = dev.sample_normal_like(&(n, n));
-        let flat_b = b.clone().reshape_like(&(n * n,));
-        let layout = Stacked::matrix(n, n);
-        let time = |f: &dyn Fn()| {
-            f();
-            let t = Instant::now();
-            let reps = 5;
-            for _ in 0..reps {
-                f();
-            }
-            reps as f64 * 2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64()
-        };
-        let dfdx = time(&|| {
+        let (a, b) = square_operands();
+        let dfdx = time_matmul(&|| {
             std::hint::black_box(a.clone().matmul(b.clone()));
         });
-        let engine = time(&|| {
-            std::hint::black_box(param_matmul_fused(a.clone().reshape_like(&(1, n, n)), &flat_b, layout));
-        });
-        (dfdx, engine)
+        (dfdx, engine_matmul_flops_per_s())
+    })
+}
+
+const MATMUL_N: usize = 1024;
+
+fn square_operands() -> (Tensor<(usize, usize), f32, Cpu>, Tensor<(usize, usize), f32, Cpu>) {
+    let dev: Cpu = Default::default();
+    (dev.sample_normal_like(&(MATMUL_N, MATMUL_N)), dev.sample_normal_like(&(MATMUL_N, MATMUL_N)))
+}
+
+/// FLOP/s of `f`, one 1024³ product, over 5 repetitions after a warm-up one.
+fn time_matmul(f: &dyn Fn()) -> f64 {
+    f();
+    let (t, reps) = (Instant::now(), 5);
+    for _ in 0..reps {
+        f();
+    }
+    reps as f64 * 2.0 * (MATMUL_N as f64).powi(3) / t.elapsed().as_secs_f64()
+}
+
+/// The engine's f32 matmul FLOP/s at 1024³ on `threads` threads, the faster of one measured just
+/// before `f` and one just after, in this process while `f`'s child process is the one running:
+/// the VM's speed drifts between minutes, and this is the matmul beside a row's steps.
+fn with_matmul_beside<R>(threads: usize, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<(R, f64)> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let before = pool.install(engine_matmul_flops_per_s);
+    let r = f()?;
+    Ok((r, before.max(pool.install(engine_matmul_flops_per_s))))
+}
+
+/// The engine's f32 matmul FLOP/s at 1024³ (`param_matmul`, gemm 0.19) on the current thread pool.
+fn engine_matmul_flops_per_s() -> f64 {
+    let n = MATMUL_N;
+    let (a, b) = square_operands();
+    let flat_b = b.reshape_like(&(n * n,));
+    time_matmul(&|| {
+        std::hint::black_box(param_matmul_fused(a.clone().reshape_like(&(1, n, n)), &flat_b, Stacked::matrix(n, n)));
     })
 }
 
@@ -346,6 +366,7 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
+/// A row's figures, each "÷ matmul" divided by `matmul`.
 fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
     println!(
         "{name:<30} {threads} thr {:>7.0} tokens/s  step {:>7.1} ms  FLOPs/s ÷ matmul {:.3}  sys ÷ user {:.3}  peak RSS {:>5.0} MiB ({:>5.0} MiB above data) = {:.2} × 16 B/param",
@@ -401,7 +422,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
             crate::pytorch::VENV_PYTHON
         ),
     }
-    println!("FLOPs/s ratios below are ÷ the fastest of these matmuls");
+    println!("FLOPs/s ratios below are ÷ the fastest of these matmuls, or of gemm 0.19's measured just before and just after the row's own run where that is faster");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
     let plain = Recipe { kernels: KernelMode::Plain, ..TRAINING.recipe };
@@ -465,11 +486,13 @@ struct Preset {
 /// The rows of one preset: dense, then each Switch size with its interleaved ratio to dense.
 fn preset_rows(p: &Preset, engine: Engine, steps: u64, pairs: u64) -> anyhow::Result<()> {
     let (name, switch_note) = if p.tiny { ("tiny preset", "") } else { ("shape", " (every layer)") };
-    let dense = child(p.tiny, 1, p.threads, steps, engine)?;
-    line(&format!("{name}, dense"), p.threads, &dense, p.matmul);
+    // "÷ matmul" divides by the faster of the run's opening matmul and the one beside the row's
+    // steps, so a machine that sped up after the opening one cannot inflate a ratio.
+    let (dense, beside) = with_matmul_beside(p.threads, || child(p.tiny, 1, p.threads, steps, engine))?;
+    line(&format!("{name}, dense"), p.threads, &dense, p.matmul.max(beside));
     for e in p.experts {
-        let switch = child(p.tiny, e, p.threads, steps, engine)?;
-        line(&format!("{name}, Switch-{e}{switch_note}"), p.threads, &switch, p.matmul);
+        let (switch, beside) = with_matmul_beside(p.threads, || child(p.tiny, e, p.threads, steps, engine))?;
+        line(&format!("{name}, Switch-{e}{switch_note}"), p.threads, &switch, p.matmul.max(beside));
         let ratios = pair_child(p.tiny, e, p.threads, pairs, engine)?;
         // The extra parameters' memory traffic at the measured bandwidth: no kernel can bring the
         // ratio below this while every parameter is updated each step.
