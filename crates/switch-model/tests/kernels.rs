@@ -24,6 +24,16 @@ fn weighted_sum<T: Tape<f32, Dev> + Merge<NoneTape>>(y: Act<Dev, T>, c: &[f32]) 
     (y * dev.tensor_from_vec(c.to_vec(), shape)).sum()
 }
 
+/// A thread pool of each size.
+fn pools<const N: usize>(threads: [usize; N]) -> [rayon::ThreadPool; N] {
+    threads.map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap())
+}
+
+/// Each value's bits (so −0 differs from +0, and NaN equals itself).
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 type Norm = fn(Act<Dev, OwnedTape<f32, Dev>>, &Param<Dev>) -> Act<Dev, OwnedTape<f32, Dev>>;
 
 /// Output, ∂/∂x and ∂/∂w of Σ norm(x, w) ⊙ c.
@@ -80,9 +90,7 @@ fn rms_norm_serial(x: &[f32], w: &[f32], g: &[f32]) -> [Vec<f32>; 3] {
 #[test]
 fn fused_rms_norm_keeps_its_serial_bits_on_one_two_and_three_threads() {
     // Shapes that split into several row chunks (one ragged) and columns that split unevenly.
-    let dev = Dev::default();
-    let mut rng = StdRng::seed_from_u64(4);
-    let pools = [1, 2, 3].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    let (dev, mut rng, pools) = (Dev::default(), StdRng::seed_from_u64(4), pools([1, 2, 3]));
     for (n, d) in [(300, 256), (700, 100), (9, 7)] {
         let (x, w, c) = (random(&mut rng, n * d, 2.0), random(&mut rng, d, 2.0), random(&mut rng, n * d, 1.0));
         let serial = rms_norm_serial(&x, &w, &c);
@@ -90,7 +98,6 @@ fn fused_rms_norm_keeps_its_serial_bits_on_one_two_and_three_threads() {
             let (y, dx, dw) = pool.install(|| run(rms_norm_fused, &dev, &x, &w, &c, d));
             let threads = pool.current_num_threads();
             for (what, got, want) in [("y", &y, &serial[0]), ("dx", &dx, &serial[1]), ("dw", &dw, &serial[2])] {
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert!(bits(got) == bits(want), "{what}, [{n}, {d}] on {threads} threads: not the serial bits");
             }
         }
@@ -524,9 +531,7 @@ fn cross_entropy_serial(logits: &[f32], targets: &[usize], up: f32) -> (f32, Vec
 
 #[test]
 fn fused_cross_entropy_keeps_its_serial_bits_on_one_two_and_three_threads() {
-    let dev = Dev::default();
-    let mut rng = StdRng::seed_from_u64(12);
-    let pools = [1, 2, 3].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    let (dev, mut rng, pools) = (Dev::default(), StdRng::seed_from_u64(12), pools([1, 2, 3]));
     for (n, v) in [(300, 259), (5, 3), (40, 1000)] {
         let mut logits = random(&mut rng, n * v, 8.0);
         // rows whose max is a zero of either sign, and a row of −∞ but one
@@ -545,7 +550,6 @@ fn fused_cross_entropy_keeps_its_serial_bits_on_one_two_and_three_threads() {
                 let run = || run_ce_times(cross_entropy_fused, &dev, &logits, &targets, up);
                 let ((fused_loss, fused_grad), threads) = (pool.install(run), pool.current_num_threads());
                 assert_eq!(fused_loss.to_bits(), loss.to_bits(), "loss, [{n}, {v}] on {threads} threads");
-                let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert!(
                     bits(&fused_grad) == bits(&grad),
                     "∂logits, [{n}, {v}], ×{up} on {threads} threads: not dfdx's bits"
@@ -672,7 +676,7 @@ fn attention_cases() -> Vec<AttentionCase> {
 fn fused_attention_matches_the_plain_path_on_one_and_two_threads() {
     let dev = Dev::default();
     let mut rng = StdRng::seed_from_u64(9);
-    let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    let pools = pools([1, 2]);
     for case in attention_cases() {
         for scale in [1.0, 4.0] {
             let x = case.inputs(&mut rng, scale);
@@ -999,7 +1003,7 @@ fn run_residual(
 fn fused_residual_add_matches_the_plain_path_on_one_and_two_threads() {
     let dev = Dev::default();
     let mut rng = StdRng::seed_from_u64(14);
-    let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    let pools = pools([1, 2]);
     for (n, d) in [(1, 1), (3, 5), (300, 256)] {
         let (res, c, c2) = (random(&mut rng, n * d, 2.0), random(&mut rng, n * d, 1.0), random(&mut rng, n * d, 1.0));
         for later in [false, true] {
@@ -1043,7 +1047,7 @@ fn run_relu(
 fn fused_relu_matches_dfdx_bit_for_bit_on_one_and_two_threads() {
     let dev = Dev::default();
     let mut rng = StdRng::seed_from_u64(15);
-    let pools = [1, 2].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    let pools = pools([1, 2]);
     for (n, d) in [(1, 4), (3, 5), (300, 256)] {
         let mut x = random(&mut rng, n * d, 2.0);
         x[0] = 0.0;
