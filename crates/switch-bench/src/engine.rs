@@ -265,13 +265,32 @@ fn time_matmul(f: &dyn Fn()) -> f64 {
 }
 
 /// The engine's f32 matmul FLOP/s at 1024³ on `threads` threads, the faster of one measured just
-/// before `f` and one just after, in this process while `f`'s child process is the one running:
-/// the VM's speed drifts between minutes, and this is the matmul beside a row's steps.
+/// before `f` and one just after, in this process while `f`'s child process runs alone (no pool
+/// of this process is alive meanwhile): the VM's speed drifts between minutes, and this is the
+/// matmul beside a row's steps.
 fn with_matmul_beside<R>(threads: usize, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<(R, f64)> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let before = pool.install(engine_matmul_flops_per_s);
+    let gemm = || -> anyhow::Result<f64> {
+        Ok(rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(engine_matmul_flops_per_s))
+    };
+    let before = gemm()?;
     let r = f()?;
-    Ok((r, before.max(pool.install(engine_matmul_flops_per_s))))
+    Ok((r, before.max(gemm()?)))
+}
+
+/// The opening matmuls of a bench run on one thread count: the fastest of them, and gemm 0.19's.
+#[derive(Clone, Copy)]
+pub(crate) struct Matmul {
+    pub best: f64,
+    gemm: f64,
+}
+
+impl Matmul {
+    /// What a row's "÷ matmul" divides by: the fastest opening matmul, scaled up by as much as
+    /// gemm 0.19 ran faster beside the row (`gemm_beside`) than at the opening, so a machine that
+    /// sped up after the opening cannot inflate a ratio.
+    fn beside(&self, gemm_beside: f64) -> f64 {
+        self.best * (gemm_beside / self.gemm).max(1.0)
+    }
 }
 
 /// The engine's f32 matmul FLOP/s at 1024³ (`param_matmul`, gemm 0.19) on the current thread pool.
@@ -285,8 +304,8 @@ fn engine_matmul_flops_per_s() -> f64 {
 }
 
 /// Prints the f32 matmul FLOP/s at 1024³ on `threads` threads of dfdx 0.13, of the engine and,
-/// when installed, of PyTorch; returns the fastest (what "÷ matmul" divides by).
-pub(crate) fn best_matmul(threads: usize, torch: Option<&Torch>) -> anyhow::Result<f64> {
+/// when installed, of PyTorch; returns the fastest (what "÷ matmul" divides by) and gemm 0.19's.
+pub(crate) fn best_matmul(threads: usize, torch: Option<&Torch>) -> anyhow::Result<Matmul> {
     let (dfdx, engine) = matmul_flops_per_s(threads);
     let pytorch = torch.map(|t| t.matmul_flops_per_s(threads)).transpose()?;
     let candidates = [("dfdx's gemm 0.15", dfdx), ("gemm 0.19", engine), ("PyTorch", pytorch.unwrap_or(0.0))];
@@ -297,7 +316,7 @@ pub(crate) fn best_matmul(threads: usize, torch: Option<&Torch>) -> anyhow::Resu
         engine / 1e9,
         pytorch.map_or("not installed".to_string(), |p| format!("{:.1}", p / 1e9))
     );
-    Ok(best)
+    Ok(Matmul { best, gemm: engine })
 }
 
 /// Memory bandwidth in bytes/s on `threads` threads: STREAM's triad `a = b + s·c` over three
@@ -366,13 +385,14 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-/// A row's figures, each "÷ matmul" divided by `matmul`.
+/// A row's figures, each "÷ matmul" divided by `matmul` FLOP/s.
 fn line(name: &str, threads: usize, m: &Measured, matmul: f64) {
     println!(
-        "{name:<30} {threads} thr {:>7.0} tokens/s  step {:>7.1} ms  FLOPs/s ÷ matmul {:.3}  sys ÷ user {:.3}  peak RSS {:>5.0} MiB ({:>5.0} MiB above data) = {:.2} × 16 B/param",
+        "{name:<30} {threads} thr {:>7.0} tokens/s  step {:>7.1} ms  FLOPs/s ÷ matmul {:.3} (of {:.0} GFLOP/s)  sys ÷ user {:.3}  peak RSS {:>5.0} MiB ({:>5.0} MiB above data) = {:.2} × 16 B/param",
         m.tokens_per_s,
         m.step_s * 1e3,
         3.0 * m.flops_per_token * m.tokens_per_s / matmul,
+        matmul / 1e9,
         m.sys_over_user,
         mib(m.peak_rss),
         mib(m.peak_rss.saturating_sub(m.base_rss)),
@@ -422,7 +442,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
             crate::pytorch::VENV_PYTHON
         ),
     }
-    println!("FLOPs/s ratios below are ÷ the fastest of these matmuls, or of gemm 0.19's measured just before and just after the row's own run where that is faster");
+    println!("FLOPs/s ratios of the engine's rows are ÷ the fastest of these matmuls, scaled up by as much as gemm 0.19 ran faster just before or just after the row's own run than here (each row prints its divisor); those beside PyTorch are ÷ the fastest opening one");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
     let plain = Recipe { kernels: KernelMode::Plain, ..TRAINING.recipe };
@@ -463,7 +483,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
         }
         println!();
         if let (Some(torch), 0) = (torch, i) {
-            crate::pytorch::compare(torch, steps, 3, matmul2)?;
+            crate::pytorch::compare(torch, steps, 3, matmul2.best)?;
             println!();
         }
         if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
@@ -479,20 +499,18 @@ struct Preset {
     tiny: bool,
     threads: usize,
     experts: [usize; 2],
-    matmul: f64,
+    matmul: Matmul,
     bandwidth: f64,
 }
 
 /// The rows of one preset: dense, then each Switch size with its interleaved ratio to dense.
 fn preset_rows(p: &Preset, engine: Engine, steps: u64, pairs: u64) -> anyhow::Result<()> {
     let (name, switch_note) = if p.tiny { ("tiny preset", "") } else { ("shape", " (every layer)") };
-    // "÷ matmul" divides by the faster of the run's opening matmul and the one beside the row's
-    // steps, so a machine that sped up after the opening one cannot inflate a ratio.
     let (dense, beside) = with_matmul_beside(p.threads, || child(p.tiny, 1, p.threads, steps, engine))?;
-    line(&format!("{name}, dense"), p.threads, &dense, p.matmul.max(beside));
+    line(&format!("{name}, dense"), p.threads, &dense, p.matmul.beside(beside));
     for e in p.experts {
         let (switch, beside) = with_matmul_beside(p.threads, || child(p.tiny, e, p.threads, steps, engine))?;
-        line(&format!("{name}, Switch-{e}{switch_note}"), p.threads, &switch, p.matmul.max(beside));
+        line(&format!("{name}, Switch-{e}{switch_note}"), p.threads, &switch, p.matmul.beside(beside));
         let ratios = pair_child(p.tiny, e, p.threads, pairs, engine)?;
         // The extra parameters' memory traffic at the measured bandwidth: no kernel can bring the
         // ratio below this while every parameter is updated each step.

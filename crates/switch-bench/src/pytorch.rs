@@ -85,7 +85,7 @@ pub fn run(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
     let torch = Torch::at(python)?;
     println!("PyTorch and transformers {}", torch.versions);
     let matmul = crate::engine::best_matmul(2, Some(&torch))?;
-    compare(&torch, steps, rounds, matmul)
+    compare(&torch, steps, rounds, matmul.best)
 }
 
 /// switchlab's engine as it trains and PyTorch on the comparison shape, 2 threads, dense,

@@ -542,9 +542,9 @@ fn fused_cross_entropy_keeps_its_serial_bits_on_one_two_and_three_threads() {
         logits[v + 1] = 1.0;
         let mut targets: Vec<usize> = (0..n).map(|i| (i * 7 + 1) % v).collect();
         targets[1] = 1; // the one finite logit of that row: a finite loss
-                        // a negative upstream gradient makes −0 of the underflowed probabilities, which dfdx's
-                        // `0 + v` turns into +0
         for up in [3.0, -2.0] {
+            // a negative upstream gradient makes −0 of the underflowed probabilities, which dfdx's
+            // `0 + v` turns into +0
             let (loss, grad) = cross_entropy_serial(&logits, &targets, up);
             for pool in &pools {
                 let run = || run_ce_times(cross_entropy_fused, &dev, &logits, &targets, up);
@@ -1012,7 +1012,6 @@ fn fused_residual_add_matches_the_plain_path_on_one_and_two_threads() {
                 .map(|p| p.install(|| run_residual(residual_add_fused, &dev, (&res, &c, &c2), n, later)));
             assert_eq!(one, two, "elementwise: the same bits on any number of threads");
             let plain = run_residual(residual_add_plain, &dev, (&res, &c, &c2), n, later);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!((bits(&one.0), bits(&one.1)), (bits(&plain.0), bits(&plain.1)), "dfdx's bits (later: {later})");
         }
     }
@@ -1058,7 +1057,6 @@ fn fused_relu_matches_dfdx_bit_for_bit_on_one_and_two_threads() {
                 pools.each_ref().map(|p| p.install(|| run_relu(relu_fused, &dev, (&x, &c, &c2), n, later)));
             assert_eq!(one, two, "elementwise: the same bits on any number of threads");
             let plain = run_relu(relu_plain, &dev, (&x, &c, &c2), n, later);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(
                 (bits(&one.0), bits(&one.1)),
                 (bits(&plain.0), bits(&plain.1)),
