@@ -48,9 +48,9 @@ enum Command {
     Status { sweep_dir: PathBuf },
     /// Train one run folder from its config.yaml (what each Slurm task runs).
     Train { config: PathBuf },
-    /// Write tables and figures for a sweep folder (results/<sweep>) into its report/ folder.
+    /// Write tables and figures for a sweep folder (results/SWEEP) into its report/ folder.
     Report {
-        /// A sweep folder (results/<sweep>), or a sweep name.
+        /// A sweep folder (results/SWEEP), or a sweep name.
         sweep_dir: PathBuf,
         /// Quality threshold for "time to threshold" (default: the dense baseline's final quality).
         #[arg(long, allow_hyphen_values = true)]
@@ -63,7 +63,7 @@ enum Command {
     /// For each finished Switch run of a sweep: the norm of each router's gradient from the
     /// cross-entropy alone and from the balance loss alone, at its last checkpoint.
     Probe {
-        /// A sweep folder (results/<sweep>), or a sweep name.
+        /// A sweep folder (results/SWEEP), or a sweep name.
         sweep_dir: PathBuf,
         /// Training batches to average over (the run's last ones).
         #[arg(long, default_value_t = 4)]
@@ -93,7 +93,7 @@ struct SweepArgs {
     seeds: Option<Vec<u64>>,
     #[arg(long, value_enum, default_value = "local")]
     backend: Backend,
-    /// Write the report (results/<sweep>/report) when the sweep ends.
+    /// Write the report (results/SWEEP/report) when the sweep ends.
     #[arg(long)]
     report: bool,
     /// Slurm: block until the array job ends, then write the report.

@@ -165,7 +165,7 @@ fn write_gradient(grad: &mut [f32], add: bool, a: &[f32], b: &[f32], v: impl Fn(
 }
 
 /// `x + res` in one pass, on the run's threads; ∂x = ∂res = g, each written in place as dfdx's
-/// add writes `1 · g` ([`write_gradient`]).
+/// add writes `1 · g`: `0 + g` where this op is the gradient's first writer, `+= g` otherwise.
 pub fn residual_add_fused<T: Tp<Cpu>>(x: Act<Cpu, T>, res: Act<Cpu, NoneTape>) -> Act<Cpu, T> {
     let shape = *x.shape();
     assert_eq!(shape, *res.shape(), "residual_add: x is {shape:?}, the residual {:?}", res.shape());
@@ -189,7 +189,8 @@ pub fn relu_plain<S: Shape, D: Kernels, T: Tp<D>>(x: Tensor<S, f32, D, T>) -> Te
 }
 
 /// `max(x, 0)` in one pass on the run's threads; ∂x = g where x > 0 (read off the output), else
-/// 0, written as dfdx writes it ([`write_gradient`]): dfdx's bits without its zero fill.
+/// 0, written as dfdx writes it (`0 + v` where this op is the first writer, `+= v` otherwise):
+/// dfdx's bits without its zero fill.
 pub fn relu_fused<S: Shape, T: Tp<Cpu>>(x: Tensor<S, f32, Cpu, T>) -> Tensor<S, f32, Cpu, T> {
     let dev = x.device().clone();
     let (x, mut tape) = x.split_tape();
