@@ -131,7 +131,7 @@ fn lever_study_compares_each_setting_with_its_own_dense() {
         let both = format!("{lr}{alpha}");
         write_run_at(&dir, &format!("sb{seed}"), &both, 8, seed, 500, move |s| -1.8 + s / 1000.0 + jitter, "done");
     }
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let section = md.split("## Gain over dense, setting by setting").nth(1).expect("study section").to_string();
     let row = |setting: &str| {
         section
@@ -184,7 +184,7 @@ fn paired_gains_and_the_width_ceiling_are_computed_seed_by_seed() {
         arm("s2", 2, 4, -1.9); // recovers half of it
         arm("s4", 4, 4, -1.9); // +0.1 (+0.14 at seed 2): a quarter (0.35 at seed 2)
     }
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     // Unpaired, the seed noise (std 0.3) swamps the +0.1 gain; paired, it is exact for Switch-2.
     let study = md.split("## Gain over dense, setting by setting").nth(1).expect("study section").to_string();
     let s2 = study.lines().find(|l| l.starts_with("| preset | Switch-2 |")).unwrap_or_else(|| panic!("{study}"));
@@ -216,7 +216,7 @@ fn a_grid_without_a_dense_model_has_no_study_section() {
         let setting = format!("  model.init_scale: {scale}\n");
         write_run_at(&dir, &format!("s{i}"), &setting, 8, 0, 300, move |s| -3.0 + s / 1000.0 - i as f64, "done");
     }
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(!md.contains("Gain over dense, setting by setting"), "{md}");
     assert!(!dir.join("report/gain_vs_step.png").exists());
     assert!(md.contains("| Switch-8, cf 1.25 [init_scale=1.0] | 8 | 8000 | – | -3.700 | -3.720 | – | – |"), "{md}");
@@ -276,6 +276,11 @@ fn quality_vs_step_is_framed_after_the_first_evaluation_and_kept_in_full() {
 }
 
 /// Sets `model.<key>` in a synthetic run's resolved config (adding it when absent).
+/// The Markdown report of `dir` with the default options, written and read back.
+fn report_md(dir: &Path) -> String {
+    std::fs::read_to_string(report(dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap()
+}
+
 fn set_model(dir: &Path, id: &str, key: &str, value: &str) {
     let path = dir.join("runs").join(id).join("config.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -381,7 +386,7 @@ fn the_gain_as_training_goes_is_paired_at_each_evaluation() {
     // Seed 2's Switch run stopped at step 600: it counts at steps up to 600, not in the final pairing.
     write_run(&dir, "d2", 1, 2, 1200, |s| -3.0 + s / 1000.0, "done");
     write_run(&dir, "s2", 8, 2, 600, |s| -3.0 + s / 1000.0 + (s - 600.0) / 6000.0 + 0.02, "running");
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let table = md.split("## Gain as training goes").nth(1).expect("gain table").to_string();
     let head = table.lines().find(|l| l.starts_with("| Model |")).unwrap();
     assert_eq!(head, "| Model | Seeds | step 200 | step 400 | step 600 | step 800 | step 1000 | step 1200 |");
@@ -403,7 +408,7 @@ fn an_option_left_unset_in_a_zipped_point_is_no_setting() {
         let set = "  model.router_init_scale: 10.0\n";
         write_run_at(&dir, &format!("s{seed}"), set, 8, seed, 500, move |s| -2.4 + s / 1000.0 + j, "done");
     }
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(!md.contains("null"), "{md}");
     assert!(md.contains("| Dense | 1 |"), "{md}");
     assert!(md.contains("| Switch-8, cf 1.25 [router_init_scale=10.0] | 8 |"), "{md}");
@@ -416,18 +421,18 @@ fn the_header_names_the_objective_each_run_trained_on() {
     let dir = tmp.path().join("objective");
     write_run(&dir, "span", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
     write_run_at(&dir, "prefix", "  data.objective: prefix_lm\n", 1, 0, 300, |s| -2.9 + s / 1000.0, "done");
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let header = md.lines().find(|l| l.starts_with("Neg log perplexity")).unwrap();
     assert!(
         header.contains("of T5-style span corruption and a prefix LM (NOT the paper's span corruption) on"),
         "{header}"
     );
     std::fs::remove_dir_all(dir.join("runs/span")).unwrap();
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(!md.contains("T5-style span corruption"), "{md}");
     std::fs::remove_dir_all(dir.join("runs/prefix")).unwrap();
     write_run_at(&dir, "causal", "  data.objective: causal_lm\n", 1, 0, 300, |s| -2.8 + s / 1000.0, "done");
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(md.contains("of a decoder-only causal LM (NOT the paper's objective or model) on"), "{md}");
 }
 
@@ -449,7 +454,7 @@ fn a_router_only_setting_is_measured_against_the_ceiling_without_it() {
         arm("p", "", 8, 4, -2.1); // the paper's router init: −0.1
         arm("c", "  model.router_init_scale: 10.0\n", 8, 4, -1.7); // confident routers: +0.3
     }
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let ceiling = md.split("## How much of the width ceiling do experts recover").nth(1).expect("ceiling").to_string();
     let rows: Vec<&str> = ceiling.lines().filter(|l| l.starts_with("| preset")).collect();
     assert_eq!(rows.len(), 2, "{ceiling}");
@@ -502,7 +507,7 @@ claims:
     beats: {point: {model.num_experts: 64}}
 "#;
     std::fs::write(dir.join("grid.yaml"), format!("name: claims\n{claims}")).unwrap();
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let table = md.split("## Claims").nth(1).unwrap().split("\n## ").next().unwrap();
     let verdict = |says: &str| {
         let row = table.lines().find(|l| l.starts_with(&format!("| {says} |"))).unwrap_or_else(|| panic!("{table}"));
@@ -573,7 +578,7 @@ fn a_run_whose_config_is_garbage_is_listed_with_its_problem_and_compared_with_no
     write_run(&dir, "bad", 1, 0, 300, q, "done");
     std::fs::write(dir.join("runs/bad/config.yaml"), random_bytes(4096)).unwrap();
 
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let row = md.lines().find(|l| l.starts_with("| bad |")).unwrap_or_else(|| panic!("{md}"));
     assert!(row.contains("config.yaml"), "{row}");
     // Left out of comparisons: Table 1 has the two good dense models only, and the width
@@ -589,7 +594,7 @@ fn a_run_whose_config_is_garbage_is_listed_with_its_problem_and_compared_with_no
     for id in ["d", "w", "s"] {
         std::fs::remove_dir_all(dir.join("runs").join(id)).unwrap();
     }
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(md.lines().any(|l| l.starts_with("| bad |") && l.contains("config.yaml")), "{md}");
 }
 
@@ -617,7 +622,7 @@ fn a_routing_log_that_is_not_utf8_marks_its_own_run_only() {
     assert_eq!(run("sw0").problem, None);
     assert!(!run("sw0").routing.is_empty());
 
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     let row = md.lines().find(|l| l.starts_with("| sw1 |") && l.contains("| done |")).unwrap_or_else(|| panic!("{md}"));
     assert!(row.contains("routing.csv"), "{row}");
     assert!(md.contains("| sw0 | Switch-4 | encoder.1 | 1.00 | 1.00 | 0 |"), "{md}");
@@ -658,7 +663,7 @@ fn a_dense_model_of_unknown_width_measures_no_ceiling() {
     write_run(&dir, "d", 1, 0, 300, |s| -3.0 + s / 1000.0, "done");
     write_run_at(&dir, "w", "  model.d_ff: 8\n", 1, 0, 300, |s| -2.9 + s / 1000.0, "done");
     set_model(&dir, "w", "d_ff", "8");
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(!md.contains("## How much of the width ceiling"), "{md}");
     assert!(md.lines().any(|l| l.starts_with("| w |")), "{md}");
 }
@@ -670,10 +675,10 @@ fn the_report_says_which_kernels_trained_its_runs() {
     write_run_at(&dir, "d0", "train.kernels: fused_slots", 1, 0, 100, |s| -3.0 + s / 1000.0, "done");
     write_run_at(&dir, "s0", "train.kernels: fused_slots", 8, 0, 100, |s| -3.0 + s / 500.0, "done");
     write_run_at(&dir, "s1", "train.kernels: fused", 8, 1, 100, |s| -3.0 + s / 500.0, "done");
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(md.contains("**Engine:** kernels `fused_slots` in 2 run(s), `fused` in 1 run(s)"), "{md}");
     std::fs::remove_dir_all(dir.join("runs/s1")).unwrap();
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(md.contains("**Engine:** kernels `fused_slots` in every run"), "{md}");
 }
 
@@ -696,7 +701,7 @@ fn a_run_superseded_by_a_later_one_of_its_point_and_seed_is_left_out() {
     let old = runs.iter().find(|r| r.id == "old8").unwrap();
     assert_eq!(old.superseded_by.as_deref(), Some("new8"));
     assert!(runs.iter().find(|r| r.id == "new8").unwrap().superseded_by.is_none());
-    let md = std::fs::read_to_string(report(&dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap();
+    let md = report_md(&dir);
     assert!(md.contains("**Superseded**") && md.contains("old8 (by new8)"), "{md}");
     // Switch-8 is new8 alone: −3 + 100/500 = −2.8 (old8 would give −2.5, or a mean of two).
     let row = md.lines().find(|l| l.starts_with("| Switch-8")).unwrap();

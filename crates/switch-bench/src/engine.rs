@@ -243,13 +243,15 @@ pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
         let dfdx = time_matmul(&|| {
             std::hint::black_box(a.clone().matmul(b.clone()));
         });
-        (dfdx, engine_matmul_flops_per_s())
+        (dfdx, engine_matmul_flops_per_s(&a, &b))
     })
 }
 
 const MATMUL_N: usize = 1024;
 
-fn square_operands() -> (Tensor<(usize, usize), f32, Cpu>, Tensor<(usize, usize), f32, Cpu>) {
+type Square = Tensor<(usize, usize), f32, Cpu>;
+
+fn square_operands() -> (Square, Square) {
     let dev: Cpu = Default::default();
     (dev.sample_normal_like(&(MATMUL_N, MATMUL_N)), dev.sample_normal_like(&(MATMUL_N, MATMUL_N)))
 }
@@ -269,8 +271,9 @@ fn time_matmul(f: &dyn Fn()) -> f64 {
 /// of this process is alive meanwhile): the VM's speed drifts between minutes, and this is the
 /// matmul beside a row's steps.
 fn with_matmul_beside<R>(threads: usize, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<(R, f64)> {
+    let (a, b) = square_operands();
     let gemm = || -> anyhow::Result<f64> {
-        Ok(rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(engine_matmul_flops_per_s))
+        Ok(rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| engine_matmul_flops_per_s(&a, &b)))
     };
     let before = gemm()?;
     let r = f()?;
@@ -294,10 +297,9 @@ impl Matmul {
 }
 
 /// The engine's f32 matmul FLOP/s at 1024³ (`param_matmul`, gemm 0.19) on the current thread pool.
-fn engine_matmul_flops_per_s() -> f64 {
+fn engine_matmul_flops_per_s(a: &Square, b: &Square) -> f64 {
     let n = MATMUL_N;
-    let (a, b) = square_operands();
-    let flat_b = b.reshape_like(&(n * n,));
+    let flat_b = b.clone().reshape_like(&(n * n,));
     time_matmul(&|| {
         std::hint::black_box(param_matmul_fused(a.clone().reshape_like(&(1, n, n)), &flat_b, Stacked::matrix(n, n)));
     })

@@ -970,6 +970,22 @@ fn vectorised_exp_is_within_two_ulp_and_zero_far_below() {
     assert!(exp(88.0).is_finite() && exp(88.0) > 1e38);
 }
 
+/// Σ y ⊙ c and, with `later`, plus Σ input ⊙ c2 recorded after y: that op's backward runs first,
+/// so the op that made y is then the second writer of `input`'s gradient.
+fn loss_with_later_use(
+    y: Act<Dev, OwnedTape<f32, Dev>>,
+    input: Act<Dev, NoneTape>,
+    (c, c2): (&[f32], &[f32]),
+    later: bool,
+) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>> {
+    if !later {
+        return weighted_sum(y, c);
+    }
+    let (y, tape) = y.split_tape();
+    let (extra, tape) = weighted_sum(input.put_tape(tape), c2).split_tape();
+    weighted_sum(y.put_tape(tape), c) + extra
+}
+
 type ResidualAdd = fn(Act<Dev, OwnedTape<f32, Dev>>, Act<Dev, NoneTape>) -> Act<Dev, OwnedTape<f32, Dev>>;
 
 /// The residual add as a block uses it: `res` also feeds a sublayer (here `x = res ⊙ 2`) whose
@@ -989,14 +1005,7 @@ fn run_residual(
     let x_again = x.clone();
     let y = add(x.put_tape(tape), r);
     let out = y.as_vec();
-    let loss = if later {
-        let (y, tape) = y.split_tape();
-        let (extra, tape) = weighted_sum(x_again.put_tape(tape), c2).split_tape();
-        weighted_sum(y.put_tape(tape), c) + extra
-    } else {
-        weighted_sum(y, c)
-    };
-    (out, loss.backward().get(&rt).as_vec())
+    (out, loss_with_later_use(y, x_again, (c, c2), later).backward().get(&rt).as_vec())
 }
 
 #[test]
@@ -1032,14 +1041,7 @@ fn run_relu(
     let (xs, tape) = xt.clone().leaky_traced().split_tape();
     let y = relu(xs.clone().put_tape(tape));
     let out = y.as_vec();
-    let loss = if later {
-        let (y, tape) = y.split_tape();
-        let (extra, tape) = weighted_sum(xs.put_tape(tape), c2).split_tape();
-        weighted_sum(y.put_tape(tape), c) + extra
-    } else {
-        weighted_sum(y, c)
-    };
-    (out, loss.backward().get(&xt).as_vec())
+    (out, loss_with_later_use(y, xs, (c, c2), later).backward().get(&xt).as_vec())
 }
 
 #[test]
