@@ -468,6 +468,40 @@ fn broadcast_product_keeps_its_bits_wherever_its_output_starts() {
     }
 }
 
+#[test]
+fn broadcast_product_strided_writes_its_column_block_with_the_plain_chains() {
+    // Attention's products: a head's columns of a wider output and of a wider `b`, in 8-row tiles
+    // at one vector a row (then 4-row and 1-row ones), overwriting or adding; the bits of the
+    // plain FMA chains (then the add), and the columns beside the block untouched.
+    use switch_model::kernels::slots;
+    let mut rng = StdRng::seed_from_u64(13);
+    for (rows, cols, inner) in [(8, 16, 5), (17, 16, 64), (13, 16, 3), (6, 48, 9), (9, 32, 1)] {
+        let (width, at) = (cols + 32, 16); // the block's columns start at 16 of `width`
+        let (a, b) = (random(&mut rng, rows * inner, 1.0), random(&mut rng, inner * width, 1.0));
+        let start = random(&mut rng, rows * width, 1.0);
+        for accumulate in [false, true] {
+            let mut want = start.clone();
+            for r in 0..rows {
+                for c in at..at + cols {
+                    let sum = (0..inner).fold(0.0f32, |acc, p| a[r * inner + p].mul_add(b[p * width + c], acc));
+                    want[r * width + c] = if accumulate { want[r * width + c] + sum } else { sum };
+                }
+            }
+            let mut got = start.clone();
+            let shape = (rows, cols, inner);
+            slots::broadcast_product_strided(
+                (&mut got[at..], width),
+                shape,
+                (&a, inner, 1),
+                (&b[at..], width),
+                accumulate,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{rows}×{cols}×{inner}, accumulate {accumulate}");
+        }
+    }
+}
+
 type CrossEntropy = fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>;
 
 /// Loss and ∂/∂logits of 3 × cross-entropy (the 3 checks that the upstream gradient is used).

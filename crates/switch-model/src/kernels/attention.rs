@@ -2,7 +2,8 @@
 //! looked up from its table. The plain path is dfdx ops; the fused one a kernel each way.
 use super::rows::ELEMENTWISE_CHUNK;
 use super::{
-    data, gemm_into, gemm_strided, softmax_backward, softmax_with_bias, to_overwrite, with_overwritten_output, Kernels,
+    data, gemm_into, gemm_strided, slots, softmax_backward, softmax_with_bias, to_overwrite, with_overwritten_output,
+    Kernels, Operand,
 };
 use crate::tensor::{device_tensor, Act, Param, Tp};
 use crate::wide;
@@ -102,7 +103,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
             for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
                 gemm_into(p, (lq, lk, dk), (&q[h * dk..], hd, 1), (&k[h * dk..], 1, hd), false);
                 softmax_with_bias(p, bias_values.as_ref().map(|bv| &bv[h * lq * lk..]), lk);
-                gemm_strided((&mut y[h * dk..], hd), (lq, dk, lk), (p, lk, 1), (&v[h * dk..], hd, 1), false);
+                product((&mut y[h * dk..], hd), (lq, dk, lk), (p, lk, 1), (&v[h * dk..], hd), false);
             }
         })
     });
@@ -122,7 +123,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
                 let mut ds = vec![0f32; lq * lk];
                 for (h, p) in probs.chunks_exact_mut(lq * lk).enumerate() {
                     let o = h * dk;
-                    gemm_strided((&mut dv[o..], hd), (lk, dk, lq), (&*p, 1, lk), (&g[o..], hd, 1), add);
+                    product((&mut dv[o..], hd), (lk, dk, lq), (&*p, 1, lk), (&g[o..], hd), add);
                     gemm_into(&mut ds, (lq, lk, dk), (&g[o..], hd, 1), (&v[o..], 1, hd), false);
                     softmax_backward(&mut ds, p, lk);
                     p.copy_from_slice(&ds);
@@ -138,7 +139,7 @@ pub fn attention_fused<T: Tp<Cpu>>(
                 let other = &other[b * other_rows..];
                 for (h, ds) in ds_all[b * p_len..(b + 1) * p_len].chunks_exact(lq * lk).enumerate() {
                     let (o, (rs, cs)) = (h * dk, ds_strides);
-                    gemm_strided((&mut dx[o..], hd), (l_out, dk, l_in), (ds, rs, cs), (&other[o..], hd, 1), add);
+                    product((&mut dx[o..], hd), (l_out, dk, l_in), (ds, rs, cs), (&other[o..], hd), add);
                 }
             });
         }
@@ -148,6 +149,32 @@ pub fn attention_fused<T: Tp<Cpu>>(
         Ok(())
     });
     out.put_tape(tape)
+}
+
+/// `dst (rows × cols, rows `dst.1` apart) [+]= a · b`, `b`'s rows `b.1` apart: at one vector a row
+/// (`tiny`'s heads of 16) the engine's own loop, where gemm packs and tiles for larger products;
+/// at heads of 64 gemm is the faster.
+fn product(
+    dst: (&mut [f32], usize),
+    (rows, cols, inner): (usize, usize, usize),
+    a: Operand,
+    b: (&[f32], usize),
+    add: bool,
+) {
+    if own_loop_keeps_gemms_bits(rows, cols, inner) {
+        slots::broadcast_product_strided(dst, (rows, cols, inner), a, b, add)
+    } else {
+        gemm_strided(dst, (rows, cols, inner), a, (b.0, b.1, 1), add)
+    }
+}
+
+/// Whether the own loop runs here (AVX-512F, one vector a row) on a product gemm 0.19 would run
+/// on its packed path: one FMA chain per element over the inner dimension in order, then the add,
+/// as the own loop. Not its dot-product path (never here: `b`'s rows are apart), its
+/// matrix–vector paths (one row), its outer-product path (inner ≤ 2), nor an inner dimension it
+/// splits into blocks (never below 512).
+fn own_loop_keeps_gemms_bits(rows: usize, cols: usize, inner: usize) -> bool {
+    slots::available() && cols == slots::LANES && rows >= 2 && (3..=512).contains(&inner)
 }
 
 /// The bias (with the mask) of every head, query and key: `[heads, lq·lk]`, row-major.
@@ -182,6 +209,35 @@ fn add_bias_grad(gt: &mut [f32], buckets: &[usize], dbias: &[f32], p_len: usize,
 mod tests {
     use super::*;
     use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Every product attention computes, with heads' column blocks as operands, against gemm
+    /// itself: the own loop must give gemm's bits where it stands in for it.
+    #[test]
+    fn attention_products_keep_gemms_bits() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut random = |n: usize| (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // (lq, lk, dk): tiny's encoder, decoder and cross-attention; gemm's outer-product path
+        // (inner 2) and matrix–vector paths (one query or key); odd lengths; heads of 32 and 64 (gemm)
+        let shapes = [(64, 64, 16), (14, 14, 16), (14, 64, 16), (64, 14, 16), (2, 2, 16), (1, 32, 16), (32, 1, 16)];
+        for (lq, lk, dk) in shapes.into_iter().chain([(20, 48, 16), (33, 32, 32), (128, 128, 64)]) {
+            let (heads, h) = (3, 1);
+            let hd = heads * dk;
+            let (k, g) = (random(lk * hd), random(lq * hd));
+            let (p, start) = (random(lq * lk), random(lk * hd));
+            for add in [false, true] {
+                // P·v (rows of the output `hd` apart), Pᵀ·g (P read transposed)
+                let (mut got, mut want) = (start.clone(), start.clone());
+                product((&mut got[h * dk..], hd), (lq.min(lk), dk, lk), (&p, lk, 1), (&k[h * dk..], hd), add);
+                gemm_strided((&mut want[h * dk..], hd), (lq.min(lk), dk, lk), (&p, lk, 1), (&k[h * dk..], hd, 1), add);
+                assert_eq!(bits(&got), bits(&want), "P·v at {lq}×{lk}×{dk}, add {add}");
+                let (mut got, mut want) = (start.clone(), start.clone());
+                product((&mut got[h * dk..], hd), (lk, dk, lq), (&p, 1, lk), (&g[h * dk..], hd), add);
+                gemm_strided((&mut want[h * dk..], hd), (lk, dk, lq), (&p, 1, lk), (&g[h * dk..], hd, 1), add);
+                assert_eq!(bits(&got), bits(&want), "Pᵀ·g at {lq}×{lk}×{dk}, add {add}");
+            }
+        }
+    }
 
     #[test]
     fn the_bias_gradient_keeps_the_serial_sum_bits_over_several_chunks() {

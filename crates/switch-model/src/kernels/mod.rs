@@ -395,7 +395,7 @@ pub fn param_matmul_plain<D: Device<f32>, T: Tp<D>>(x: Act3<D, T>, w: &Param<D>,
 }
 
 /// A row-major-or-strided matrix operand: (data, row stride, column stride).
-type Operand<'a> = (&'a [f32], usize, usize);
+pub(crate) type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `dst (rows × cols, row-major) [+]= lhs (rows × inner) · rhs (inner × cols)` on this thread,
 /// with gemm 0.19 (its fastest kernel for this CPU, chosen at run time).

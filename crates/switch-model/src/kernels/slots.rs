@@ -72,23 +72,55 @@ pub fn broadcast_product(
     b: &[f32],
     accumulate: bool,
 ) {
+    let stream = !accumulate && cols >= STREAM_MIN_COLS;
+    broadcast((dst, cols), (rows, cols, inner), a, (b, cols), (accumulate, stream))
+}
+
+/// [`broadcast_product`] on column blocks of wider matrices: `dst`'s rows are `dst.1` apart and
+/// `b`'s `b.1`, and every store is a plain one (for an output read at once: attention's products).
+/// Each element is the same FMA chain as gemm 0.19's packed path (its dot-product path aside:
+/// there, `a` would be row-major and `b` column-major), so the bits are gemm's
+/// (`attention_products_keep_gemms_bits`).
+///
+/// # Panics
+/// If `cols` is not a multiple of [`LANES`], or if a slice is too short for its shape.
+pub fn broadcast_product_strided(
+    dst: (&mut [f32], usize),
+    shape: (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize),
+    accumulate: bool,
+) {
+    broadcast(dst, shape, a, b, (accumulate, false))
+}
+
+fn broadcast(
+    (dst, dst_rs): (&mut [f32], usize),
+    (rows, cols, inner): (usize, usize, usize),
+    a: (&[f32], usize, usize),
+    (b, b_rs): (&[f32], usize),
+    (accumulate, stream): (bool, bool),
+) {
     assert!(cols % LANES == 0, "broadcast_product: cols must be a multiple of {LANES}, not {cols}");
-    assert!(fits(dst.len(), &[(rows, cols)]) && fits(b.len(), &[(inner, cols)]));
+    assert!(dst_rs >= cols && b_rs >= cols, "broadcast_product: rows overlap");
     if rows == 0 || cols == 0 {
         return;
     }
+    assert!(fits(dst.len(), &[(rows - 1, dst_rs), (1, cols)]));
+    assert!(inner == 0 || fits(b.len(), &[(inner - 1, b_rs), (1, cols)]));
     assert!(inner == 0 || a.0.len() > last_index(&[(rows - 1, a.1), (inner - 1, a.2)]));
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX-512F is present; every index stays inside the asserted lengths.
-        return unsafe { broadcast_avx512(dst, (rows, cols, inner), a, b, accumulate) };
+        return unsafe { broadcast_avx512((dst, dst_rs), (rows, cols, inner), a, (b, b_rs), (accumulate, stream)) };
     }
     // The same FMA chains, one element at a time (slow: only where `available` is false).
     let (a, a_rs, a_cs) = a;
-    for (o, out) in dst[..rows * cols].iter_mut().enumerate() {
-        let (r, c) = (o / cols, o % cols);
-        let sum = (0..inner).fold(0.0f32, |acc, p| a[r * a_rs + p * a_cs].mul_add(b[p * cols + c], acc));
-        *out = if accumulate { *out + sum } else { sum };
+    for r in 0..rows {
+        for (c, out) in dst[r * dst_rs..][..cols].iter_mut().enumerate() {
+            let sum = (0..inner).fold(0.0f32, |acc, p| a[r * a_rs + p * a_cs].mul_add(b[p * b_rs + c], acc));
+            *out = if accumulate { *out + sum } else { sum };
+        }
     }
 }
 
@@ -107,38 +139,46 @@ const STREAM_MIN_COLS: usize = 128;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn broadcast_avx512(
-    dst: &mut [f32],
+    (dst, dst_rs): (&mut [f32], usize),
     (rows, cols, inner): (usize, usize, usize),
     a: (&[f32], usize, usize),
-    b: &[f32],
-    accumulate: bool,
+    (b, b_rs): (&[f32], usize),
+    (accumulate, stream): (bool, bool),
 ) {
-    // Rows are whole vectors long, so every row has the same offset from a 64-byte line.
-    let stream = !accumulate && cols >= STREAM_MIN_COLS;
+    // Rows of whole vectors at a stride of whole vectors all have the same offset from a 64-byte
+    // line (the streaming caller's rows are `cols` apart).
     let head = if stream { (64 - dst.as_ptr() as usize % 64) % 64 / 4 } else { 0 };
     // The tiles' columns: whole vectors from `head`; with a shift, the last vector is the edge's.
     let end = if head > 0 { cols - LANES + head } else { cols };
+    let strides = Strides { dst: dst_rs, b: b_rs, inner };
     let mut r = 0;
+    if cols == LANES && head == 0 {
+        // One vector a row (attention's heads of 16): 8 rows a tile keep 8 FMA chains in flight.
+        while r + 8 <= rows {
+            broadcast_tile::<8, 1>(dst, (r, head), strides, a, b, (accumulate, stream));
+            r += 8;
+        }
+    }
     while r < rows {
         let tile_rows = (rows - r).min(4);
         let mut c = head;
         while c < end {
             let vectors = ((end - c) / LANES).min(4);
             // Plain loops, no closures: the tiles must inline into this AVX-512 function.
-            let at = (r, c, cols, inner);
+            let at = (r, c);
             if (tile_rows, vectors) == (4, 4) {
-                broadcast_tile::<4, 4>(dst, at, a, b, (accumulate, stream));
+                broadcast_tile::<4, 4>(dst, at, strides, a, b, (accumulate, stream));
             } else if (tile_rows, vectors) == (4, 3) {
                 // 4 rows, 3 vectors left: e.g. a 128-column row shifted for streaming (7 = 4 + 3)
-                broadcast_tile::<4, 3>(dst, at, a, b, (accumulate, stream));
+                broadcast_tile::<4, 3>(dst, at, strides, a, b, (accumulate, stream));
             } else if tile_rows == 4 {
                 for v in 0..vectors {
-                    broadcast_tile::<4, 1>(dst, (r, c + v * LANES, cols, inner), a, b, (accumulate, stream));
+                    broadcast_tile::<4, 1>(dst, (r, c + v * LANES), strides, a, b, (accumulate, stream));
                 }
             } else {
                 for i in r..r + tile_rows {
                     for v in 0..vectors {
-                        broadcast_tile::<1, 1>(dst, (i, c + v * LANES, cols, inner), a, b, (accumulate, stream));
+                        broadcast_tile::<1, 1>(dst, (i, c + v * LANES), strides, a, b, (accumulate, stream));
                     }
                 }
             }
@@ -146,10 +186,10 @@ unsafe fn broadcast_avx512(
         }
         if head > 0 {
             if tile_rows == 4 {
-                edge_tile::<4>(dst, (r, head, cols, inner), a, b);
+                edge_tile::<4>(dst, (r, head, cols), strides, a, b);
             } else {
                 for i in r..r + tile_rows {
-                    edge_tile::<1>(dst, (i, head, cols, inner), a, b);
+                    edge_tile::<1>(dst, (i, head, cols), strides, a, b);
                 }
             }
         }
@@ -161,20 +201,30 @@ unsafe fn broadcast_avx512(
     }
 }
 
+/// Row strides of `dst` and `b`, and the inner dimension, for the tiles.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Strides {
+    dst: usize,
+    b: usize,
+    inner: usize,
+}
+
 /// R rows of the columns an overwriting [`broadcast_avx512`] shifted out of its aligned vectors:
 /// lanes 0..`head` are the row's first `head` columns, lanes `head`..16 its last 16 − `head`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn edge_tile<const R: usize>(
     dst: &mut [f32],
-    (r, head, cols, inner): (usize, usize, usize, usize),
+    (r, head, cols): (usize, usize, usize),
+    s: Strides,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     b: &[f32],
 ) {
     let low: __mmask16 = ((1u32 << head) - 1) as __mmask16;
     let mut acc = [_mm512_setzero_ps(); R];
-    for p in 0..inner {
-        let brow = b.as_ptr().add(p * cols);
+    for p in 0..s.inner {
+        let brow = b.as_ptr().add(p * s.b);
         let bv = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(low, brow), !low, brow.add(cols - LANES));
         for (i, acc) in acc.iter_mut().enumerate() {
             let s = _mm512_set1_ps(*a.get_unchecked((r + i) * a_rs + p * a_cs));
@@ -182,7 +232,7 @@ unsafe fn edge_tile<const R: usize>(
         }
     }
     for (i, &x) in acc.iter().enumerate() {
-        let row = dst.as_mut_ptr().add((r + i) * cols);
+        let row = dst.as_mut_ptr().add((r + i) * s.dst);
         _mm512_mask_storeu_ps(row, low, x);
         _mm512_mask_storeu_ps(row.add(cols - LANES), !low, x);
     }
@@ -193,14 +243,15 @@ unsafe fn edge_tile<const R: usize>(
 #[inline(always)]
 unsafe fn broadcast_tile<const R: usize, const V: usize>(
     dst: &mut [f32],
-    (r, c, cols, inner): (usize, usize, usize, usize),
+    (r, c): (usize, usize),
+    s: Strides,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     b: &[f32],
     (accumulate, stream): (bool, bool),
 ) {
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    for p in 0..inner {
-        let brow = b.as_ptr().add(p * cols + c);
+    for p in 0..s.inner {
+        let brow = b.as_ptr().add(p * s.b + c);
         let mut bv = [_mm512_setzero_ps(); V];
         for (v, bv) in bv.iter_mut().enumerate() {
             *bv = _mm512_loadu_ps(brow.add(v * LANES));
@@ -212,28 +263,25 @@ unsafe fn broadcast_tile<const R: usize, const V: usize>(
             }
         }
     }
-    store(dst, (r, c, cols), &acc, (accumulate, stream));
+    for (i, acc_row) in acc.iter().enumerate() {
+        let row = dst.as_mut_ptr().add((r + i) * s.dst + c);
+        store(row, acc_row, (accumulate, stream));
+    }
 }
 
+/// One row of a tile: V vectors from `out`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store<const R: usize, const V: usize>(
-    dst: &mut [f32],
-    (r, c, cols): (usize, usize, usize),
-    acc: &[[__m512; V]; R],
-    (accumulate, stream): (bool, bool),
-) {
+unsafe fn store<const V: usize>(out: *mut f32, acc_row: &[__m512; V], (accumulate, stream): (bool, bool)) {
     debug_assert!(!(stream && accumulate), "a streamed store overwrites");
-    for (i, acc_row) in acc.iter().enumerate() {
-        for (v, &x) in acc_row.iter().enumerate() {
-            let out = dst.as_mut_ptr().add((r + i) * cols + c + v * LANES);
-            if stream {
-                // 64-byte aligned: `broadcast_avx512` shifted the columns so.
-                _mm512_stream_ps(out, x);
-            } else {
-                let x = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out), x) } else { x };
-                _mm512_storeu_ps(out, x);
-            }
+    for (v, &x) in acc_row.iter().enumerate() {
+        let out = out.add(v * LANES);
+        if stream {
+            // 64-byte aligned: `broadcast_avx512` shifted the columns so.
+            _mm512_stream_ps(out, x);
+        } else {
+            let x = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out), x) } else { x };
+            _mm512_storeu_ps(out, x);
         }
     }
 }
