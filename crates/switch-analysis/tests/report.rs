@@ -9,7 +9,6 @@ fn write_run(dir: &Path, id: &str, experts: u64, seed: u64, steps: u64, nlp: imp
 }
 
 /// As [`write_run`], at a grid point that also sets `setting` (`"  key: value\n"` lines).
-#[allow(clippy::too_many_arguments)]
 fn write_run_at(
     dir: &Path,
     id: &str,

@@ -123,7 +123,7 @@ impl DataConfig {
                 "use a value in (0, 1), T5's is 0.15",
             ));
         }
-        if !(self.mean_noise_span_len >= 1.0) {
+        if self.mean_noise_span_len.is_nan() || self.mean_noise_span_len < 1.0 {
             return Err(DataError::new(
                 "data.mean_noise_span_len",
                 format!("= {} is out of range", self.mean_noise_span_len),

@@ -122,13 +122,14 @@ fn fused_rms_norm_gradients_match_finite_differences() {
         down[i] -= eps;
         (f(&up) - f(&down)) / (2.0 * eps as f64)
     };
-    for i in 0..n * d {
+    assert_eq!((dx.len(), dw.len()), (n * d, d));
+    for (i, &g) in dx.iter().enumerate() {
         let numeric = fd(&x, i, &|x| loss(x, &w));
-        assert!((numeric - dx[i] as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
+        assert!((numeric - g as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {g}");
     }
-    for j in 0..d {
+    for (j, &g) in dw.iter().enumerate() {
         let numeric = fd(&w, j, &|w| loss(&x, w));
-        assert!((numeric - dw[j] as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
+        assert!((numeric - g as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {g}");
     }
 }
 
@@ -246,13 +247,14 @@ fn assert_gradients_match_finite_differences(
         down[i] -= eps;
         (f(&up) - f(&down)) / (2.0 * eps as f64)
     };
-    for i in 0..x.len() {
+    assert_eq!((dx.len(), dw.len()), (x.len(), w.len()));
+    for (i, &g) in dx.iter().enumerate() {
         let numeric = fd(x, i, &|x| loss(x, w));
-        assert!((numeric - dx[i] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {}", dx[i]);
+        assert!((numeric - g as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dx[{i}]: {numeric} vs {g}");
     }
-    for j in 0..w.len() {
+    for (j, &g) in dw.iter().enumerate() {
         let numeric = fd(w, j, &|w| loss(x, w));
-        assert!((numeric - dw[j] as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {}", dw[j]);
+        assert!((numeric - g as f64).abs() < 1e-3 * (1.0 + numeric.abs()), "dw[{j}]: {numeric} vs {g}");
     }
 }
 
@@ -796,16 +798,12 @@ fn fused_attention_gradients_match_finite_differences() {
     };
     let eps = 1e-2f32;
     let check = |grad: &[f32], what: &str, field: fn(&mut AttentionInputs) -> &mut Vec<f32>| {
-        for i in 0..grad.len() {
+        for (i, &g) in grad.iter().enumerate() {
             let (mut up, mut down) = (x.clone(), x.clone());
             field(&mut up)[i] += eps;
             field(&mut down)[i] -= eps;
             let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
-            assert!(
-                (numeric - grad[i] as f64).abs() < 2e-3 * (1.0 + numeric.abs()),
-                "{what}[{i}]: {numeric} vs {}",
-                grad[i]
-            );
+            assert!((numeric - g as f64).abs() < 2e-3 * (1.0 + numeric.abs()), "{what}[{i}]: {numeric} vs {g}");
         }
     };
     check(&dq, "dq", |x| &mut x.q);

@@ -512,7 +512,6 @@ fn check_flops(
 
 /// `{solve: KEY}`: resizes the selected points (default: all but the baseline) until their FLOPs
 /// per token match the target point's (default: the baseline's).
-#[allow(clippy::too_many_arguments)]
 fn solve(
     path: &Path,
     tree: &Value,

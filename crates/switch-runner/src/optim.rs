@@ -102,7 +102,6 @@ impl OptimizerState {
     }
 
     /// Updates parameter `k`'s weights `p` with gradient `g × grad_scale` (the clipping factor).
-    #[allow(clippy::too_many_arguments)]
     pub fn update(&mut self, k: usize, p: &mut [f32], g: &[f32], grad_scale: f32, t: u64, lr: f64, cfg: &TrainConfig) {
         match self.kind {
             OptimizerKind::Adamw if !self.bf16.is_empty() => {

@@ -137,7 +137,7 @@ fn adamw_with_bf16_moments_follows_f32_adamw() {
     let (mut p, mut q) = (vec![vec![0.5f32; n]], vec![vec![0.5f32; n]]);
     for t in 1..=20u64 {
         let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + t as f32 * 1.3).sin() * 0.1).collect();
-        f32_opt.step(&mut p, &[g.clone()], t, 1e-3, &cfg);
+        f32_opt.step(&mut p, std::slice::from_ref(&g), t, 1e-3, &cfg);
         bf16_opt.step(&mut q, &[g], t, 1e-3, &cfg);
     }
     let [m, v] = bf16_opt.moments(0);
