@@ -472,36 +472,47 @@ fn broadcast_product_keeps_its_bits_wherever_its_output_starts() {
 
 #[test]
 fn broadcast_product_strided_writes_its_column_block_with_the_plain_chains() {
-    // Attention's products: a head's columns of a wider output and of a wider `b`, in 8-row tiles
-    // at one vector a row (then 4-row and 1-row ones), overwriting or adding; the bits of the
-    // plain FMA chains (then the add), and the columns beside the block untouched.
+    // Attention's products: a head's columns of a wider output and of a wider `b` (of different
+    // widths), in 8-row tiles at one vector a row (then 4-row and 1-row ones), `a` as given and
+    // transposed, overwriting or adding; the bits of the plain FMA chains (then the add), and the
+    // columns beside the block untouched.
     use switch_model::kernels::slots;
     let mut rng = StdRng::seed_from_u64(13);
     for (rows, cols, inner) in [(8, 16, 5), (17, 16, 64), (13, 16, 3), (6, 48, 9), (9, 32, 1)] {
-        let (width, at) = (cols + 32, 16); // the block's columns start at 16 of `width`
-        let (a, b) = (random(&mut rng, rows * inner, 1.0), random(&mut rng, inner * width, 1.0));
-        let start = random(&mut rng, rows * width, 1.0);
+        let (dst_width, b_width, at) = (cols + 32, cols + 48, 16); // the block starts at column 16
+        let (a, b) = (random(&mut rng, rows * inner, 1.0), random(&mut rng, inner * b_width, 1.0));
+        let a_t: Vec<f32> = (0..inner * rows).map(|i| a[(i % rows) * inner + i / rows]).collect();
+        let start = random(&mut rng, rows * dst_width, 1.0);
         for accumulate in [false, true] {
             let mut want = start.clone();
             for r in 0..rows {
-                for c in at..at + cols {
-                    let sum = (0..inner).fold(0.0f32, |acc, p| a[r * inner + p].mul_add(b[p * width + c], acc));
-                    want[r * width + c] = if accumulate { want[r * width + c] + sum } else { sum };
+                for c in 0..cols {
+                    let sum = (0..inner).fold(0.0f32, |acc, p| a[r * inner + p].mul_add(b[p * b_width + at + c], acc));
+                    let out = &mut want[r * dst_width + at + c];
+                    *out = if accumulate { *out + sum } else { sum };
                 }
             }
-            let mut got = start.clone();
-            let shape = (rows, cols, inner);
-            slots::broadcast_product_strided(
-                (&mut got[at..], width),
-                shape,
-                (&a, inner, 1),
-                (&b[at..], width),
-                accumulate,
-            );
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{rows}×{cols}×{inner}, accumulate {accumulate}");
+            for (a, strides) in [(&a, (inner, 1)), (&a_t, (1, rows))] {
+                let mut got = start.clone();
+                let (dst, b) = ((&mut got[at..], dst_width), (&b[at..], b_width));
+                slots::broadcast_product_strided(dst, (rows, cols, inner), (a, strides.0, strides.1), b, accumulate);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{rows}×{cols}×{inner}, a strides {strides:?}, accumulate {accumulate}"
+                );
+            }
         }
     }
+}
+
+#[test]
+#[should_panic(expected = "assertion failed")]
+fn broadcast_product_strided_refuses_an_output_too_short_for_its_rows() {
+    // 3 rows of 16, 32 apart, need 2 · 32 + 16 = 80 floats
+    let (a, b, mut dst) = (vec![1.0f32; 3 * 4], vec![1.0f32; 4 * 16], vec![0.0f32; 79]);
+    switch_model::kernels::slots::broadcast_product_strided((&mut dst, 32), (3, 16, 4), (&a, 4, 1), (&b, 16), false);
 }
 
 type CrossEntropy = fn(Act<Dev, OwnedTape<f32, Dev>>, &[usize]) -> Tensor<(), f32, Dev, OwnedTape<f32, Dev>>;

@@ -214,24 +214,30 @@ mod tests {
     /// itself: the own loop must give gemm's bits where it stands in for it.
     #[test]
     fn attention_products_keep_gemms_bits() {
+        if !slots::available() {
+            eprintln!("no AVX-512F here: attention runs gemm alone, so this compares gemm with itself");
+        }
         let mut rng = StdRng::seed_from_u64(9);
         let mut random = |n: usize| (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        // (lq, lk, dk): tiny's encoder, decoder and cross-attention; gemm's outer-product path
-        // (inner 2) and matrix–vector paths (one query or key); odd lengths; heads of 32 and 64 (gemm)
-        let shapes = [(64, 64, 16), (14, 14, 16), (14, 64, 16), (64, 14, 16), (2, 2, 16), (1, 32, 16), (32, 1, 16)];
-        for (lq, lk, dk) in shapes.into_iter().chain([(20, 48, 16), (33, 32, 32), (128, 128, 64)]) {
+        // (lq, lk, dk): tiny's encoder, decoder and cross-attention; more than 64 rows (gemm's
+        // other blocking); the smallest own-loop product (2 rows, inner 3); gemm's outer-product
+        // path (inner 2), matrix–vector paths (one query or key) and inner blocks (600 = 2 × 300);
+        // odd lengths; heads of 32 and 64 (gemm)
+        let shapes = [(64, 64, 16), (14, 14, 16), (14, 64, 16), (64, 14, 16), (128, 128, 16), (2, 3, 16), (3, 2, 16)];
+        let edges = [(2, 2, 16), (1, 32, 16), (32, 1, 16), (4, 600, 16), (600, 4, 16)];
+        for (lq, lk, dk) in shapes.into_iter().chain(edges).chain([(20, 48, 16), (33, 32, 32), (128, 128, 64)]) {
             let (heads, h) = (3, 1);
             let hd = heads * dk;
-            let (k, g) = (random(lk * hd), random(lq * hd));
-            let (p, start) = (random(lq * lk), random(lk * hd));
+            let (k, g, p) = (random(lk * hd), random(lq * hd), random(lq * lk));
+            let (start_q, start_k) = (random(lq * hd), random(lk * hd));
             for add in [false, true] {
                 // P·v (rows of the output `hd` apart), Pᵀ·g (P read transposed)
-                let (mut got, mut want) = (start.clone(), start.clone());
-                product((&mut got[h * dk..], hd), (lq.min(lk), dk, lk), (&p, lk, 1), (&k[h * dk..], hd), add);
-                gemm_strided((&mut want[h * dk..], hd), (lq.min(lk), dk, lk), (&p, lk, 1), (&k[h * dk..], hd, 1), add);
+                let (mut got, mut want) = (start_q.clone(), start_q.clone());
+                product((&mut got[h * dk..], hd), (lq, dk, lk), (&p, lk, 1), (&k[h * dk..], hd), add);
+                gemm_strided((&mut want[h * dk..], hd), (lq, dk, lk), (&p, lk, 1), (&k[h * dk..], hd, 1), add);
                 assert_eq!(bits(&got), bits(&want), "P·v at {lq}×{lk}×{dk}, add {add}");
-                let (mut got, mut want) = (start.clone(), start.clone());
+                let (mut got, mut want) = (start_k.clone(), start_k.clone());
                 product((&mut got[h * dk..], hd), (lk, dk, lq), (&p, 1, lk), (&g[h * dk..], hd), add);
                 gemm_strided((&mut want[h * dk..], hd), (lk, dk, lq), (&p, 1, lk), (&g[h * dk..], hd, 1), add);
                 assert_eq!(bits(&got), bits(&want), "Pᵀ·g at {lq}×{lk}×{dk}, add {add}");

@@ -147,6 +147,7 @@ unsafe fn broadcast_avx512(
 ) {
     // Rows of whole vectors at a stride of whole vectors all have the same offset from a 64-byte
     // line (the streaming caller's rows are `cols` apart).
+    debug_assert!(!stream || dst_rs == cols, "streaming rows are whole vectors, one after another");
     let head = if stream { (64 - dst.as_ptr() as usize % 64) % 64 / 4 } else { 0 };
     // The tiles' columns: whole vectors from `head`; with a shift, the last vector is the edge's.
     let end = if head > 0 { cols - LANES + head } else { cols };
