@@ -270,7 +270,7 @@ fn time_matmul(f: &dyn Fn()) -> f64 {
 /// before `f` and one just after, in this process while `f`'s child process runs alone (no pool
 /// of this process is alive meanwhile): the VM's speed drifts between minutes, and this is the
 /// matmul beside a row's steps.
-fn with_matmul_beside<R>(threads: usize, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<(R, f64)> {
+pub(crate) fn with_matmul_beside<R>(threads: usize, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<(R, f64)> {
     let (a, b) = square_operands();
     let gemm = || -> anyhow::Result<f64> {
         Ok(rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| engine_matmul_flops_per_s(&a, &b)))
@@ -283,7 +283,7 @@ fn with_matmul_beside<R>(threads: usize, f: impl FnOnce() -> anyhow::Result<R>) 
 /// The opening matmuls of a bench run on one thread count: the fastest of them, and gemm 0.19's.
 #[derive(Clone, Copy)]
 pub(crate) struct Matmul {
-    pub best: f64,
+    best: f64,
     gemm: f64,
 }
 
@@ -291,7 +291,7 @@ impl Matmul {
     /// What a row's "÷ matmul" divides by: the fastest opening matmul, scaled up by as much as
     /// gemm 0.19 ran faster beside the row (`gemm_beside`) than at the opening, so a machine that
     /// sped up after the opening cannot inflate a ratio.
-    fn beside(&self, gemm_beside: f64) -> f64 {
+    pub(crate) fn beside(&self, gemm_beside: f64) -> f64 {
         self.best * (gemm_beside / self.gemm).max(1.0)
     }
 }
@@ -444,7 +444,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
             crate::pytorch::VENV_PYTHON
         ),
     }
-    println!("FLOPs/s ratios of the engine's rows are ÷ the fastest of these matmuls, scaled up by as much as gemm 0.19 ran faster just before or just after the row's own run than here (each row prints its divisor); those beside PyTorch are ÷ the fastest opening one");
+    println!("FLOPs/s ratios of the engine's rows are ÷ the fastest of these matmuls, scaled up by as much as gemm 0.19 ran faster just before or just after the row's own run than here (each row prints its divisor); those beside PyTorch likewise, with gemm 0.19 measured beside each pair of runs");
     println!("FLOPs/s = 3 × forward FLOPs per token × tokens/s; {steps} steps after a warm-up step; peak RSS ÷ (weights + gradients + Adam m, v) counts the memory above the data");
     println!("Switch ÷ dense: a dense and a Switch model in one process, their steps alternating, one ratio per pair of steps (this machine's speed drifts by ±15% between minutes, which separate runs would measure)\n");
     let plain = Recipe { kernels: KernelMode::Plain, ..TRAINING.recipe };
@@ -485,7 +485,7 @@ pub fn run(steps: u64, pairs: u64, only_training: bool, torch: Option<&Torch>) -
         }
         println!();
         if let (Some(torch), 0) = (torch, i) {
-            crate::pytorch::compare(torch, steps, 3, matmul2.best)?;
+            crate::pytorch::compare(torch, steps, 3, matmul2)?;
             println!();
         }
         if only_training && engine.recipe.kernels == KernelMode::FusedRouter {
