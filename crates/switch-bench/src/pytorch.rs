@@ -88,45 +88,52 @@ pub fn run(steps: u64, rounds: usize, python: &Path) -> anyhow::Result<()> {
     compare(&torch, steps, rounds, matmul)
 }
 
+/// One round's runs of one size: switchlab's, PyTorch's step time, and what "÷ matmul" divides
+/// both by (the fastest opening matmul scaled by gemm 0.19 beside the pair, [`Matmul::beside`]).
+struct Pair {
+    ours: Measured,
+    pytorch_step_s: f64,
+    matmul: f64,
+}
+
 /// switchlab's engine as it trains and PyTorch on the comparison shape, 2 threads, dense,
 /// Switch-8 and Switch-64, each run in its own process, the two alternating `rounds` times:
-/// tokens/s, the speed ratio, and each side's model FLOPs/s ÷ `matmul` (the best f32 matmul
-/// measured on the machine).
+/// tokens/s, the speed ratio, and each side's model FLOPs/s ÷ the best f32 matmul measured on the
+/// machine (`matmul`, scaled beside each pair).
 pub fn compare(torch: &Torch, steps: u64, rounds: usize, matmul: Matmul) -> anyhow::Result<()> {
     println!("switchlab (as it trains) beside PyTorch + transformers on the comparison shape: {steps} steps after a warm-up step, 2 threads; each ratio is the median over {rounds} rounds of ratios within a round");
-    // Per size, per round: (switchlab's run, PyTorch's step seconds, what "÷ matmul" divides by
-    // for the pair: the fastest opening matmul scaled by gemm 0.19 beside the pair). Every run of
-    // a round before the next round, so that a ratio compares runs minutes apart at most.
+    // Per size, per round: every run of a round before the next round, so that a ratio compares
+    // runs minutes apart at most.
     let sizes = [1, 8, 64];
-    let mut runs: Vec<Vec<(Measured, f64, f64)>> = vec![Vec::new(); sizes.len()];
+    let mut runs: Vec<Vec<Pair>> = (0..sizes.len()).map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         for (runs, &e) in runs.iter_mut().zip(&sizes) {
             let pair = || Ok((engine_child(false, e, 2, steps, TRAINING)?, torch.step_s(e, steps)?));
-            let ((ours, theirs), beside) = with_matmul_beside(2, pair)?;
-            runs.push((ours, theirs, matmul.beside(beside)));
+            let ((ours, pytorch_step_s), beside) = with_matmul_beside(2, pair)?;
+            runs.push(Pair { ours, pytorch_step_s, matmul: matmul.beside(beside) });
         }
     }
     let median = |x: Vec<f64>| quantile(&x, 0.5);
     for (runs, &e) in runs.iter().zip(&sizes) {
         let name = if e == 1 { "dense".to_string() } else { format!("Switch-{e}") };
-        let tokens_per_step = runs[0].0.tokens_per_s * runs[0].0.step_s;
-        let pytorch_tokens = |s: f64| tokens_per_step / s;
-        let flops_ratio = |tokens_per_s: f64, matmul: f64| 3.0 * runs[0].0.flops_per_token * tokens_per_s / matmul;
+        let first = &runs[0].ours;
+        let pytorch_tokens = |r: &Pair| first.tokens_per_s * first.step_s / r.pytorch_step_s;
+        let flops_ratio = |tokens_per_s: f64, r: &Pair| 3.0 * first.flops_per_token * tokens_per_s / r.matmul;
         println!(
             "{name:<10} tokens/s switchlab {:?}, PyTorch {:?}: switchlab ÷ PyTorch speed {:.2}; model FLOPs/s ÷ best matmul (of {:?} GFLOP/s): switchlab {:.2}, PyTorch {:.2}",
-            runs.iter().map(|r| r.0.tokens_per_s.round()).collect::<Vec<_>>(),
-            runs.iter().map(|r| pytorch_tokens(r.1).round()).collect::<Vec<_>>(),
-            median(runs.iter().map(|r| r.1 / r.0.step_s).collect()),
-            runs.iter().map(|r| (r.2 / 1e9).round()).collect::<Vec<_>>(),
-            median(runs.iter().map(|r| flops_ratio(r.0.tokens_per_s, r.2)).collect()),
-            median(runs.iter().map(|r| flops_ratio(pytorch_tokens(r.1), r.2)).collect()),
+            runs.iter().map(|r| r.ours.tokens_per_s.round()).collect::<Vec<_>>(),
+            runs.iter().map(|r| pytorch_tokens(r).round()).collect::<Vec<_>>(),
+            median(runs.iter().map(|r| r.pytorch_step_s / r.ours.step_s).collect()),
+            runs.iter().map(|r| (r.matmul / 1e9).round()).collect::<Vec<_>>(),
+            median(runs.iter().map(|r| flops_ratio(r.ours.tokens_per_s, r)).collect()),
+            median(runs.iter().map(|r| flops_ratio(pytorch_tokens(r), r)).collect()),
         );
     }
     for (switch, &e) in runs.iter().zip(&sizes).skip(1) {
-        let ratio = |side: fn(&(Measured, f64, f64)) -> f64| {
-            median(switch.iter().zip(&runs[0]).map(|(s, d)| side(s) / side(d)).collect())
-        };
-        println!("Switch-{e} ÷ dense step time: switchlab {:.2}, PyTorch {:.2}", ratio(|r| r.0.step_s), ratio(|r| r.1));
+        let ratio =
+            |side: fn(&Pair) -> f64| median(switch.iter().zip(&runs[0]).map(|(s, d)| side(s) / side(d)).collect());
+        let (ours, pytorch) = (ratio(|r| r.ours.step_s), ratio(|r| r.pytorch_step_s));
+        println!("Switch-{e} ÷ dense step time: switchlab {ours:.2}, PyTorch {pytorch:.2}");
     }
     Ok(())
 }
