@@ -16,7 +16,8 @@ plan NAME:
 test:
     cargo test --workspace
 
-# Speed figures: Switch ÷ dense layer, sweep parallelism, data pipeline, report, training engine.
+# Speed figures: Switch ÷ dense layer, sweep parallelism, data pipeline, report, training engine,
+# optimizer passes, the dense products alone.
 bench:
     cargo bench -p switch-model --bench switch_layer
     cargo run --release -q -p switch-bench -- sweep
@@ -24,6 +25,7 @@ bench:
     cargo run --release -q -p switch-bench -- report
     cargo run --release -q -p switch-bench -- engine
     cargo run --release -q -p switch-bench -- optimizer
+    cargo run --release -q -p switch-bench -- products
 
 # switchlab's engine against PyTorch (HF transformers' T5 and Switch Transformer) on the engine
 # benchmark's shape; installs torch and transformers into .venv-torch on first use (~6 GB).

@@ -98,7 +98,7 @@ fn measure(cfg: &RunConfig, ds: &Dataset, threads: usize, steps: u64, cache: boo
 /// The config of a measured run: the comparison shape, or the `tiny` preset in the paper's recipe
 /// (`experts-recipe.yaml`'s dense point: span corruption, experts every other FFN), with
 /// `num_experts` experts, trained with `recipe`'s optimizer and kernels.
-fn config(tiny: bool, num_experts: usize, recipe: Recipe) -> anyhow::Result<RunConfig> {
+pub(crate) fn config(tiny: bool, num_experts: usize, recipe: Recipe) -> anyhow::Result<RunConfig> {
     let mut c = if tiny {
         switch_runner::plan(Path::new("experiments/experts-recipe.yaml"))?.runs[0].config.clone()
     } else {
@@ -249,9 +249,9 @@ pub fn matmul_flops_per_s(threads: usize) -> (f64, f64) {
 
 const MATMUL_N: usize = 1024;
 
-type Square = Tensor<(usize, usize), f32, Cpu>;
+pub(crate) type Square = Tensor<(usize, usize), f32, Cpu>;
 
-fn square_operands() -> (Square, Square) {
+pub(crate) fn square_operands() -> (Square, Square) {
     let dev: Cpu = Default::default();
     (dev.sample_normal_like(&(MATMUL_N, MATMUL_N)), dev.sample_normal_like(&(MATMUL_N, MATMUL_N)))
 }
@@ -297,7 +297,7 @@ impl Matmul {
 }
 
 /// The engine's f32 matmul FLOP/s at 1024³ (`param_matmul`, gemm 0.19) on the current thread pool.
-fn engine_matmul_flops_per_s(a: &Square, b: &Square) -> f64 {
+pub(crate) fn engine_matmul_flops_per_s(a: &Square, b: &Square) -> f64 {
     let n = MATMUL_N;
     let flat_b = b.clone().reshape_like(&(n * n,));
     time_matmul(&|| {

@@ -8,6 +8,7 @@ mod child;
 mod engine;
 mod harness;
 mod optimizer;
+mod products;
 mod pytorch;
 mod slots;
 
@@ -69,6 +70,16 @@ enum Command {
         /// Fraction of each expert's slots in use (up to its last filled one) for fused_slots.
         #[arg(long, default_value_t = 1.0)]
         in_use: f64,
+    },
+    /// The dense model's parameter products by themselves (forward, ∂x, ∂W; the comparison
+    /// shape on 2 threads, `tiny` on 1), with their operands in the caches and after evicting
+    /// them, ÷ gemm 0.19's 1024³ matmul measured beside.
+    Products {
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
+        /// MiB written to evict the caches before each cold product (more than the L2 and L3).
+        #[arg(long, default_value_t = 256)]
+        evict_mib: usize,
     },
     /// switchlab's engine against HF transformers' T5 and Switch Transformer in PyTorch on the
     /// engine benchmark's comparison shape, side by side (needs a Python with torch and
@@ -149,6 +160,7 @@ fn run(what: Command) -> anyhow::Result<()> {
         }
         Command::Optimizer { params, rounds } => optimizer::run(params, rounds),
         Command::Slots { rounds, in_use } => slots::run(rounds, in_use),
+        Command::Products { rounds, evict_mib } => products::run(rounds, evict_mib),
         Command::Pytorch { steps, rounds, python } => pytorch::run(steps, rounds, &python),
         Command::EnginePairs { tiny, experts, threads, pairs, cache, optimizer, moments, kernels } => {
             let recipe = engine::recipe_named(&optimizer, &moments, &kernels)?;

@@ -23,9 +23,9 @@ fn run_err(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The seven benchmarks, and not the children they re-run the binary as.
+/// The eight benchmarks, and not the children they re-run the binary as.
 #[test]
-fn help_lists_the_seven_benchmarks() {
+fn help_lists_the_eight_benchmarks() {
     let help = run_ok(switch_bench().arg("--help"));
     let commands: Vec<&str> = help
         .lines()
@@ -34,7 +34,11 @@ fn help_lists_the_seven_benchmarks() {
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, ["sweep", "data", "report", "engine", "optimizer", "slots", "pytorch", "help"], "{help}");
+    assert_eq!(
+        commands,
+        ["sweep", "data", "report", "engine", "optimizer", "slots", "products", "pytorch", "help"],
+        "{help}"
+    );
     assert!(
         run_ok(switch_bench().args(["engine-run", "--help"])).contains("--experts"),
         "the children are hidden, not gone"
@@ -49,6 +53,17 @@ fn slots_compares_the_two_modes_on_every_shape_and_refuses_a_bad_fraction() {
     assert!(out.contains("with 50% of each expert's slots in use"), "{out}");
     let err = run_err(switch_bench().args(["slots", "--in-use", "1.5"]));
     assert!(err.contains("--in-use 1.5"), "{err}");
+}
+
+#[test]
+fn products_prints_warm_and_cold_rates_for_both_presets_and_refuses_no_rounds() {
+    let out = run_ok(switch_bench().current_dir(repo()).args(["products", "--rounds", "1", "--evict-mib", "8"]));
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains(" warm ") && l.contains(" cold ")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].starts_with("shape  2 thr, 2048 tokens × d_model 256, d_ff 1024"), "{out}");
+    assert!(rows[1].starts_with("tiny   1 thr"), "{out}");
+    let err = run_err(switch_bench().args(["products", "--rounds", "0"]));
+    assert!(err.contains("--rounds 0"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,88 @@
+//! `switch-bench products`: the dense model's parameter products by themselves, as the engine
+//! runs them (`param_matmul_fused`, forward and backward, timed by the product clock), on one
+//! batch's encoder tokens of the comparison shape (2 threads) and of the `tiny` preset (1
+//! thread). Each product runs twice a round: once right after the same product ran (its operands
+//! left in the caches) and once after evicting the caches (its operands in memory, as a step's
+//! products mostly find them), beside gemm 0.19's 1024³ matmul. It tells how much of the gap
+//! between a step's products and matmul is their shapes and how much the memory they read.
+use crate::engine;
+use dfdx::prelude::*;
+use switch_model::kernels::{param_matmul_fused, product_clock, Stacked};
+
+/// (preset, threads, tokens, d_model, d_ff) of the two rows `engine` measures dense.
+fn presets() -> anyhow::Result<Vec<(&'static str, usize, usize, usize, usize)>> {
+    let recipe = engine::recipe_named("adamw", "f32", "fused_slots")?;
+    let mut rows = Vec::new();
+    for (name, tiny, threads) in [("shape", false, 2), ("tiny", true, 1)] {
+        let c = engine::config(tiny, 1, recipe)?;
+        rows.push((name, threads, c.train.batch_size * c.data.encoder_len, c.model.d_model, c.model.d_ff));
+    }
+    Ok(rows)
+}
+
+type Input = Tensor<(usize, usize, usize), f32, Cpu>;
+
+/// Seconds the product clock counted in one forward and backward pass of `x · W`, and their
+/// FLOPs; first, with `evict`, the caches are evicted (after `x` and `W` were written).
+fn clocked(x: &Input, w: &Tensor<(usize,), f32, Cpu>, layout: Stacked, evict: Option<&mut [f32]>) -> (f64, f64) {
+    if let Some(evict) = evict {
+        // Write every byte of a buffer larger than the caches: the operands are in memory after.
+        evict.iter_mut().for_each(|x| *x += 1.0);
+        std::hint::black_box(&evict);
+    }
+    product_clock::set(true);
+    let y = param_matmul_fused(x.clone().leaky_traced(), w, layout);
+    std::hint::black_box(y.sum().backward());
+    let clocked = product_clock::read();
+    product_clock::set(false);
+    clocked
+}
+
+pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(rounds >= 1, "--rounds {rounds}: at least 1");
+    let mut evict = vec![0f32; evict_mib << 18];
+    println!(
+        "the dense parameter products (forward, ∂x, ∂W) by themselves ÷ gemm 0.19's 1024³ matmul measured in the same \
+         round, medians of {rounds} rounds; warm: right after the same product; cold: after writing {evict_mib} MiB"
+    );
+    let (a, b) = engine::square_operands();
+    for (preset, threads, tokens, d, f) in presets()? {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        let mut rows = Vec::new(); // per round: (matmul, warm, cold) FLOP/s
+        pool.install(|| {
+            let dev = Cpu::default();
+            dev.enable_cache();
+            let shapes = [(d, d), (d, f), (f, d)].map(|(k, m)| {
+                let x: Input = dev.sample_normal_like(&(1, tokens, k));
+                let w: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(k * m,));
+                (x, w, Stacked { experts: 1, k, m, transposed: false })
+            });
+            for (x, w, layout) in &shapes {
+                clocked(x, w, *layout, None); // first use: the buffers into dfdx's cache
+            }
+            for _ in 0..rounds {
+                let matmul = engine::engine_matmul_flops_per_s(&a, &b);
+                let (mut warm, mut cold, mut flops) = (0.0, 0.0, 0.0);
+                for (x, w, layout) in &shapes {
+                    let (s, fl) = clocked(x, w, *layout, Some(&mut evict));
+                    (cold, flops) = (cold + s, flops + fl);
+                    warm += clocked(x, w, *layout, None).0;
+                }
+                rows.push((matmul, flops / warm, flops / cold));
+            }
+        });
+        let median =
+            |f: &dyn Fn(&(f64, f64, f64)) -> f64| engine::quantile(&rows.iter().map(f).collect::<Vec<_>>(), 0.5);
+        println!(
+            "{preset:<6} {threads} thr, {tokens} tokens × d_model {d}, d_ff {f}: matmul {:.0} GFLOP/s; products warm {:.0} \
+             = {:.2} of matmul, cold {:.0} = {:.2}; cold ÷ warm time {:.2}",
+            median(&|r| r.0) / 1e9,
+            median(&|r| r.1) / 1e9,
+            median(&|r| r.1 / r.0),
+            median(&|r| r.2) / 1e9,
+            median(&|r| r.2 / r.0),
+            median(&|r| r.1 / r.2),
+        );
+    }
+    Ok(())
+}
