@@ -4,7 +4,7 @@
 use polars::prelude::*;
 use serde_json::Value;
 use std::path::Path;
-use switch_rundir::State;
+use switch_rundir::{State, StatusFile};
 
 /// One evaluation point of a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -201,12 +201,20 @@ fn complete_rows(path: &Path) -> Result<usize, String> {
 /// Loads every run folder under `sweep_dir/runs`, sorted by (baseline first, experts, group, seed).
 /// A run as its `config.yaml` and `status.json` describe it, before its logs are read.
 fn run_from_folder(dir: &Path, id: String) -> Run {
-    let (file, problem) = match switch_rundir::RunFile::<Value>::read(&dir.join("config.yaml")) {
+    let (file, mut problem) = match switch_rundir::RunFile::<Value>::read(&dir.join("config.yaml")) {
         Ok(f) => (Some(f), None),
         Err(e) => (None, Some(format!("{e}; left out of comparisons (restore config.yaml or remove the run folder)"))),
     };
     let cfg = file.as_ref().map_or(&Value::Null, |f| &f.config);
-    let status = switch_rundir::RunDir::new(dir).read_status();
+    let status = match switch_rundir::RunDir::new(dir).status_file() {
+        StatusFile::Readable(s) => Some(s),
+        StatusFile::Missing => None,
+        StatusFile::Damaged(e) => {
+            let damaged = format!("{e}: its state and test score are unknown (the next sweep resumes it from its checkpoint and writes a new status.json, keeping this one as status.json.damaged)");
+            problem = Some(problem.map_or(damaged.clone(), |p| format!("{p}; {damaged}")));
+            None
+        }
+    };
     let num = |v: &Value, p: &str| get(v, p).and_then(Value::as_f64);
     let point = file.as_ref().map(|f| f.point.clone()).unwrap_or_default();
     let items = |skip: &[&str]| {

@@ -563,6 +563,26 @@ fn random_bytes(len: usize) -> Vec<u8> {
     out
 }
 
+/// A `status.json` cut off mid-write: the run's row says which file is damaged and what the next
+/// sweep does about it, instead of a bare `unknown` state.
+#[test]
+fn a_damaged_status_is_named_in_its_runs_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("damaged");
+    let q = |s: f64| -3.0 + s / 1000.0;
+    write_run(&dir, "d", 1, 0, 300, q, "done");
+    write_run(&dir, "s", 2, 0, 300, q, "done");
+    let status = dir.join("runs/s/status.json");
+    std::fs::write(&status, &std::fs::read(&status).unwrap()[..20]).unwrap();
+    let md = report_md(&dir);
+    // The runs table's row (the routing tables have rows of `s` too).
+    let row =
+        md.lines().find(|l| l.starts_with("| s |") && l.contains("| unknown |")).unwrap_or_else(|| panic!("{md}"));
+    assert!(row.contains("status.json: damaged"), "{row}");
+    assert!(row.contains("resumes it from its checkpoint"), "{row}");
+    assert!(md.lines().filter(|l| l.starts_with("| d |")).all(|l| !l.contains("damaged")), "{md}");
+}
+
 #[test]
 fn a_run_whose_config_is_garbage_is_listed_with_its_problem_and_compared_with_nothing() {
     let tmp = tempfile::tempdir().unwrap();

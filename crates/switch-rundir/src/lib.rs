@@ -182,10 +182,20 @@ pub fn grid_description(sweep_dir: &Path) -> Option<String> {
     Some(grid.get("description")?.as_str()?.trim().to_string()).filter(|d| !d.is_empty())
 }
 
+/// A run folder's `status.json`, as [`RunDir::status_file`] finds it.
+#[derive(Debug)]
+pub enum StatusFile {
+    Missing,
+    Readable(Status),
+    /// It cannot be read or parsed: what is wrong, naming the file.
+    Damaged(String),
+}
+
 /// A sweep's runs sorted by what their folders under `runs/` say.
 #[derive(Debug, Default, PartialEq)]
 pub struct Triage {
-    /// New, running, interrupted (resumable) or unreadable: to train.
+    /// New, running, interrupted (resumable) or with a damaged `status.json` (resumed from the
+    /// checkpoint, the damaged file set aside): to train.
     pub pending: Vec<String>,
     pub done: Vec<String>,
     /// Failed and not retried.
@@ -224,8 +234,44 @@ impl RunDir {
         Self { path: path.into() }
     }
 
+    /// `status.json`, or `None` where it is missing or damaged ([`RunDir::status_file`] tells
+    /// which).
     pub fn read_status(&self) -> Option<Status> {
-        serde_json::from_slice(&std::fs::read(self.path.join("status.json")).ok()?).ok()
+        match self.status_file() {
+            StatusFile::Readable(s) => Some(s),
+            StatusFile::Missing | StatusFile::Damaged(_) => None,
+        }
+    }
+
+    /// What `status.json` holds: nothing yet (a run not started), a status, or something that
+    /// cannot be read as one (the error names the file).
+    pub fn status_file(&self) -> StatusFile {
+        let path = self.path.join("status.json");
+        match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StatusFile::Missing,
+            Err(e) => StatusFile::Damaged(format!("{}: cannot be read ({e})", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_or_else(
+                |e| StatusFile::Damaged(format!("{}: damaged ({e})", path.display())),
+                StatusFile::Readable,
+            ),
+        }
+    }
+
+    /// Renames a damaged `status.json` to `status.json.damaged`, so that resuming the run writes
+    /// a new one without losing the old bytes; returns what was wrong with it (`None`: nothing was
+    /// moved). A run resumes from its checkpoint, so a finished run's test score and state come
+    /// back, and the report reads everything else from `metrics.csv`.
+    pub fn set_aside_damaged_status(&self) -> std::io::Result<Option<String>> {
+        match self.status_file() {
+            StatusFile::Damaged(problem) => {
+                let (from, to) = (self.path.join("status.json"), self.path.join("status.json.damaged"));
+                std::fs::rename(&from, &to).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("{problem}; renaming it to {} failed ({e})", to.display()))
+                })?;
+                Ok(Some(problem))
+            }
+            StatusFile::Missing | StatusFile::Readable(_) => Ok(None),
+        }
     }
 
     pub fn write_status(&self, s: &Status) -> std::io::Result<()> {

@@ -4,7 +4,7 @@
 pub use crate::cluster::SlurmConfig;
 use crate::error::{Error, Result};
 use crate::grid::Plan;
-use crate::rundir::{write_atomic, RunDir, Triage};
+use crate::rundir::{write_atomic, RunDir, StatusFile, Triage};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -149,10 +149,11 @@ pub fn status_table(sweep_dir: &Path) -> Result<String> {
     dirs.sort();
     for dir in dirs {
         let id = dir.file_name().unwrap_or_default().to_string_lossy().to_string();
-        let status = RunDir::new(&dir).read_status();
-        let (state, steps) = match &status {
-            Some(s) => (s.state.to_string(), format!("{}/{}", s.steps_done, s.steps_total)),
-            None => ("queued".into(), "-".into()),
+        let (state, steps) = match RunDir::new(&dir).status_file() {
+            StatusFile::Readable(s) => (s.state.to_string(), format!("{}/{}", s.steps_done, s.steps_total)),
+            StatusFile::Missing => ("queued".into(), "-".into()),
+            // Its next task resumes it from the checkpoint and sets the damaged file aside.
+            StatusFile::Damaged(_) => ("damaged".into(), "-".into()),
         };
         // The task index of this run in the last submission, and Slurm's state of that task.
         let task = pending.lines().position(|l| l.contains(&id));

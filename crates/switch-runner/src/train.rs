@@ -249,6 +249,11 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
     let mut opt = optimizer_for(cfg, &mut model);
+    if let Some(problem) = dir.set_aside_damaged_status()? {
+        tracing::warn!(
+            "{problem}: kept as status.json.damaged; the run resumes from its checkpoint and writes a new one"
+        );
+    }
     let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
     let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
     if let Some(ck) = load_checkpoint(dir, &mut model, &mut opt)? {

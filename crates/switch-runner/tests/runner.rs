@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use switch_runner::rundir::{RunDir, State};
+use switch_runner::rundir::{RunDir, State, StatusFile};
 use switch_runner::sweep::{self, SweepOptions};
 use switch_runner::train::{self, Outcome};
 
@@ -234,6 +234,43 @@ fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
     assert_eq!((again.done.len(), again.skipped_done.len(), again.skipped_failed.len()), (0, 1, 1));
     let retry = sweep::sweep(&plan, &SweepOptions { retry_failed: true, ..opts }).unwrap();
     assert_eq!(retry.failed.len(), 1);
+}
+
+/// A finished run whose `status.json` was damaged after the fact: the next sweep resumes it from
+/// its final checkpoint without training, writes a new status with the same test score, and keeps
+/// the damaged bytes; its logs and checkpoint are not touched. `switchlab status` says so.
+#[test]
+fn a_damaged_status_is_set_aside_and_the_run_recovered_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = switch_runner::plan(&grid(tmp.path(), "d", "points:\n  - { model.num_experts: 2 }\n")).unwrap();
+    let opts = SweepOptions {
+        results_root: tmp.path().join("results"),
+        jobs: Some(1),
+        threads_per_run: Some(1),
+        retry_failed: false,
+        max_memory: None,
+    };
+    assert_eq!(sweep::sweep(&plan, &opts).unwrap().done.len(), 1);
+    let dir = RunDir::new(tmp.path().join("results/d/runs").join(&plan.runs[0].run_id));
+    let read = |name: &str| std::fs::read(dir.path.join(name)).unwrap();
+    let before = dir.read_status().unwrap();
+    let (metrics, tensors) = (read("metrics.csv"), read("checkpoint/tensors.bin"));
+    let damaged = read("status.json")[..40].to_vec(); // cut off mid-write
+    std::fs::write(dir.path.join("status.json"), &damaged).unwrap();
+    assert!(matches!(dir.status_file(), StatusFile::Damaged(e) if e.contains("status.json: damaged")));
+    let status_table = switch_runner::slurm::status_table(&tmp.path().join("results/d")).unwrap();
+    let row = status_table.lines().find(|l| l.starts_with(plan.runs[0].run_id.as_str())).unwrap();
+    assert_eq!(row.split_whitespace().nth(1), Some("damaged"), "{status_table}");
+
+    let again = sweep::sweep(&plan, &opts).unwrap();
+    assert_eq!(again.done, vec![plan.runs[0].run_id.clone()]);
+    let after = dir.read_status().unwrap();
+    assert_eq!((after.state, after.steps_done), (State::Done, 12));
+    assert_eq!(after.final_test_loss, before.final_test_loss);
+    let ck: switch_runner::rundir::CheckpointState = serde_json::from_slice(&read("checkpoint/state.json")).unwrap();
+    assert!(after.wall_s >= Some(ck.wall_s) && after.cpu_s >= Some(ck.cpu_s), "the clocks go on from the checkpoint's");
+    assert_eq!(read("status.json.damaged"), damaged);
+    assert_eq!((read("metrics.csv"), read("checkpoint/tensors.bin")), (metrics, tensors));
 }
 
 #[test]
