@@ -110,6 +110,11 @@ impl Run {
         items.sort_unstable();
         items
     }
+    /// Done, and its log holds the evaluation at its last step (as every finished run writes
+    /// one): the tables can read its final quality.
+    pub fn finished(&self) -> bool {
+        self.state == Some(State::Done) && self.curve.last().is_some_and(|p| p.step >= self.steps_total as f64)
+    }
     /// The state as the report prints it (`unknown` without a readable `status.json`).
     pub fn state_label(&self) -> String {
         self.state.map_or("unknown".into(), |s| s.to_string())
@@ -453,6 +458,15 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         if r.problem.is_none() && r.curve.is_empty() {
             r.problem = Some("no evaluation yet".into());
         }
+    }
+    // A done run evaluates at its last step; a log that stops short was cut after the run ended.
+    let cut_short: Vec<(String, f64, u64)> = runs
+        .iter()
+        .filter(|r| r.state == Some(State::Done) && !r.finished())
+        .filter_map(|r| Some((r.id.clone(), r.curve.last()?.step, r.steps_total)))
+        .collect();
+    for (id, step, total) in cut_short {
+        add_problem(&mut runs, &id, format!("done, but metrics.csv's last evaluation is at step {step} of {total}: the file was cut short after the run finished (restore it); the tables mark the run unfinished and use step {step}'s evaluation"));
     }
     mark_superseded(&mut runs);
     runs.sort_by(|a, b| {

@@ -319,7 +319,7 @@ pub(crate) fn study_table(md: &mut String, s: &Sweep) -> anyhow::Result<()> {
             let (Some(qd), Some(qs)) = (d.final_quality(), g.final_quality()) else { continue };
             let n = g.evaluated().len().min(d.evaluated().len());
             let noise = 2.0 * qd.1.max(qs.1);
-            let unfinished = g.runs.iter().chain(&d.runs).any(|r| r.state != Some(State::Done));
+            let unfinished = g.runs.iter().chain(&d.runs).any(|r| !r.finished());
             let (paired_gain, paired_sep) = paired(&g.paired_differences(d));
             writeln!(
                 md,
@@ -449,7 +449,7 @@ fn ceiling_row(base: &Group, wide: &Group, switch: Option<&Group>, e: u64) -> St
         setting.push_str(&format!(", Switch with {}", router_only.join(" ")));
     }
     let all = base.runs.iter().chain(&wide.runs).chain(switch.into_iter().flat_map(|g| &g.runs));
-    if all.into_iter().any(|r| r.state != Some(State::Done)) {
+    if all.into_iter().any(|r| !r.finished()) {
         setting.push_str(" (unfinished: last evaluation)");
     }
     let ceiling = wide.paired_differences(base);

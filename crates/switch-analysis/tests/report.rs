@@ -583,6 +583,31 @@ fn a_damaged_status_is_named_in_its_runs_row() {
     assert!(md.lines().filter(|l| l.starts_with("| d |")).all(|l| !l.contains("damaged")), "{md}");
 }
 
+/// A done run whose metrics.csv lost its last rows after the run finished: its row says so, and
+/// the gain table marks the comparison unfinished instead of passing step 200 off as the end.
+#[test]
+fn a_done_run_whose_log_was_cut_short_is_marked_unfinished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cut");
+    let q = |s: f64| -3.0 + s / 1000.0;
+    write_run_at(&dir, "d", "  model.expert_every: 2\n", 1, 0, 300, q, "done");
+    write_run_at(&dir, "s", "  model.expert_every: 2\n", 2, 0, 300, q, "done");
+    let gain_row = |md: &str| md.lines().find(|l| l.starts_with("| expert_every=2")).map(str::to_string);
+    assert!(gain_row(&report_md(&dir)).is_some_and(|l| !l.contains("unfinished")));
+    let metrics = dir.join("runs/s/metrics.csv");
+    let kept: Vec<String> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(',').next().unwrap().parse::<f64>().map_or(true, |step| step <= 200.0))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&metrics, kept.concat()).unwrap();
+    let md = report_md(&dir);
+    let row = md.lines().find(|l| l.starts_with("| s |") && l.contains("| done |")).unwrap_or_else(|| panic!("{md}"));
+    assert!(row.contains("last evaluation is at step 200 of 300"), "{row}");
+    assert!(gain_row(&md).is_some_and(|l| l.contains("(unfinished: last evaluation)")), "{md}");
+}
+
 #[test]
 fn a_run_whose_config_is_garbage_is_listed_with_its_problem_and_compared_with_nothing() {
     let tmp = tempfile::tempdir().unwrap();
