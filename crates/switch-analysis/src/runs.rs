@@ -365,6 +365,7 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
         }
     }
     let evals = all
+        .clone()
         .filter(col("eval_neg_log_perplexity").is_not_null())
         .sort(["run_id", "step"], SortMultipleOptions::default())
         .collect()?;
@@ -376,6 +377,7 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
         f64s(&evals, "eval_neg_log_perplexity")?,
         f64s(&evals, "drop_fraction")?,
     );
+    let mut impossible: Vec<(String, f64, f64)> = Vec::new();
     for i in 0..ids.len() {
         let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) else { continue };
         if let (Some(step), Some(q)) = (steps[i], nlp[i]) {
@@ -383,6 +385,11 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
             // and the run is marked, so no table or figure computes with a non-finite number.
             if !q.is_finite() || r.diverged_at.is_some() {
                 r.diverged_at = r.diverged_at.or(Some(step));
+                continue;
+            }
+            // A perplexity is at least 1: a positive neg log perplexity was not written by a run.
+            if q > 0.0 {
+                impossible.push((r.id.clone(), step, q));
                 continue;
             }
             r.curve.push(EvalPoint {
@@ -393,6 +400,20 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
                 drop_fraction: drops[i].unwrap_or(0.0),
             });
         }
+    }
+    for (id, step, q) in impossible {
+        add_problem(runs, &id, format!("metrics.csv: the evaluation at step {step} reads eval_neg_log_perplexity {q:e}, impossible (a perplexity is at least 1, so it is ≤ 0): the file is damaged and that evaluation is left out"));
+    }
+    // Every row logs these: an empty one is a cell that did not parse as a number.
+    let logged = ["step", "tokens", "wall_s", "lr", "train_loss"];
+    let unreadable = all
+        .filter(logged.iter().map(|c| col(*c).is_null()).reduce(|a, b| a.or(b)).expect("columns"))
+        .group_by([col("run_id")])
+        .agg([len().alias("rows")])
+        .collect()?;
+    for (id, rows) in strs(&unreadable, "run_id")?.into_iter().zip(f64s(&unreadable, "rows")?) {
+        let rows = rows.unwrap_or(0.0);
+        add_problem(runs, &id, format!("metrics.csv: {rows} row(s) with a value that is not a number (the file is damaged); those values are left out"));
     }
     Ok(())
 }

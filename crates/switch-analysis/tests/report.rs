@@ -608,6 +608,42 @@ fn a_done_run_whose_log_was_cut_short_is_marked_unfinished() {
     assert!(gain_row(&md).is_some_and(|l| l.contains("(unfinished: last evaluation)")), "{md}");
 }
 
+/// A metrics.csv edited by hand or damaged on disk: an evaluation no run can write (a positive
+/// neg log perplexity, 1e308) is left out of the curve and named, and so is a cell that is not a
+/// number, instead of the one stretching the figures' axes and the other vanishing silently.
+#[test]
+fn impossible_or_unreadable_log_values_are_named_and_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("edited");
+    let q = |s: f64| -3.0 + s / 1000.0;
+    write_run(&dir, "d", 1, 0, 300, q, "done");
+    write_run(&dir, "s", 2, 0, 300, q, "done");
+    let metrics = dir.join("runs/s/metrics.csv");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|c| *c == name).unwrap();
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let mut cells: Vec<String> = l.split(',').map(String::from).collect();
+            match cells[0].as_str() {
+                "100" => cells[column("eval_neg_log_perplexity")] = "1e308".into(),
+                "200" => cells[column("train_loss")] = "abc".into(),
+                _ => {}
+            }
+            cells.join(",") + "\n"
+        })
+        .collect();
+    std::fs::write(&metrics, edited.concat()).unwrap();
+    let runs = runs::load(&dir).unwrap();
+    let s = runs.iter().find(|r| r.id == "s").unwrap();
+    assert_eq!(s.curve.iter().map(|p| p.step).collect::<Vec<_>>(), [200.0, 300.0]);
+    let problem = s.problem.as_deref().unwrap_or_default();
+    assert!(problem.contains("step 100 reads eval_neg_log_perplexity 1e308, impossible"), "{problem}");
+    assert!(problem.contains("1 row(s) with a value that is not a number"), "{problem}");
+    assert!(runs.iter().find(|r| r.id == "d").unwrap().problem.is_none());
+}
+
 #[test]
 fn a_run_whose_config_is_garbage_is_listed_with_its_problem_and_compared_with_nothing() {
     let tmp = tempfile::tempdir().unwrap();
