@@ -249,16 +249,28 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
     let mut opt = optimizer_for(cfg, &mut model);
-    if let Some(problem) = dir.set_aside_damaged_status()? {
+    let damaged = dir.set_aside_damaged_status()?;
+    let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
+    let checkpoint = load_checkpoint(dir, &mut model, &mut opt)?;
+    if let Some(ck) = &checkpoint {
+        (start_step, wall_offset, cpu_offset) = (ck.step, ck.wall_s, ck.cpu_s);
+    }
+    if let Some(problem) = damaged {
+        // Without a checkpoint, resuming would start over and drop the logs of a run that may
+        // have finished: keep them, and say how to go on.
+        let logged =
+            std::fs::read_to_string(dir.path.join("metrics.csv")).map_or(0, |t| t.lines().count().saturating_sub(1));
+        if checkpoint.is_none() && logged > 0 {
+            return Err(Error::Training(format!(
+                "{problem} (kept as status.json.damaged), and there is no checkpoint to resume from: whether the run finished is unknown, so its {logged} logged rows are kept and it is not retrained. Restore status.json from status.json.damaged, or delete {} to retrain it",
+                dir.path.display()
+            )));
+        }
         tracing::warn!(
             "{problem}: kept as status.json.damaged; the run resumes from its checkpoint and writes a new one"
         );
     }
     let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
-    let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
-    if let Some(ck) = load_checkpoint(dir, &mut model, &mut opt)? {
-        (start_step, wall_offset, cpu_offset) = (ck.step, ck.wall_s, ck.cpu_s);
-    }
     dir.truncate_logs(start_step)?;
     status.state = State::Running;
     status.error = None;

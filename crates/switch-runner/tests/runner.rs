@@ -270,7 +270,20 @@ fn a_damaged_status_is_set_aside_and_the_run_recovered_from_its_checkpoint() {
     let ck: switch_runner::rundir::CheckpointState = serde_json::from_slice(&read("checkpoint/state.json")).unwrap();
     assert!(after.wall_s >= Some(ck.wall_s) && after.cpu_s >= Some(ck.cpu_s), "the clocks go on from the checkpoint's");
     assert_eq!(read("status.json.damaged"), damaged);
-    assert_eq!((read("metrics.csv"), read("checkpoint/tensors.bin")), (metrics, tensors));
+    assert_eq!((read("metrics.csv"), read("checkpoint/tensors.bin")), (metrics.clone(), tensors));
+
+    // Damaged again, and the checkpoint gone (deleted to save space): starting over would drop
+    // the logs of a finished run, so the run fails naming both files, and its logs stay.
+    std::fs::write(dir.path.join("status.json"), &damaged).unwrap();
+    std::fs::remove_dir_all(dir.path.join("checkpoint")).unwrap();
+    let refused = sweep::sweep(&plan, &opts).unwrap();
+    assert_eq!(refused.failed.len(), 1);
+    let error = &refused.failed[0].1;
+    assert!(error.contains("status.json: damaged") && error.contains("no checkpoint to resume from"), "{error}");
+    assert!(error.contains("Restore status.json from status.json.damaged, or delete"), "{error}");
+    assert_eq!(read("metrics.csv"), metrics);
+    assert_eq!(read("status.json.damaged"), damaged);
+    assert_eq!(dir.read_status().unwrap().state, State::Failed);
 }
 
 #[test]
