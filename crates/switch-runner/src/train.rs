@@ -188,12 +188,9 @@ pub fn load_checkpoint(
     model: &mut SwitchTransformer<Dev>,
     opt: &mut OptimizerState,
 ) -> Result<Option<rundir::CheckpointState>> {
-    // Every problem names the file and says how to go on.
+    // Every problem names the file; the caller says how to go on.
     let fix = |e: &dyn std::fmt::Display| {
-        Error::Training(format!(
-            "cannot resume from the checkpoint: {e}. Delete {} to retrain this run from scratch",
-            dir.path.join("checkpoint").display()
-        ))
+        Error::Training(format!("cannot read the checkpoint in {}: {e}", dir.path.join("checkpoint").display()))
     };
     let Some(mut r) = dir.checkpoint_reader().map_err(|e| fix(&e))? else { return Ok(None) };
     let mut params = model.params_mut();
@@ -251,7 +248,12 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     let mut opt = optimizer_for(cfg, &mut model);
     let damaged = dir.set_aside_damaged_status()?;
     let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
-    let checkpoint = load_checkpoint(dir, &mut model, &mut opt)?;
+    let checkpoint = load_checkpoint(dir, &mut model, &mut opt).map_err(|e| {
+        Error::Training(format!(
+            "{e}. Delete {} to retrain this run from scratch",
+            dir.path.join("checkpoint").display()
+        ))
+    })?;
     if let Some(ck) = &checkpoint {
         (start_step, wall_offset, cpu_offset) = (ck.step, ck.wall_s, ck.cpu_s);
     }

@@ -149,6 +149,7 @@ fn probe(sweep_dir: &Path, batches: u64) -> anyhow::Result<()> {
         "run", "point", "router", "‖g‖ from CE", "‖g‖ from α·bal", "CE ÷ bal"
     );
     let results_root = sweep_dir.parent().unwrap_or(Path::new("."));
+    let mut not_probed = 0;
     for dir in dirs {
         let Ok(run) = RunFile::read(&dir.join("config.yaml")) else { continue };
         let dir = RunDir::new(dir);
@@ -158,7 +159,16 @@ fn probe(sweep_dir: &Path, batches: u64) -> anyhow::Result<()> {
         }
         let data = sweep::datasets(&[&run.config.data], results_root)?;
         let ds = data.values().next().expect("one dataset");
-        for r in switch_runner::probe::probe_run(&dir, &run.config, ds, batches)?.unwrap_or_default() {
+        // A run whose checkpoint cannot be read is named and skipped; the others are probed.
+        let routers = match switch_runner::probe::probe_run(&dir, &run.config, ds, batches) {
+            Ok(routers) => routers.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("{}: not probed: {e}", run.run_id);
+                not_probed += 1;
+                continue;
+            }
+        };
+        for r in routers {
             println!(
                 "{:<14} {:<30} {:<22} {:>14.3e} {:>14.3e} {:>10.3}",
                 run.run_id,
@@ -170,6 +180,7 @@ fn probe(sweep_dir: &Path, batches: u64) -> anyhow::Result<()> {
             );
         }
     }
+    anyhow::ensure!(not_probed == 0, "{not_probed} finished run(s) not probed (named above)");
     Ok(())
 }
 

@@ -62,6 +62,32 @@ fn plan_sweep_report() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 trained, 2 already done"));
 }
 
+/// `probe` on a sweep where one finished run's checkpoint is damaged: that run is named on
+/// stderr and skipped, the others are probed, and the exit status says not all were.
+#[test]
+fn probe_names_a_run_whose_checkpoint_is_damaged_and_probes_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let grid = grid_with(tmp.path(), "probed", 3, "[1, 2, 4]", "flops_per_token: free\n");
+    let results = tmp.path().join("results");
+    run_ok(switchlab().arg("sweep").arg(&grid).arg("--results").arg(&results).stderr(Stdio::piped()));
+    // The two Switch runs (the dense one has no router to probe).
+    let runs: Vec<PathBuf> = std::fs::read_dir(results.join("probed/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|r| !std::fs::read_to_string(r.join("config.yaml")).unwrap().contains("num_experts: 1\n"))
+        .collect();
+    assert_eq!(runs.len(), 2);
+    std::fs::write(runs[0].join("checkpoint/state.json"), "{\"step\": 3").unwrap();
+    let out = switchlab().arg("probe").arg(results.join("probed")).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    let id = |run: &Path| run.file_name().unwrap().to_string_lossy().to_string();
+    assert!(stderr.contains(&format!("{}: not probed: cannot read the checkpoint", id(&runs[0]))), "{stderr}");
+    assert!(stderr.contains("1 finished run(s) not probed"), "{stderr}");
+    assert!(stdout.lines().any(|l| l.starts_with(&id(&runs[1])) && l.contains(".moe.router")), "{stdout}");
+    assert!(!stdout.contains(&id(&runs[0])), "{stdout}");
+}
+
 #[test]
 fn ctrl_c_checkpoints_and_the_same_command_resumes() {
     let tmp = tempfile::tempdir().unwrap();
