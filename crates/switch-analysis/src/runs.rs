@@ -215,7 +215,12 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
         StatusFile::Readable(s) => Some(s),
         StatusFile::Missing => None,
         StatusFile::Damaged(e) => {
-            let damaged = format!("{e}: its state and test score are unknown (the next sweep resumes it from its checkpoint and writes a new status.json, keeping this one as status.json.damaged)");
+            let next = if dir.join("checkpoint").exists() {
+                "the next sweep resumes it from its checkpoint and writes a new status.json, keeping this one as status.json.damaged"
+            } else {
+                "with no checkpoint to resume from, the next sweep keeps its logs and marks it failed: write its state back into status.json, or delete the folder to retrain it"
+            };
+            let damaged = format!("{e}: its state and test score are unknown ({next})");
             problem = Some(problem.map_or(damaged.clone(), |p| format!("{p}; {damaged}")));
             None
         }
@@ -487,7 +492,7 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         .filter_map(|r| Some((r.id.clone(), r.curve.last()?.step, r.steps_total)))
         .collect();
     for (id, step, total) in cut_short {
-        add_problem(&mut runs, &id, format!("done, but metrics.csv's last evaluation is at step {step} of {total}: the file was cut short after the run finished (restore it); the tables mark the run unfinished and use step {step}'s evaluation"));
+        add_problem(&mut runs, &id, format!("done, but metrics.csv has no usable evaluation at its last step ({total}), which every finished run logs: the file was damaged or cut short after the run finished (restore it); the tables mark the run unfinished and use step {step}'s evaluation"));
     }
     mark_superseded(&mut runs);
     runs.sort_by(|a, b| {

@@ -77,7 +77,7 @@ enum Command {
     Products {
         #[arg(long, default_value_t = 9)]
         rounds: usize,
-        /// MiB written to evict the caches before each cold product (more than the L2 and L3).
+        /// MiB read on every thread to evict the caches before each cold pass (more than the L2 and L3).
         #[arg(long, default_value_t = 256)]
         evict_mib: usize,
     },

@@ -2,11 +2,13 @@
 //! runs them (`param_matmul_fused`, forward and backward, timed by the product clock), on one
 //! batch's encoder tokens of the comparison shape (2 threads) and of the `tiny` preset (1
 //! thread). Each product runs twice a round: once right after the same product ran (its operands
-//! left in the caches) and once after evicting the caches (its operands in memory, as a step's
-//! products mostly find them), beside gemm 0.19's 1024³ matmul. It tells how much of the gap
-//! between a step's products and matmul is their shapes and how much the memory they read.
+//! left in the caches) and once after evicting the caches before the forward and again before
+//! the backward (its operands in memory), beside gemm 0.19's 1024³ matmul measured in the same
+//! round. It tells how much of the gap between a step's products and matmul is their shapes and
+//! how much the memory they read.
 use crate::engine;
 use dfdx::prelude::*;
+use rayon::prelude::*;
 use switch_model::kernels::{param_matmul_fused, product_clock, Stacked};
 
 /// (preset, threads, tokens, d_model, d_ff) of the two rows `engine` measures dense.
@@ -23,27 +25,42 @@ fn presets() -> anyhow::Result<Vec<(&'static str, usize, usize, usize, usize)>> 
 type Input = Tensor<(usize, usize, usize), f32, Cpu>;
 
 /// Seconds the product clock counted in one forward and backward pass of `x · W`, and their
-/// FLOPs; first, with `evict`, the caches are evicted (after `x` and `W` were written).
-fn clocked(x: &Input, w: &Tensor<(usize,), f32, Cpu>, layout: Stacked, evict: Option<&mut [f32]>) -> (f64, f64) {
-    if let Some(evict) = evict {
-        // Write every byte of a buffer larger than the caches: the operands are in memory after.
-        evict.iter_mut().for_each(|x| *x += 1.0);
-        std::hint::black_box(&evict);
+/// FLOPs. With `evict`, the caches are evicted before the forward and again before the backward
+/// (after the loss), so both passes find their operands in memory, as in a step.
+fn clocked(x: &Input, w: &Tensor<(usize,), f32, Cpu>, layout: Stacked, evict: Option<&[f32]>) -> (f64, f64) {
+    if let Some(buffer) = evict {
+        evict_caches(buffer);
     }
     product_clock::set(true);
     let y = param_matmul_fused(x.clone().leaky_traced(), w, layout);
-    std::hint::black_box(y.sum().backward());
-    let clocked = product_clock::read();
+    let forward = product_clock::read();
+    let loss = y.sum();
+    if let Some(buffer) = evict {
+        evict_caches(buffer);
+    }
+    product_clock::set(true); // zeroes the sums
+    std::hint::black_box(loss.backward());
+    let backward = product_clock::read();
     product_clock::set(false);
-    clocked
+    (forward.0 + backward.0, forward.1 + backward.1)
+}
+
+/// Reads all of `buffer` (larger than the caches) on every thread of the pool, so each core's
+/// caches hold its clean lines and nothing of the products' operands; reading leaves no dirty
+/// lines for the next product to write back.
+fn evict_caches(buffer: &[f32]) {
+    let sum: f32 = buffer.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+    std::hint::black_box(sum);
 }
 
 pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
     anyhow::ensure!(rounds >= 1, "--rounds {rounds}: at least 1");
-    let mut evict = vec![0f32; evict_mib << 18];
+    // Ones, not zeros: a zeroed allocation maps one shared zero page, which reading would not
+    // bring through the caches.
+    let evict = vec![1f32; evict_mib << 18];
     println!(
         "the dense parameter products (forward, ∂x, ∂W) by themselves ÷ gemm 0.19's 1024³ matmul measured in the same \
-         round, medians of {rounds} rounds; warm: right after the same product; cold: after writing {evict_mib} MiB"
+         round, medians of {rounds} rounds; warm: right after the same product; cold: after reading {evict_mib} MiB on every thread before the forward and again before the backward"
     );
     let (a, b) = engine::square_operands();
     for (preset, threads, tokens, d, f) in presets()? {
@@ -64,7 +81,7 @@ pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
                 let matmul = engine::engine_matmul_flops_per_s(&a, &b);
                 let (mut warm, mut cold, mut flops) = (0.0, 0.0, 0.0);
                 for (x, w, layout) in &shapes {
-                    let (s, fl) = clocked(x, w, *layout, Some(&mut evict));
+                    let (s, fl) = clocked(x, w, *layout, Some(&evict));
                     (cold, flops) = (cold + s, flops + fl);
                     warm += clocked(x, w, *layout, None).0;
                 }

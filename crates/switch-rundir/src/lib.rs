@@ -257,21 +257,42 @@ impl RunDir {
         }
     }
 
-    /// Renames a damaged `status.json` to `status.json.damaged`, so that resuming the run writes
-    /// a new one without losing the old bytes; returns what was wrong with it (`None`: nothing was
-    /// moved). A run resumes from its checkpoint, so a finished run's test score and state come
-    /// back, and the report reads everything else from `metrics.csv`.
+    /// Renames a damaged `status.json` to `status.json.damaged` (`.damaged.2`, `.3`, … when that
+    /// name is taken), so that resuming the run writes a new one without losing the old bytes;
+    /// returns what was wrong with it (`None`: nothing was moved). Every writer of a status calls
+    /// this first.
     pub fn set_aside_damaged_status(&self) -> std::io::Result<Option<String>> {
-        match self.status_file() {
-            StatusFile::Damaged(problem) => {
-                let (from, to) = (self.path.join("status.json"), self.path.join("status.json.damaged"));
-                std::fs::rename(&from, &to).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("{problem}; renaming it to {} failed ({e})", to.display()))
-                })?;
-                Ok(Some(problem))
-            }
-            StatusFile::Missing | StatusFile::Readable(_) => Ok(None),
-        }
+        let StatusFile::Damaged(problem) = self.status_file() else { return Ok(None) };
+        let from = self.path.join("status.json");
+        let to = (1..)
+            .map(|n| {
+                self.path.join(if n == 1 { "status.json.damaged".into() } else { format!("status.json.damaged.{n}") })
+            })
+            .find(|p| !p.exists())
+            .expect("a free name");
+        std::fs::rename(&from, &to).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{problem}; renaming it to {} failed ({e})", to.display()))
+        })?;
+        Ok(Some(problem))
+    }
+
+    /// Whether a damaged `status.json` of this run was ever set aside: its state before then is
+    /// unknown.
+    pub fn had_damaged_status(&self) -> bool {
+        self.path.join("status.json.damaged").exists()
+    }
+
+    /// Rows of `metrics.csv` below its header (0 without one), counted on the raw bytes.
+    pub fn logged_rows(&self) -> usize {
+        std::fs::read(self.path.join("metrics.csv"))
+            .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count().saturating_sub(1))
+    }
+
+    /// When the run folder was created: `config.yaml`'s modification time (it is written once),
+    /// in Unix seconds.
+    pub fn created_at(&self) -> Option<f64> {
+        let modified = std::fs::metadata(self.path.join("config.yaml")).ok()?.modified().ok()?;
+        Some(modified.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
     }
 
     pub fn write_status(&self, s: &Status) -> std::io::Result<()> {

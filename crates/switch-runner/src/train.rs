@@ -246,7 +246,9 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
     let mut opt = optimizer_for(cfg, &mut model);
-    let damaged = dir.set_aside_damaged_status()?;
+    if let Some(problem) = dir.set_aside_damaged_status()? {
+        tracing::warn!("{problem}: set aside as status.json.damaged; the run resumes from its checkpoint");
+    }
     let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
     let checkpoint = load_checkpoint(dir, &mut model, &mut opt).map_err(|e| {
         Error::Training(format!(
@@ -257,22 +259,24 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     if let Some(ck) = &checkpoint {
         (start_step, wall_offset, cpu_offset) = (ck.step, ck.wall_s, ck.cpu_s);
     }
-    if let Some(problem) = damaged {
-        // Without a checkpoint, resuming would start over and drop the logs of a run that may
-        // have finished: keep them, and say how to go on.
-        let logged =
-            std::fs::read_to_string(dir.path.join("metrics.csv")).map_or(0, |t| t.lines().count().saturating_sub(1));
-        if checkpoint.is_none() && logged > 0 {
-            return Err(Error::Training(format!(
-                "{problem} (kept as status.json.damaged), and there is no checkpoint to resume from: whether the run finished is unknown, so its {logged} logged rows are kept and it is not retrained. Restore status.json from status.json.damaged, or delete {} to retrain it",
-                dir.path.display()
-            )));
-        }
-        tracing::warn!(
-            "{problem}: kept as status.json.damaged; the run resumes from its checkpoint and writes a new one"
-        );
+    // Starting over truncates the logs. Where the status was damaged, whether the run had
+    // finished is unknown: keep its logs rather than train it again.
+    let logged = dir.logged_rows();
+    if checkpoint.is_none() && logged > 0 && dir.had_damaged_status() {
+        return Err(Error::Training(format!(
+            "{}: its status.json was damaged (set aside as status.json.damaged) and there is no checkpoint to resume from, so whether it finished is unknown: its {logged} logged rows are kept and it is not retrained. To keep the run, write its state back into status.json; to retrain it, delete the folder",
+            dir.path.display()
+        )));
     }
-    let mut status = dir.read_status().unwrap_or_else(|| cfg.new_status());
+    let mut status = dir.read_status().unwrap_or_else(|| {
+        // A run resumed from a checkpoint without a status (set aside, or deleted) started when
+        // its folder was made, not now: `started_at` orders runs of the same point and seed.
+        let mut fresh = cfg.new_status();
+        if checkpoint.is_some() {
+            fresh.started_at = dir.created_at().unwrap_or(fresh.started_at);
+        }
+        fresh
+    });
     dir.truncate_logs(start_step)?;
     status.state = State::Running;
     status.error = None;

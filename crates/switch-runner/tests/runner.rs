@@ -269,21 +269,27 @@ fn a_damaged_status_is_set_aside_and_the_run_recovered_from_its_checkpoint() {
     assert_eq!(after.final_test_loss, before.final_test_loss);
     let ck: switch_runner::rundir::CheckpointState = serde_json::from_slice(&read("checkpoint/state.json")).unwrap();
     assert!(after.wall_s >= Some(ck.wall_s) && after.cpu_s >= Some(ck.cpu_s), "the clocks go on from the checkpoint's");
+    // It started when its folder was made (config.yaml, written once), as the lost status said.
+    assert_eq!(Some(after.started_at), dir.created_at());
+    assert!(after.started_at <= before.started_at, "{} > {}", after.started_at, before.started_at);
     assert_eq!(read("status.json.damaged"), damaged);
     assert_eq!((read("metrics.csv"), read("checkpoint/tensors.bin")), (metrics.clone(), tensors));
 
-    // Damaged again, and the checkpoint gone (deleted to save space): starting over would drop
-    // the logs of a finished run, so the run fails naming both files, and its logs stay.
-    std::fs::write(dir.path.join("status.json"), &damaged).unwrap();
+    // Damaged again (other bytes), and the checkpoint gone (deleted to save space): starting over
+    // would drop the logs of a run that had finished, so the run fails saying so, its logs stay,
+    // and the first damaged copy is not written over. Retrying failed runs does not change that.
+    let damaged_again = read("status.json")[..30].to_vec();
+    std::fs::write(dir.path.join("status.json"), &damaged_again).unwrap();
     std::fs::remove_dir_all(dir.path.join("checkpoint")).unwrap();
-    let refused = sweep::sweep(&plan, &opts).unwrap();
-    assert_eq!(refused.failed.len(), 1);
-    let error = &refused.failed[0].1;
-    assert!(error.contains("status.json: damaged") && error.contains("no checkpoint to resume from"), "{error}");
-    assert!(error.contains("Restore status.json from status.json.damaged, or delete"), "{error}");
-    assert_eq!(read("metrics.csv"), metrics);
-    assert_eq!(read("status.json.damaged"), damaged);
-    assert_eq!(dir.read_status().unwrap().state, State::Failed);
+    for retry_failed in [false, true] {
+        let refused = sweep::sweep(&plan, &SweepOptions { retry_failed, ..opts.clone() }).unwrap();
+        assert_eq!(refused.failed.len(), 1, "retry_failed {retry_failed}");
+        let error = &refused.failed[0].1;
+        assert!(error.contains("no checkpoint to resume from") && error.contains("not retrained"), "{error}");
+        assert_eq!(read("metrics.csv"), metrics);
+        assert_eq!(dir.read_status().unwrap().state, State::Failed);
+    }
+    assert_eq!((read("status.json.damaged"), read("status.json.damaged.2")), (damaged, damaged_again));
 }
 
 #[test]
