@@ -51,7 +51,11 @@ fn status_bytes(field: &str) -> u64 {
 
 /// A model of `cfg` and its optimizer on a new device (dfdx's buffer cache on or off), after one
 /// warm-up step on `first` (which allocates the optimizer's moments and fills the cache).
-fn warmed_up(cfg: &RunConfig, first: &Batch, cache: bool) -> anyhow::Result<(SwitchTransformer<Dev>, OptimizerState)> {
+pub(crate) fn warmed_up(
+    cfg: &RunConfig,
+    first: &Batch,
+    cache: bool,
+) -> anyhow::Result<(SwitchTransformer<Dev>, OptimizerState)> {
     let dev = Dev::default();
     if cache {
         dev.enable_cache();

@@ -1,7 +1,9 @@
 //! `switch-bench products`: the dense model's parameter products by themselves, as the engine
 //! runs them (`param_matmul_fused`, forward and backward, timed by the product clock), on one
 //! batch's encoder tokens of the comparison shape (2 threads) and of the `tiny` preset (1
-//! thread). Each product runs twice a round: once right after the same product ran (its operands
+//! thread), beside the same products in a training step of that preset's dense model (its
+//! product clock over the whole step: the decoder's and the output layer's products too). Each
+//! product runs twice a round: once right after the same product ran (its operands
 //! left in the caches) and once after evicting the caches before the forward and again before
 //! the backward (its operands in memory), beside gemm 0.19's 1024³ matmul measured in the same
 //! round. It tells how much of the gap between a step's products and matmul is their shapes and
@@ -9,17 +11,15 @@
 use crate::engine;
 use dfdx::prelude::*;
 use rayon::prelude::*;
+use std::path::Path;
 use switch_model::kernels::{param_matmul_fused, product_clock, Stacked};
+use switch_runner::config::RunConfig;
+use switch_runner::train::{to_batch, train_step};
 
-/// (preset, threads, tokens, d_model, d_ff) of the two rows `engine` measures dense.
-fn presets() -> anyhow::Result<Vec<(&'static str, usize, usize, usize, usize)>> {
+/// (preset, threads, config) of the two rows `engine` measures dense.
+fn presets() -> anyhow::Result<Vec<(&'static str, usize, RunConfig)>> {
     let recipe = engine::recipe_named("adamw", "f32", "fused_slots")?;
-    let mut rows = Vec::new();
-    for (name, tiny, threads) in [("shape", false, 2), ("tiny", true, 1)] {
-        let c = engine::config(tiny, 1, recipe)?;
-        rows.push((name, threads, c.train.batch_size * c.data.encoder_len, c.model.d_model, c.model.d_ff));
-    }
-    Ok(rows)
+    Ok(vec![("shape", 2, engine::config(false, 1, recipe)?), ("tiny", 1, engine::config(true, 1, recipe)?)])
 }
 
 type Input = Tensor<(usize, usize, usize), f32, Cpu>;
@@ -53,20 +53,26 @@ fn evict_caches(buffer: &[f32]) {
     std::hint::black_box(sum);
 }
 
+/// One round's FLOP/s: the matmul, the products warm and cold, and a training step's products.
+type Round = (f64, f64, f64, f64);
+
 pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
     anyhow::ensure!(rounds >= 1, "--rounds {rounds}: at least 1");
     // Ones, not zeros: a zeroed allocation maps one shared zero page, which reading would not
     // bring through the caches.
     let evict = vec![1f32; evict_mib << 18];
     println!(
-        "the dense parameter products (forward, ∂x, ∂W) by themselves ÷ gemm 0.19's 1024³ matmul measured in the same \
-         round, medians of {rounds} rounds; warm: right after the same product; cold: after reading {evict_mib} MiB on every thread before the forward and again before the backward"
+        "the dense parameter products (forward, ∂x, ∂W) by themselves, and those of a training step, ÷ gemm 0.19's \
+         1024³ matmul measured in the same round, medians of {rounds} rounds; warm: right after the same product; \
+         cold: after reading {evict_mib} MiB on every thread before the forward and again before the backward"
     );
     let (a, b) = engine::square_operands();
-    for (preset, threads, tokens, d, f) in presets()? {
+    for (preset, threads, cfg) in presets()? {
+        let (tokens, d, f) = (cfg.train.batch_size * cfg.data.encoder_len, cfg.model.d_model, cfg.model.d_ff);
+        let data = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
+        let ds = data.values().next().expect("one dataset");
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-        let mut rows = Vec::new(); // per round: (matmul, warm, cold) FLOP/s
-        pool.install(|| {
+        let rows = pool.install(|| -> anyhow::Result<Vec<Round>> {
             let dev = Cpu::default();
             dev.enable_cache();
             let shapes = [(d, d), (d, f), (f, d)].map(|(k, m)| {
@@ -77,7 +83,10 @@ pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
             for (x, w, layout) in &shapes {
                 clocked(x, w, *layout, None); // first use: the buffers into dfdx's cache
             }
-            for _ in 0..rounds {
+            let batch = |s: usize| to_batch(ds.train_batch(0, s as u64, cfg.train.batch_size), &cfg);
+            let (mut model, mut opt) = engine::warmed_up(&cfg, &batch(0), true)?;
+            let mut rows = Vec::new();
+            for round in 1..=rounds {
                 let matmul = engine::engine_matmul_flops_per_s(&a, &b);
                 let (mut warm, mut cold, mut flops) = (0.0, 0.0, 0.0);
                 for (x, w, layout) in &shapes {
@@ -85,19 +94,26 @@ pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
                     (cold, flops) = (cold + s, flops + fl);
                     warm += clocked(x, w, *layout, None).0;
                 }
-                rows.push((matmul, flops / warm, flops / cold));
+                let batch = batch(round);
+                product_clock::set(true);
+                train_step(&mut model, &mut opt, &batch, &cfg, round as u64)?;
+                let (step_s, step_flops) = product_clock::read();
+                product_clock::set(false);
+                rows.push((matmul, flops / warm, flops / cold, step_flops / step_s));
             }
-        });
-        let median =
-            |f: &dyn Fn(&(f64, f64, f64)) -> f64| engine::quantile(&rows.iter().map(f).collect::<Vec<_>>(), 0.5);
+            Ok(rows)
+        })?;
+        let median = |f: &dyn Fn(&Round) -> f64| engine::quantile(&rows.iter().map(f).collect::<Vec<_>>(), 0.5);
         println!(
             "{preset:<6} {threads} thr, {tokens} tokens × d_model {d}, d_ff {f}: matmul {:.0} GFLOP/s; products warm {:.0} \
-             = {:.2} of matmul, cold {:.0} = {:.2}; cold ÷ warm time {:.2}",
+             = {:.2} of matmul, cold {:.0} = {:.2}, in a training step {:.0} = {:.2}; cold ÷ warm time {:.2}",
             median(&|r| r.0) / 1e9,
             median(&|r| r.1) / 1e9,
             median(&|r| r.1 / r.0),
             median(&|r| r.2) / 1e9,
             median(&|r| r.2 / r.0),
+            median(&|r| r.3) / 1e9,
+            median(&|r| r.3 / r.0),
             median(&|r| r.1 / r.2),
         );
     }
