@@ -3,6 +3,7 @@
 //! mark the run, never stop the report.
 use polars::prelude::*;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::Path;
 use switch_rundir::{State, StatusFile};
 
@@ -298,19 +299,21 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
 /// larger id) as superseded by it, so a sweep re-run into a folder that holds runs of earlier
 /// code counts each seed once.
 fn mark_superseded(runs: &mut [Run]) {
-    for i in 0..runs.len() {
-        let newer = runs
-            .iter()
-            .filter(|o| o.config_readable && o.id != runs[i].id && o.group == runs[i].group && o.seed == runs[i].seed)
-            .filter(|o| (o.started_at, &o.id) > (runs[i].started_at, &runs[i].id))
-            .max_by(|a, b| a.started_at.total_cmp(&b.started_at).then(a.id.cmp(&b.id)))
-            .map(|o| o.id.clone());
-        if runs[i].config_readable {
-            if let Some(newer) = newer {
-                let id = runs[i].id.clone();
-                add_problem(runs, &id, format!("superseded by {newer} (the same point and seed, started later); left out of comparisons (remove the folder to drop it)"));
-                runs[i].superseded_by = Some(newer);
-            }
+    // The newest readable run of each point and seed, in one pass (sweeps reach thousands of runs).
+    let mut newest: HashMap<(&str, u64), (f64, &str)> = HashMap::new();
+    for r in runs.iter().filter(|r| r.config_readable) {
+        let latest = newest.entry((r.group.as_str(), r.seed)).or_insert((r.started_at, r.id.as_str()));
+        if r.started_at.total_cmp(&latest.0).then(r.id.as_str().cmp(latest.1)).is_gt() {
+            *latest = (r.started_at, r.id.as_str());
+        }
+    }
+    let newest: HashMap<(String, u64), String> =
+        newest.into_iter().map(|((group, seed), (_, id))| ((group.to_string(), seed), id.to_string())).collect();
+    for r in runs.iter_mut().filter(|r| r.config_readable) {
+        let newer = &newest[&(r.group.clone(), r.seed)];
+        if *newer != r.id {
+            note_problem(r, format!("superseded by {newer} (the same point and seed, started later); left out of comparisons (remove the folder to drop it)"));
+            r.superseded_by = Some(newer.clone());
         }
     }
 }
@@ -318,11 +321,16 @@ fn mark_superseded(runs: &mut [Run]) {
 /// Adds `problem` to the run `id`'s problems.
 fn add_problem(runs: &mut [Run], id: &str, problem: String) {
     if let Some(r) = runs.iter_mut().find(|r| r.id == id) {
-        r.problem = Some(match r.problem.take() {
-            Some(p) => format!("{p}; {problem}"),
-            None => problem,
-        });
+        note_problem(r, problem);
     }
+}
+
+/// Adds `problem` to `r`'s problems.
+fn note_problem(r: &mut Run, problem: String) {
+    r.problem = Some(match r.problem.take() {
+        Some(p) => format!("{p}; {problem}"),
+        None => problem,
+    });
 }
 
 /// Every run's rows of one log (`file`, e.g. `routing.csv`) as one frame; `None` when none has

@@ -765,6 +765,28 @@ fn the_report_says_which_kernels_trained_its_runs() {
 
 /// A sweep re-run into a folder that holds a run of the same point and seed from earlier code
 /// (another run id) counts that seed once: the later run's.
+/// Three runs of one point and seed: the latest start wins, a tie goes to the larger id, and
+/// every other run names that one (not merely a newer one).
+#[test]
+fn the_latest_run_of_a_point_and_seed_supersedes_all_others_ties_by_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("reruns");
+    write_run(&dir, "d0", 1, 0, 100, |s| -3.0 + s / 1000.0, "done");
+    for (id, started) in [("a8", 10.0), ("c8", 30.0), ("b8", 30.0), ("e8", 20.0)] {
+        write_run(&dir, id, 8, 0, 100, |s| -3.0 + s / 500.0, "done");
+        let path = dir.join("runs").join(id).join("status.json");
+        let mut status: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        status["started_at"] = started.into();
+        std::fs::write(&path, status.to_string()).unwrap();
+    }
+    let runs = runs::load(&dir).unwrap();
+    let by = |id: &str| runs.iter().find(|r| r.id == id).unwrap().superseded_by.clone();
+    assert_eq!(
+        [by("a8"), by("b8"), by("c8"), by("e8"), by("d0")],
+        [Some("c8".into()), Some("c8".into()), None, Some("c8".into()), None]
+    );
+}
+
 #[test]
 fn a_run_superseded_by_a_later_one_of_its_point_and_seed_is_left_out() {
     let tmp = tempfile::tempdir().unwrap();
