@@ -53,8 +53,17 @@ fn evict_caches(buffer: &[f32]) {
     std::hint::black_box(sum);
 }
 
-/// One round's FLOP/s: the matmul, the products warm and cold, and a training step's products.
-type Round = (f64, f64, f64, f64);
+/// One round's FLOP/s.
+struct Round {
+    /// gemm 0.19's 1024³ matmul.
+    matmul: f64,
+    /// The products alone, right after the same product ran.
+    warm: f64,
+    /// The products alone, after evicting the caches.
+    cold: f64,
+    /// All products of a training step of the preset's dense model.
+    step: f64,
+}
 
 pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
     anyhow::ensure!(rounds >= 1, "--rounds {rounds}: at least 1");
@@ -66,56 +75,63 @@ pub fn run(rounds: usize, evict_mib: usize) -> anyhow::Result<()> {
          1024³ matmul measured in the same round, medians of {rounds} rounds; warm: right after the same product; \
          cold: after reading {evict_mib} MiB on every thread before the forward and again before the backward"
     );
-    let (a, b) = engine::square_operands();
     for (preset, threads, cfg) in presets()? {
-        let (tokens, d, f) = (cfg.train.batch_size * cfg.data.encoder_len, cfg.model.d_model, cfg.model.d_ff);
-        let data = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
-        let ds = data.values().next().expect("one dataset");
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-        let rows = pool.install(|| -> anyhow::Result<Vec<Round>> {
-            let dev = Cpu::default();
-            dev.enable_cache();
-            let shapes = [(d, d), (d, f), (f, d)].map(|(k, m)| {
-                let x: Input = dev.sample_normal_like(&(1, tokens, k));
-                let w: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(k * m,));
-                (x, w, Stacked { experts: 1, k, m, transposed: false })
-            });
-            for (x, w, layout) in &shapes {
-                clocked(x, w, *layout, None); // first use: the buffers into dfdx's cache
-            }
-            let batch = |s: usize| to_batch(ds.train_batch(0, s as u64, cfg.train.batch_size), &cfg);
-            let (mut model, mut opt) = engine::warmed_up(&cfg, &batch(0), true)?;
-            let mut rows = Vec::new();
-            for round in 1..=rounds {
-                let matmul = engine::engine_matmul_flops_per_s(&a, &b);
-                let (mut warm, mut cold, mut flops) = (0.0, 0.0, 0.0);
-                for (x, w, layout) in &shapes {
-                    let (s, fl) = clocked(x, w, *layout, Some(&evict));
-                    (cold, flops) = (cold + s, flops + fl);
-                    warm += clocked(x, w, *layout, None).0;
-                }
-                let batch = batch(round);
-                product_clock::set(true);
-                train_step(&mut model, &mut opt, &batch, &cfg, round as u64)?;
-                let (step_s, step_flops) = product_clock::read();
-                product_clock::set(false);
-                rows.push((matmul, flops / warm, flops / cold, step_flops / step_s));
-            }
-            Ok(rows)
-        })?;
+        let rows = pool.install(|| measure(&cfg, rounds, &evict))?;
         let median = |f: &dyn Fn(&Round) -> f64| engine::quantile(&rows.iter().map(f).collect::<Vec<_>>(), 0.5);
         println!(
-            "{preset:<6} {threads} thr, {tokens} tokens × d_model {d}, d_ff {f}: matmul {:.0} GFLOP/s; products warm {:.0} \
+            "{preset:<6} {threads} thr, {} tokens × d_model {}, d_ff {}: matmul {:.0} GFLOP/s; products warm {:.0} \
              = {:.2} of matmul, cold {:.0} = {:.2}, in a training step {:.0} = {:.2}; cold ÷ warm time {:.2}",
-            median(&|r| r.0) / 1e9,
-            median(&|r| r.1) / 1e9,
-            median(&|r| r.1 / r.0),
-            median(&|r| r.2) / 1e9,
-            median(&|r| r.2 / r.0),
-            median(&|r| r.3) / 1e9,
-            median(&|r| r.3 / r.0),
-            median(&|r| r.1 / r.2),
+            cfg.train.batch_size * cfg.data.encoder_len,
+            cfg.model.d_model,
+            cfg.model.d_ff,
+            median(&|r| r.matmul) / 1e9,
+            median(&|r| r.warm) / 1e9,
+            median(&|r| r.warm / r.matmul),
+            median(&|r| r.cold) / 1e9,
+            median(&|r| r.cold / r.matmul),
+            median(&|r| r.step) / 1e9,
+            median(&|r| r.step / r.matmul),
+            median(&|r| r.warm / r.cold),
         );
     }
     Ok(())
+}
+
+/// `rounds` rounds of `cfg`'s dense products on the current pool: the matmul, the products alone
+/// cold and warm, then a training step.
+fn measure(cfg: &RunConfig, rounds: usize, evict: &[f32]) -> anyhow::Result<Vec<Round>> {
+    let (tokens, d, f) = (cfg.train.batch_size * cfg.data.encoder_len, cfg.model.d_model, cfg.model.d_ff);
+    let data = switch_runner::sweep::datasets(&[&cfg.data], Path::new("results"))?;
+    let ds = data.values().next().expect("one dataset");
+    let (a, b) = engine::square_operands();
+    let dev = Cpu::default();
+    dev.enable_cache();
+    let shapes = [(d, d), (d, f), (f, d)].map(|(k, m)| {
+        let x: Input = dev.sample_normal_like(&(1, tokens, k));
+        let w: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(k * m,));
+        (x, w, Stacked { experts: 1, k, m, transposed: false })
+    });
+    for (x, w, layout) in &shapes {
+        clocked(x, w, *layout, None); // first use: the buffers into dfdx's cache
+    }
+    let batch = |s: usize| to_batch(ds.train_batch(0, s as u64, cfg.train.batch_size), cfg);
+    let (mut model, mut opt) = engine::warmed_up(cfg, &batch(0), true)?;
+    let mut rows = Vec::new();
+    for round in 1..=rounds {
+        let matmul = engine::engine_matmul_flops_per_s(&a, &b);
+        let (mut warm, mut cold, mut flops) = (0.0, 0.0, 0.0);
+        for (x, w, layout) in &shapes {
+            let (s, fl) = clocked(x, w, *layout, Some(evict));
+            (cold, flops) = (cold + s, flops + fl);
+            warm += clocked(x, w, *layout, None).0;
+        }
+        let batch = batch(round);
+        product_clock::set(true);
+        train_step(&mut model, &mut opt, &batch, cfg, round as u64)?;
+        let (step_s, step_flops) = product_clock::read();
+        product_clock::set(false);
+        rows.push(Round { matmul, warm: flops / warm, cold: flops / cold, step: step_flops / step_s });
+    }
+    Ok(rows)
 }
