@@ -300,21 +300,25 @@ fn run_from_folder(dir: &Path, id: String) -> Run {
 /// code counts each seed once.
 fn mark_superseded(runs: &mut [Run]) {
     // The newest readable run of each point and seed, in one pass (sweeps reach thousands of runs).
-    let mut newest: HashMap<(&str, u64), (f64, &str)> = HashMap::new();
+    let mut newest: HashMap<(&str, u64), &Run> = HashMap::new();
     for r in runs.iter().filter(|r| r.config_readable) {
-        let latest = newest.entry((r.group.as_str(), r.seed)).or_insert((r.started_at, r.id.as_str()));
-        if r.started_at.total_cmp(&latest.0).then(r.id.as_str().cmp(latest.1)).is_gt() {
-            *latest = (r.started_at, r.id.as_str());
+        let latest = newest.entry((r.group.as_str(), r.seed)).or_insert(r);
+        if r.started_at.total_cmp(&latest.started_at).then(r.id.cmp(&latest.id)).is_gt() {
+            *latest = r;
         }
     }
-    let newest: HashMap<(String, u64), String> =
-        newest.into_iter().map(|((group, seed), (_, id))| ((group.to_string(), seed), id.to_string())).collect();
-    for r in runs.iter_mut().filter(|r| r.config_readable) {
-        let newer = &newest[&(r.group.clone(), r.seed)];
-        if *newer != r.id {
-            note_problem(r, format!("superseded by {newer} (the same point and seed, started later); left out of comparisons (remove the folder to drop it)"));
-            r.superseded_by = Some(newer.clone());
-        }
+    let superseded: Vec<(usize, String)> = runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.config_readable)
+        .filter_map(|(i, r)| {
+            let newer = &newest[&(r.group.as_str(), r.seed)].id;
+            (*newer != r.id).then(|| (i, newer.clone()))
+        })
+        .collect();
+    for (i, newer) in superseded {
+        note_problem(&mut runs[i], format!("superseded by {newer} (the same point and seed, started later); left out of comparisons (remove the folder to drop it)"));
+        runs[i].superseded_by = Some(newer);
     }
 }
 
@@ -390,7 +394,6 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
         f64s(&evals, "eval_neg_log_perplexity")?,
         f64s(&evals, "drop_fraction")?,
     );
-    let mut impossible: Vec<(String, f64, f64)> = Vec::new();
     for i in 0..ids.len() {
         let Some(r) = runs.iter_mut().find(|r| r.id == ids[i]) else { continue };
         if let (Some(step), Some(q)) = (steps[i], nlp[i]) {
@@ -402,7 +405,7 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
             }
             // A perplexity is at least 1: a positive neg log perplexity was not written by a run.
             if q > 0.0 {
-                impossible.push((r.id.clone(), step, q));
+                note_problem(r, format!("metrics.csv: the evaluation at step {step} reads eval_neg_log_perplexity {q:e}, impossible (a perplexity is at least 1, so it is ≤ 0): the file is damaged and that evaluation is left out"));
                 continue;
             }
             r.curve.push(EvalPoint {
@@ -413,9 +416,6 @@ fn attach_metrics(runs: &mut [Run], all: DataFrame) -> anyhow::Result<()> {
                 drop_fraction: drops[i].unwrap_or(0.0),
             });
         }
-    }
-    for (id, step, q) in impossible {
-        add_problem(runs, &id, format!("metrics.csv: the evaluation at step {step} reads eval_neg_log_perplexity {q:e}, impossible (a perplexity is at least 1, so it is ≤ 0): the file is damaged and that evaluation is left out"));
     }
     // Every row logs these: an empty one is a cell that did not parse as a number.
     let logged = ["step", "tokens", "wall_s", "lr", "train_loss"];
@@ -494,13 +494,9 @@ pub fn load(sweep_dir: &Path) -> anyhow::Result<Vec<Run>> {
         }
     }
     // A done run evaluates at its last step; a log that stops short was cut after the run ended.
-    let cut_short: Vec<(String, f64, u64)> = runs
-        .iter()
-        .filter(|r| r.state == Some(State::Done) && !r.finished())
-        .filter_map(|r| Some((r.id.clone(), r.curve.last()?.step, r.steps_total)))
-        .collect();
-    for (id, step, total) in cut_short {
-        add_problem(&mut runs, &id, format!("done, but metrics.csv has no usable evaluation at its last step ({total}), which every finished run logs: the file was damaged or cut short after the run finished (restore it); the tables mark the run unfinished and use step {step}'s evaluation"));
+    for r in runs.iter_mut().filter(|r| r.state == Some(State::Done) && !r.finished()) {
+        let (Some(step), total) = (r.curve.last().map(|p| p.step), r.steps_total) else { continue };
+        note_problem(r, format!("done, but metrics.csv has no usable evaluation at its last step ({total}), which every finished run logs: the file was damaged or cut short after the run finished (restore it); the tables mark the run unfinished and use step {step}'s evaluation"));
     }
     mark_superseded(&mut runs);
     runs.sort_by(|a, b| {

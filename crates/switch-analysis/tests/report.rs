@@ -274,12 +274,12 @@ fn quality_vs_step_is_framed_after_the_first_evaluation_and_kept_in_full() {
     assert!(md.contains("(quality_vs_step_full.png)"));
 }
 
-/// Sets `model.<key>` in a synthetic run's resolved config (adding it when absent).
 /// The Markdown report of `dir` with the default options, written and read back.
 fn report_md(dir: &Path) -> String {
     std::fs::read_to_string(report(dir, &ReportOptions { threshold: None, at_step: None }).unwrap()).unwrap()
 }
 
+/// Sets `model.<key>` in a synthetic run's resolved config (adding it when absent).
 fn set_model(dir: &Path, id: &str, key: &str, value: &str) {
     let path = dir.join("runs").join(id).join("config.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -763,8 +763,6 @@ fn the_report_says_which_kernels_trained_its_runs() {
     assert!(md.contains("**Engine:** kernels `fused_slots` in every run"), "{md}");
 }
 
-/// A sweep re-run into a folder that holds a run of the same point and seed from earlier code
-/// (another run id) counts that seed once: the later run's.
 /// Three runs of one point and seed: the latest start wins, a tie goes to the larger id, and
 /// every other run names that one (not merely a newer one).
 #[test]
@@ -787,6 +785,8 @@ fn the_latest_run_of_a_point_and_seed_supersedes_all_others_ties_by_id() {
     );
 }
 
+/// A sweep re-run into a folder that holds a run of the same point and seed from earlier code
+/// (another run id) counts that seed once: the later run's.
 #[test]
 fn a_run_superseded_by_a_later_one_of_its_point_and_seed_is_left_out() {
     let tmp = tempfile::tempdir().unwrap();
