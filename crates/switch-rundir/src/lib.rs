@@ -195,7 +195,7 @@ pub enum StatusFile {
 #[derive(Debug, Default, PartialEq)]
 pub struct Triage {
     /// New, running, interrupted (resumable) or with a damaged `status.json` (resumed from the
-    /// checkpoint, the damaged file set aside): to train.
+    /// checkpoint; writing its new status sets the damaged file aside): to train.
     pub pending: Vec<String>,
     pub done: Vec<String>,
     /// Failed and not retried.
@@ -258,11 +258,9 @@ impl RunDir {
     }
 
     /// Renames a damaged `status.json` to `status.json.damaged` (`.damaged.2`, `.3`, … when that
-    /// name is taken), so that resuming the run writes a new one without losing the old bytes;
-    /// returns what was wrong with it (`None`: nothing was moved). Every writer of a status calls
-    /// this first.
-    pub fn set_aside_damaged_status(&self) -> std::io::Result<Option<String>> {
-        let StatusFile::Damaged(problem) = self.status_file() else { return Ok(None) };
+    /// name is taken), so that a new status is written without losing the old bytes.
+    fn set_aside_damaged_status(&self) -> std::io::Result<()> {
+        let StatusFile::Damaged(problem) = self.status_file() else { return Ok(()) };
         let from = self.path.join("status.json");
         let to = (1..)
             .map(|n| {
@@ -272,8 +270,7 @@ impl RunDir {
             .expect("a free name");
         std::fs::rename(&from, &to).map_err(|e| {
             std::io::Error::new(e.kind(), format!("{problem}; renaming it to {} failed ({e})", to.display()))
-        })?;
-        Ok(Some(problem))
+        })
     }
 
     /// Whether a damaged `status.json` of this run was ever set aside: its state before then is
@@ -295,7 +292,9 @@ impl RunDir {
         Some(modified.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())
     }
 
+    /// Writes `status.json`; a damaged one is set aside first, never written over.
     pub fn write_status(&self, s: &Status) -> std::io::Result<()> {
+        self.set_aside_damaged_status()?;
         write_atomic(&self.path.join("status.json"), serde_json::to_string_pretty(s).expect("serializable").as_bytes())
     }
 

@@ -143,10 +143,6 @@ pub const MAX_THREADS_PER_CORE: usize = 4;
 /// Trains one run in its folder (created here), recording failure in `status.json`.
 pub fn run_one(run: &RunFile, ds: &Dataset, dir: &RunDir, progress: train::Progress) -> Result<Outcome> {
     dir.create(&run.yaml())?;
-    // Before anything can write a status over it (the failure path below included).
-    if let Some(problem) = dir.set_aside_damaged_status()? {
-        tracing::warn!("{problem}: set aside as status.json.damaged; the run resumes from its checkpoint");
-    }
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         train::train(&run.config, ds, dir, stop_flag(), progress)
     }));

@@ -8,7 +8,7 @@
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::optim::sum_of_squares;
-use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status};
+use crate::rundir::{self, MetricsRow, RoutingRow, RunDir, State, Status, StatusFile};
 use dfdx::prelude::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -246,9 +246,13 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
     let mut opt = optimizer_for(cfg, &mut model);
-    if let Some(problem) = dir.set_aside_damaged_status()? {
-        tracing::warn!("{problem}: set aside as status.json.damaged; the run resumes from its checkpoint");
-    }
+    let damaged = match dir.status_file() {
+        StatusFile::Damaged(problem) => {
+            tracing::warn!("{problem}: kept as status.json.damaged; the run resumes from its checkpoint");
+            true
+        }
+        StatusFile::Missing | StatusFile::Readable(_) => dir.had_damaged_status(),
+    };
     let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
     let checkpoint = load_checkpoint(dir, &mut model, &mut opt).map_err(|e| {
         Error::Training(format!(
@@ -262,9 +266,9 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     // Starting over truncates the logs. Where the status was damaged, whether the run had
     // finished is unknown: keep its logs rather than train it again.
     let logged = dir.logged_rows();
-    if checkpoint.is_none() && logged > 0 && dir.had_damaged_status() {
+    if checkpoint.is_none() && logged > 0 && damaged {
         return Err(Error::Training(format!(
-            "{}: its status.json was damaged (set aside as status.json.damaged) and there is no checkpoint to resume from, so whether it finished is unknown: its {logged} logged rows are kept and it is not retrained. To keep the run, write its state back into status.json; to retrain it, delete the folder",
+            "{}: its status.json was damaged (kept as status.json.damaged) and there is no checkpoint to resume from, so whether it finished is unknown: its {logged} logged rows are kept and it is not retrained. To keep the run, write its state back into status.json; to retrain it, delete the folder",
             dir.path.display()
         )));
     }

@@ -223,7 +223,6 @@ fn check_run_memory(config: &Path, run: &RunFile) -> anyhow::Result<()> {
         limit.source
     );
     let dir = RunDir::new(config.parent().unwrap_or(Path::new(".")));
-    dir.set_aside_damaged_status()?; // its bytes kept, not written over
     let mut status = dir.read_status().unwrap_or_else(|| run.config.new_status());
     (status.state, status.error, status.finished_at) = (State::Failed, Some(msg.clone()), Some(rundir::now()));
     dir.write_status(&status)?;
