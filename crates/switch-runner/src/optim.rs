@@ -222,11 +222,11 @@ fn chunked_sum<T: Sync>(x: &[T], chunk: usize, f: impl Fn(&[T]) -> f64 + Sync) -
     parts.iter().sum()
 }
 
-/// Σ x² in f64 (a gradient's share of the global norm, a weight's RMS): chunks of [`CHUNK`]
-/// floats, each summed in eight interleaved lanes ([`lane_sum`]), the chunks' sums added in order,
-/// on the run's threads. A chunk's lanes are eight chains of dependent additions, which keep a
-/// core waiting on their latency, so whole chunks are summed [`CHUNKS_AT_ONCE`] side by side:
-/// more chains in flight, each with the same additions in the same order (the same bits).
+/// Σ x² in f64 (a gradient's share of the global norm, a weight's RMS): chunks of 2¹⁵ floats,
+/// each summed in eight interleaved lanes, the chunks' sums added in order, on the run's threads.
+/// A chunk's lanes are eight chains of dependent additions, which keep a core waiting on their
+/// latency, so whole chunks are summed four side by side: more chains in flight, each with the
+/// same additions in the same order (the same bits).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
     let square = |v: f32, _| (v as f64) * (v as f64);
     let sums = |x: &[f32]| -> Vec<f64> {
