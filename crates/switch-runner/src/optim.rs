@@ -222,46 +222,11 @@ fn chunked_sum<T: Sync>(x: &[T], chunk: usize, f: impl Fn(&[T]) -> f64 + Sync) -
     parts.iter().sum()
 }
 
-/// Σ x² in f64 (a gradient's share of the global norm, a weight's RMS): chunks of 2¹⁵ floats,
-/// each summed in eight interleaved lanes, the chunks' sums added in order, on the run's threads.
-/// A chunk's lanes are eight chains of dependent additions, which keep a core waiting on their
-/// latency, so whole chunks are summed four side by side: more chains in flight, each with the
-/// same additions in the same order (the same bits).
+/// Σ x² in f64 (a gradient's share of the global norm, a weight's RMS): `chunked_sum` of
+/// chunks summed in eight interleaved lanes, which the compiler vectorises (one running sum would
+/// wait on every addition).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    let square = |v: f32, _| (v as f64) * (v as f64);
-    let sums = |x: &[f32]| -> Vec<f64> {
-        let whole: Vec<&[f32; CHUNK]> = x.chunks_exact(CHUNK).filter_map(|c| c.try_into().ok()).collect();
-        match <[&[f32; CHUNK]; CHUNKS_AT_ONCE]>::try_from(whole) {
-            Ok(chunks) => wide!(|| squares_side_by_side(chunks)).to_vec(),
-            Err(_) => x.chunks(CHUNK).map(|c| wide!(|| lane_sum(c, c, square))).collect(),
-        }
-    };
-    let group = CHUNK * CHUNKS_AT_ONCE;
-    let parts: Vec<f64> = if rayon::current_num_threads() > 1 && x.len() > CHUNK {
-        x.par_chunks(group).flat_map_iter(sums).collect()
-    } else {
-        x.chunks(group).flat_map(sums).collect()
-    };
-    parts.iter().sum()
-}
-
-/// Whole chunks summed side by side in [`sum_of_squares`].
-const CHUNKS_AT_ONCE: usize = 4;
-
-/// [`lane_sum`] of x² over each of [`CHUNKS_AT_ONCE`] whole chunks, their lanes advanced together.
-/// A chunk's length is a multiple of 8, so it has no tail (`lane_sum` adds an empty tail's sum, a
-/// zero, which leaves a sum of squares' bits as they are).
-#[inline(always)]
-fn squares_side_by_side(chunks: [&[f32; CHUNK]; CHUNKS_AT_ONCE]) -> [f64; CHUNKS_AT_ONCE] {
-    let mut lanes = [[0f64; 8]; CHUNKS_AT_ONCE];
-    for i in (0..CHUNK).step_by(8) {
-        for (lanes, x) in lanes.iter_mut().zip(chunks) {
-            for (lane, &v) in lanes.iter_mut().zip(&x[i..i + 8]) {
-                *lane += (v as f64) * (v as f64);
-            }
-        }
-    }
-    lanes.map(|l| l.iter().sum())
+    chunked_sum(x, CHUNK, |x| wide!(|| lane_sum(x, x, |v, _| (v as f64) * (v as f64))))
 }
 
 /// Σ term(a[i], b[i]) in f64, in eight interleaved partial sums (the rest of the last eight

@@ -369,9 +369,8 @@ fn optimizer_steps_and_the_gradient_norm_keep_their_bits_on_any_number_of_thread
 /// test crate compiles for baseline x86-64.
 #[test]
 fn wide_loops_keep_every_bit() {
-    // Σg² in f64: chunks of 2¹⁵ summed in order, each in eight interleaved lanes plus its tail.
-    // Nine whole chunks and a part, so the sum's groups of four chunks summed side by side, the
-    // whole chunk after them and the tail all count; on 1, 2 and 3 threads.
+    // Σg² in f64: chunks of 2¹⁵ summed in order, each in eight interleaved lanes plus its tail;
+    // nine whole chunks and a part, on 1, 2 and 3 threads.
     let n = 9 * (1 << 15) + 1003;
     let g: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 0.01).collect();
     let reference: f64 = g
@@ -387,10 +386,10 @@ fn wide_loops_keep_every_bit() {
             lanes.iter().sum::<f64>() + tail
         })
         .sum();
-    // Sums whose order shows in their bits: 1 + b + b rounds to 1 + 2u (u = 2⁻⁵², b = 0.5625u),
-    // b + b + 1 to 1 + u. Each places 1 and two b's (as the squares of 1 and 1.5·2⁻²⁷) where a sum
-    // in the wrong order would add the b's first: chunks of one group (the side-by-side sums'
-    // order), lanes of one chunk, and chunks of three groups and the tail (the groups' order).
+    // Sums whose order shows in their bits (the data above cannot tell orders apart): 1 + b + b
+    // rounds to 1 + 2u (u = 2⁻⁵², b = 0.5625u), b + b + 1 to 1 + u. Each places 1 and two b's (the
+    // squares of 1 and 1.5·2⁻²⁷) where a sum in reverse order would add the b's first: in three
+    // chunks, in three lanes of one chunk, and in chunks far apart and the tail (the threads' parts).
     let xb = 1.5 * 2f32.powi(-27);
     let with = |at: [usize; 3]| {
         let mut x = vec![0f32; n];
@@ -399,9 +398,9 @@ fn wide_loops_keep_every_bit() {
     };
     let (u, chunk) = (2f64.powi(-52), 1 << 15);
     let ordered = [
-        (with([0, chunk, 2 * chunk]), "the chunks of a group"),
+        (with([0, chunk, 2 * chunk]), "the chunks"),
         (with([0, 1, 2]), "a chunk's lanes"),
-        (with([chunk, 5 * chunk, 9 * chunk + 1001]), "the groups and the tail"),
+        (with([chunk, 5 * chunk, 9 * chunk + 1001]), "the threads' parts and the tail"),
     ];
     for threads in 1..=3 {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
