@@ -100,17 +100,34 @@ fn cpu_to(g: &Group, threshold: f64) -> Option<f64> {
     stats::first_crossing(&g.mean_points(), threshold).and_then(|step| g.mean_cpu_at(step))
 }
 
-fn sooner(s: &Sweep, point: &Selector, than: &Selector) -> Result<(Verdict, String), String> {
+fn sooner(s: &Sweep, point: &Selector, than: &Selector, by: Option<f64>) -> Result<(Verdict, String), String> {
     let (g, o) = (one(s, point, "point")?, one(s, than, "than")?);
     let t = s.threshold.ok_or("no threshold (no baseline curve)")?;
+    let crossing = |g: &Group| stats::first_crossing(&g.mean_points(), t);
     let (a, b) = (cpu_to(g, t), cpu_to(o, t));
     let fmt = |v: Option<f64>| v.map_or("not reached".into(), |v| format!("{v:.1} CPU s"));
-    let evidence = format!("to {t:.3}: {} {}, {} {}", g.label(), fmt(a), o.label(), fmt(b));
-    let holds = match (a, b) {
+    let mut evidence = format!("to {t:.3}: {} {}, {} {}", g.label(), fmt(a), o.label(), fmt(b));
+    let mut holds = match (a, b) {
         (Some(a), Some(b)) => a < b,
         (Some(_), None) => true,
         _ => false,
     };
+    // The margin over the timing noise: each seed's CPU seconds to the two crossing steps.
+    if let (Some(by), Some(sg), Some(so)) = (by, crossing(g), crossing(o)) {
+        let d = g.paired_cpu_savings(sg, o, so);
+        if d.len() < 2 {
+            return Err(format!("{} paired run time(s) to {t:.3}; needs 2 seeds", d.len()));
+        }
+        let (m, sd) = stats::mean_std(&d);
+        let stds = if sd > 0.0 { m / sd } else { f64::INFINITY };
+        holds = holds && stds > by;
+        write!(
+            evidence,
+            "; paired saving {m:+.1} ± {sd:.1} CPU s over {} seeds = {stds:.1} std (needs > {by})",
+            d.len()
+        )
+        .expect("a String");
+    }
     Ok((if holds { Verdict::Holds } else { Verdict::Fails }, evidence))
 }
 
@@ -137,7 +154,7 @@ pub(crate) fn judge<'c>(s: &Sweep, claims: &'c [Claim]) -> Vec<Judged<'c>> {
             let result = match &claim.test {
                 ClaimTest::Beats(b) => beats(s, &b.point, b.over.as_ref(), b.by_paired_std),
                 ClaimTest::ImprovesWith(w) => improves_with(s, &w.key, &w.among, w.from.as_ref()),
-                ClaimTest::Sooner(x) => sooner(s, &x.point, &x.than),
+                ClaimTest::Sooner(x) => sooner(s, &x.point, &x.than, x.by_paired_std),
                 ClaimTest::StepSpeedup(x) => step_speedup(s, &x.point, x.at_least),
             };
             match result {

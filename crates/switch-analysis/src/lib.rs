@@ -41,12 +41,14 @@ impl Group<'_> {
     /// The seeds' mean CPU seconds (of each run's own threads) at `step`, interpolated between
     /// evaluations.
     fn mean_cpu_at(&self, step: f64) -> Option<f64> {
-        let cpus: Option<Vec<f64>> = self
-            .evaluated()
-            .iter()
-            .map(|r| stats::interpolate(&r.curve.iter().map(|p| (p.step, p.cpu_s)).collect::<Vec<_>>(), step))
-            .collect();
+        let cpus: Option<Vec<f64>> = self.evaluated().iter().map(|r| r.cpu_at(step)).collect();
         cpus.filter(|w| !w.is_empty()).map(|w| stats::mean_std(&w).0)
+    }
+    /// CPU seconds `than`'s run takes to `than_step` minus this group's run to `step`, seed by
+    /// seed, over the seeds both have evaluated that far.
+    fn paired_cpu_savings(&self, step: f64, than: &Group, than_step: f64) -> Vec<f64> {
+        let than_cpu = |seed| than.evaluated().iter().find(|r| r.seed == seed).and_then(|r| r.cpu_at(than_step));
+        self.evaluated().iter().filter_map(|r| Some(than_cpu(r.seed)? - r.cpu_at(step)?)).collect()
     }
     /// Seed-mean quality against the seeds' mean CPU seconds, with the quality's std.
     pub fn mean_cpu_curve(&self) -> Vec<(f64, f64, f64)> {

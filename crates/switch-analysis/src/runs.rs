@@ -123,6 +123,10 @@ impl Run {
     pub fn nlp_curve(&self) -> Vec<(f64, f64)> {
         self.curve.iter().map(|p| (p.step, p.neg_log_perplexity)).collect()
     }
+    /// CPU seconds at `step`, interpolated between evaluations (`None` outside them).
+    pub fn cpu_at(&self, step: f64) -> Option<f64> {
+        crate::stats::interpolate(&self.curve.iter().map(|p| (p.step, p.cpu_s)).collect::<Vec<_>>(), step)
+    }
     /// `(CPU seconds, quality)` at each evaluation.
     pub fn cpu_curve(&self) -> Vec<(f64, f64)> {
         self.curve.iter().map(|p| (p.cpu_s, p.neg_log_perplexity)).collect()

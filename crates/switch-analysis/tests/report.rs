@@ -524,6 +524,65 @@ claims:
     assert!(table.contains("paired gain +0.301 ± 0.001 over 3 seeds"), "{table}");
 }
 
+/// Multiplies the `cpu_s` column of a run's `metrics.csv` by `factor` (a slower or faster
+/// machine for that run alone).
+fn scale_cpu(dir: &Path, id: &str, factor: f64) {
+    let path = dir.join("runs").join(id).join("metrics.csv");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let col = header.split(',').position(|c| c == "cpu_s").unwrap();
+    let rows = lines.map(|l| {
+        let mut cells: Vec<String> = l.split(',').map(String::from).collect();
+        cells[col] = (cells[col].parse::<f64>().unwrap() * factor).to_string();
+        cells.join(",")
+    });
+    std::fs::write(&path, std::iter::once(header.to_string()).chain(rows).collect::<Vec<_>>().join("\n") + "\n")
+        .unwrap();
+}
+
+#[test]
+fn a_time_claim_with_a_margin_asks_the_saving_to_beat_the_timing_noise_between_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("timing");
+    // As in the claims test: dense ends at −1.99 (seed mean), the threshold. Switch-4 reaches it
+    // at step ≈ 833, Switch-2 and Switch-8 at ≈ 909 and ≈ 769; CPU seconds are step ÷ 20.
+    for seed in 0..3u64 {
+        let noise = seed as f64 * 0.01;
+        write_run(&dir, &format!("d{seed}"), 1, seed, 1000, move |s| -3.0 + s / 1000.0 + noise, "done");
+        for e in [2u64, 4, 8] {
+            let gain = 0.1 * (e as f64).log2();
+            let nlp = move |s: f64| -3.0 + s / 1000.0 + noise + gain * s / 1000.0;
+            write_run(&dir, &format!("s{e}x{seed}"), e, seed, 1000, nlp, "done");
+        }
+    }
+    // Switch-4's runs on machines 30% slower and 20% faster than the others' for two of its seeds:
+    // it still wins on the seeds' mean (43.1 against 45.5 CPU s), but not seed by seed.
+    scale_cpu(&dir, "s4x1", 1.3);
+    scale_cpu(&dir, "s4x2", 0.8);
+    let claims = r#"
+claims:
+  - says: Switch-4 sooner than Switch-2
+    sooner: {point: {model.num_experts: 4}, than: {model.num_experts: 2}}
+  - says: Switch-4 sooner than Switch-2 beyond the noise
+    sooner: {point: {model.num_experts: 4}, than: {model.num_experts: 2}, by_paired_std: 2}
+  - says: Switch-8 sooner than Switch-2 beyond the noise
+    sooner: {point: {model.num_experts: 8}, than: {model.num_experts: 2}, by_paired_std: 2}
+"#;
+    std::fs::write(dir.join("grid.yaml"), format!("name: timing\n{claims}")).unwrap();
+    let md = report_md(&dir);
+    let table = md.split("## Claims").nth(1).unwrap().split("\n## ").next().unwrap();
+    let row =
+        |says: &str| table.lines().find(|l| l.starts_with(&format!("| {says} |"))).unwrap_or_else(|| panic!("{table}"));
+    assert!(row("Switch-4 sooner than Switch-2").contains("**holds**"), "{table}");
+    let noisy = row("Switch-4 sooner than Switch-2 beyond the noise");
+    assert!(noisy.contains("**fails**") && noisy.contains("over 3 seeds") && noisy.contains("(needs > 2)"), "{table}");
+    // Seed by seed: (909 − 833) ÷ 20 ≈ +3.8, 45.5 − 1.3 × 41.7 ≈ −8.7 and 45.5 − 0.8 × 41.7 ≈ +12.2.
+    assert!(noisy.contains("paired saving +2.4 ± 10.5 CPU s"), "{noisy}");
+    let clean = row("Switch-8 sooner than Switch-2 beyond the noise");
+    assert!(clean.contains("**holds**") && clean.contains("± 0.0 CPU s"), "{clean}");
+}
+
 #[test]
 fn a_sweep_with_a_diverged_run_reports_in_bounded_time_and_marks_it() {
     let tmp = tempfile::tempdir().unwrap();

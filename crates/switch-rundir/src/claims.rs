@@ -10,6 +10,8 @@
 //!     improves_with: {key: model.num_experts, among: {model.router_init_scale: 10.0}}
 //!   - says: capacity factor 1.25 reaches dense quality sooner than 2.0 (CPU time)
 //!     sooner: {point: {model.capacity_factor: 1.25}, than: {model.capacity_factor: 2.0}}
+//!   - says: the same, by more than the timing noise between seeds
+//!     sooner: {point: {model.capacity_factor: 1.25}, than: {model.capacity_factor: 2.0}, by_paired_std: 2}
 //!   - says: Switch-64 reaches dense quality at least 2× sooner in steps
 //!     step_speedup: {point: {model.num_experts: 64}, at_least: 2.0}
 //! ```
@@ -52,7 +54,8 @@ pub enum ClaimTest {
     /// end above the one before on the test split (seed means).
     ImprovesWith(ImprovesWith),
     /// `point` reaches the baseline's final validation quality in fewer CPU seconds than `than`
-    /// (seed-mean curves; a run that never reaches it is slowest).
+    /// (seed-mean curves; a run that never reaches it is slowest). With `by_paired_std`, the CPU
+    /// seconds saved must also exceed that many standard deviations of the per-seed savings.
     Sooner(Sooner),
     /// `point` reaches the baseline's final validation quality at least `at_least` × sooner in
     /// steps than the baseline (the paper's "7.5× step speedup").
@@ -87,6 +90,10 @@ pub struct ImprovesWith {
 pub struct Sooner {
     pub point: Selector,
     pub than: Selector,
+    /// The margin in standard deviations of the per-seed CPU seconds saved (each seed's run timed
+    /// at the step where its point's seed-mean curve reaches the threshold); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_paired_std: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,6 +126,9 @@ impl Claim {
         match &self.test {
             ClaimTest::Beats(b) if !(b.by_paired_std.is_finite() && b.by_paired_std >= 0.0) => {
                 vec![format!("beats.by_paired_std = {}: use a number ≥ 0, e.g. 2", b.by_paired_std)]
+            }
+            ClaimTest::Sooner(Sooner { by_paired_std: Some(k), .. }) if !(k.is_finite() && *k >= 0.0) => {
+                vec![format!("sooner.by_paired_std = {k}: use a number ≥ 0, e.g. 2")]
             }
             ClaimTest::StepSpeedup(s) if !(s.at_least.is_finite() && s.at_least > 0.0) => {
                 vec![format!("step_speedup.at_least = {}: use a number > 0, e.g. 2", s.at_least)]
@@ -157,5 +167,22 @@ mod tests {
         assert!(selector_matches(&point, &unset));
         let typo = "- says: x\n  beats: {pont: {model.num_experts: 8}}\n";
         assert!(serde_saphyr::from_str::<Vec<Claim>>(typo).is_err(), "an unknown field is refused");
+    }
+
+    #[test]
+    fn a_time_claims_margin_is_optional_and_must_be_a_number_at_least_zero() {
+        let sooner = |margin: &str| -> Claim {
+            let yaml = format!("says: x\nsooner: {{point: {{a: 1}}, than: {{a: 2}}{margin}}}\n");
+            serde_saphyr::from_str(&yaml).unwrap()
+        };
+        let margin = |c: &Claim| match &c.test {
+            ClaimTest::Sooner(s) => s.by_paired_std,
+            other => panic!("{other:?}"),
+        };
+        let (plain, two) = (sooner(""), sooner(", by_paired_std: 2"));
+        assert_eq!((margin(&plain), margin(&two)), (None, Some(2.0)));
+        assert!(plain.problems().is_empty() && two.problems().is_empty());
+        assert!(!serde_json::to_string(&plain).unwrap().contains("by_paired_std"), "written as it was read");
+        assert_eq!(sooner(", by_paired_std: -1").problems(), ["sooner.by_paired_std = -1: use a number ≥ 0, e.g. 2"]);
     }
 }
