@@ -468,28 +468,26 @@ fn a_router_only_setting_is_measured_against_the_ceiling_without_it() {
     );
 }
 
+/// Three paired seeds of dense and Switch-2, -4 and -8, done after 1000 steps: dense
+/// −3 + s/1000 + seed·0.01; Switch-E gains 0.1·log₂E + seed·`seed_gain` (test = final − 0.02 for
+/// every run, so paired test gains equal the final ones).
+fn write_paired_runs(dir: &Path, seed_gain: f64) {
+    for seed in 0..3u64 {
+        let noise = seed as f64 * 0.01;
+        write_run(dir, &format!("d{seed}"), 1, seed, 1000, move |s| -3.0 + s / 1000.0 + noise, "done");
+        for e in [2u64, 4, 8] {
+            let gain = 0.1 * (e as f64).log2() + seed as f64 * seed_gain;
+            let nlp = move |s: f64| -3.0 + s / 1000.0 + noise + gain * s / 1000.0;
+            write_run(dir, &format!("s{e}x{seed}"), e, seed, 1000, nlp, "done");
+        }
+    }
+}
+
 #[test]
 fn a_report_of_a_grid_with_claims_prints_each_verdict() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("claims");
-    // Three paired seeds: dense −3 + s/1000 + seed·0.01; Switch-E gains 0.1·log₂E + seed·0.001
-    // (test = final − 0.02 for every run, so paired test gains equal the final ones).
-    for seed in 0..3u64 {
-        let noise = seed as f64 * 0.01;
-        write_run(&dir, &format!("d{seed}"), 1, seed, 1000, move |s| -3.0 + s / 1000.0 + noise, "done");
-        for e in [2u64, 4, 8] {
-            let gain = 0.1 * (e as f64).log2() + seed as f64 * 0.001;
-            write_run(
-                &dir,
-                &format!("s{e}x{seed}"),
-                e,
-                seed,
-                1000,
-                move |s| -3.0 + s / 1000.0 + noise + gain * s / 1000.0,
-                "done",
-            );
-        }
-    }
+    write_paired_runs(&dir, 0.001);
     let claims = r#"
 claims:
   - says: more experts, better
@@ -545,17 +543,9 @@ fn scale_cpu(dir: &Path, id: &str, factor: f64) {
 fn a_time_claim_with_a_margin_asks_the_saving_to_beat_the_timing_noise_between_seeds() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("timing");
-    // As in the claims test: dense ends at −1.99 (seed mean), the threshold. Switch-4 reaches it
-    // at step ≈ 833, Switch-2 and Switch-8 at ≈ 909 and ≈ 769; CPU seconds are step ÷ 20.
-    for seed in 0..3u64 {
-        let noise = seed as f64 * 0.01;
-        write_run(&dir, &format!("d{seed}"), 1, seed, 1000, move |s| -3.0 + s / 1000.0 + noise, "done");
-        for e in [2u64, 4, 8] {
-            let gain = 0.1 * (e as f64).log2();
-            let nlp = move |s: f64| -3.0 + s / 1000.0 + noise + gain * s / 1000.0;
-            write_run(&dir, &format!("s{e}x{seed}"), e, seed, 1000, nlp, "done");
-        }
-    }
+    // Dense ends at −1.99 (seed mean), the threshold. Switch-4 reaches it at step ≈ 833, Switch-2
+    // and Switch-8 at ≈ 909 and ≈ 769; CPU seconds are step ÷ 20.
+    write_paired_runs(&dir, 0.0);
     // Switch-4's runs on machines 30% slower and 20% faster than the others' for two of its seeds:
     // it still wins on the seeds' mean (43.1 against 45.5 CPU s), but not seed by seed.
     scale_cpu(&dir, "s4x1", 1.3);
