@@ -95,40 +95,48 @@ fn improves_with(s: &Sweep, key: &str, among: &Selector, from: Option<&Selector>
     Ok((if rising + 1 == means.len() { Verdict::Holds } else { Verdict::Fails }, evidence))
 }
 
-/// CPU seconds a group's seed-mean validation curve takes to reach the threshold.
-fn cpu_to(g: &Group, threshold: f64) -> Option<f64> {
-    stats::first_crossing(&g.mean_points(), threshold).and_then(|step| g.mean_cpu_at(step))
-}
-
 fn sooner(s: &Sweep, point: &Selector, than: &Selector, by: Option<f64>) -> Result<(Verdict, String), String> {
     let (g, o) = (one(s, point, "point")?, one(s, than, "than")?);
     let t = s.threshold.ok_or("no threshold (no baseline curve)")?;
-    let crossing = |g: &Group| stats::first_crossing(&g.mean_points(), t);
-    let (a, b) = (cpu_to(g, t), cpu_to(o, t));
+    // The steps where the seed-mean curves reach the threshold, and the seeds' mean CPU seconds there.
+    let (sg, so) = (stats::first_crossing(&g.mean_points(), t), stats::first_crossing(&o.mean_points(), t));
+    let (a, b) = (sg.and_then(|x| g.mean_cpu_at(x)), so.and_then(|x| o.mean_cpu_at(x)));
     let fmt = |v: Option<f64>| v.map_or("not reached".into(), |v| format!("{v:.1} CPU s"));
     let mut evidence = format!("to {t:.3}: {} {}, {} {}", g.label(), fmt(a), o.label(), fmt(b));
-    let mut holds = match (a, b) {
+    let holds = match (a, b) {
         (Some(a), Some(b)) => a < b,
         (Some(_), None) => true,
         _ => false,
     };
-    // The margin over the timing noise: each seed's CPU seconds to the two crossing steps.
-    if let (Some(by), Some(sg), Some(so)) = (by, crossing(g), crossing(o)) {
-        let d = g.paired_cpu_savings(sg, o, so);
-        if d.len() < 2 {
-            return Err(format!("{} paired run time(s) to {t:.3}; needs 2 seeds", d.len()));
+    let beyond_noise = match (by, sg, so) {
+        (Some(by), Some(sg), Some(so)) if holds => match time_margin(g, sg, o, so, by) {
+            Ok((beyond, margin)) => {
+                evidence += &margin;
+                beyond
+            }
+            Err(why) => return Err(format!("{evidence}; {why}")),
+        },
+        (Some(_), Some(_), None) => {
+            evidence += &format!("; {} never reaches it: no margin to measure", o.label());
+            true
         }
-        let (m, sd) = stats::mean_std(&d);
-        let stds = if sd > 0.0 { m / sd } else { f64::INFINITY };
-        holds = holds && stds > by;
-        write!(
-            evidence,
-            "; paired saving {m:+.1} ± {sd:.1} CPU s over {} seeds = {stds:.1} std (needs > {by})",
-            d.len()
-        )
-        .expect("a String");
+        _ => true,
+    };
+    Ok((if holds && beyond_noise { Verdict::Holds } else { Verdict::Fails }, evidence))
+}
+
+/// Whether `g`'s CPU seconds saved against `o`, seed by seed (each run timed at its own group's
+/// crossing step, `sg` and `so`), are positive by more than `by` sample std, and those numbers.
+fn time_margin(g: &Group, sg: f64, o: &Group, so: f64, by: f64) -> Result<(bool, String), String> {
+    let d = g.paired_cpu_savings(sg, o, so);
+    if d.len() < 2 {
+        return Err(format!("{} paired run time(s); the margin needs 2 seeds", d.len()));
     }
-    Ok((if holds { Verdict::Holds } else { Verdict::Fails }, evidence))
+    let (m, sd) = stats::mean_std(&d);
+    let stds = if sd > 0.0 { m / sd } else { f64::INFINITY };
+    let numbers =
+        format!("; paired saving {m:+.1} ± {sd:.1} CPU s over {} seeds = {stds:.1} std (needs > {by})", d.len());
+    Ok((m > 0.0 && stds > by, numbers))
 }
 
 fn step_speedup(s: &Sweep, point: &Selector, at_least: f64) -> Result<(Verdict, String), String> {

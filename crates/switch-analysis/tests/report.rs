@@ -550,6 +550,13 @@ fn a_time_claim_with_a_margin_asks_the_saving_to_beat_the_timing_noise_between_s
     // it still wins on the seeds' mean (43.1 against 45.5 CPU s), but not seed by seed.
     scale_cpu(&dir, "s4x1", 1.3);
     scale_cpu(&dir, "s4x2", 0.8);
+    // Switch-8 saves about 7 CPU s on every seed, one of its runs on a machine 2% slower.
+    scale_cpu(&dir, "s8x1", 1.02);
+    // Switch-16 worse than dense: it never reaches the threshold, so no margin can be measured.
+    for seed in 0..3u64 {
+        let noise = seed as f64 * 0.01;
+        write_run(&dir, &format!("s16x{seed}"), 16, seed, 1000, move |s| -3.0 + 0.9 * s / 1000.0 + noise, "done");
+    }
     let claims = r#"
 claims:
   - says: Switch-4 sooner than Switch-2
@@ -558,19 +565,36 @@ claims:
     sooner: {point: {model.num_experts: 4}, than: {model.num_experts: 2}, by_paired_std: 2}
   - says: Switch-8 sooner than Switch-2 beyond the noise
     sooner: {point: {model.num_experts: 8}, than: {model.num_experts: 2}, by_paired_std: 2}
+  - says: Switch-2 sooner than Switch-4 beyond the noise
+    sooner: {point: {model.num_experts: 2}, than: {model.num_experts: 4}, by_paired_std: 2}
+  - says: Switch-8 sooner than Switch-16 beyond the noise
+    sooner: {point: {model.num_experts: 8}, than: {model.num_experts: 16}, by_paired_std: 2}
 "#;
     std::fs::write(dir.join("grid.yaml"), format!("name: timing\n{claims}")).unwrap();
     let md = report_md(&dir);
     let table = md.split("## Claims").nth(1).unwrap().split("\n## ").next().unwrap();
     let row =
         |says: &str| table.lines().find(|l| l.starts_with(&format!("| {says} |"))).unwrap_or_else(|| panic!("{table}"));
-    assert!(row("Switch-4 sooner than Switch-2").contains("**holds**"), "{table}");
+    let plain = row("Switch-4 sooner than Switch-2");
+    assert!(
+        plain.contains("**holds**") && !plain.contains("paired"),
+        "the claim without a margin reads as before: {plain}"
+    );
     let noisy = row("Switch-4 sooner than Switch-2 beyond the noise");
     assert!(noisy.contains("**fails**") && noisy.contains("over 3 seeds") && noisy.contains("(needs > 2)"), "{table}");
     // Seed by seed: (909 − 833) ÷ 20 ≈ +3.8, 45.5 − 1.3 × 41.7 ≈ −8.7 and 45.5 − 0.8 × 41.7 ≈ +12.2.
     assert!(noisy.contains("paired saving +2.4 ± 10.5 CPU s"), "{noisy}");
     let clean = row("Switch-8 sooner than Switch-2 beyond the noise");
-    assert!(clean.contains("**holds**") && clean.contains("± 0.0 CPU s"), "{clean}");
+    assert!(clean.contains("**holds**") && clean.contains("paired saving +6."), "{clean}");
+    assert!(!clean.contains("inf std"), "a finite margin: {clean}");
+    // Slower on the seeds' mean: it fails without a margin to weigh.
+    let slower = row("Switch-2 sooner than Switch-4 beyond the noise");
+    assert!(slower.contains("**fails**") && !slower.contains("paired"), "{slower}");
+    let unmeasured = row("Switch-8 sooner than Switch-16 beyond the noise");
+    assert!(
+        unmeasured.contains("**holds**") && unmeasured.contains("never reaches it: no margin to measure"),
+        "{unmeasured}"
+    );
 }
 
 #[test]

@@ -54,8 +54,9 @@ pub enum ClaimTest {
     /// end above the one before on the test split (seed means).
     ImprovesWith(ImprovesWith),
     /// `point` reaches the baseline's final validation quality in fewer CPU seconds than `than`
-    /// (seed-mean curves; a run that never reaches it is slowest). With `by_paired_std`, the CPU
-    /// seconds saved must also exceed that many standard deviations of the per-seed savings.
+    /// (seed-mean curves; a run that never reaches it is slowest). With `by_paired_std` k, the
+    /// mean of the CPU seconds saved seed by seed must also exceed k × their sample std (no margin
+    /// can be measured when `than` never reaches it; the evidence says so).
     Sooner(Sooner),
     /// `point` reaches the baseline's final validation quality at least `at_least` × sooner in
     /// steps than the baseline (the paper's "7.5× step speedup").
@@ -90,8 +91,9 @@ pub struct ImprovesWith {
 pub struct Sooner {
     pub point: Selector,
     pub than: Selector,
-    /// The margin in standard deviations of the per-seed CPU seconds saved (each seed's run timed
-    /// at the step where its point's seed-mean curve reaches the threshold); none by default.
+    /// The margin in sample standard deviations of the CPU seconds saved seed by seed (each
+    /// group's runs timed at the step where that group's seed-mean curve reaches the threshold);
+    /// none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by_paired_std: Option<f64>,
 }
