@@ -126,9 +126,9 @@ fn measure(cfg: &RunConfig, rounds: usize, evict: &[f32]) -> anyhow::Result<Vec<
             (cold, flops) = (cold + s, flops + fl);
             warm += clocked(x, w, *layout, None).0;
         }
-        let batch = batch(round);
+        let step_batch = batch(round);
         product_clock::set(true);
-        train_step(&mut model, &mut opt, &batch, cfg, round as u64)?;
+        train_step(&mut model, &mut opt, &step_batch, cfg, round as u64)?;
         let (step_s, step_flops) = product_clock::read();
         product_clock::set(false);
         rows.push(Round { matmul, warm: flops / warm, cold: flops / cold, step: step_flops / step_s });

@@ -19,7 +19,6 @@ pub fn stop_flag() -> &'static AtomicBool {
     &STOP
 }
 
-#[derive(Clone)]
 pub struct SweepOptions {
     /// Folder holding one sub-folder per sweep (`results/`).
     pub results_root: PathBuf,

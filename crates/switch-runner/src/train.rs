@@ -246,12 +246,13 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
     dev.enable_cache();
     let mut model = SwitchTransformer::new(dev, &cfg.model, cfg.train.seed)?;
     let mut opt = optimizer_for(cfg, &mut model);
-    let damaged = match dir.status_file() {
+    let (on_disk, damaged) = match dir.status_file() {
         StatusFile::Damaged(problem) => {
             tracing::warn!("{problem}: kept as status.json.damaged; the run resumes from its checkpoint");
-            true
+            (None, true)
         }
-        StatusFile::Missing | StatusFile::Readable(_) => dir.had_damaged_status(),
+        StatusFile::Missing => (None, dir.had_damaged_status()),
+        StatusFile::Readable(s) => (Some(s), dir.had_damaged_status()),
     };
     let (mut start_step, mut wall_offset, mut cpu_offset) = (0, 0.0, 0.0);
     let checkpoint = load_checkpoint(dir, &mut model, &mut opt).map_err(|e| {
@@ -272,7 +273,7 @@ fn resume(cfg: &RunConfig, dir: &RunDir, dev: &Dev) -> Result<Resumed> {
             dir.path.display()
         )));
     }
-    let mut status = dir.read_status().unwrap_or_else(|| {
+    let mut status = on_disk.unwrap_or_else(|| {
         // A run resumed from a checkpoint without a status (set aside, or deleted) started when
         // its folder was made, not now: `started_at` orders runs of the same point and seed.
         let mut fresh = cfg.new_status();

@@ -19,6 +19,12 @@ fn grid(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
+/// Sweep options under `root`: one run at a time on one thread, failed runs not retried, no
+/// memory limit.
+fn one_at_a_time(root: PathBuf) -> SweepOptions {
+    SweepOptions { results_root: root, jobs: Some(1), threads_per_run: Some(1), retry_failed: false, max_memory: None }
+}
+
 fn plan_err(dir: &Path, name: &str, body: &str) -> String {
     format!("{:#}", switch_runner::plan(&grid(dir, name, body)).expect_err("must fail"))
 }
@@ -213,13 +219,7 @@ fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let path = grid(tmp.path(), "f", "grid:\n  model.init_scale: [0.1, 1.0e30]\nbaseline: { model.init_scale: 0.1 }\n");
     let plan = switch_runner::plan(&path).unwrap();
-    let opts = SweepOptions {
-        results_root: tmp.path().join("results"),
-        jobs: Some(2),
-        threads_per_run: Some(1),
-        retry_failed: false,
-        max_memory: None,
-    };
+    let opts = SweepOptions { jobs: Some(2), ..one_at_a_time(tmp.path().join("results")) };
     let summary = sweep::sweep(&plan, &opts).unwrap();
     assert_eq!(summary.done.len(), 1);
     assert_eq!(summary.failed.len(), 1);
@@ -243,13 +243,7 @@ fn a_diverging_run_fails_alone_and_done_runs_are_skipped() {
 fn a_damaged_status_is_set_aside_and_the_run_recovered_from_its_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let plan = switch_runner::plan(&grid(tmp.path(), "d", "points:\n  - { model.num_experts: 2 }\n")).unwrap();
-    let opts = SweepOptions {
-        results_root: tmp.path().join("results"),
-        jobs: Some(1),
-        threads_per_run: Some(1),
-        retry_failed: false,
-        max_memory: None,
-    };
+    let opts = one_at_a_time(tmp.path().join("results"));
     assert_eq!(sweep::sweep(&plan, &opts).unwrap().done.len(), 1);
     let dir = RunDir::new(tmp.path().join("results/d/runs").join(&plan.runs[0].run_id));
     let read = |name: &str| std::fs::read(dir.path.join(name)).unwrap();
@@ -282,7 +276,8 @@ fn a_damaged_status_is_set_aside_and_the_run_recovered_from_its_checkpoint() {
     std::fs::write(dir.path.join("status.json"), &damaged_again).unwrap();
     std::fs::remove_dir_all(dir.path.join("checkpoint")).unwrap();
     for retry_failed in [false, true] {
-        let refused = sweep::sweep(&plan, &SweepOptions { retry_failed, ..opts.clone() }).unwrap();
+        let refused =
+            sweep::sweep(&plan, &SweepOptions { retry_failed, ..one_at_a_time(opts.results_root.clone()) }).unwrap();
         assert_eq!(refused.failed.len(), 1, "retry_failed {retry_failed}");
         let error = &refused.failed[0].1;
         assert!(error.contains("no checkpoint to resume from") && error.contains("not retrained"), "{error}");
@@ -348,13 +343,7 @@ fn router_gradients_are_split_by_source_on_a_trained_run() {
     let body = "grid:\n  model.num_experts: [1, 4]\n  model.balance_loss_coef: [0.0, 0.01]\nflops_per_token: free\n";
     let plan = switch_runner::plan(&grid(tmp.path(), "p", body)).unwrap();
     let root = tmp.path().join("results");
-    let opts = SweepOptions {
-        results_root: root.clone(),
-        jobs: Some(1),
-        threads_per_run: Some(1),
-        retry_failed: false,
-        max_memory: None,
-    };
+    let opts = one_at_a_time(root.clone());
     assert!(sweep::sweep(&plan, &opts).unwrap().ok());
     let data = sweep::datasets(&[&plan.runs[0].config.data], &root).unwrap();
     let ds = data.values().next().unwrap();
@@ -752,13 +741,7 @@ fn a_grid_too_large_to_expand_is_refused_before_expanding() {
 fn too_many_threads_are_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     let plan = switch_runner::plan(&grid(tmp.path(), "threads", "grid:\n  model.num_experts: [1]\n")).unwrap();
-    let opts = SweepOptions {
-        results_root: tmp.path().join("results"),
-        jobs: Some(1),
-        threads_per_run: Some(100_000),
-        retry_failed: false,
-        max_memory: None,
-    };
+    let opts = SweepOptions { threads_per_run: Some(100_000), ..one_at_a_time(tmp.path().join("results")) };
     let err = format!("{:#}", sweep::sweep(&plan, &opts).expect_err("must fail"));
     assert!(err.contains("--threads 100000") && err.contains("per core"), "{err}");
     assert!(!tmp.path().join("results").exists());
